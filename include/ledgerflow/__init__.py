@@ -1,0 +1,56 @@
+"""Ledgerflow: durable workflows on Apache Airflow 3.
+
+The public surface is small and cheap to import (DAG files import it at parse time):
+``tool`` and ``ToolContext`` to register tools, ``dag_for_spec_file`` for the per-version
+DAG files, and the error types.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ledgerflow.errors import (
+    LedgerError,
+    LedgerflowError,
+    NonRetryableError,
+    SpecError,
+    SpecErrors,
+    ToolError,
+    UnknownToolError,
+)
+
+if TYPE_CHECKING:
+    from ledgerflow.factory import dag_for_spec_file
+    from ledgerflow.tools.context import ToolContext
+    from ledgerflow.tools.registry import tool
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "dag_for_spec_file": "ledgerflow.factory",
+    "ToolContext": "ledgerflow.tools.context",
+    "tool": "ledgerflow.tools.registry",
+}
+
+__all__ = [
+    "LedgerError",
+    "LedgerflowError",
+    "NonRetryableError",
+    "SpecError",
+    "SpecErrors",
+    "ToolContext",
+    "ToolError",
+    "UnknownToolError",
+    "__version__",
+    "dag_for_spec_file",
+    "tool",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ledgerflow' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,154 @@
+"""Workflow spec -> Airflow DAG, one DAG per workflow version.
+
+Each version lives in ``workflows/<name>/v<N>.yaml`` beside a two-line Python file
+(``v<N>.py``, written by ``ledgerflow sync``) that calls ``dag_for_spec_file``. Airflow
+parses each such file on its own, so a bad workflow file is exactly one import error
+naming that file, line and field, and every other workflow still loads; a worker that
+starts a task parses only the one YAML file its DAG came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ledgerflow.spec.models import ParamSpec, WorkflowSpec
+
+if TYPE_CHECKING:
+    from airflow.sdk import DAG
+
+_SPECS: dict[str, WorkflowSpec] = {}
+_SPEC_FILES: dict[str, Path] = {}
+
+
+def spec_for_dag(dag_id: str) -> WorkflowSpec:
+    """The spec a DAG was built from in this process."""
+    try:
+        return _SPECS[dag_id]
+    except KeyError:
+        from ledgerflow.errors import LedgerflowError
+
+        raise LedgerflowError(f"no Ledgerflow workflow is loaded for DAG {dag_id!r}") from None
+
+
+def display_path(yaml_path: Path) -> str:
+    """``.../dags/workflows/checkout/v1.yaml`` -> ``workflows/checkout/v1.yaml``."""
+    parts = yaml_path.resolve().parts
+    if "workflows" in parts:
+        return "/".join(parts[len(parts) - 1 - parts[::-1].index("workflows") :])
+    return str(yaml_path)
+
+
+def dag_for_spec_file(shim_file: str) -> DAG:
+    """Build the DAG of the workflow file beside ``shim_file`` (``v1.py`` -> ``v1.yaml``)."""
+    from ledgerflow.spec.validate import load_workflow
+
+    yaml_path = Path(shim_file).with_suffix(".yaml")
+    spec = load_workflow(yaml_path, display_path=display_path(yaml_path))
+    return build_dag(spec, yaml_path)
+
+
+def _param(spec: ParamSpec) -> Any:
+    from airflow.sdk import Param
+
+    kwargs: dict[str, Any] = {"type": spec.type if spec.required else [spec.type, "null"]}
+    if spec.description:
+        kwargs["description"] = spec.description
+    if spec.enum is not None:
+        kwargs["enum"] = (
+            list(spec.enum) if spec.required or spec.default is not None else [*spec.enum, None]
+        )
+    if spec.required and spec.default is None:
+        return Param(**kwargs)
+    return Param(spec.default, **kwargs)
+
+
+def _doc_md(spec: WorkflowSpec, yaml_path: Path | None) -> str:
+    lines = [f"## {spec.name} v{spec.version}", "", spec.description or "", ""]
+    if yaml_path is not None:
+        lines += [f"Defined in `{display_path(yaml_path)}` (Ledgerflow).", ""]
+    lines += ["| step | tool | needs | idempotency | compensate |", "|---|---|---|---|---|"]
+    for step in spec.steps:
+        idem = getattr(step.idempotency, "key", step.idempotency) or "-"
+        comp = step.compensate.tool if step.compensate else "-"
+        lines.append(
+            f"| `{step.id}` | `{step.tool}` | {', '.join(step.needs) or '-'} | `{idem}` | {comp} |"
+        )
+    return "\n".join(lines)
+
+
+def build_dag(spec: WorkflowSpec, yaml_path: Path | None = None) -> DAG:
+    import pendulum
+    from airflow.sdk import DAG
+
+    from ledgerflow.steps.operator import ForEachItemsOperator, StepOperator
+    from ledgerflow.steps.retry import StepRetryPolicy
+    from ledgerflow.tools.registry import get_tool
+
+    tz = pendulum.timezone(spec.timezone)
+    schedule: Any = None
+    if spec.schedule == "@once":
+        schedule = "@once"
+    elif spec.schedule is not None:
+        from airflow.timetables.trigger import CronTriggerTimetable
+
+        schedule = CronTriggerTimetable(spec.schedule, timezone=tz)
+    _SPECS[spec.dag_id] = spec
+    if yaml_path is not None:
+        _SPEC_FILES[spec.dag_id] = yaml_path
+    dag = DAG(
+        dag_id=spec.dag_id,
+        description=(spec.description or "").strip().split("\n")[0][:200] or None,
+        schedule=schedule,
+        start_date=pendulum.instance(pendulum.parse(spec.start_date, tz=tz)),  # type: ignore[arg-type]
+        catchup=False,
+        tags=sorted({*spec.tags, "ledgerflow", f"workflow:{spec.name}"}),
+        doc_md=_doc_md(spec, yaml_path),
+        params={name: _param(p) for name, p in spec.params.items()},
+        default_args={"owner": spec.owner},
+        max_active_runs=16,
+        on_success_callback=_finish_run,
+        on_failure_callback=_finish_run,
+    )
+    tasks: dict[str, Any] = {}
+    with dag:
+        for step in spec.steps:
+            policy = spec.retry_for(step)
+            tool = get_tool(step.tool)
+            retries = 0 if step.idempotency == "none" else policy.max_attempts - 1
+            common: dict[str, Any] = {
+                "retries": retries,
+                "retry_delay": policy.backoff.initial,
+                "retry_policy": StepRetryPolicy(policy, tool.non_retryable),
+                "execution_timeout": spec.timeout_for(step),
+                "doc_md": step.description,
+            }
+            rule = "none_failed_min_one_success" if step.needs else "all_success"
+            if step.for_each is None:
+                tasks[step.id] = StepOperator(
+                    task_id=step.id, step_id=step.id, trigger_rule=rule, **common
+                )
+            else:
+                items = ForEachItemsOperator(
+                    task_id=f"{step.id}__items", step_id=step.id, trigger_rule=rule
+                )
+                mapped = StepOperator.partial(task_id=step.id, step_id=step.id, **common).expand(
+                    item=items.output
+                )
+                tasks[step.id] = (items, mapped)
+        for step in spec.steps:
+            head = tasks[step.id][0] if isinstance(tasks[step.id], tuple) else tasks[step.id]
+            for need in step.needs:
+                tail = tasks[need][1] if isinstance(tasks[need], tuple) else tasks[need]
+                tail >> head
+    return dag
+
+
+def _finish_run(context: Any) -> None:
+    """DAG-level callback: the run's final state in the ledger."""
+    from ledgerflow.ledger.store import Ledger
+
+    dag_run = context["dag_run"]
+    state = str(getattr(dag_run.state, "value", dag_run.state))
+    status = "succeeded" if state == "success" else "failed"
+    Ledger.from_airflow().finish_run(f"{dag_run.dag_id}/{dag_run.run_id}", status)

@@ -1,0 +1,181 @@
+"""Tables of the ledger (SQLAlchemy Core) and its versioned migrations.
+
+JSON values are stored as text so the same schema runs on SQLite and Postgres and users
+can read it with any client. Every table is prefixed ``lf_``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+
+metadata = MetaData()
+
+_ID = BigInteger().with_variant(Integer, "sqlite")
+
+runs = Table(
+    "lf_runs",
+    metadata,
+    Column("run_id", String(250), primary_key=True),
+    Column("dag_id", String(250), nullable=False),
+    Column("workflow", String(100), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("params", Text, nullable=False, server_default="{}"),
+    Column("trigger_kind", String(40), nullable=False, server_default="manual"),
+    Column("retry_of", String(250)),
+    Column("status", String(40), nullable=False, server_default="running"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("lf_runs_workflow", "workflow", "version"),
+)
+
+# One row per step (or per item of a for_each step): the checkpoint.
+steps = Table(
+    "lf_steps",
+    metadata,
+    Column("run_id", String(250), primary_key=True),
+    Column("step_key", String(250), primary_key=True),
+    Column("step_id", String(100), nullable=False),
+    Column("map_index", Integer, nullable=False, server_default="-1"),
+    Column("status", String(40), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("idempotency_key", String(500)),
+    Column("args", Text),
+    Column("output", Text),
+    Column("error", Text),
+    Column("started_at", DateTime(timezone=True)),
+    Column("completed_at", DateTime(timezone=True)),
+)
+
+attempts = Table(
+    "lf_attempts",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False),
+    Column("step_key", String(250), nullable=False),
+    Column("try_number", Integer, nullable=False),
+    Column("status", String(40), nullable=False),
+    Column("error_type", String(250)),
+    Column("error", Text),
+    Column("pid", Integer),
+    Column("hostname", String(250)),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True)),
+    Index("lf_attempts_step", "run_id", "step_key"),
+)
+
+# The world-changing calls. The unique key is what makes a retry harmless.
+effects = Table(
+    "lf_effects",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("idempotency_key", String(500), nullable=False),
+    Column("tool", String(200), nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("step_key", String(250), nullable=False),
+    Column("status", String(40), nullable=False),
+    Column("result", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True)),
+    UniqueConstraint("idempotency_key", name="lf_effects_key"),
+)
+
+dead_letters = Table(
+    "lf_dead_letters",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("workflow", String(100), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("step_key", String(250), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("error_type", String(250), nullable=False),
+    Column("error", Text, nullable=False),
+    Column("args", Text),
+    Column("idempotency_key", String(500)),
+    Column("status", String(40), nullable=False, server_default="open"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("run_id", "step_key", name="lf_dead_letters_step"),
+)
+
+# Append-only: rows are inserted, never updated or deleted.
+events = Table(
+    "lf_events",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False),
+    Column("step_key", String(250)),
+    Column("kind", String(60), nullable=False),
+    Column("data", Text),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Index("lf_events_run", "run_id", "id"),
+)
+
+schema_version = Table(
+    "lf_schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(
+        conn, tables=[runs, steps, attempts, effects, dead_letters, events], checkfirst=True
+    )
+
+
+def _v2_demo(conn: Connection) -> None:
+    """Tables the example workflows write to (inventory, payments, shipments...)."""
+    serial = (
+        "INTEGER PRIMARY KEY AUTOINCREMENT"
+        if conn.dialect.name == "sqlite"
+        else "BIGSERIAL PRIMARY KEY"
+    )
+    for ddl in (
+        "CREATE TABLE IF NOT EXISTS demo_inventory (sku VARCHAR(100) PRIMARY KEY, "
+        "on_hand INTEGER NOT NULL, reserved INTEGER NOT NULL DEFAULT 0)",
+        f"CREATE TABLE IF NOT EXISTS demo_reservations (id {serial}, order_id VARCHAR(100) NOT NULL, "
+        "sku VARCHAR(100) NOT NULL, qty INTEGER NOT NULL, status VARCHAR(40) NOT NULL, "
+        "idempotency_key VARCHAR(500) NOT NULL UNIQUE)",
+        f"CREATE TABLE IF NOT EXISTS demo_payments (id {serial}, order_id VARCHAR(100) NOT NULL, "
+        "amount NUMERIC(12, 2) NOT NULL, status VARCHAR(40) NOT NULL, "
+        "idempotency_key VARCHAR(500) NOT NULL UNIQUE)",
+        f"CREATE TABLE IF NOT EXISTS demo_shipments (id {serial}, order_id VARCHAR(100) NOT NULL, "
+        "address TEXT NOT NULL, status VARCHAR(40) NOT NULL, "
+        "idempotency_key VARCHAR(500) NOT NULL UNIQUE)",
+        f"CREATE TABLE IF NOT EXISTS demo_emails (id {serial}, recipient VARCHAR(200) NOT NULL, "
+        "subject TEXT NOT NULL, body TEXT NOT NULL)",
+        f"CREATE TABLE IF NOT EXISTS demo_reports (id {serial}, report_date VARCHAR(40) NOT NULL UNIQUE, "
+        "orders INTEGER NOT NULL, revenue NUMERIC(14, 2) NOT NULL, created_at VARCHAR(40) NOT NULL)",
+    ):
+        conn.execute(text(ddl))
+    for sku in ("sku-book", "sku-lamp", "sku-mug"):
+        conn.execute(
+            text(
+                "INSERT INTO demo_inventory (sku, on_hand, reserved) VALUES (:sku, 1000, 0) "
+                "ON CONFLICT (sku) DO NOTHING"
+            ),
+            {"sku": sku},
+        )
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "ledger tables", _v1),
+    (2, "demo tables of the example workflows", _v2_demo),
+]
+LATEST = MIGRATIONS[-1][0]

@@ -1,0 +1,567 @@
+"""Repository functions of the ledger. Every write is a short transaction.
+
+The ledger is addressed by the Airflow connection ``ledgerflow_db``: Postgres through
+the postgres provider, or a SQLite file under ``AIRFLOW_HOME`` when the connection is
+not defined (the embedded default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ledgerflow.errors import LedgerError
+from ledgerflow.ledger import schema as t
+
+DEFAULT_CONN_ID = "ledgerflow_db"
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True, separators=(",", ":"))
+
+
+def loads(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    run_id: str
+    step_key: str
+    step_id: str
+    map_index: int
+    status: str
+    attempts: int
+    idempotency_key: str | None
+    output: Any
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Effect:
+    idempotency_key: str
+    tool: str
+    status: str
+    result: Any
+    run_id: str
+    step_key: str
+
+
+def default_sqlite_path() -> Path:
+    home = Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
+    return home / "ledgerflow.db"
+
+
+def resolve_url(conn_id: str = DEFAULT_CONN_ID) -> str:
+    """The SQLAlchemy URL of the ledger.
+
+    Order: the Airflow connection ``conn_id`` (environment variable, secrets backend or
+    the metadata database, whatever Airflow is configured with), else the SQLite file
+    ``$AIRFLOW_HOME/ledgerflow.db``.
+    """
+    uri = _airflow_connection_uri(conn_id)
+    if uri is None:
+        return f"sqlite:///{default_sqlite_path()}"
+    if uri.startswith(("postgres://", "postgresql://", "postgresql+psycopg2://")):
+        rest = uri.split("://", 1)[1]
+        return f"postgresql+psycopg2://{rest}"
+    if uri.startswith("sqlite"):
+        return uri if uri.startswith("sqlite:///") else "sqlite:///" + uri.split("://", 1)[1]
+    raise LedgerError(
+        f"connection {conn_id!r} must be postgres or sqlite, got {uri.split('://', 1)[0]!r}"
+    )
+
+
+def _airflow_connection_uri(conn_id: str) -> str | None:
+    env = os.environ.get(f"AIRFLOW_CONN_{conn_id.upper()}")
+    if env:
+        if env.lstrip().startswith("{"):
+            return _uri_from_json(json.loads(env))
+        return env
+    try:
+        from airflow.sdk import BaseHook
+
+        conn = BaseHook.get_connection(conn_id)
+    except Exception:
+        return None
+    if conn.conn_type in ("postgres", "postgresql"):
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+        return str(PostgresHook(postgres_conn_id=conn_id).sqlalchemy_url.render_as_string(False))
+    if conn.conn_type == "sqlite":
+        return f"sqlite:///{conn.host}"
+    return str(conn.get_uri())
+
+
+def _uri_from_json(data: dict[str, Any]) -> str:
+    kind = data.get("conn_type", "postgres")
+    if kind == "sqlite":
+        return f"sqlite:///{data['host']}"
+    auth = data.get("login") or ""
+    if data.get("password"):
+        auth += f":{data['password']}"
+    host = data.get("host", "localhost")
+    port = f":{data['port']}" if data.get("port") else ""
+    return f"postgresql://{auth}{'@' if auth else ''}{host}{port}/{data.get('schema', '')}"
+
+
+_ENGINES: dict[str, Engine] = {}
+_ENGINE_LOCK = threading.Lock()
+
+
+def _engine(url: str) -> Engine:
+    with _ENGINE_LOCK:
+        engine = _ENGINES.get(url)
+        if engine is None:
+            if url.startswith("sqlite"):
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+                engine = create_engine(url, connect_args={"timeout": 60})
+                event.listen(engine, "connect", _sqlite_pragmas)
+                event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+            else:
+                engine = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+            _ENGINES[url] = engine
+        return engine
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # The driver's own transaction handling is turned off: BEGIN IMMEDIATE takes the
+    # write lock up front, so two writers queue instead of failing mid-transaction.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.close()
+
+
+class Ledger:
+    """The durable record of runs, steps, attempts, effects, dead letters and events."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = _engine(url)
+        self._migrated = False
+
+    @classmethod
+    def from_airflow(cls, conn_id: str = DEFAULT_CONN_ID) -> Ledger:
+        return cls(resolve_url(conn_id))
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def _insert(self, table: Any) -> Any:
+        return (postgresql if self.dialect == "postgresql" else sqlite).insert(table)
+
+    # -- schema -----------------------------------------------------------------
+
+    def migrate(self) -> int:
+        """Apply pending migrations; safe to call from many processes at once."""
+        if self._migrated:
+            return t.LATEST
+        with self.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(4242001)"))
+            t.schema_version.create(conn, checkfirst=True)
+            current = conn.execute(select(func.max(t.schema_version.c.version))).scalar() or 0
+            for version, _title, apply in t.MIGRATIONS:
+                if version > current:
+                    apply(conn)
+                    conn.execute(
+                        t.schema_version.insert().values(version=version, applied_at=now())
+                    )
+        self._migrated = True
+        return t.LATEST
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            if not self.engine.dialect.has_table(conn, "lf_schema_version"):
+                return 0
+            return int(conn.execute(select(func.max(t.schema_version.c.version))).scalar() or 0)
+
+    # -- runs -------------------------------------------------------------------
+
+    def ensure_run(
+        self,
+        *,
+        run_id: str,
+        dag_id: str,
+        workflow: str,
+        version: int,
+        params: dict[str, Any],
+        trigger_kind: str,
+        retry_of: str | None = None,
+    ) -> bool:
+        """Register a run once; returns True when this call created it."""
+        stamp = now()
+        with self.begin() as conn:
+            result = conn.execute(
+                self._insert(t.runs)
+                .values(
+                    run_id=run_id,
+                    dag_id=dag_id,
+                    workflow=workflow,
+                    version=version,
+                    params=dumps(params),
+                    trigger_kind=trigger_kind,
+                    retry_of=retry_of,
+                    status="running",
+                    created_at=stamp,
+                    updated_at=stamp,
+                )
+                .on_conflict_do_nothing()
+            )
+            created = bool(result.rowcount)
+            if created:
+                self._event(conn, run_id, None, "run_started", {"trigger": trigger_kind})
+        return created
+
+    def finish_run(self, run_id: str, status: str) -> None:
+        with self.begin() as conn:
+            conn.execute(
+                update(t.runs)
+                .where(t.runs.c.run_id == run_id)
+                .values(status=status, updated_at=now())
+            )
+            self._event(conn, run_id, None, f"run_{status}", None)
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(t.runs).where(t.runs.c.run_id == run_id)).mappings().first()
+        return None if row is None else {**row, "params": loads(row["params"])}
+
+    def runs(self, workflow: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        query = select(t.runs).order_by(t.runs.c.created_at.desc()).limit(limit)
+        if workflow:
+            query = query.where(t.runs.c.workflow == workflow)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def checkpoint(self, run_id: str, step_key: str) -> Checkpoint | None:
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(
+                    select(t.steps).where(
+                        t.steps.c.run_id == run_id, t.steps.c.step_key == step_key
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        return None if row is None else _checkpoint(row)
+
+    def checkpoints(self, run_id: str) -> list[Checkpoint]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.steps)
+                .where(t.steps.c.run_id == run_id)
+                .order_by(t.steps.c.step_id, t.steps.c.map_index)
+            ).mappings()
+            return [_checkpoint(r) for r in rows]
+
+    def begin_attempt(
+        self,
+        *,
+        run_id: str,
+        step_key: str,
+        step_id: str,
+        map_index: int,
+        try_number: int,
+        args: Any,
+        idempotency_key: str | None,
+    ) -> int:
+        stamp = now()
+        with self.begin() as conn:
+            conn.execute(
+                self._insert(t.steps)
+                .values(
+                    run_id=run_id,
+                    step_key=step_key,
+                    step_id=step_id,
+                    map_index=map_index,
+                    status="running",
+                    attempts=0,
+                    started_at=stamp,
+                )
+                .on_conflict_do_nothing()
+            )
+            conn.execute(
+                update(t.steps)
+                .where(t.steps.c.run_id == run_id, t.steps.c.step_key == step_key)
+                .values(
+                    status="running",
+                    attempts=t.steps.c.attempts + 1,
+                    idempotency_key=idempotency_key,
+                    args=dumps(args),
+                    error=None,
+                )
+            )
+            attempt_id = conn.execute(
+                t.attempts.insert()
+                .values(
+                    run_id=run_id,
+                    step_key=step_key,
+                    try_number=try_number,
+                    status="running",
+                    pid=os.getpid(),
+                    hostname=socket.gethostname(),
+                    started_at=stamp,
+                )
+                .returning(t.attempts.c.id)
+            ).scalar_one()
+            self._event(conn, run_id, step_key, "attempt_started", {"try_number": try_number})
+        return int(attempt_id)
+
+    def complete_step(
+        self,
+        conn: Connection,
+        *,
+        run_id: str,
+        step_key: str,
+        attempt_id: int,
+        output: Any,
+        reused: bool,
+    ) -> None:
+        """Mark the step completed; call inside the transaction that holds the effect."""
+        stamp = now()
+        conn.execute(
+            update(t.steps)
+            .where(t.steps.c.run_id == run_id, t.steps.c.step_key == step_key)
+            .values(status="completed", output=dumps(output), completed_at=stamp, error=None)
+        )
+        conn.execute(
+            update(t.attempts)
+            .where(t.attempts.c.id == attempt_id)
+            .values(status="completed", ended_at=stamp)
+        )
+        self._event(conn, run_id, step_key, "step_completed", {"reused_effect": reused})
+
+    def mark_step(
+        self, *, run_id: str, step_key: str, step_id: str, map_index: int, status: str
+    ) -> None:
+        """Record a step that ended without an attempt (``skipped``)."""
+        with self.begin() as conn:
+            conn.execute(
+                self._insert(t.steps)
+                .values(
+                    run_id=run_id,
+                    step_key=step_key,
+                    step_id=step_id,
+                    map_index=map_index,
+                    status=status,
+                    attempts=0,
+                    completed_at=now(),
+                )
+                .on_conflict_do_nothing()
+            )
+            self._event(conn, run_id, step_key, f"step_{status}", None)
+
+    def fail_attempt(
+        self, *, run_id: str, step_key: str, attempt_id: int, error: BaseException, final: bool
+    ) -> None:
+        stamp = now()
+        message = _error_text(error)
+        with self.begin() as conn:
+            conn.execute(
+                update(t.attempts)
+                .where(t.attempts.c.id == attempt_id)
+                .values(
+                    status="failed", error_type=_error_type(error), error=message, ended_at=stamp
+                )
+            )
+            conn.execute(
+                update(t.steps)
+                .where(t.steps.c.run_id == run_id, t.steps.c.step_key == step_key)
+                .values(status="failed" if final else "retrying", error=message)
+            )
+            self._event(
+                conn,
+                run_id,
+                step_key,
+                "step_failed" if final else "attempt_failed",
+                {"error_type": _error_type(error), "error": message[:500]},
+            )
+
+    def attempts(self, run_id: str, step_key: str | None = None) -> list[dict[str, Any]]:
+        query = select(t.attempts).where(t.attempts.c.run_id == run_id).order_by(t.attempts.c.id)
+        if step_key is not None:
+            query = query.where(t.attempts.c.step_key == step_key)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def outputs(self, run_id: str) -> dict[str, dict[str, Any]]:
+        """``{step_id: {"status", "output"}}``; a for_each step's output is the list of item outputs."""
+        result: dict[str, dict[str, Any]] = {}
+        for cp in self.checkpoints(run_id):
+            if cp.map_index < 0:
+                result[cp.step_id] = {"status": cp.status, "output": cp.output}
+            else:
+                entry = result.setdefault(cp.step_id, {"status": "completed", "output": []})
+                entry["output"].append(cp.output)
+                if cp.status != "completed":
+                    entry["status"] = cp.status
+        return result
+
+    # -- effects ----------------------------------------------------------------
+
+    def effect(self, key: str, conn: Connection | None = None) -> Effect | None:
+        query = select(t.effects).where(t.effects.c.idempotency_key == key)
+        if conn is None:
+            with self.engine.connect() as own:
+                row = own.execute(query).mappings().first()
+        else:
+            row = conn.execute(query).mappings().first()
+        if row is None:
+            return None
+        return Effect(
+            idempotency_key=row["idempotency_key"],
+            tool=row["tool"],
+            status=row["status"],
+            result=loads(row["result"]),
+            run_id=row["run_id"],
+            step_key=row["step_key"],
+        )
+
+    def claim_effect(
+        self, conn: Connection, *, key: str, tool: str, run_id: str, step_key: str
+    ) -> bool:
+        """Insert a pending effect row; False when the key is already claimed."""
+        result = conn.execute(
+            self._insert(t.effects)
+            .values(
+                idempotency_key=key,
+                tool=tool,
+                run_id=run_id,
+                step_key=step_key,
+                status="pending",
+                created_at=now(),
+            )
+            .on_conflict_do_nothing()
+        )
+        return bool(result.rowcount)
+
+    def finish_effect(self, conn: Connection, *, key: str, result: Any) -> None:
+        conn.execute(
+            update(t.effects)
+            .where(t.effects.c.idempotency_key == key)
+            .values(status="done", result=dumps(result), completed_at=now())
+        )
+
+    def effects(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        query = select(t.effects).order_by(t.effects.c.id)
+        if run_id is not None:
+            query = query.where(t.effects.c.run_id == run_id)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    # -- dead letters and events ------------------------------------------------
+
+    def dead_letter(
+        self,
+        *,
+        workflow: str,
+        version: int,
+        run_id: str,
+        step_key: str,
+        attempts: int,
+        error: BaseException,
+        args: Any,
+        idempotency_key: str | None,
+    ) -> None:
+        with self.begin() as conn:
+            conn.execute(
+                self._insert(t.dead_letters)
+                .values(
+                    workflow=workflow,
+                    version=version,
+                    run_id=run_id,
+                    step_key=step_key,
+                    attempts=attempts,
+                    error_type=_error_type(error),
+                    error=_error_text(error),
+                    args=dumps(args),
+                    idempotency_key=idempotency_key,
+                    created_at=now(),
+                )
+                .on_conflict_do_nothing()
+            )
+            self._event(conn, run_id, step_key, "dead_lettered", {"attempts": attempts})
+
+    def dead_letters(self, status: str | None = "open") -> list[dict[str, Any]]:
+        query = select(t.dead_letters).order_by(t.dead_letters.c.id)
+        if status:
+            query = query.where(t.dead_letters.c.status == status)
+        with self.engine.connect() as conn:
+            return [{**r, "args": loads(r["args"])} for r in conn.execute(query).mappings()]
+
+    def events(self, run_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.events).where(t.events.c.run_id == run_id).order_by(t.events.c.id)
+            ).mappings()
+            return [{**r, "data": loads(r["data"])} for r in rows]
+
+    def record_event(self, run_id: str, step_key: str | None, kind: str, data: Any = None) -> None:
+        with self.begin() as conn:
+            self._event(conn, run_id, step_key, kind, data)
+
+    def _event(
+        self, conn: Connection, run_id: str, step_key: str | None, kind: str, data: Any
+    ) -> None:
+        conn.execute(
+            t.events.insert().values(
+                run_id=run_id,
+                step_key=step_key,
+                kind=kind,
+                data=None if data is None else dumps(data),
+                at=now(),
+            )
+        )
+
+
+def _checkpoint(row: Any) -> Checkpoint:
+    return Checkpoint(
+        run_id=row["run_id"],
+        step_key=row["step_key"],
+        step_id=row["step_id"],
+        map_index=row["map_index"],
+        status=row["status"],
+        attempts=row["attempts"],
+        idempotency_key=row["idempotency_key"],
+        output=loads(row["output"]),
+        error=row["error"],
+    )
+
+
+def _error_type(error: BaseException) -> str:
+    kind = type(error)
+    return (
+        kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+def _error_text(error: BaseException) -> str:
+    return (str(error) or type(error).__name__)[:4000]

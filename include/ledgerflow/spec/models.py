@@ -1,0 +1,214 @@
+"""Pydantic models of a workflow file.
+
+Every model forbids unknown fields, so a typo in YAML is an error, not a silent default.
+Step kinds form a discriminated union on ``kind``: the approval, llm and quality kinds
+of later releases slot in as new members without touching the existing ones.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_ID = r"^[a-z][a-z0-9_]{0,62}$"
+_NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """``30``, ``"30s"``, ``"5m"``, ``"1.5h"``, ``"250ms"`` -> timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '2h'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(
+                f"{value!r} is not a duration (use a number of seconds or '250ms', '30s', '5m', '2h', '1d')"
+            )
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return timedelta(seconds=seconds)
+
+
+Duration = Annotated[timedelta, Field(description="seconds, or '250ms', '30s', '5m', '2h', '1d'")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class Backoff(_Model):
+    """Exponential backoff: delay_n = min(max, initial * multiplier ** (n - 1))."""
+
+    initial: Duration = timedelta(seconds=1)
+    multiplier: float = Field(2.0, ge=1.0, le=10.0)
+    max: Duration = timedelta(minutes=5)
+
+    _parse = field_validator("initial", "max", mode="before")(parse_duration)
+
+
+class RetryPolicySpec(_Model):
+    """How a step is retried inside one run."""
+
+    max_attempts: int = Field(3, ge=1, le=100)
+    backoff: Backoff = Backoff()
+    jitter: Literal["full", "none"] = "full"
+    non_retryable: tuple[str, ...] = ()
+    """Exception class names (``ValueError`` or ``module.ValueError``) that fail at once."""
+
+    @field_validator("non_retryable")
+    @classmethod
+    def _names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not re.match(r"^[A-Za-z_][\w.]*$", name):
+                raise ValueError(f"{name!r} is not an exception class name")
+        return value
+
+
+class Defaults(_Model):
+    retry: RetryPolicySpec = RetryPolicySpec()
+    timeout: Duration = timedelta(minutes=10)
+
+    _parse = field_validator("timeout", mode="before")(parse_duration)
+
+
+class ParamSpec(_Model):
+    type: Literal["string", "integer", "number", "boolean", "array", "object"] = "string"
+    description: str | None = None
+    required: bool = False
+    default: Any = None
+    enum: tuple[Any, ...] | None = None
+
+    @model_validator(mode="after")
+    def _default_fits(self) -> ParamSpec:
+        if self.default is not None and self.enum is not None and self.default not in self.enum:
+            raise ValueError(f"default {self.default!r} is not one of enum {list(self.enum)}")
+        if self.default is not None and not _json_type_ok(self.type, self.default):
+            raise ValueError(f"default {self.default!r} is not of type {self.type}")
+        return self
+
+
+def _json_type_ok(kind: str, value: Any) -> bool:
+    checks: dict[str, Any] = {
+        "string": lambda v: isinstance(v, str),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "boolean": lambda v: isinstance(v, bool),
+        "array": lambda v: isinstance(v, list | tuple),
+        "object": lambda v: isinstance(v, dict),
+    }
+    return bool(checks[kind](value))
+
+
+class KeyedIdempotency(_Model):
+    """Effects are de-duplicated by a key rendered from this template."""
+
+    key: str = Field(min_length=1)
+
+
+Idempotency = Literal["natural", "none"] | KeyedIdempotency
+"""``natural``: calling twice is harmless. ``none``: never retried automatically.
+``{key: template}``: the effect is recorded under the rendered key and never repeated."""
+
+
+class ToolCall(_Model):
+    """A registered tool with templated arguments (used by ``compensate``)."""
+
+    tool: str
+    args: dict[str, Any] = {}
+    idempotency: Idempotency | None = None
+    retry: RetryPolicySpec | None = None
+
+
+class _StepBase(_Model):
+    id: str = Field(pattern=_ID)
+    description: str | None = None
+    needs: tuple[str, ...] = ()
+    when: str | None = None
+    """A Jinja expression on ``params`` and ``steps``; false -> the step is skipped."""
+    for_each: str | None = None
+    """A Jinja expression giving a list; the step runs once per ``item`` (dynamic mapping)."""
+    retry: RetryPolicySpec | None = None
+    timeout: Duration | None = None
+
+    _parse = field_validator("timeout", mode="before")(
+        lambda v: None if v is None else parse_duration(v)
+    )
+
+    @field_validator("needs", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+
+class ToolStep(_StepBase):
+    """Calls one registered tool with templated arguments."""
+
+    kind: Literal["tool"] = "tool"
+    tool: str
+    args: dict[str, Any] = {}
+    idempotency: Idempotency | None = None
+    compensate: ToolCall | None = None
+
+
+Step = Annotated[ToolStep, Field(discriminator="kind")]
+
+
+class WorkflowSpec(_Model):
+    """One version of one workflow: the whole content of a workflow file."""
+
+    name: str = Field(pattern=_NAME)
+    version: int = Field(ge=1)
+    description: str = ""
+    owner: str = "ledgerflow"
+    tags: tuple[str, ...] = ()
+    schedule: str | None = None
+    """A cron expression or a preset (``@daily``); none means manual/REST only."""
+    timezone: str = "UTC"
+    start_date: str = "2026-01-01"
+    params: dict[str, ParamSpec] = {}
+    defaults: Defaults = Defaults()
+    steps: tuple[Step, ...] = Field(min_length=1)
+
+    @property
+    def dag_id(self) -> str:
+        return f"{self.name.replace('-', '_')}__v{self.version}"
+
+    def step(self, step_id: str) -> ToolStep:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(step_id)
+
+    def retry_for(self, step: ToolStep) -> RetryPolicySpec:
+        return step.retry or self.defaults.retry
+
+    def timeout_for(self, step: ToolStep) -> timedelta:
+        return step.timeout or self.defaults.timeout
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _default_kind(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return [
+                {"kind": "tool", **item} if isinstance(item, dict) and "kind" not in item else item
+                for item in value
+            ]
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _param_names(cls, value: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        for name in value:
+            if not re.match(_ID, name):
+                raise ValueError(f"param name {name!r} must match {_ID}")
+        return value

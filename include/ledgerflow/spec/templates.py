@@ -1,0 +1,140 @@
+"""Templates in workflow files: static analysis at load time, rendering at run time.
+
+Templates are Jinja in a sandbox with strict undefined names. The names a template may
+use are ``params``, ``steps`` (outputs of upstream steps: ``steps.<id>.output``),
+``run`` (``run.id``, ``run.workflow``, ``run.version``, ``run.logical_date``) and, in
+a ``for_each`` step, ``item`` and ``index``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+GLOBAL_NAMES = frozenset({"params", "steps", "run", "item", "index"})
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+    env.filters["tojson"] = lambda value: json.dumps(value, default=str, sort_keys=True)
+    return env
+
+
+@dataclass(frozen=True)
+class References:
+    """What a template refers to."""
+
+    names: frozenset[str]
+    params: frozenset[str]
+    steps: frozenset[str]
+
+
+def is_template(value: str) -> bool:
+    return "{{" in value or "{%" in value
+
+
+def _walk(node: nodes.Node) -> Iterator[nodes.Node]:
+    yield node
+    for child in node.iter_child_nodes():
+        yield from _walk(child)
+
+
+def _analyse(tree: nodes.Node) -> References:
+    names: set[str] = set()
+    params: set[str] = set()
+    steps: set[str] = set()
+    assigned = {
+        n.name for n in _walk(tree) if isinstance(n, nodes.Name) and n.ctx in ("store", "param")
+    }
+    for node in _walk(tree):
+        if isinstance(node, nodes.Name) and node.ctx == "load" and node.name not in assigned:
+            names.add(node.name)
+        if isinstance(node, nodes.Getattr | nodes.Getitem) and isinstance(node.node, nodes.Name):
+            attr = node.attr if isinstance(node, nodes.Getattr) else _const(node.arg)
+            if attr is None:
+                continue
+            if node.node.name == "params":
+                params.add(attr)
+            elif node.node.name == "steps":
+                steps.add(attr)
+    return References(frozenset(names), frozenset(params), frozenset(steps))
+
+
+def _const(node: nodes.Node) -> str | None:
+    return node.value if isinstance(node, nodes.Const) and isinstance(node.value, str) else None
+
+
+def analyse_template(source: str) -> References:
+    """Names used by a ``{{ ... }}`` template. Raises ``TemplateSyntaxError``."""
+    return _analyse(environment().parse(source))
+
+
+def analyse_expression(source: str) -> References:
+    """Names used by a bare expression (``when``, ``for_each``)."""
+    return analyse_template("{{ (" + source + ") }}")
+
+
+def iter_strings(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """Every string in a nested args structure with its path."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from iter_strings(item, (*path, key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from iter_strings(item, (*path, index))
+
+
+def render_value(value: Any, context: dict[str, Any]) -> Any:
+    """Render every template in a nested structure.
+
+    A string that is exactly one ``{{ expression }}`` keeps the expression's native type
+    (a number stays a number, a list stays a list); anything else renders to text.
+    """
+    if isinstance(value, str):
+        if not is_template(value):
+            return value
+        stripped = value.strip()
+        if (
+            stripped.startswith("{{")
+            and stripped.endswith("}}")
+            and stripped.count("{{") == 1
+            and "{%" not in stripped
+        ):
+            return evaluate(stripped[2:-2], context)
+        return environment().from_string(value).render(context)
+    if isinstance(value, dict):
+        return {key: render_value(item, context) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [render_value(item, context) for item in value]
+    return value
+
+
+def evaluate(expression: str, context: dict[str, Any]) -> Any:
+    """Evaluate a bare Jinja expression to a Python value."""
+    compiled = environment().compile_expression(expression.strip(), undefined_to_none=False)
+    result = compiled(**context)
+    if isinstance(result, StrictUndefined):
+        str(result)  # raises UndefinedError naming the missing variable
+    return result
+
+
+__all__ = [
+    "GLOBAL_NAMES",
+    "References",
+    "TemplateSyntaxError",
+    "analyse_expression",
+    "analyse_template",
+    "evaluate",
+    "is_template",
+    "iter_strings",
+    "render_value",
+]

@@ -1,0 +1,295 @@
+"""Checks that need the whole workflow: the step graph, tools, templates, idempotency.
+
+``load_workflow(path)`` is what both ``ledgerflow validate`` and the DAG factory call;
+every problem becomes a ``SpecError`` naming the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ledgerflow.errors import SpecError, SpecErrors, UnknownToolError
+from ledgerflow.spec.loader import LineMap, field_name, line_for, read_spec_file
+from ledgerflow.spec.models import ToolCall, ToolStep, WorkflowSpec
+from ledgerflow.spec.templates import (
+    GLOBAL_NAMES,
+    TemplateSyntaxError,
+    analyse_expression,
+    analyse_template,
+    is_template,
+    iter_strings,
+)
+
+CRON_PRESETS = frozenset(
+    {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
+)
+NO_IDEMPOTENCY = (
+    "the engine refuses to run a step that has not declared how it handles retry: "
+    "tool {tool!r} has side effects, so declare `idempotency: {{key: <template>}}`, "
+    "`idempotency: natural` or `idempotency: none`"
+)
+
+
+class _Collector:
+    def __init__(self, file: str, lines: LineMap) -> None:
+        self.file = file
+        self.lines = lines
+        self.errors: list[SpecError] = []
+
+    def add(self, loc: tuple[Any, ...], message: str) -> None:
+        self.errors.append(
+            SpecError(
+                message, file=self.file, line=line_for(self.lines, loc), field=field_name(loc)
+            )
+        )
+
+
+def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
+    """Raise ``SpecErrors`` listing every problem found; return if there are none."""
+    errors = _Collector(file, lines)
+    index = _check_graph(spec, errors)
+    _check_schedule(spec, errors)
+    upstream = _ancestors(spec) if not errors.errors else {s.id: set() for s in spec.steps}
+    for position, step in enumerate(spec.steps):
+        loc: tuple[Any, ...] = ("steps", position)
+        _check_tool_step(spec, step, loc, upstream.get(step.id, set()), errors)
+    del index
+    if errors.errors:
+        raise SpecErrors(errors.errors)
+
+
+def _check_graph(spec: WorkflowSpec, errors: _Collector) -> dict[str, int]:
+    index: dict[str, int] = {}
+    for position, step in enumerate(spec.steps):
+        if step.id in index:
+            errors.add(
+                ("steps", position, "id"),
+                f"duplicate step id {step.id!r} (first used by steps[{index[step.id]}])",
+            )
+        else:
+            index[step.id] = position
+    for position, step in enumerate(spec.steps):
+        for n, need in enumerate(step.needs):
+            if need not in index:
+                errors.add(("steps", position, "needs", n), f"unknown step {need!r} in needs")
+            elif need == step.id:
+                errors.add(("steps", position, "needs", n), "a step cannot need itself")
+    if not errors.errors:
+        cycle = _find_cycle(spec)
+        if cycle:
+            first = index[cycle[0]]
+            errors.add(("steps", first, "needs"), "dependency cycle: " + " -> ".join(cycle))
+    return index
+
+
+def _find_cycle(spec: WorkflowSpec) -> list[str] | None:
+    needs = {s.id: list(s.needs) for s in spec.steps}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in needs[node]:
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for step in spec.steps:
+        if step.id not in state:
+            found = visit(step.id)
+            if found:
+                return list(reversed(found))
+    return None
+
+
+def _ancestors(spec: WorkflowSpec) -> dict[str, set[str]]:
+    needs = {s.id: set(s.needs) for s in spec.steps}
+    memo: dict[str, set[str]] = {}
+
+    def up(node: str) -> set[str]:
+        if node not in memo:
+            memo[node] = set()
+            acc: set[str] = set()
+            for parent in needs[node]:
+                acc |= {parent} | up(parent)
+            memo[node] = acc
+        return memo[node]
+
+    return {s.id: up(s.id) for s in spec.steps}
+
+
+def _check_schedule(spec: WorkflowSpec, errors: _Collector) -> None:
+    import pendulum
+
+    try:
+        pendulum.timezone(spec.timezone)
+    except Exception:
+        errors.add(
+            ("timezone",),
+            f"unknown time zone {spec.timezone!r} (use an IANA name like Europe/Paris)",
+        )
+    try:
+        pendulum.parse(spec.start_date)
+    except Exception:
+        errors.add(("start_date",), f"{spec.start_date!r} is not a date (YYYY-MM-DD)")
+    if spec.schedule is None:
+        return
+    if spec.schedule.startswith("@"):
+        if spec.schedule not in CRON_PRESETS:
+            errors.add(
+                ("schedule",),
+                f"unknown preset {spec.schedule!r}; use one of {sorted(CRON_PRESETS)}",
+            )
+        return
+    from croniter import croniter
+
+    if not croniter.is_valid(spec.schedule):
+        errors.add(("schedule",), f"{spec.schedule!r} is not a valid cron expression")
+
+
+def _check_tool_step(
+    spec: WorkflowSpec,
+    step: ToolStep,
+    loc: tuple[Any, ...],
+    upstream: set[str],
+    errors: _Collector,
+) -> None:
+    allowed = set(GLOBAL_NAMES) - ({"item", "index"} if step.for_each is None else set())
+    _check_call(spec, step.tool, step.args, step.idempotency, loc, upstream, allowed, errors)
+    for name in ("when", "for_each"):
+        source = getattr(step, name)
+        if source is not None:
+            _check_refs(
+                spec, source, (*loc, name), upstream, allowed - {"item", "index"}, errors, expr=True
+            )
+    if step.compensate is not None:
+        _check_compensate(spec, step, step.compensate, (*loc, "compensate"), upstream, errors)
+
+
+def _check_call(
+    spec: WorkflowSpec,
+    tool_name: str,
+    args: dict[str, Any],
+    idempotency: Any,
+    loc: tuple[Any, ...],
+    upstream: set[str],
+    allowed: set[str],
+    errors: _Collector,
+) -> None:
+    from ledgerflow.tools.registry import get_tool
+
+    try:
+        tool = get_tool(tool_name)
+    except UnknownToolError as exc:
+        errors.add((*loc, "tool"), str(exc))
+        tool = None
+    if tool is not None:
+        for arg in args:
+            if arg not in tool.params and not tool.accepts_any:
+                errors.add(
+                    (*loc, "args", arg),
+                    f"tool {tool_name!r} has no argument {arg!r} (it takes: {', '.join(tool.params) or 'none'})",
+                )
+        for arg in tool.required:
+            if arg not in args:
+                errors.add((*loc, "args"), f"tool {tool_name!r} needs argument {arg!r}")
+        if tool.side_effects and idempotency is None:
+            errors.add(loc, NO_IDEMPOTENCY.format(tool=tool_name))
+    for path, value in iter_strings(args, (*loc, "args")):
+        _check_refs(spec, value, path, upstream, allowed, errors)
+    key = getattr(idempotency, "key", None)
+    if key is not None:
+        _check_refs(spec, key, (*loc, "idempotency", "key"), upstream, allowed, errors)
+
+
+def _check_compensate(
+    spec: WorkflowSpec,
+    step: ToolStep,
+    call: ToolCall,
+    loc: tuple[Any, ...],
+    upstream: set[str],
+    errors: _Collector,
+) -> None:
+    # A compensation runs after the step completed: it may read the step's own output.
+    allowed = set(GLOBAL_NAMES) - ({"item", "index"} if step.for_each is None else set())
+    _check_call(
+        spec,
+        call.tool,
+        call.args,
+        call.idempotency or "natural",
+        loc,
+        upstream | {step.id},
+        allowed,
+        errors,
+    )
+
+
+def _check_refs(
+    spec: WorkflowSpec,
+    source: str,
+    loc: tuple[Any, ...],
+    upstream: set[str],
+    allowed: set[str],
+    errors: _Collector,
+    *,
+    expr: bool = False,
+) -> None:
+    if not expr and not is_template(source):
+        return
+    try:
+        refs = analyse_expression(source) if expr else analyse_template(source)
+    except TemplateSyntaxError as exc:
+        errors.add(loc, f"template syntax error: {exc.message}")
+        return
+    for name in sorted(refs.names - allowed):
+        hint = " (item/index exist only in a for_each step)" if name in {"item", "index"} else ""
+        errors.add(
+            loc, f"template uses unknown name {name!r}; known: {', '.join(sorted(allowed))}{hint}"
+        )
+    for param in sorted(refs.params - set(spec.params)):
+        errors.add(
+            loc,
+            f"template refers to unknown param {param!r}; declared params: {', '.join(spec.params) or 'none'}",
+        )
+    step_ids = {s.id for s in spec.steps}
+    for ref in sorted(refs.steps):
+        if ref not in step_ids:
+            errors.add(loc, f"template refers to unknown step {ref!r}")
+        elif ref not in upstream:
+            errors.add(
+                loc, f"template refers to step {ref!r}, which is not upstream: add it to needs"
+            )
+
+
+def load_workflow(path: str | Path, *, display_path: str | None = None) -> WorkflowSpec:
+    """Read, parse and fully validate one workflow file."""
+    file = display_path or str(path)
+    spec, lines, _text = read_spec_file(path, file)
+    validate_spec(spec, lines, file)
+    expected = _expected_identity(Path(path))
+    if expected is not None:
+        name, version = expected
+        if spec.name != name or spec.version != version:
+            raise SpecError(
+                f"the file says {spec.name!r} v{spec.version}, but its path says {name!r} v{version} "
+                "(workflows live at workflows/<name>/v<version>.yaml)",
+                file=file,
+                line=line_for(lines, ("name",)),
+                field="name",
+            )
+    return spec
+
+
+def _expected_identity(path: Path) -> tuple[str, int] | None:
+    stem = path.stem
+    if path.parent.parent.name == "workflows" and stem.startswith("v") and stem[1:].isdigit():
+        return path.parent.name, int(stem[1:])
+    return None

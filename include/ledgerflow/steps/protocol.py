@@ -1,0 +1,279 @@
+"""The step protocol: checkpoint lookup, attempt, effect with its key, checkpoint.
+
+Independent of Airflow so it can be driven directly by tests and benchmarks; the
+operator is a thin adapter around ``execute_step``.
+
+For one step (or one item of a for_each step):
+1. a completed checkpoint in the ledger -> its output is reused, nothing runs;
+2. ``when`` is false -> the step is recorded as skipped;
+3. otherwise an attempt is recorded, then the tool runs:
+   * transactional tools (writing through ``ctx.db``) run inside one transaction with
+     the effect record and the checkpoint: all three commit, or none does;
+   * other tools with an idempotency key first claim the key (a pending effect row,
+     committed), then call the tool with that key, then record the result and the
+     checkpoint together. A retry after a crash finds the claim and calls again with
+     the SAME key, so the remote side de-duplicates; a finished effect is never redone;
+4. on failure the attempt is recorded as failed; the final failure gets a dead letter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ledgerflow import faults
+from ledgerflow.ledger.store import Ledger
+from ledgerflow.spec.models import KeyedIdempotency, ToolStep, WorkflowSpec
+from ledgerflow.spec.templates import evaluate, render_value
+from ledgerflow.tools.context import ToolContext
+from ledgerflow.tools.registry import get_tool
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Which run a step belongs to."""
+
+    run_id: str
+    dag_id: str
+    trigger_kind: str = "manual"
+    logical_date: str | None = None
+    retry_of: str | None = None
+
+
+@dataclass
+class StepResult:
+    status: str  # completed | reused | skipped
+    output: Any = None
+    idempotency_key: str | None = None
+    effect_reused: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class StepSkipped(Exception):
+    """``when`` was false; the adapter turns this into a skipped task."""
+
+
+def step_key(step_id: str, map_index: int) -> str:
+    return step_id if map_index < 0 else f"{step_id}[{map_index}]"
+
+
+def template_context(
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    run: RunRef,
+    params: dict[str, Any],
+    item: Any,
+    map_index: int,
+) -> dict[str, Any]:
+    context: dict[str, Any] = {
+        "params": params,
+        "steps": ledger.outputs(run.run_id),
+        "run": {
+            "id": run.run_id,
+            "workflow": spec.name,
+            "version": spec.version,
+            "logical_date": run.logical_date,
+            "date": (run.logical_date or "")[:10],
+        },
+    }
+    if map_index >= 0:
+        context["item"] = item
+        context["index"] = map_index
+    return context
+
+
+def render_key(
+    spec: WorkflowSpec, step: ToolStep, run: RunRef, key: str, context: dict[str, Any]
+) -> str:
+    if isinstance(step.idempotency, KeyedIdempotency):
+        rendered = render_value(step.idempotency.key, context)
+        # The workflow name scopes the key: two workflows may use the same business id.
+        return f"{spec.name}:{step.id}:{rendered}"
+    return f"{run.run_id}:{key}"
+
+
+def execute_step(
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    step: ToolStep,
+    run: RunRef,
+    *,
+    params: dict[str, Any],
+    try_number: int = 1,
+    max_attempts: int = 1,
+    map_index: int = -1,
+    item: Any = None,
+    is_final_attempt: Any = None,
+) -> StepResult:
+    """Run one step under the protocol above. Raises the tool's error on failure."""
+    ledger.migrate()
+    ledger.ensure_run(
+        run_id=run.run_id,
+        dag_id=run.dag_id,
+        workflow=spec.name,
+        version=spec.version,
+        params=params,
+        trigger_kind=run.trigger_kind,
+        retry_of=run.retry_of,
+    )
+    key = step_key(step.id, map_index)
+    checkpoint = ledger.checkpoint(run.run_id, key)
+    if checkpoint is not None and checkpoint.status == "completed":
+        ledger.record_event(run.run_id, key, "checkpoint_reused", None)
+        return StepResult("reused", checkpoint.output, checkpoint.idempotency_key)
+    if checkpoint is not None and checkpoint.status == "skipped":
+        raise StepSkipped(f"step {key} was skipped earlier in this run")
+
+    context = template_context(ledger, spec, run, params, item, map_index)
+    if step.when is not None and not evaluate(step.when, context):
+        ledger.mark_step(
+            run_id=run.run_id, step_key=key, step_id=step.id, map_index=map_index, status="skipped"
+        )
+        raise StepSkipped(f"`when: {step.when}` is false")
+
+    tool = get_tool(step.tool)
+    args: dict[str, Any] = {}
+    idem_key: str | None = None
+    attempt_id: int | None = None
+    try:
+        args = render_value(step.args, context)
+        idem_key = render_key(spec, step, run, key, context)
+        attempt_id = ledger.begin_attempt(
+            run_id=run.run_id,
+            step_key=key,
+            step_id=step.id,
+            map_index=map_index,
+            try_number=try_number,
+            args=args,
+            idempotency_key=idem_key,
+        )
+        keyed = isinstance(step.idempotency, KeyedIdempotency)
+        ctx = ToolContext(
+            run_id=run.run_id,
+            step_key=key,
+            workflow=spec.name,
+            version=spec.version,
+            try_number=try_number,
+            idempotency_key=idem_key,
+        )
+        if tool.is_transactional(args):
+            output, reused = _run_transactional(
+                ledger, tool, ctx, args, run, key, attempt_id, keyed
+            )
+        else:
+            output, reused = _run_keyed(ledger, tool, ctx, args, run, key, attempt_id, keyed)
+        return StepResult("completed", output, idem_key, effect_reused=reused)
+    except BaseException as error:
+        if attempt_id is None or not isinstance(error, Exception):
+            raise
+        final = (
+            bool(is_final_attempt(error))
+            if callable(is_final_attempt)
+            else try_number >= max_attempts
+        )
+        ledger.fail_attempt(
+            run_id=run.run_id, step_key=key, attempt_id=attempt_id, error=error, final=final
+        )
+        if final:
+            ledger.dead_letter(
+                workflow=spec.name,
+                version=spec.version,
+                run_id=run.run_id,
+                step_key=key,
+                attempts=try_number,
+                error=error,
+                args=args,
+                idempotency_key=idem_key,
+            )
+        raise
+
+
+def _run_transactional(
+    ledger: Ledger,
+    tool: Any,
+    ctx: ToolContext,
+    args: dict[str, Any],
+    run: RunRef,
+    key: str,
+    attempt_id: int,
+    keyed: bool,
+) -> tuple[Any, bool]:
+    with ledger.begin() as conn:
+        done = ledger.effect(ctx.idempotency_key, conn) if keyed else None
+        if done is not None and done.status == "done":
+            output, reused = done.result, True
+        else:
+            if keyed:
+                ledger.claim_effect(
+                    conn, key=ctx.idempotency_key, tool=tool.name, run_id=run.run_id, step_key=key
+                )
+            ctx.db = conn
+            faults.hit("before_effect", key)
+            output, reused = tool.call(ctx, args), False
+            faults.hit("after_effect", key)
+            ctx.db = None
+            if keyed:
+                ledger.finish_effect(conn, key=ctx.idempotency_key, result=output)
+        ledger.complete_step(
+            conn,
+            run_id=run.run_id,
+            step_key=key,
+            attempt_id=attempt_id,
+            output=output,
+            reused=reused,
+        )
+        faults.hit("before_commit", key)
+    faults.hit("after_commit", key)
+    return _jsonable(output), reused
+
+
+def _run_keyed(
+    ledger: Ledger,
+    tool: Any,
+    ctx: ToolContext,
+    args: dict[str, Any],
+    run: RunRef,
+    key: str,
+    attempt_id: int,
+    keyed: bool,
+) -> tuple[Any, bool]:
+    if keyed:
+        done = ledger.effect(ctx.idempotency_key)
+        if done is not None and done.status == "done":
+            with ledger.begin() as conn:
+                ledger.complete_step(
+                    conn,
+                    run_id=run.run_id,
+                    step_key=key,
+                    attempt_id=attempt_id,
+                    output=done.result,
+                    reused=True,
+                )
+            return done.result, True
+        with ledger.begin() as conn:
+            ledger.claim_effect(
+                conn, key=ctx.idempotency_key, tool=tool.name, run_id=run.run_id, step_key=key
+            )
+    faults.hit("before_effect", key)
+    output = _jsonable(tool.call(ctx, args))
+    faults.hit("after_effect", key)
+    with ledger.begin() as conn:
+        if keyed:
+            ledger.finish_effect(conn, key=ctx.idempotency_key, result=output)
+        ledger.complete_step(
+            conn,
+            run_id=run.run_id,
+            step_key=key,
+            attempt_id=attempt_id,
+            output=output,
+            reused=False,
+        )
+        faults.hit("before_commit", key)
+    faults.hit("after_commit", key)
+    return output, False
+
+
+def _jsonable(value: Any) -> Any:
+    from ledgerflow.ledger.store import dumps, loads
+
+    return loads(dumps(value))

@@ -1,0 +1,1 @@
+"""Test and benchmark helpers for Ledgerflow (real Airflow processes, no mocks)."""

@@ -1,0 +1,526 @@
+"""Run a real Airflow 3 deployment as local subprocesses, for end-to-end tests and benchmarks.
+
+``AirflowStack`` starts ``api-server``, ``scheduler``, ``dag-processor`` and ``triggerer``
+(LocalExecutor, Postgres metadata DB), waits until ``/api/v2/monitor/health`` says every
+component is healthy, and offers a small REST client to drive DAG runs. Every component runs in
+its own session/process group; ``stop()`` (and ``kill()``) reach the whole process tree, so no
+orphans survive, even when ``start()`` fails halfway.
+
+Heavy imports (httpx, psycopg2) happen inside functions: this module stays importable anywhere.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+COMPONENTS: tuple[str, ...] = ("api-server", "scheduler", "dag-processor", "triggerer")
+_HEALTH_KEYS = {
+    "scheduler": "scheduler",
+    "dag-processor": "dag_processor",
+    "triggerer": "triggerer",
+}
+_TERMINAL_RUN_STATES = frozenset({"success", "failed"})
+_PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+ADMIN_USER = "admin"
+ADMIN_PASSWORD = "admin"
+
+
+class StackError(RuntimeError):
+    """The Airflow stack could not start, died, or answered an API call with an error."""
+
+
+def _log(msg: str) -> None:
+    print(f"[airflow-stack {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _proc_table() -> dict[int, tuple[int, int, int]]:
+    """Map pid -> (ppid, session id, start time) for every live process (Linux /proc)."""
+    table: dict[int, tuple[int, int, int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # fields after "pid (comm) "
+        # fields[0]=state [1]=ppid [2]=pgrp [3]=session ... [19]=starttime
+        table[int(entry.name)] = (int(fields[1]), int(fields[3]), int(fields[19]))
+    return table
+
+
+def _tree(root: int) -> dict[int, int]:
+    """Processes belonging to ``root``: its descendants and every member of its session.
+
+    Returns pid -> start time, so a later kill can skip pids that were reused meanwhile.
+    """
+    table = _proc_table()
+    found = {pid: st for pid, (_, sid, st) in table.items() if sid == root}
+    if root in table:
+        found[root] = table[root][2]
+    # Children may have left the session (setsid, e.g. BashOperator): walk down from every member.
+    frontier = list(found)
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _, st) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = st
+                frontier.append(pid)
+    return found
+
+
+def _kill_tree(root: int, known: dict[int, int]) -> None:
+    """SIGKILL ``root``'s process group, then every process of its tree still alive."""
+    with contextlib.suppress(OSError):
+        os.killpg(root, signal.SIGKILL)
+    table = _proc_table()
+    targets = dict(known)
+    targets.update(_tree(root))
+    for pid, start in targets.items():
+        if pid != os.getpid() and pid in table and table[pid][2] == start:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class AirflowStack:
+    """A real Airflow 3 deployment (api-server, scheduler, dag-processor, triggerer)."""
+
+    def __init__(
+        self,
+        *,
+        dags_folder: Path,
+        home: Path,
+        db_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
+        plugins_folder: Path | None = None,
+        parallelism: int = 4,
+    ) -> None:
+        self.dags_folder = Path(dags_folder).resolve()
+        self.home = Path(home).resolve()
+        self.db_url = db_url
+        self.extra_env = dict(extra_env or {})
+        self.plugins_folder = Path(plugins_folder).resolve() if plugins_folder else None
+        self.parallelism = parallelism
+        self.port = 0
+        self.env: dict[str, str] = {}
+        self._created_db: str | None = None
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._trees: dict[str, dict[int, int]] = {}
+        self._token: str | None = None
+        self._client: Any = None  # httpx.Client, created lazily
+        self._atexit_registered = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    def __enter__(self) -> AirflowStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 180.0) -> AirflowStack:
+        """Create the DB if needed, migrate it, start all components, wait until healthy."""
+        t0 = time.monotonic()
+        if not self._atexit_registered:
+            atexit.register(self.stop)
+            self._atexit_registered = True
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            self.logs_dir.mkdir(parents=True, exist_ok=True)
+            if self.db_url is None:
+                self.db_url = self._create_database()
+            self.port = _free_port()
+            self.env = self._build_env()
+            self._migrate(timeout=max(30.0, timeout - (time.monotonic() - t0)))
+            for name in COMPONENTS:
+                self.start_component(name)
+            self.wait_healthy(timeout=max(10.0, timeout - (time.monotonic() - t0)))
+        except BaseException:
+            self.stop()
+            raise
+        _log(f"stack healthy at {self.base_url} in {time.monotonic() - t0:.1f}s")
+        return self
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every component's process group, SIGKILL leftovers, drop the created DB."""
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+        self._token = None
+        procs = list(self._procs.items())
+        for name, proc in procs:
+            self._trees[name] = {**self._trees.get(name, {}), **_tree(proc.pid)}
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for name, proc in procs:
+            _kill_tree(proc.pid, self._trees.pop(name, {}))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        self._procs.clear()
+        if self._created_db is not None:
+            self._drop_database(self._created_db)
+            self._created_db = None
+            self.db_url = None
+        if self._atexit_registered:
+            atexit.unregister(self.stop)
+            self._atexit_registered = False
+
+    def start_component(self, name: str) -> None:
+        """Start one component (it must not be running)."""
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
+        if self.is_alive(name):
+            raise StackError(f"{name} is already running")
+        args = [name] if name != "api-server" else [name, "--port", str(self.port)]
+        if name == "api-server":
+            args += ["--host", "127.0.0.1"]
+        with open(self.log_path(name), "ab") as log:
+            log.write(f"\n===== airflow-stack: starting {name} at {time.ctime()} =====\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                [*self._airflow_cmd(), *args],
+                env=self.env,
+                cwd=self.home,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own session + process group: stop() reaches children
+            )
+        self._procs[name] = proc
+        self._trees[name] = {}
+        _log(f"started {name} (pid {proc.pid}), log: {self.log_path(name)}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one component and its whole process tree (a crash, not a shutdown)."""
+        proc = self._procs.pop(name, None)
+        if proc is None:
+            raise StackError(f"{name} is not managed by this stack")
+        _kill_tree(proc.pid, {**self._trees.pop(name, {}), **_tree(proc.pid)})
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        _log(f"killed {name} (pid {proc.pid})")
+
+    def restart(self, name: str, *, wait: bool = True, timeout: float = 120.0) -> None:
+        """SIGKILL ``name`` (if running) and start it again; wait until it is healthy again."""
+        since = datetime.now().astimezone()
+        if name in self._procs:
+            self.kill(name)
+        self.start_component(name)
+        if wait:
+            self.wait_healthy(timeout=timeout, components=[name], since=since)
+
+    def is_alive(self, name: str) -> bool:
+        proc = self._procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    def pid(self, name: str) -> int:
+        return self._procs[name].pid
+
+    def log_path(self, name: str) -> Path:
+        return self.logs_dir / f"{name}.log"
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        try:
+            text = self.log_path(name).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def health(self) -> dict[str, Any]:
+        """``GET /api/v2/monitor/health`` (no auth needed)."""
+        resp = self._http().get("/api/v2/monitor/health", timeout=10)
+        resp.raise_for_status()
+        result: dict[str, Any] = resp.json()
+        return result
+
+    def wait_healthy(
+        self,
+        timeout: float = 120.0,
+        components: Iterable[str] = COMPONENTS,
+        since: datetime | None = None,
+    ) -> None:
+        """Wait until ``components`` are healthy (with a heartbeat after ``since`` if given)."""
+        wanted = list(components)
+        deadline = time.monotonic() + timeout
+        last_report = 0.0
+        status: dict[str, str] = {}
+        while True:
+            for name in self._procs:
+                if not self.is_alive(name):
+                    raise StackError(
+                        f"{name} exited with code {self._procs[name].returncode} while "
+                        f"waiting for health; last log lines:\n{self.log_tail(name)}"
+                    )
+            status = self._component_status(wanted, since)
+            if all(s == "healthy" for s in status.values()):
+                return
+            now = time.monotonic()
+            if now > deadline:
+                tails = "\n".join(
+                    f"--- {n} ---\n{self.log_tail(n, 15)}"
+                    for n, s in status.items()
+                    if s != "healthy"
+                )
+                raise StackError(f"stack not healthy after {timeout:.0f}s: {status}\n{tails}")
+            if now - last_report > 5:
+                _log("waiting for health: " + ", ".join(f"{k}={v}" for k, v in status.items()))
+                last_report = now
+            time.sleep(0.5)
+
+    def _component_status(self, wanted: list[str], since: datetime | None) -> dict[str, str]:
+        try:
+            health = self.health()
+        except Exception as exc:
+            return {n: f"api-down({type(exc).__name__})" for n in wanted}
+        status: dict[str, str] = {}
+        for name in wanted:
+            if name == "api-server":
+                ok = health.get("metadatabase", {}).get("status") == "healthy"
+                status[name] = "healthy" if ok else "db-unhealthy"
+                continue
+            info = health.get(_HEALTH_KEYS[name], {})
+            beat = next((v for k, v in info.items() if k.endswith("heartbeat")), None)
+            state = str(info.get("status"))
+            stale = beat is None or (since and datetime.fromisoformat(beat) <= since)
+            if state == "healthy" and since is not None and stale:
+                state = "stale-heartbeat"
+            status[name] = state
+        return status
+
+    # ------------------------------------------------------------------ setup internals
+
+    def _airflow_cmd(self) -> list[str]:
+        script = Path(sys.executable).parent / "airflow"
+        return [str(script)] if script.exists() else [sys.executable, "-m", "airflow"]
+
+    def _build_env(self) -> dict[str, str]:
+        assert self.db_url is not None
+        passwords = self.home / "simple_auth_manager_passwords.json"
+        passwords.write_text(json.dumps({ADMIN_USER: ADMIN_PASSWORD}) + "\n")
+        plugins = self.plugins_folder or (self.home / "plugins")
+        plugins.mkdir(parents=True, exist_ok=True)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("AIRFLOW__") and k not in ("AIRFLOW_HOME", "AIRFLOW_CONFIG")
+        }
+        env.update(
+            {
+                "AIRFLOW_HOME": str(self.home),
+                "PYTHONUNBUFFERED": "1",
+                "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
+                "AIRFLOW__CORE__PLUGINS_FOLDER": str(plugins),
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.db_url,
+                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+                "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
+                "AIRFLOW__CORE__FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+                "AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL": "1",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
+                "AIRFLOW__CORE__AUTH_MANAGER": (
+                    "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+                ),
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API__PORT": str(self.port),
+                "AIRFLOW__API__BASE_URL": self.base_url,
+                "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
+                "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+                "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.05",
+                "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "15",
+                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+                "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_STORAGE_PATH": str(self.home / "dag_bundles"),
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
+                "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def _migrate(self, timeout: float) -> None:
+        t0 = time.monotonic()
+        _log("airflow db migrate ...")
+        with open(self.log_path("db-migrate"), "ab") as log:
+            try:
+                rc = subprocess.run(
+                    [*self._airflow_cmd(), "db", "migrate"],
+                    env=self.env,
+                    cwd=self.home,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                    start_new_session=True,
+                ).returncode
+            except subprocess.TimeoutExpired as exc:
+                raise StackError(f"airflow db migrate timed out after {timeout:.0f}s") from exc
+        if rc != 0:
+            raise StackError(f"airflow db migrate failed ({rc}):\n{self.log_tail('db-migrate')}")
+        _log(f"db migrated in {time.monotonic() - t0:.1f}s")
+
+    def _create_database(self) -> str:
+        import psycopg2
+
+        name = f"lf_af_{secrets.token_hex(6)}"
+        conn = psycopg2.connect(_PG_ADMIN_DSN)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        self._created_db = name
+        _log(f"created database {name}")
+        return f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+
+    @staticmethod
+    def _drop_database(name: str) -> None:
+        import psycopg2
+
+        try:
+            conn = psycopg2.connect(_PG_ADMIN_DSN)
+            try:
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                conn.close()
+        except Exception as exc:  # never mask the real failure from stop()
+            _log(f"could not drop database {name}: {exc}")
+
+    # ------------------------------------------------------------------ REST client
+
+    def _http(self) -> Any:
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.Client(base_url=self.base_url, timeout=30.0)
+        return self._client
+
+    def token(self) -> str:
+        """A JWT for the admin user (``POST /auth/token``), cached."""
+        if self._token is None:
+            resp = self._http().post(
+                "/auth/token", json={"username": ADMIN_USER, "password": ADMIN_PASSWORD}
+            )
+            if resp.status_code >= 400:
+                raise StackError(f"POST /auth/token -> {resp.status_code}: {resp.text}")
+            self._token = str(resp.json()["access_token"])
+        return self._token
+
+    def api(self, method: str, path: str, **kw: Any) -> Any:
+        """Call the REST API as admin; return parsed JSON (None if empty); raise on HTTP errors."""
+        extra_headers = kw.pop("headers", {})
+        for attempt in (1, 2):
+            headers = {**extra_headers, "Authorization": f"Bearer {self.token()}"}
+            resp = self._http().request(method, path, headers=headers, **kw)
+            if resp.status_code == 401 and attempt == 1:
+                self._token = None  # expired or minted by a previous api-server: re-login once
+                continue
+            if resp.status_code >= 400:
+                raise StackError(f"{method} {path} -> {resp.status_code}: {resp.text}")
+            return resp.json() if resp.content else None
+        raise AssertionError("unreachable")
+
+    def import_errors(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.api(
+            "GET", "/api/v2/importErrors", params={"limit": 100}
+        )["import_errors"]
+        return result
+
+    def wait_for_dags(self, dag_ids: Iterable[str], timeout: float = 120.0) -> None:
+        """Wait until every DAG in ``dag_ids`` is parsed and served by the API."""
+        pending = set(dag_ids)
+        deadline = time.monotonic() + timeout
+        while pending:
+            for dag_id in sorted(pending):
+                try:
+                    self.api("GET", f"/api/v2/dags/{dag_id}")
+                    pending.discard(dag_id)
+                except StackError as exc:
+                    if "-> 404" not in str(exc):
+                        raise
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"DAGs not listed after {timeout:.0f}s: {sorted(pending)}; "
+                    f"import errors: {self.import_errors()}"
+                )
+            time.sleep(1.0)
+
+    def unpause(self, dag_id: str) -> None:
+        self.api("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False})
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        """Trigger a manual run now; return its run_id."""
+        body = {"logical_date": None, "conf": conf or {}}
+        return str(self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", json=body)["dag_run_id"])
+
+    def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+        return result
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 300.0) -> str:
+        """Poll until the run is ``success`` or ``failed``; return that state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = str(self.run(dag_id, run_id)["state"])
+            if state in _TERMINAL_RUN_STATES:
+                return state
+            if time.monotonic() > deadline:
+                tis = [
+                    (t["task_id"], t["map_index"], t["state"])
+                    for t in self.task_instances(dag_id, run_id)
+                ]
+                raise TimeoutError(f"{dag_id}/{run_id} still {state} after {timeout:.0f}s: {tis}")
+            time.sleep(0.5)
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """All task instances of a run (full API dicts: task_id, map_index, state, try_number,
+        start_date, end_date, ...)."""
+        out: list[dict[str, Any]] = []
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+        while True:
+            page = self.api("GET", path, params={"limit": 100, "offset": len(out)})
+            out.extend(page["task_instances"])
+            if not page["task_instances"] or len(out) >= page["total_entries"]:
+                return out

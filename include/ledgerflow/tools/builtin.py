@@ -1,0 +1,116 @@
+"""Built-in connectors: ``http`` and ``sql``. Credentials come from Airflow connections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ledgerflow.errors import NonRetryableError, ToolError
+from ledgerflow.ledger.store import DEFAULT_CONN_ID
+from ledgerflow.tools.context import ToolContext
+from ledgerflow.tools.registry import tool
+
+RETRYABLE_4XX = frozenset({408, 425, 429})
+
+
+class HttpStatusError(ToolError):
+    """A 5xx (or 408/429) answer: worth another try."""
+
+    def __init__(self, status: int, body: str) -> None:
+        self.status = status
+        super().__init__(f"HTTP {status}: {body[:300]}")
+
+
+class HttpClientError(NonRetryableError):
+    """A 4xx answer other than 408/425/429: the request itself is wrong."""
+
+    def __init__(self, status: int, body: str) -> None:
+        self.status = status
+        super().__init__(f"HTTP {status}: {body[:300]}")
+
+
+@tool("http", non_retryable=(HttpClientError,))
+def http(
+    ctx: ToolContext,
+    url: str,
+    method: str = "POST",
+    json: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    conn_id: str | None = None,
+) -> dict[str, Any]:
+    """Call an HTTP endpoint, sending the step's idempotency key as ``Idempotency-Key``.
+
+    With ``conn_id``, the Airflow connection gives the base URL (``url`` is then a path)
+    and the credentials (login/password as basic auth, or ``extra.headers``).
+    """
+    import httpx
+
+    send_headers = {"Idempotency-Key": ctx.idempotency_key, **(headers or {})}
+    auth = None
+    if conn_id:
+        from airflow.sdk import BaseHook
+
+        conn = BaseHook.get_connection(conn_id)
+        scheme = conn.schema or "http"
+        host = conn.host or "localhost"
+        base = host if "://" in host else f"{scheme}://{host}"
+        if conn.port:
+            base = f"{base}:{conn.port}"
+        url = base.rstrip("/") + "/" + url.lstrip("/")
+        if conn.login:
+            auth = (conn.login, conn.password or "")
+        send_headers.update(conn.extra_dejson.get("headers", {}))
+    try:
+        response = httpx.request(
+            method.upper(), url, json=json, headers=send_headers, timeout=timeout, auth=auth
+        )
+    except httpx.TimeoutException as exc:
+        raise ToolError(f"HTTP timeout after {timeout}s: {url}") from exc
+    except httpx.TransportError as exc:
+        raise ToolError(f"HTTP transport error: {exc}") from exc
+    if response.status_code >= 500 or response.status_code in RETRYABLE_4XX:
+        raise HttpStatusError(response.status_code, response.text)
+    if response.status_code >= 400:
+        raise HttpClientError(response.status_code, response.text)
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    return {"status": response.status_code, "body": body}
+
+
+def _on_ledger(args: dict[str, Any]) -> bool:
+    return args.get("conn_id", DEFAULT_CONN_ID) == DEFAULT_CONN_ID
+
+
+@tool("sql", transactional=_on_ledger)
+def sql(
+    ctx: ToolContext,
+    statement: str,
+    parameters: dict[str, Any] | None = None,
+    conn_id: str = DEFAULT_CONN_ID,
+    fetch: bool = False,
+) -> dict[str, Any]:
+    """Run one SQL statement with bound ``:name`` parameters.
+
+    On the ledger's own database (``conn_id: ledgerflow_db``, the default) it runs in
+    the checkpoint's transaction: the effect and the checkpoint commit together, exactly
+    once. On any other connection it runs through that connection's Airflow hook and is
+    at-least-once: make the statement idempotent (an upsert keyed by the idempotency key).
+    """
+    params = dict(parameters or {})
+    params.setdefault("idempotency_key", ctx.idempotency_key)
+    if conn_id == DEFAULT_CONN_ID:
+        from sqlalchemy import text
+
+        result = ctx.require_db().execute(text(statement), params)
+        rows = [dict(r) for r in result.mappings()] if fetch and result.returns_rows else []
+        return {"rowcount": result.rowcount, "rows": rows}
+    from airflow.sdk import BaseHook
+
+    hook: Any = BaseHook.get_connection(conn_id).get_hook()
+    if fetch:
+        records = hook.get_records(statement, parameters=params)
+        return {"rowcount": len(records), "rows": [list(r) for r in records]}
+    hook.run(statement, parameters=params)
+    return {"rowcount": None, "rows": []}

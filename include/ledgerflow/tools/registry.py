@@ -1,0 +1,185 @@
+"""The tool registry: the allow-list of callables a workflow file may name.
+
+A tool is a Python function registered with ``@tool``. YAML names tools, never import
+paths. Modules that register tools are found through the ``ledgerflow.tools`` entry
+point group (the package's own built-in and demo tools are registered the same way),
+and loaded once per process, on first use.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from ledgerflow.errors import LedgerflowError, UnknownToolError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from ledgerflow.tools.context import ToolContext
+
+IdempotencyBehaviour = Literal["effect", "natural", "read_only"]
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A registered tool.
+
+    ``behaviour``:
+      * ``effect``    - changes the world; a step must declare how it handles retry.
+      * ``natural``   - changes the world but calling it twice is harmless (PUT-like).
+      * ``read_only`` - no side effect at all.
+    ``transactional``: the tool writes only through ``ctx.db`` (the ledger's own
+    database), so its effect commits in the same transaction as the checkpoint.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    behaviour: IdempotencyBehaviour = "effect"
+    transactional: bool | Callable[[dict[str, Any]], bool] = False
+    compensate: str | None = None
+    non_retryable: tuple[type[BaseException], ...] = ()
+    description: str = ""
+    params: tuple[str, ...] = field(default=())
+    required: tuple[str, ...] = field(default=())
+    accepts_any: bool = False
+
+    def is_transactional(self, args: dict[str, Any]) -> bool:
+        return self.transactional(args) if callable(self.transactional) else self.transactional
+
+    @property
+    def side_effects(self) -> bool:
+        return self.behaviour != "read_only"
+
+    def args_model(self) -> type[BaseModel]:
+        return _args_model(self)
+
+    def call(self, ctx: ToolContext, args: dict[str, Any]) -> Any:
+        from pydantic import ValidationError
+
+        from ledgerflow.errors import NonRetryableError
+
+        try:
+            validated = self.args_model().model_validate(args)
+        except ValidationError as exc:
+            raise NonRetryableError(f"tool {self.name!r}: invalid arguments: {exc}") from None
+        kwargs = {name: getattr(validated, name) for name in type(validated).model_fields}
+        if self.accepts_any:
+            kwargs.update({k: v for k, v in args.items() if k not in kwargs})
+        return self.fn(ctx, **kwargs)
+
+
+_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def _args_model(tool: Tool) -> type[BaseModel]:
+    model = _MODELS.get(tool.name)
+    if model is None:
+        from pydantic import ConfigDict, create_model
+
+        fields: dict[str, Any] = {}
+        hints = inspect.get_annotations(tool.fn, eval_str=True)
+        for name, param in list(inspect.signature(tool.fn).parameters.items())[1:]:
+            if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                continue
+            annotation = hints.get(name, Any)
+            default = ... if param.default is param.empty else param.default
+            fields[name] = (annotation, default)
+        config = ConfigDict(extra="allow" if tool.accepts_any else "forbid")
+        model = create_model(f"{tool.name}_args", __config__=config, **fields)
+        _MODELS[tool.name] = model
+    return model
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self._tools: dict[str, Tool] = {}
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    def add(self, item: Tool) -> None:
+        existing = self._tools.get(item.name)
+        if (
+            existing is not None
+            and existing.fn is not item.fn
+            and existing.fn.__qualname__ != item.fn.__qualname__
+        ):
+            raise LedgerflowError(f"tool {item.name!r} is registered twice")
+        self._tools[item.name] = item
+
+    def _load_entry_points(self) -> None:
+        if self._loaded:
+            return
+        with self._lock:
+            if self._loaded:
+                return
+            from importlib.metadata import entry_points
+
+            # The package's own tools first, so that they are there even when the
+            # package is used from a source tree without installed metadata.
+            import ledgerflow.tools.builtin
+            import ledgerflow.tools.demo  # noqa: F401
+
+            for ep in entry_points(group="ledgerflow.tools"):
+                ep.load()
+            self._loaded = True
+
+    def get(self, name: str) -> Tool:
+        self._load_entry_points()
+        try:
+            return self._tools[name]
+        except KeyError:
+            raise UnknownToolError(name, sorted(self._tools)) from None
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._tools)
+
+
+registry = _Registry()
+
+
+def tool(
+    name: str,
+    *,
+    behaviour: IdempotencyBehaviour = "effect",
+    transactional: bool | Callable[[dict[str, Any]], bool] = False,
+    compensate: str | None = None,
+    non_retryable: tuple[type[BaseException], ...] = (),
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn(ctx, **args)`` as the tool ``name``.
+
+    The argument schema is taken from the function's signature and type hints (after
+    the first parameter, the ``ToolContext``); unknown or missing arguments are
+    rejected when the workflow is validated, wrong types when the step runs.
+    """
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        params = list(inspect.signature(fn).parameters.values())
+        if not params:
+            raise LedgerflowError(f"tool {name!r}: the first parameter must be the ToolContext")
+        named = [p for p in params[1:] if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        registry.add(
+            Tool(
+                name=name,
+                fn=fn,
+                behaviour=behaviour,
+                transactional=transactional,
+                compensate=compensate,
+                non_retryable=non_retryable,
+                description=(inspect.getdoc(fn) or "").split("\n\n")[0],
+                params=tuple(p.name for p in named),
+                required=tuple(p.name for p in named if p.default is p.empty),
+                accepts_any=any(p.kind == p.VAR_KEYWORD for p in params[1:]),
+            )
+        )
+        return fn
+
+    return register
+
+
+def get_tool(name: str) -> Tool:
+    return registry.get(name)
