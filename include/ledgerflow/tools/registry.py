@@ -66,7 +66,10 @@ class Tool:
             validated = self.args_model().model_validate(args)
         except ValidationError as exc:
             raise NonRetryableError(f"tool {self.name!r}: invalid arguments: {exc}") from None
-        kwargs = {name: getattr(validated, name) for name in type(validated).model_fields}
+        kwargs = {
+            info.alias or name: getattr(validated, name)
+            for name, info in type(validated).model_fields.items()
+        }
         if self.accepts_any:
             kwargs.update({k: v for k, v in args.items() if k not in kwargs})
         return self.fn(ctx, **kwargs)
@@ -78,7 +81,7 @@ _MODELS: dict[str, type[BaseModel]] = {}
 def _args_model(tool: Tool) -> type[BaseModel]:
     model = _MODELS.get(tool.name)
     if model is None:
-        from pydantic import ConfigDict, create_model
+        from pydantic import BaseModel, ConfigDict, Field, create_model
 
         fields: dict[str, Any] = {}
         hints = inspect.get_annotations(tool.fn, eval_str=True)
@@ -87,8 +90,11 @@ def _args_model(tool: Tool) -> type[BaseModel]:
                 continue
             annotation = hints.get(name, Any)
             default = ... if param.default is param.empty else param.default
-            fields[name] = (annotation, default)
-        config = ConfigDict(extra="allow" if tool.accepts_any else "forbid")
+            if hasattr(BaseModel, name):  # e.g. ``json``: keep the argument name as an alias
+                fields[f"{name}_"] = (annotation, Field(default, alias=name))
+            else:
+                fields[name] = (annotation, default)
+        config = ConfigDict(extra="allow" if tool.accepts_any else "forbid", populate_by_name=True)
         model = create_model(f"{tool.name}_args", __config__=config, **fields)
         _MODELS[tool.name] = model
     return model
