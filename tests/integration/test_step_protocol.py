@@ -306,7 +306,7 @@ def peer() -> Iterator[tuple[_Peer, str]]:
         def log_message(self, *args: Any) -> None:
             pass
 
-        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        def do_POST(self) -> None:
             key = self.headers.get("Idempotency-Key", "")
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
