@@ -65,6 +65,11 @@ def template_context(
     item: Any,
     map_index: int,
 ) -> dict[str, Any]:
+    local_date = None
+    if run.logical_date:
+        import pendulum
+
+        local_date = pendulum.parse(run.logical_date).in_tz(spec.timezone)  # type: ignore[union-attr]
     context: dict[str, Any] = {
         "params": params,
         "steps": ledger.outputs(run.run_id),
@@ -72,8 +77,9 @@ def template_context(
             "id": run.run_id,
             "workflow": spec.name,
             "version": spec.version,
-            "logical_date": run.logical_date,
-            "date": (run.logical_date or "")[:10],
+            # In the workflow's time zone: a 02:30 Amsterdam run is that day's run.
+            "logical_date": local_date.isoformat() if local_date else None,
+            "date": local_date.date().isoformat() if local_date else None,
         },
     }
     if map_index >= 0:

@@ -305,7 +305,7 @@ class AirflowStack:
         try:
             health = self.health()
         except Exception as exc:
-            return {n: f"api-down({type(exc).__name__})" for n in wanted}
+            return {"api-server": f"not-up({type(exc).__name__})"}
         status: dict[str, str] = {}
         for name in wanted:
             if name == "api-server":

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Run the demo on the embedded default: Airflow standalone (SQLite metadata, LocalExecutor)
+# with the ledger in a SQLite file, all under .airflow/ (gitignored). Ctrl-C stops it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/bootstrap.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+export AIRFLOW_HOME="$PWD/.airflow"
+export AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags"
+export AIRFLOW__CORE__PLUGINS_FOLDER="$PWD/plugins"
+export AIRFLOW__CORE__LOAD_EXAMPLES=False
+export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
+export AIRFLOW__CORE__PARALLELISM=${AIRFLOW__CORE__PARALLELISM:-4}
+export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="admin:admin"
+export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="$AIRFLOW_HOME/passwords.json"
+export AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME=0.2
+export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=10
+PORT=${LEDGERFLOW_DEMO_PORT:-8080}
+export AIRFLOW__API__PORT=$PORT
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://localhost:$PORT/execution/"
+mkdir -p "$AIRFLOW_HOME"
+[[ -f $AIRFLOW_HOME/passwords.json ]] || echo '{"admin": "admin"}' > "$AIRFLOW_HOME/passwords.json"
+
+echo "demo: checking the workflow files..." >&2
+ledgerflow validate dags/workflows
+echo "demo: preparing the ledger (SQLite: $AIRFLOW_HOME/ledgerflow.db)..." >&2
+ledgerflow migrate
+
+cat >&2 <<MSG
+
+  Starting Airflow (standalone: api-server, scheduler, dag-processor, triggerer).
+  When it is up (about 30-60 s):
+
+    UI:     http://localhost:$PORT
+    Login:  admin / admin
+
+  DAGs: checkout__v1 (Trigger -> order_id, optional demo switches), nightly_report__v1.
+  Ledger: .venv/bin/ledgerflow runs   |   .venv/bin/ledgerflow show <run id>
+          (run these with AIRFLOW_HOME=$AIRFLOW_HOME)
+  Logs of the components: $AIRFLOW_HOME/logs
+
+MSG
+exec airflow standalone

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole suite: lint, format check, type check, unit, integration, end-to-end.
+# Integration and end-to-end tests use PostgreSQL on 127.0.0.1:5432 (trust auth) for
+# both Airflow's metadata and the ledger (override with LEDGERFLOW_TEST_PG).
+# Extra arguments go to pytest (e.g. scripts/test.sh -k checkout).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/bootstrap.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+echo "== ruff (lint)" >&2
+ruff check .
+echo "== ruff (format)" >&2
+ruff format --check .
+echo "== mypy" >&2
+mypy
+echo "== pytest: unit, integration, e2e" >&2
+mkdir -p test-output
+python -m pytest tests -p no:cacheprovider --junitxml=test-output/junit.xml "$@"

@@ -1,0 +1,213 @@
+"""Workflow files -> Airflow DAGs, parsed by Airflow's own DagBag (no Airflow processes).
+
+One DAG file per workflow version: a bad workflow file is exactly one import error naming
+``workflows/<name>/v<N>.yaml:<line>`` and its field, and every other workflow still loads.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ledgerflow.cli import SHIM, main
+from ledgerflow.spec.models import WorkflowSpec
+from ledgerflow.spec.validate import load_workflow
+from ledgerflow.steps.retry import StepRetryPolicy
+
+ROOT = Path(__file__).resolve().parents[2]
+DAGS = ROOT / "dags"
+WORKFLOW_FILES = sorted(DAGS.glob("workflows/*/v*.yaml"))
+REPO_DAG_IDS = {"checkout__v1", "nightly_report__v1"}
+
+
+def dagbag(folder: Path) -> Any:
+    from airflow.dag_processing.dagbag import BundleDagBag
+
+    return BundleDagBag(dag_folder=str(folder), bundle_path=folder, bundle_name="dags-folder")
+
+
+@pytest.fixture(scope="module")
+def repo_bag() -> Any:
+    return dagbag(DAGS)
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(DAGS))
+
+
+def test_the_repo_has_workflow_files() -> None:
+    """The repo ships workflow files (the parametrized tests below are not vacuous)."""
+    assert {_rel(p) for p in WORKFLOW_FILES} >= {
+        "workflows/checkout/v1.yaml",
+        "workflows/nightly_report/v1.yaml",
+    }
+
+
+@pytest.mark.parametrize("yaml_path", WORKFLOW_FILES, ids=_rel)
+def test_every_workflow_file_has_its_dag_shim(yaml_path: Path) -> None:
+    """Beside each ``vN.yaml`` is a ``vN.py`` whose content is exactly ``ledgerflow.cli.SHIM``."""
+    shim = yaml_path.with_suffix(".py")
+    assert shim.is_file(), f"{shim} missing: run `ledgerflow sync dags/workflows`"
+    assert shim.read_text(encoding="utf-8") == SHIM
+
+
+def test_cli_validates_the_repo_workflows(capsys: pytest.CaptureFixture[str]) -> None:
+    """``ledgerflow validate dags/workflows`` exits 0 and reports every file ok."""
+    assert main(["validate", str(DAGS / "workflows")]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("ok   ") == len(WORKFLOW_FILES)
+    assert f"{len(WORKFLOW_FILES)} valid, 0 invalid" in out.err
+
+
+def test_repo_dags_import_without_errors(repo_bag: Any) -> None:
+    """Airflow's DagBag imports dags/ with zero import errors and one DAG per workflow file."""
+    assert dict(repo_bag.import_errors) == {}
+    expected = {load_workflow(p).dag_id for p in WORKFLOW_FILES}
+    assert expected >= REPO_DAG_IDS
+    assert set(repo_bag.dag_ids) == expected
+
+
+@pytest.mark.parametrize("yaml_path", WORKFLOW_FILES, ids=_rel)
+def test_dag_matches_its_spec(repo_bag: Any, yaml_path: Path) -> None:
+    """Each DAG has the ledgerflow tags and a doc_md; each task's retries, timeout and retry
+    policy are what the spec says (``idempotency: none`` -> no automatic retry)."""
+    spec: WorkflowSpec = load_workflow(yaml_path)
+    dag = repo_bag.dags[spec.dag_id]
+    assert dag is not None
+    assert {"ledgerflow", f"workflow:{spec.name}", *spec.tags} <= set(dag.tags)
+    assert dag.doc_md and f"## {spec.name} v{spec.version}" in dag.doc_md
+    assert _rel(yaml_path) in dag.doc_md
+    assert set(dag.task_dict) == {s.id for s in spec.steps}
+    for step in spec.steps:
+        task = dag.get_task(step.id)
+        policy = spec.retry_for(step)
+        expected_retries = 0 if step.idempotency == "none" else policy.max_attempts - 1
+        assert task.retries == expected_retries, step.id
+        assert task.execution_timeout == spec.timeout_for(step), step.id
+        assert isinstance(task.retry_policy, StepRetryPolicy), step.id
+        assert task.retry_policy.spec == policy, step.id
+        assert set(task.upstream_task_ids) == set(step.needs), step.id
+
+
+def test_checkout_charge_payment_retries(repo_bag: Any) -> None:
+    """checkout charge_payment (max_attempts 4) has 3 retries; the others keep the default 2."""
+    dag = repo_bag.dags["checkout__v1"]
+    assert dag.get_task("charge_payment").retries == 3
+    assert dag.get_task("reserve_inventory").retries == 2
+    assert dag.get_task("charge_payment").retry_policy.spec.non_retryable == ("PaymentDeclined",)
+
+
+def test_every_dag_serializes(repo_bag: Any) -> None:
+    """Every DAG survives Airflow's DAG serialization (what the scheduler and UI read)."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    for dag_id in repo_bag.dag_ids:
+        data = DagSerialization.to_dict(repo_bag.dags[dag_id])
+        assert data["dag"]["dag_id"] == dag_id
+
+
+def test_nightly_report_timetable(repo_bag: Any) -> None:
+    """nightly_report is a CronTriggerTimetable at 02:30 in Europe/Amsterdam."""
+    from airflow.timetables.trigger import CronTriggerTimetable
+
+    timetable = repo_bag.dags["nightly_report__v1"].timetable
+    assert isinstance(timetable, CronTriggerTimetable)
+    assert timetable.serialize()["timezone"] == "Europe/Amsterdam"
+    assert timetable.serialize()["expression"] == "30 2 * * *"
+
+
+def test_checkout_is_manual_only(repo_bag: Any) -> None:
+    """A workflow without ``schedule`` is only triggered by hand or REST."""
+    dag = repo_bag.dags["checkout__v1"]
+    assert dag.timetable.summary in {"None", "none"} or not dag.timetable.periodic
+
+
+BROKEN = """\
+name: broken
+version: 1
+steps:
+  - id: first
+    tool: demo.noop
+    idempotency: natural
+    args:
+      value: "{{ params.not_declared }}"
+"""
+
+
+def test_one_broken_workflow_is_one_import_error(tmp_path: Path) -> None:
+    """A broken workflow beside good ones is exactly one import error, keyed by its own DAG file
+    and naming ``workflows/broken/v1.yaml:<line>`` and the field; every other DAG still loads."""
+    folder = tmp_path / "dags"
+    shutil.copytree(DAGS, folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    broken = folder / "workflows" / "broken"
+    broken.mkdir()
+    (broken / "v1.yaml").write_text(BROKEN, encoding="utf-8")
+    (broken / "v1.py").write_text(SHIM, encoding="utf-8")
+
+    bag = dagbag(folder)
+
+    assert len(bag.import_errors) == 1, bag.import_errors
+    (key, text), *_ = bag.import_errors.items()
+    assert str(key).replace("\\", "/").endswith("workflows/broken/v1.py")
+    assert "workflows/broken/v1.yaml:8" in text
+    assert "steps[0].args.value" in text
+    assert "unknown param 'not_declared'" in text
+    assert set(bag.dag_ids) >= REPO_DAG_IDS
+    assert not any(d.startswith("broken") for d in bag.dag_ids)
+
+
+FAN = """\
+name: fan
+version: 1
+params:
+  orders: {type: array, default: [a, b, c]}
+  go: {type: boolean, default: true}
+steps:
+  - id: start
+    tool: demo.noop
+    idempotency: none
+  - id: each
+    needs: [start]
+    when: "params.go"
+    for_each: "params.orders"
+    tool: demo.noop
+    args: {value: "{{ item }}-{{ index }}"}
+    idempotency: natural
+  - id: after
+    needs: [each]
+    tool: demo.noop
+    idempotency: natural
+"""
+
+
+def test_for_each_step_builds_an_items_task_and_a_mapped_task(tmp_path: Path) -> None:
+    """A ``for_each`` step becomes ``<step>__items`` feeding a mapped task; its ``needs`` point at
+    the items task and its dependants hang off the mapped task."""
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from ledgerflow.steps.operator import ForEachItemsOperator
+
+    folder = tmp_path / "dags" / "workflows" / "fan"
+    folder.mkdir(parents=True)
+    (folder / "v1.yaml").write_text(FAN, encoding="utf-8")
+    (folder / "v1.py").write_text(SHIM, encoding="utf-8")
+
+    bag = dagbag(tmp_path / "dags")
+
+    assert dict(bag.import_errors) == {}
+    dag = bag.dags["fan__v1"]
+    assert set(dag.task_dict) == {"start", "each__items", "each", "after"}
+    items = dag.get_task("each__items")
+    mapped = dag.get_task("each")
+    assert isinstance(items, ForEachItemsOperator)
+    assert isinstance(mapped, MappedOperator)
+    assert not isinstance(dag.get_task("after"), MappedOperator)
+    assert items.upstream_task_ids == {"start"}
+    assert mapped.upstream_task_ids == {"each__items"}
+    assert dag.get_task("after").upstream_task_ids == {"each"}
+    assert dag.get_task("start").retries == 0  # idempotency: none -> never retried
+    DagSerialization.to_dict(dag)

@@ -1,0 +1,229 @@
+"""Templates: native types for lone expressions, strict names, a sandbox, static analysis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
+
+from ledgerflow.spec.templates import (
+    analyse_expression,
+    analyse_template,
+    evaluate,
+    is_template,
+    iter_strings,
+    render_value,
+)
+
+
+def ctx() -> dict[str, Any]:
+    return {
+        "params": {"n": 3, "name": "ada", "xs": [1, 2, 3], "flag": False, "obj": {"k": "v"}},
+        "steps": {"a": {"output": {"b": 7, "rows": [{"id": 1}]}}},
+        "run": {"id": "wf__v1/manual__1", "date": "2026-01-02"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{{ params.n }}", 3),
+        ("{{ params.xs }}", [1, 2, 3]),
+        ("{{ params.flag }}", False),
+        ("{{ params.obj }}", {"k": "v"}),
+        ("{{ steps.a.output.b + 1 }}", 8),
+        ("{{ steps.a.output.rows[0].id }}", 1),
+        ("{{ none }}", None),
+        ("  {{ params.n }}  ", 3),
+    ],
+)
+def test_lone_expression_keeps_its_native_type(template: str, expected: Any) -> None:
+    """A string that is exactly one ``{{ expr }}`` renders to the expression's Python value."""
+    value = render_value(template, ctx())
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("n={{ params.n }}", "n=3"),
+        ("{{ params.n }}{{ params.n }}", "33"),
+        ("{{ params.name }}-{{ run.id }}", "ada-wf__v1/manual__1"),
+        ("{% if params.flag %}yes{% else %}no{% endif %}", "no"),
+    ],
+)
+def test_mixed_text_renders_to_str(template: str, expected: str) -> None:
+    """Text around or between expressions (or any ``{% %}``) renders to a ``str``."""
+    value = render_value(template, ctx())
+    assert isinstance(value, str)
+    assert value == expected
+
+
+def test_tojson_filter_in_text() -> None:
+    """``tojson`` renders JSON with sorted keys inside text."""
+    assert render_value("x={{ params.obj | tojson }}", ctx()) == 'x={"k": "v"}'
+
+
+def test_nested_structures_are_rendered_throughout() -> None:
+    """Every string in nested dicts and lists is rendered; other values pass through unchanged."""
+    value = {
+        "a": ["{{ params.n }}", {"b": "id-{{ steps.a.output.b }}"}],
+        "c": 5,
+        "d": None,
+        "e": "plain text",
+        "f": ("{{ params.xs }}",),
+    }
+    assert render_value(value, ctx()) == {
+        "a": [3, {"b": "id-7"}],
+        "c": 5,
+        "d": None,
+        "e": "plain text",
+        "f": [[1, 2, 3]],
+    }
+
+
+def test_non_templates_are_returned_as_is() -> None:
+    """Strings without ``{{``/``{%`` and non-strings come back identical (no Jinja involved)."""
+    for value in ["no braces", "{ single }", "}}", 4, 2.5, True, None]:
+        assert render_value(value, {}) == value
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ missing }}",
+        "text {{ missing }}",
+        "{{ params.missing }}",
+        "{{ steps.zz.output }}",
+        "{{ params.missing.deeper }}",
+    ],
+)
+def test_strict_undefined_raises(template: str) -> None:
+    """A name or attribute that is not in the context raises UndefinedError (never renders '')."""
+    with pytest.raises(UndefinedError):
+        render_value(template, ctx())
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "x {{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ params.__class__ }}",
+        "{{ (1).__class__.__base__.__subclasses__() }}",
+        "{{ params.xs.__init__.__globals__ }}",
+        "{{ run.id.__class__.__mro__ }}",
+    ],
+)
+def test_sandbox_refuses_attribute_escapes(template: str) -> None:
+    """Dunder attribute chains (the classic Jinja escape to ``object``) are refused."""
+    with pytest.raises((SecurityError, UndefinedError)):
+        render_value(template, ctx())
+
+
+@pytest.mark.parametrize(
+    "template", ["{{ params.xs.append(4) }}", "x{{ params.obj.update({'k': 1}) }}"]
+)
+def test_sandbox_is_immutable(template: str) -> None:
+    """A template cannot mutate the context it is rendered with."""
+    context = ctx()
+    with pytest.raises(SecurityError):
+        render_value(template, context)
+    assert context == ctx()
+
+
+def test_evaluate_bare_expression() -> None:
+    """``evaluate`` (used for ``when``/``for_each``) returns Python values and is strict too."""
+    assert evaluate("params.n > 2 and not params.flag", ctx()) is True
+    assert evaluate("params.xs", ctx()) == [1, 2, 3]
+    with pytest.raises(UndefinedError):
+        evaluate("nope", ctx())
+
+
+def test_analyse_template_finds_params_and_steps() -> None:
+    """Attribute and constant-subscript references to params and steps are all found."""
+    refs = analyse_template(
+        "{{ params.x }} {{ params['y'] }} {{ steps.a.output.b }} {{ steps['c'].output }} {{ run.id }}"
+    )
+    assert refs.params == {"x", "y"}
+    assert refs.steps == {"a", "c"}
+    assert refs.names == {"params", "steps", "run"}
+
+
+def test_analyse_template_ignores_local_loop_variables() -> None:
+    """Names bound inside the template (loop variables, set) are not reported as free names."""
+    refs = analyse_template(
+        "{% set sep = ',' %}{% for row in steps.a.output.rows %}{{ row.id }}{{ sep }}{% endfor %}"
+    )
+    assert refs.names == {"steps"}
+    assert refs.steps == {"a"}
+    assert refs.params == frozenset()
+
+
+def test_analyse_template_reports_unknown_names() -> None:
+    """A free name that is not a template global is reported in ``names``."""
+    assert analyse_template("{{ item }} {{ os.environ }}").names == {"item", "os"}
+
+
+def test_analyse_expression() -> None:
+    """Bare ``when``/``for_each`` expressions are analysed like a ``{{ }}`` template."""
+    refs = analyse_expression("params.x > 1 and steps.a.output.ok or params['z']")
+    assert refs.params == {"x", "z"}
+    assert refs.steps == {"a"}
+    assert refs.names == {"params", "steps"}
+
+
+@pytest.mark.parametrize("source", ["{{ params. }}", "{% if x %}", "{{ a b }}"])
+def test_analyse_template_syntax_error(source: str) -> None:
+    """A template that Jinja cannot parse raises TemplateSyntaxError at analysis time."""
+    with pytest.raises(TemplateSyntaxError):
+        analyse_template(source)
+
+
+def test_analyse_expression_syntax_error() -> None:
+    """An expression Jinja cannot parse raises TemplateSyntaxError at analysis time."""
+    with pytest.raises(TemplateSyntaxError):
+        analyse_expression("params.x ==")
+
+
+def test_is_template_and_iter_strings() -> None:
+    """``is_template`` spots ``{{``/``{%``; ``iter_strings`` yields every string with its path."""
+    assert is_template("a {{ b }}")
+    assert is_template("{% if a %}{% endif %}")
+    assert not is_template("{ a }")
+    found = dict(iter_strings({"a": ["x", {"b": "y"}], "c": 1, "d": ("z",)}, ("args",)))
+    assert found == {
+        ("args", "a", 0): "x",
+        ("args", "a", 1, "b"): "y",
+        ("args", "d", 0): "z",
+    }
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TemplateSyntaxError,
+    reason="BUG templates.py:105-111: a string starting with '{{' and ending with '}}' with a "
+    "single '{{' is evaluated as one expression, so literal text ' }}' after it breaks "
+    "rendering although analyse_template (load-time validation) accepts it",
+)
+def test_render_agrees_with_load_time_analysis() -> None:
+    """A string that validates as a template renders as Jinja renders it (here: ``'1 }}'``)."""
+    source = "{{ x }} }}"
+    assert analyse_template(source).names == {"x"}  # load-time validation accepts it
+    assert render_value(source, {"x": 1}) == "1 }}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: params (a plain dict) is the template context, and Jinja's getattr prefers "
+    "attributes, so params.items / .keys / .values / .get ... resolve to dict METHODS. "
+    "Validation accepts `for_each: params.items` (analysis sees param 'items'); at run time "
+    "ForEachItemsOperator gets a bound method and fails 'for_each must give a list'",
+)
+@pytest.mark.parametrize("name", ["items", "values", "keys", "get"])
+def test_param_named_like_a_dict_method_resolves_to_the_param(name: str) -> None:
+    """``params.<name>`` is the declared param's value for every valid param name."""
+    assert evaluate(f"params.{name}", {"params": {name: [1, 2]}}) == [1, 2]
