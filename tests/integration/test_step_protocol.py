@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import WorkflowSpec
 from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, StepSkipped, execute_step
+from ledgerflow.testing.http_peer import IdempotentPeer
 
 pytestmark = pytest.mark.integration
 
@@ -118,6 +116,8 @@ def test_crash_between_effect_and_checkpoint_gives_no_second_effect(
         try_number=2,
     )
     assert retry.status == "completed"
+    attempts = ledger.attempts("checkout__v1/crash", "charge_payment")
+    assert [a["status"] for a in attempts] == ["lost", "completed"]
     assert count(ledger, "SELECT COUNT(*) FROM demo_payments WHERE order_id='o-crash'") == 1
 
 
@@ -288,55 +288,10 @@ steps:
 # -- a real HTTP peer -----------------------------------------------------------
 
 
-class _Peer:
-    """A loopback payment API that de-duplicates by Idempotency-Key, like real ones do."""
-
-    def __init__(self) -> None:
-        self.requests: list[str] = []
-        self.effects: dict[str, dict[str, Any]] = {}
-        self.fail_next = 0
-        self.lock = threading.Lock()
-
-
 @pytest.fixture
-def peer() -> Iterator[tuple[_Peer, str]]:
-    state = _Peer()
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            key = self.headers.get("Idempotency-Key", "")
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length) or b"{}")
-            with state.lock:
-                state.requests.append(key)
-                if state.fail_next:
-                    state.fail_next -= 1
-                    status, payload = 503, {"error": "busy"}
-                elif self.path == "/bad":
-                    status, payload = 400, {"error": "bad request"}
-                else:
-                    effect = state.effects.setdefault(
-                        key, {"charge_id": len(state.effects) + 1, **body}
-                    )
-                    status, payload = 200, effect
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def peer() -> Iterator[tuple[IdempotentPeer, str]]:
+    with IdempotentPeer() as state:
+        yield state, state.url
 
 
 def _http_spec(tmp_path: Path, base: str, path: str = "/charge") -> WorkflowSpec:
@@ -357,7 +312,7 @@ steps:
 
 
 def test_http_step_sends_the_key_and_a_completed_effect_is_not_resent(
-    ledger: Ledger, tmp_path: Path, peer: tuple[_Peer, str]
+    ledger: Ledger, tmp_path: Path, peer: tuple[IdempotentPeer, str]
 ) -> None:
     """The http tool sends Idempotency-Key; once recorded, the effect is reused without a call."""
     state, base = peer
@@ -374,7 +329,7 @@ def test_http_step_sends_the_key_and_a_completed_effect_is_not_resent(
 
 
 def test_http_crash_after_the_call_retries_with_the_same_key(
-    ledger: Ledger, tmp_path: Path, peer: tuple[_Peer, str]
+    ledger: Ledger, tmp_path: Path, peer: tuple[IdempotentPeer, str]
 ) -> None:
     """A crash after the remote call but before the checkpoint: the retry sends the SAME key,
     so the peer performs one effect."""
@@ -407,7 +362,7 @@ execute_step(Ledger({ledger.url!r}), spec, spec.steps[0], RunRef("pay__v1/c", "p
 
 
 def test_http_4xx_is_non_retryable_and_5xx_is_retryable(
-    ledger: Ledger, tmp_path: Path, peer: tuple[_Peer, str]
+    ledger: Ledger, tmp_path: Path, peer: tuple[IdempotentPeer, str]
 ) -> None:
     """A 400 is the request's fault (non-retryable); a 503 is worth another try."""
     from ledgerflow.steps.retry import is_non_retryable

@@ -122,7 +122,8 @@ def test_nightly_report_timetable(repo_bag: Any) -> None:
 def test_checkout_is_manual_only(repo_bag: Any) -> None:
     """A workflow without ``schedule`` is only triggered by hand or REST."""
     dag = repo_bag.dags["checkout__v1"]
-    assert dag.timetable.summary in {"None", "none"} or not dag.timetable.periodic
+    assert type(dag.timetable).__name__ == "NullTimetable"
+    assert not dag.timetable.can_be_scheduled
 
 
 BROKEN = """\

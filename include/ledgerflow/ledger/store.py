@@ -319,6 +319,17 @@ class Ledger:
                     error=None,
                 )
             )
+            # A new attempt proves that an earlier one still marked running is gone
+            # (its process was killed or lost); say so instead of leaving it running.
+            conn.execute(
+                update(t.attempts)
+                .where(
+                    t.attempts.c.run_id == run_id,
+                    t.attempts.c.step_key == step_key,
+                    t.attempts.c.status == "running",
+                )
+                .values(status="lost", ended_at=stamp)
+            )
             attempt_id = conn.execute(
                 t.attempts.insert()
                 .values(

@@ -1,0 +1,162 @@
+"""The ``ledgerflow`` command line: validate, sync, help, and reading an empty ledger."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ledgerflow.cli import SHIM, main
+
+GOOD = """\
+name: good
+version: 1
+steps:
+  - id: a
+    tool: demo.noop
+    idempotency: natural
+"""
+
+BAD = """\
+name: bad
+version: 1
+steps:
+  - id: a
+    tool: demo.noop
+    idempotency: natural
+    timeout: 5 parsecs
+  - id: b
+    tool: demo.noop
+    idempotency: natural
+"""
+BAD_LINE = 7
+
+SUBCOMMANDS = ["validate", "sync", "migrate", "runs", "show", "effects", "dead-letters"]
+
+
+def workflows(tmp_path: Path) -> Path:
+    root = tmp_path / "workflows"
+    for name, text in {"good": GOOD, "bad": BAD}.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "v1.yaml").write_text(text, encoding="utf-8")
+    return root
+
+
+def test_validate_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One bad file among good ones: exit 1, ``FAIL <file>:<line>`` for it, ``ok`` for the other."""
+    root = workflows(tmp_path)
+    assert main(["validate", str(root)]) == 1
+    out = capsys.readouterr()
+    bad = root / "bad" / "v1.yaml"
+    assert f"FAIL {bad}:{BAD_LINE}: steps[0].timeout: " in out.err
+    assert "'5 parsecs' is not a duration" in out.err
+    assert f"ok   {root / 'good' / 'v1.yaml'}: good__v1, 1 steps" in out.out
+    assert "1 valid, 1 invalid" in out.err
+
+
+def test_validate_single_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A good file passed by path exits 0 and notes that its DAG file is missing."""
+    good = workflows(tmp_path) / "good" / "v1.yaml"
+    assert main(["validate", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "good__v1" in out
+    assert "no DAG file: run `ledgerflow sync workflows/good/v1.yaml`" in out
+
+
+def test_validate_nothing_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder without workflow files exits 2 (a usage problem, not a valid result)."""
+    assert main(["validate", str(tmp_path)]) == 2
+    assert "no workflow files found" in capsys.readouterr().err
+
+
+def test_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A path that does not exist is a FAIL line (exit 1), not a traceback."""
+    missing = tmp_path / "workflows" / "nope" / "v1.yaml"
+    assert main(["validate", str(missing)]) == 1
+    assert f"FAIL {missing}: cannot read" in capsys.readouterr().err
+
+
+def test_sync_writes_missing_shims_and_is_idempotent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sync`` writes ``vN.py`` == SHIM beside each ``vN.yaml``; a second run writes nothing."""
+    root = workflows(tmp_path)
+    assert main(["sync", str(root)]) == 0
+    first = capsys.readouterr()
+    shims = sorted(root.rglob("v1.py"))
+    assert [s.parent.name for s in shims] == ["bad", "good"]
+    assert all(s.read_text(encoding="utf-8") == SHIM for s in shims)
+    assert "2 DAG file(s) written" in first.err
+
+    before = {s: s.stat().st_mtime_ns for s in shims}
+    assert main(["sync", str(root)]) == 0
+    second = capsys.readouterr()
+    assert "0 DAG file(s) written" in second.err
+    assert "wrote" not in second.out
+    assert {s: s.stat().st_mtime_ns for s in shims} == before
+
+
+def test_sync_keeps_foreign_dag_files_unless_forced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``vN.py`` with other content is kept (and reported) unless ``--force`` is given."""
+    root = workflows(tmp_path)
+    custom = root / "good" / "v1.py"
+    custom.write_text("# hand written\n", encoding="utf-8")
+    assert main(["sync", str(root)]) == 0
+    assert custom.read_text(encoding="utf-8") == "# hand written\n"
+    assert f"skip {custom}: exists with other content" in capsys.readouterr().err
+    assert main(["sync", "--force", str(root)]) == 0
+    assert custom.read_text(encoding="utf-8") == SHIM
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    """``ledgerflow --help`` exits 0 and lists every subcommand."""
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in SUBCOMMANDS:
+        assert command in out
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_subcommand_help_exits_zero(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``ledgerflow <command> --help`` exits 0 with a usage line for that command."""
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert f"usage: ledgerflow {command}" in capsys.readouterr().out
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """No subcommand is a usage error (exit 2), not a traceback."""
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+
+
+def test_runs_on_an_empty_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``runs --url sqlite:///...`` creates the ledger and lists no runs, as text and as JSON."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    assert main(["runs", "--url", url]) == 0
+    assert capsys.readouterr().out.strip() == "(none)"
+    assert (tmp_path / "l.db").is_file()
+    assert main(["runs", "--url", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_other_ledger_commands_on_an_empty_ledger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """migrate/effects/dead-letters work on an empty ledger; ``show`` of no run exits 1."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    assert main(["migrate", "--url", url]) == 0
+    assert "schema v" in capsys.readouterr().out
+    assert main(["effects", "--url", url]) == 0
+    assert capsys.readouterr().out.strip() == "(none)"
+    assert main(["dead-letters", "--url", url, "--all"]) == 0
+    assert capsys.readouterr().out.strip() == "(none)"
+    assert main(["show", "--url", url, "wf__v1/none"]) == 1
+    assert "no run 'wf__v1/none' in the ledger" in capsys.readouterr().err
