@@ -18,6 +18,8 @@ hits all of them alike:
 
 * ``tool``  - calling the tool itself with no ledger (``Tool.call``: argument validation
   and the function); execute_step minus this is the checkpoint cost;
+* ``render`` - rendering the step's templates (args and idempotency key) with no ledger,
+  the CPU part of the protocol that is not database work;
 * ``floor`` - one raw ``INSERT ...; COMMIT`` on the same database through psycopg2
   (the cost of one durable write, below which no checkpoint can go);
 * ``txn``   - one ``INSERT`` in ``engine.begin()`` on the ledger's own SQLAlchemy engine
@@ -126,10 +128,9 @@ class Driver:
         self.run_no = -1
         self.run: Any = None
         self.params: dict[str, Any] = {}
-        self.index: list[int] = []  # step index inside its run, per timed step
 
-    def step(self) -> tuple[int, int]:
-        """Execute the next step; returns (nanoseconds, step index within its run)."""
+    def step(self) -> tuple[int, int, int]:
+        """Execute the next step; returns (wall ns, CPU ns, step index within its run)."""
         i = self.position % self.per_run
         if i == 0:
             self.run_no += 1
@@ -138,12 +139,14 @@ class Driver:
             self.params = {"order_id": f"order-{self.tag}-{self.run_no}"}
         self.position += 1
         step = self.spec.steps[i]
+        c0 = time.process_time_ns()
         t0 = time.perf_counter_ns()
         result = self.execute_step(self.ledger, self.spec, step, self.run, params=self.params)
         elapsed = time.perf_counter_ns() - t0
+        cpu = time.process_time_ns() - c0
         if result.status != "completed":
             raise RuntimeError(f"step {step.id}: {result.status}")
-        return elapsed, i
+        return elapsed, cpu, i
 
 
 # -- baselines -----------------------------------------------------------------------
@@ -167,6 +170,33 @@ class ToolBaseline:
         args = {"value": f"order-{self.n}-completed"}
         t0 = time.perf_counter_ns()
         self.tool.call(self.ctx, args)
+        return time.perf_counter_ns() - t0
+
+
+class RenderBaseline:
+    """Template work of one step with no ledger: args and idempotency key, as execute_step."""
+
+    def __init__(self) -> None:
+        from ledgerflow.spec.templates import render_value
+        from ledgerflow.steps.protocol import RunRef, render_key
+
+        self.render_value = render_value
+        self.render_key = render_key
+        self.spec = make_spec("bench_render", 2, "keyed")
+        self.step = self.spec.steps[1]
+        self.run = RunRef(run_id="bench_render__v1/r", dag_id="bench_render__v1")
+        self.n = 0
+
+    def call(self) -> int:
+        self.n += 1
+        context = {
+            "params": {"order_id": f"order-{self.n}"},
+            "steps": {"s00000": {"status": "completed", "output": {"value": "x"}}},
+            "run": {"id": self.run.run_id, "workflow": "bench_render", "version": 1},
+        }
+        t0 = time.perf_counter_ns()
+        self.render_value(self.step.args, context)
+        self.render_key(self.spec, self.step, self.run, self.step.id, context)
         return time.perf_counter_ns() - t0
 
 
@@ -395,6 +425,16 @@ def count_pass(
     return out
 
 
+PACKAGE_GROUPS = (
+    ("/sqlalchemy/", "sqlalchemy (Python)"),
+    ("/jinja2/", "jinja2 (template compile/render)"),
+    ("/json/", "json"),
+    ("/pydantic", "pydantic"),
+    ("/ledgerflow/", "ledgerflow"),
+    ("bench/checkpoint.py", "benchmark loop"),
+)
+
+
 def profile_pass(ledger: Any, shape: str, variant: str, steps: int, dump: Path) -> dict[str, Any]:
     driver = Driver(ledger, shape, variant, max(steps, SHORT_STEPS), f"prof{shape}{variant}")
     profiler = cProfile.Profile()
@@ -428,11 +468,28 @@ def profile_pass(ledger: Any, shape: str, variant: str, steps: int, dump: Path) 
         r"|jinja2/environment\.py:(from_string|compile_expression|compile)|pydantic.*validate"
         r"|json/__init__\.py:(dumps|loads)|:\{method 'execute' of|:\{method 'commit' of|:\{method 'rollback' of)"
     )
+    # Self time by package: these add up (cumulative times overlap).
+    groups: Counter[str] = Counter()
+    for (file, _line, func), (_cc, _nc, tt, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        where = f"{file}:{func}"
+        if "psycopg2" in where:
+            group = "psycopg2 C calls (waiting on Postgres)"
+        elif "sqlite3" in where:
+            group = "sqlite3 C calls"
+        else:
+            group = next(
+                (name for key, name in PACKAGE_GROUPS if key in file),
+                "other (stdlib, builtins)",
+            )
+        groups[group] += tt
     buf = io.StringIO()
     pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(15)
     return {
         "steps": steps,
         "profiled_ms_per_step": total / steps * 1000,
+        "self_ms_per_step_by_package": {
+            k: v / steps * 1000 for k, v in sorted(groups.items(), key=lambda kv: -kv[1])
+        },
         "ledgerflow_functions": ledger_fns[:25],
         "hot_calls": hot[:15],
         "top_tottime": buf.getvalue(),
@@ -463,6 +520,7 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
     floor = Floor(url, args.sqlite)
     txn = EngineTxn(ledger)
     tool = ToolBaseline()
+    render = RenderBaseline()
     shapes = ["long", "short"] if args.shape == "both" else [args.shape]
     results: dict[str, Any] = {"shapes": {}}
 
@@ -473,7 +531,7 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
             for _ in range(args.warmup):
                 warm.step()
     for _ in range(args.warmup):
-        floor.call(), txn.call(), tool.call()
+        floor.call(), txn.call(), tool.call(), render.call()
 
     for shape in shapes:
         drivers = {v: Driver(ledger, shape, v, args.steps, f"t{shape}{v}") for v in VARIANTS}
@@ -483,10 +541,12 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
         started = time.perf_counter()
         for n in range(args.steps):
             for variant, driver in drivers.items():
-                ns, i = driver.step()
+                ns, cpu, i = driver.step()
                 samples[variant].append(ns)
+                samples[f"{variant}_cpu"].append(cpu)
                 index[variant].append(i)
             samples["tool"].append(tool.call())
+            samples["render"].append(render.call())
             samples["floor"].append(floor.call())
             samples["txn"].append(txn.call())
             if (n + 1) % max(1, args.steps // 5) == 0:
@@ -496,6 +556,7 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
                     f"{time.perf_counter() - started:.0f} s"
                 )
         stats = {k: pcts(v) for k, v in samples.items()}
+        stats["loadavg_1m_end"] = os.getloadavg()[0]
         for variant in VARIANTS:
             ns = samples[variant]
             tool_p50 = stats["tool"]["p50"]
@@ -549,18 +610,26 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
             if shape == "long"
             else f"{args.steps // SHORT_STEPS} runs of a {SHORT_STEPS}-step workflow"
         )
-        print(f"\n[{shape}] {what}; ms per step (medians are over all steps)")
-        print(f"  {'':30s} {'p50':>7s} {'p90':>7s} {'p99':>7s} {'mean':>7s}")
+        print(
+            f"\n[{shape}] {what}; ms per step (wall clock; load average at the end "
+            f"{stats['loadavg_1m_end']:.1f} on {os.cpu_count()} CPUs)"
+        )
+        print(f"  {'':30s} {'p50':>7s} {'p90':>7s} {'p99':>7s} {'mean':>7s} {'CPU p50':>8s}")
         rows = [
             ("execute_step keyed", "keyed"),
             ("execute_step natural", "natural"),
             ("tool alone (no ledger)", "tool"),
+            ("templates alone (args + key)", "render"),
             ("txn: engine.begin()+INSERT", "txn"),
             ("floor: INSERT+COMMIT (driver)", "floor"),
         ]
         for label, key in rows:
             s = stats[key]
-            print(f"  {label:30s} {s['p50']:7.3f} {s['p90']:7.3f} {s['p99']:7.3f} {s['mean']:7.3f}")
+            cpu = stats.get(f"{key}_cpu", {}).get("p50")
+            print(
+                f"  {label:30s} {s['p50']:7.3f} {s['p90']:7.3f} {s['p99']:7.3f} {s['mean']:7.3f}"
+                + (f" {cpu:8.3f}" if cpu is not None else "")
+            )
         for variant in VARIANTS:
             s = stats[variant]
             line = (
@@ -609,6 +678,9 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 f"  {row['cum_ms_per_step']:7.3f} ms  {row['calls_per_step']:5.1f} calls  "
                 f"{row['function']}"
             )
+        print("  self time by package (ms per step; these add up):")
+        for group, ms in p["self_ms_per_step_by_package"].items():
+            print(f"  {ms:7.3f} ms  {group}")
         print("  hot library calls:")
         for row in p["hot_calls"][:10]:
             print(
@@ -652,7 +724,9 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="cProfile pass: auto = when p50 is over the target (default)",
     )
-    parser.add_argument("--profile-steps", type=int, default=300, help="steps to profile")
+    parser.add_argument(
+        "--profile-steps", type=int, default=200, help="steps to profile (default 200)"
+    )
     parser.add_argument("--json", type=Path, help="results file (default bench/results/...)")
     args = parser.parse_args(argv)
     if args.steps < SHORT_STEPS:

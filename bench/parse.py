@@ -269,6 +269,7 @@ def child_parse(folder: str) -> None:
     from airflow.dag_processing.dagbag import BundleDagBag
     from airflow.serialization.serialized_objects import DagSerialization
 
+    c0 = time.process_time()
     t0 = time.perf_counter()
     bag = BundleDagBag(dag_folder=folder, bundle_path=Path(folder), bundle_name="bench")
     t1 = time.perf_counter()
@@ -276,6 +277,7 @@ def child_parse(folder: str) -> None:
     for dag in bag.dags.values():
         sizes.append(len(json.dumps(DagSerialization.to_dict(dag), default=str)))
     t2 = time.perf_counter()
+    cpu = time.process_time() - c0
     stats = sorted(bag.dagbag_stats, key=lambda s: s.file)
     durations = [s.duration.total_seconds() for s in stats]
     print(
@@ -285,6 +287,7 @@ def child_parse(folder: str) -> None:
                 "fill_s": t1 - t0,
                 "serialize_s": t2 - t1,
                 "total_s": t2 - t0,
+                "cpu_s": cpu,
                 "dags": len(bag.dags),
                 "tasks": sum(len(d.tasks) for d in bag.dags.values()),
                 "import_errors": {k: v[-2000:] for k, v in bag.import_errors.items()},
@@ -493,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             "total_s_median": total,
             "fill_s_median": statistics.median(i["fill_s"] for i in items),
             "serialize_s_median": statistics.median(i["serialize_s"] for i in items),
+            "cpu_s_median": statistics.median(i["cpu_s"] for i in items),
             "per_file_ms": 1000 * total / args.files,
             "file_import_ms_p50": 1000 * pct(per_file, 50),
             "file_import_ms_p90": 1000 * pct(per_file, 90),
@@ -519,11 +523,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     print(f"parse benchmark: {args.files} files, {args.rounds} interleaved rounds (medians)")
-    print(f"{'':12s} {'total s':>8s} {'fill s':>8s} {'serial s':>8s} {'ms/file':>8s} {'tasks':>6s}")
+    print(
+        f"{'':12s} {'total s':>8s} {'fill s':>8s} {'serial s':>8s} {'CPU s':>8s} "
+        f"{'ms/file':>8s} {'tasks':>6s}"
+    )
     for kind, s in (("ledgerflow", lfs), ("plain", bls)):
         print(
             f"{kind:12s} {s['total_s_median']:8.2f} {s['fill_s_median']:8.2f} "
-            f"{s['serialize_s_median']:8.2f} {s['per_file_ms']:8.1f} {s['tasks']:6d}"
+            f"{s['serialize_s_median']:8.2f} {s['cpu_s_median']:8.2f} {s['per_file_ms']:8.1f} "
+            f"{s['tasks']:6d}"
         )
     print(
         f"per-file import (DagBag's own stats) p50/p90: ledgerflow "
@@ -548,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{t['module']} {t['cumulative_ms']:.0f}" for t in imp["after_airflow_top"][:6])
     )
     print(
-        f"(Airflow itself, imported before the clock: {lfs['airflow_import_s_median']:.2f} s per child)"
+        f"(Airflow itself, imported before the clock: {lfs['airflow_import_s_median']:.2f} s per "
+        f"child; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
     )
 
     result = {

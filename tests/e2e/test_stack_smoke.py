@@ -69,7 +69,7 @@ def _database_exists(name: str) -> bool:
 @pytest.mark.timeout(600)
 def test_stack_runs_a_three_task_dag(tmp_path: Path) -> None:
     if not _postgres_up():
-        pytest.skip("PostgreSQL is not listening on 127.0.0.1:5432")
+        pytest.fail("PostgreSQL is not listening on 127.0.0.1:5432 (the e2e tier needs it)")
     dags = tmp_path / "dags"
     dags.mkdir()
     (dags / "smoke_dag.py").write_text(DAG_SOURCE)

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from ledgerflow.cli import SHIM, main
+from ledgerflow.factory import build_dag
 from ledgerflow.spec.models import WorkflowSpec
-from ledgerflow.spec.validate import load_workflow
+from ledgerflow.spec.validate import CRON_PRESETS, load_workflow
 from ledgerflow.steps.retry import StepRetryPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,3 +213,22 @@ def test_for_each_step_builds_an_items_task_and_a_mapped_task(tmp_path: Path) ->
     assert dag.get_task("after").upstream_task_ids == {"each"}
     assert dag.get_task("start").retries == 0  # idempotency: none -> never retried
     DagSerialization.to_dict(dag)
+
+
+@pytest.mark.parametrize("schedule", [*sorted(CRON_PRESETS), "30 2 * * *", "*/15 8-18 * * 1-5"])
+def test_every_schedule_that_validates_builds_a_dag(schedule: str) -> None:
+    """Whatever schedule validation accepts, the factory turns into a serializable DAG."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    spec = WorkflowSpec.model_validate(
+        {
+            "name": "sched",
+            "version": 1,
+            "schedule": schedule,
+            "timezone": "Europe/Amsterdam",
+            "steps": [{"id": "a", "tool": "demo.noop", "idempotency": "natural"}],
+        }
+    )
+    dag = build_dag(spec)
+    assert dag.timetable is not None
+    assert DagSerialization.to_dict(dag)["dag"]["dag_id"] == "sched__v1"

@@ -172,7 +172,7 @@ def test_serialize_is_json_and_carries_the_spec() -> None:
 @pytest.mark.xfail(
     strict=True,
     raises=ValidationError,
-    reason="BUG retry.py:62 vs models.py:22-39: serialize() uses model_dump(mode='json'), "
+    reason="BUG retry.py:63 vs models.py:22-39: serialize() uses model_dump(mode='json'), "
     "which writes durations as ISO 8601 ('PT2S'); parse_duration does not accept ISO 8601, "
     "so deserialize(serialize()) raises ValidationError",
 )

@@ -864,6 +864,36 @@ def test_valid_schedules(tmp_path: Path, schedule: str) -> None:
     assert spec.schedule == schedule.strip("'")
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG validate.py:53: once ANY error is collected (a time zone typo, a bad cron or "
+    "start_date), upstream sets are emptied, so every valid steps.<upstream> reference is "
+    "also reported as 'not upstream: add it to needs'",
+)
+def test_a_schedule_typo_does_not_invent_template_errors(tmp_path: Path) -> None:
+    """A bad time zone is reported alone: valid references to upstream steps stay valid."""
+    failure = fail(
+        tmp_path,
+        """
+        name: wf
+        version: 1
+        timezone: Europe/Amsterdamm
+        steps:
+          - id: a
+            tool: demo.noop
+            idempotency: natural
+          - id: b
+            needs: [a]
+            tool: demo.noop
+            args: {value: "{{ steps.a.output.value }}"}
+            idempotency: natural
+        """,
+    )
+    failure.expect("timezone:", "timezone", "unknown time zone")
+    assert "not upstream" not in str(failure.error), str(failure.error)
+
+
 # --------------------------------------------------------------------------- identity, collection
 
 

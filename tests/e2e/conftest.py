@@ -1,0 +1,83 @@
+"""One stack of real Airflow processes (Postgres metadata, Postgres ledger) per module."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ledgerflow.cli import SHIM
+from ledgerflow.ledger.store import Ledger
+from ledgerflow.testing.airflow_stack import AirflowStack
+from ledgerflow.testing.http_peer import IdempotentPeer
+from ledgerflow.testing.postgres import fresh_database
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.e2e
+
+# A workflow whose only step calls a loopback HTTP service that answers 503 twice per key.
+FLAKY = """
+name: flaky_http
+version: 1
+description: Calls a service that is busy twice before it answers.
+params:
+  order_id: {{type: string, required: true}}
+steps:
+  - id: charge
+    tool: http
+    args: {{url: "{url}/charge", json: {{order: "{{{{ params.order_id }}}}"}}}}
+    idempotency: {{key: "{{{{ params.order_id }}}}"}}
+    retry: {{max_attempts: 4, backoff: {{initial: 1s, multiplier: 2, max: 4s}}}}
+  - id: after
+    needs: [charge]
+    tool: demo.noop
+    args: {{value: "{{{{ steps.charge.output.body.charge_id }}}}"}}
+    idempotency: natural
+"""
+
+
+def add_workflow(dags: Path, name: str, body: str) -> None:
+    folder = dags / "workflows" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "v1.yaml").write_text(body)
+    (folder / "v1.py").write_text(SHIM)
+
+
+@pytest.fixture(scope="session")
+def peer() -> Iterator[IdempotentPeer]:
+    with IdempotentPeer(fail_first=2) as peer:
+        yield peer
+
+
+@pytest.fixture(scope="session")
+def ledger_db() -> Iterator[str]:
+    with fresh_database("lf_e2e_ledger") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def ledger(ledger_db: str) -> Ledger:
+    ledger = Ledger(ledger_db.replace("postgresql://", "postgresql+psycopg2://", 1))
+    ledger.migrate()
+    return ledger
+
+
+@pytest.fixture(scope="session")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, ledger_db: str, peer: IdempotentPeer
+) -> Iterator[AirflowStack]:
+    base = tmp_path_factory.mktemp("stack")
+    dags = base / "dags"
+    shutil.copytree(ROOT / "dags", dags, ignore=shutil.ignore_patterns("__pycache__"))
+    add_workflow(dags, "flaky_http", FLAKY.format(url=peer.url))
+    stack = AirflowStack(
+        dags_folder=dags,
+        home=base / "home",
+        extra_env={"AIRFLOW_CONN_LEDGERFLOW_DB": ledger_db},
+    )
+    with stack:
+        stack.wait_for_dags(["checkout__v1", "nightly_report__v1", "flaky_http__v1"], timeout=180)
+        yield stack

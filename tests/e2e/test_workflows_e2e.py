@@ -1,0 +1,148 @@
+"""Ledgerflow workflows on real Airflow processes: scheduler, dag-processor, triggerer,
+api-server, LocalExecutor, Postgres for Airflow's metadata and for the ledger."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from ledgerflow.ledger.store import Ledger
+from ledgerflow.testing.airflow_stack import AirflowStack
+from ledgerflow.testing.http_peer import IdempotentPeer
+
+pytestmark = pytest.mark.e2e
+
+
+def rows(ledger: Ledger, sql: str, **binds: Any) -> list[dict[str, Any]]:
+    with ledger.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(text(sql), binds).mappings()]
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def tries(stack: AirflowStack, dag_id: str, run_id: str) -> dict[str, tuple[str, int]]:
+    return {
+        ti["task_id"]: (ti["state"], ti["try_number"])
+        for ti in stack.task_instances(dag_id, run_id)
+    }
+
+
+def test_dags_folder_imports_without_errors(stack: AirflowStack) -> None:
+    """The dag-processor parses every workflow file of dags/ with zero import errors."""
+    assert stack.import_errors() == []
+    dag = stack.api("GET", "/api/v2/dags/checkout__v1")
+    assert "ledgerflow" in {t["name"] for t in dag["tags"]}
+    assert not dag["is_paused"]
+
+
+def test_rest_triggered_checkout_succeeds_with_its_effects(
+    stack: AirflowStack, ledger: Ledger
+) -> None:
+    """A checkout triggered through Airflow's REST API succeeds; the ledger holds the run,
+    four completed checkpoints and four effects; the demo tables hold exactly one
+    reservation, payment, shipment and email for the order."""
+    before = rows(ledger, "SELECT reserved FROM demo_inventory WHERE sku = 'sku-lamp'")[0][
+        "reserved"
+    ]
+    run_id = stack.trigger(
+        "checkout__v1", {"order_id": "e2e-1", "sku": "sku-lamp", "qty": 2, "amount": 40}
+    )
+    assert stack.wait_for_run("checkout__v1", run_id, timeout=180) == "success"
+    assert tries(stack, "checkout__v1", run_id) == {
+        step: ("success", 1)
+        for step in ("reserve_inventory", "charge_payment", "create_shipment", "send_confirmation")
+    }
+    ledger_run = f"checkout__v1/{run_id}"
+    assert [
+        (c.step_key, c.status)
+        for c in sorted(ledger.checkpoints(ledger_run), key=lambda c: c.step_key)
+    ] == [
+        ("charge_payment", "completed"),
+        ("create_shipment", "completed"),
+        ("reserve_inventory", "completed"),
+        ("send_confirmation", "completed"),
+    ]
+    assert {e["idempotency_key"] for e in ledger.effects(ledger_run) if e["status"] == "done"} == {
+        f"checkout:{step}:e2e-1"
+        for step in ("reserve_inventory", "charge_payment", "create_shipment", "send_confirmation")
+    }
+    payments = rows(ledger, "SELECT amount, status FROM demo_payments WHERE order_id = 'e2e-1'")
+    assert [(float(p["amount"]), p["status"]) for p in payments] == [(40.0, "captured")]
+    assert len(rows(ledger, "SELECT id FROM demo_shipments WHERE order_id = 'e2e-1'")) == 1
+    assert len(rows(ledger, "SELECT id FROM demo_emails WHERE subject LIKE '%e2e-1%'")) == 1
+    after = rows(ledger, "SELECT reserved FROM demo_inventory WHERE sku = 'sku-lamp'")[0][
+        "reserved"
+    ]
+    assert after - before == 2
+    # The DAG's success callback runs in the dag-processor: the run's outcome lands shortly after.
+    wait_for(lambda: (ledger.run(ledger_run) or {}).get("status") == "succeeded", 60, "run status")
+    # The step output is also in XCom, for the UI and for templating.
+    xcom = stack.api(
+        "GET",
+        f"/api/v2/dags/checkout__v1/dagRuns/{run_id}/taskInstances/charge_payment/xcomEntries/return_value",
+    )
+    assert "payment_id" in str(xcom["value"])
+
+
+def test_step_fails_twice_then_succeeds_under_its_retry_policy(
+    stack: AirflowStack, ledger: Ledger, peer: IdempotentPeer
+) -> None:
+    """A step whose service answers 503 twice is retried by Airflow under the spec's policy
+    and succeeds on its third try; every attempt is in the ledger; one effect at the peer."""
+    run_id = stack.trigger("flaky_http__v1", {"order_id": "flaky-1"})
+    assert stack.wait_for_run("flaky_http__v1", run_id, timeout=180) == "success"
+    assert tries(stack, "flaky_http__v1", run_id)["charge"] == ("success", 3)
+    attempts = ledger.attempts(f"flaky_http__v1/{run_id}", "charge")
+    assert [(a["try_number"], a["status"]) for a in attempts] == [
+        (1, "failed"),
+        (2, "failed"),
+        (3, "completed"),
+    ]
+    assert attempts[0]["error_type"].endswith("HttpStatusError")
+    key = "flaky_http:charge:flaky-1"
+    assert peer.requests.count(key) == 3
+    assert list(peer.effects) == [key]
+    assert ledger.dead_letters() == []
+
+
+def test_sigkilled_task_is_retried_with_zero_duplicate_effects(
+    stack: AirflowStack, ledger: Ledger
+) -> None:
+    """SIGKILL of the task process in the middle of the charge (payment row written, not
+    committed): Airflow retries the task and the order is charged exactly once."""
+    run_id = stack.trigger("checkout__v1", {"order_id": "kill-1", "charge_delay_s": 6})
+    ledger_run = f"checkout__v1/{run_id}"
+
+    def running_attempt() -> dict[str, Any] | None:
+        for attempt in ledger.attempts(ledger_run, "charge_payment"):
+            if attempt["status"] == "running" and attempt["try_number"] == 1:
+                return attempt
+        return None
+
+    attempt = wait_for(running_attempt, 120, "the first charge attempt to start")
+    time.sleep(1.5)  # inside the tool: the payment row is written, the transaction is open
+    os.kill(attempt["pid"], signal.SIGKILL)
+    assert stack.wait_for_run("checkout__v1", run_id, timeout=240) == "success"
+    state, try_number = tries(stack, "checkout__v1", run_id)["charge_payment"]
+    assert (state, try_number) == ("success", 2)
+    assert len(rows(ledger, "SELECT id FROM demo_payments WHERE order_id = 'kill-1'")) == 1
+    assert [
+        e["status"] for e in ledger.effects(ledger_run) if e["step_key"] == "charge_payment"
+    ] == ["done"]
+    assert [a["status"] for a in ledger.attempts(ledger_run, "charge_payment")] == [
+        "lost",
+        "completed",
+    ]
