@@ -190,13 +190,6 @@ def test_a_tool_needs_a_context_parameter() -> None:
         tool(unique("noctx"))(lambda: None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG registry.py:110-116: _Registry.add only compares __qualname__, so a "
-    "different function with the same qualname from ANOTHER module silently replaces a "
-    "registered tool (e.g. a plugin's `def http(ctx, url)` hijacks the built-in http tool)",
-)
 def test_same_qualname_from_another_module_cannot_replace_a_tool() -> None:
     """A same-named function from another module under a taken tool name raises."""
     name, original = _register_typed()
@@ -218,14 +211,6 @@ def test_same_qualname_from_another_module_cannot_replace_a_tool() -> None:
     assert get_tool(name).fn is original
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NameError,
-    reason="BUG registry.py:87: _args_model evaluates ALL annotations with eval_str=True, "
-    "including the ctx parameter's, so a tool module that imports ToolContext under "
-    "TYPE_CHECKING (with `from __future__ import annotations`) fails every call with "
-    "NameError (a retryable error) instead of running",
-)
 def test_type_checking_only_context_annotation_works() -> None:
     """A tool whose ``ctx: ToolContext`` annotation is a TYPE_CHECKING-only import can be called."""
     name = unique("tc")

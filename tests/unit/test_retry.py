@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from airflow.sdk import RetryAction, RetryPolicy
-from pydantic import ValidationError
 
 from ledgerflow.errors import NonRetryableError, ToolError
 from ledgerflow.spec.models import RetryPolicySpec
@@ -169,13 +168,6 @@ def test_serialize_is_json_and_carries_the_spec() -> None:
     assert data["spec"]["non_retryable"] == ["PaymentDeclined", "builtins.LookupError"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValidationError,
-    reason="BUG retry.py:63 vs models.py:22-39: serialize() uses model_dump(mode='json'), "
-    "which writes durations as ISO 8601 ('PT2S'); parse_duration does not accept ISO 8601, "
-    "so deserialize(serialize()) raises ValidationError",
-)
 def test_serialize_round_trip() -> None:
     """deserialize(serialize()) gives a policy with the same spec and the same decisions."""
     original = StepRetryPolicy(SPEC)

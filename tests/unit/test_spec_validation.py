@@ -342,12 +342,6 @@ def test_unknown_step_kind(tmp_path: Path) -> None:
     assert "known kinds: tool" in report
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG loader.py:118: the message prints the whole step mapping "
-    "(err['input']) instead of the kind, e.g. unknown step kind {'id': 'a', ...}",
-)
 def test_unknown_step_kind_message_names_the_kind(tmp_path: Path) -> None:
     """The unknown-kind message quotes the kind itself: ``unknown step kind 'approval'``."""
     failure = fail(
@@ -365,12 +359,6 @@ def test_unknown_step_kind_message_names_the_kind(tmp_path: Path) -> None:
     assert "unknown step kind 'approval'" in str(failure.error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: when every step is invalid, pydantic's min_length check on `steps` adds a "
-    "false 'steps: Tuple should have at least 1 item after validation, not 0' problem",
-)
 def test_a_single_bad_step_is_reported_once(tmp_path: Path) -> None:
     """A one-step file with one typo reports exactly one problem (no false 'no steps' error)."""
     failure = fail(
@@ -796,12 +784,6 @@ def test_templates_on_upstream_steps_params_and_run_are_valid(tmp_path: Path) ->
     assert spec.step("b").needs == ("a",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG templates.py:81: analyse_expression wraps the source as '{{ (' + src + ') }}', "
-    "so 'true) + (1' validates, but evaluate() at run time raises TemplateSyntaxError",
-)
 def test_when_that_cannot_compile_at_run_time_is_refused(tmp_path: Path) -> None:
     """A ``when`` expression that the runtime cannot compile is refused at load time."""
     from jinja2 import TemplateSyntaxError
@@ -864,13 +846,6 @@ def test_valid_schedules(tmp_path: Path, schedule: str) -> None:
     assert spec.schedule == schedule.strip("'")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG validate.py:53: once ANY error is collected (a time zone typo, a bad cron or "
-    "start_date), upstream sets are emptied, so every valid steps.<upstream> reference is "
-    "also reported as 'not upstream: add it to needs'",
-)
 def test_a_schedule_typo_does_not_invent_template_errors(tmp_path: Path) -> None:
     """A bad time zone is reported alone: valid references to upstream steps stay valid."""
     failure = fail(
@@ -990,12 +965,6 @@ def test_the_repo_checkout_workflow_is_valid() -> None:
 # --------------------------------------------------------------------------- crash-type bugs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="BUG loader.py:147: read_spec_file catches only OSError; a non-UTF-8 file "
-    "raises UnicodeDecodeError",
-)
 def test_non_utf8_file_is_a_spec_error(tmp_path: Path) -> None:
     """A file that is not UTF-8 is a SpecError naming the file, not a UnicodeDecodeError."""
     path = tmp_path / "wf.yaml"
@@ -1004,12 +973,6 @@ def test_non_utf8_file_is_a_spec_error(tmp_path: Path) -> None:
         load_workflow(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG loader.py:63-64: _UniqueKeyLoader puts every key in a set, so a sequence "
-    "or mapping key ('? [a, b]') raises TypeError: unhashable type",
-)
 def test_unhashable_mapping_key_is_a_spec_error(tmp_path: Path) -> None:
     """A complex (sequence) mapping key is a SpecError, not a TypeError."""
     path = tmp_path / "wf.yaml"
@@ -1018,12 +981,6 @@ def test_unhashable_mapping_key_is_a_spec_error(tmp_path: Path) -> None:
         load_workflow(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="BUG models.py:29-39: parse_duration builds timedelta(seconds=inf/huge); the "
-    "OverflowError is not a ValueError, so it escapes pydantic and the loader",
-)
 @pytest.mark.parametrize("duration", [".inf", "99999999999999999d"])
 def test_overflowing_duration_is_a_spec_error(tmp_path: Path, duration: str) -> None:
     """A duration too large for a timedelta is a SpecError, not an OverflowError."""

@@ -201,13 +201,6 @@ def test_is_template_and_iter_strings() -> None:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TemplateSyntaxError,
-    reason="BUG templates.py:105-111: a string starting with '{{' and ending with '}}' with a "
-    "single '{{' is evaluated as one expression, so literal text ' }}' after it breaks "
-    "rendering although analyse_template (load-time validation) accepts it",
-)
 def test_render_agrees_with_load_time_analysis() -> None:
     """A string that validates as a template renders as Jinja renders it (here: ``'1 }}'``)."""
     source = "{{ x }} }}"
@@ -215,14 +208,6 @@ def test_render_agrees_with_load_time_analysis() -> None:
     assert render_value(source, {"x": 1}) == "1 }}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: params (a plain dict) is the template context, and Jinja's getattr prefers "
-    "attributes, so params.items / .keys / .values / .get ... resolve to dict METHODS. "
-    "Validation accepts `for_each: params.items` (analysis sees param 'items'); at run time "
-    "ForEachItemsOperator gets a bound method and fails 'for_each must give a list'",
-)
 @pytest.mark.parametrize("name", ["items", "values", "keys", "get"])
 def test_param_named_like_a_dict_method_resolves_to_the_param(name: str) -> None:
     """``params.<name>`` is the declared param's value for every valid param name."""

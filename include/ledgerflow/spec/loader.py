@@ -58,9 +58,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate mapping keys instead of keeping the last."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # type: ignore[no-untyped-call]  # resolve ``<<: *anchor`` first
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                hash(key)
+            except TypeError:
+                raise SpecError(
+                    "a mapping key must be a plain value, not a list or mapping",
+                    file=getattr(self, "_lf_file", None),
+                    line=key_node.start_mark.line + 1,
+                ) from None
             if key in seen:
                 raise SpecError(
                     f"duplicate key {key!r}",
@@ -109,13 +118,21 @@ def parse_spec(text: str, file: str) -> tuple[WorkflowSpec, LineMap]:
         return WorkflowSpec.model_validate(data), lines
     except ValidationError as exc:
         errors = []
-        for err in exc.errors():
+        raw = exc.errors()
+        step_errors = any(len(e["loc"]) > 1 and e["loc"][0] == "steps" for e in raw)
+        for err in raw:
             loc = _clean_loc(tuple(err["loc"]))
             message = err["msg"]
+            if err["type"] == "too_short" and loc == ("steps",) and step_errors:
+                continue  # the steps are there, they are invalid: that is said per step
             if err["type"] == "extra_forbidden":
                 message = "unknown field (not part of the workflow format)"
             elif err["type"] == "union_tag_invalid":
-                message = f"unknown step kind {err.get('input')!r}; known kinds: tool"
+                ctx = err.get("ctx") or {}
+                message = (
+                    f"unknown step kind {ctx.get('tag')!r}; known kinds: {ctx.get('expected_tags')}"
+                )
+                loc = (*loc, "kind")
             errors.append(
                 SpecError(message, file=file, line=line_for(lines, loc), field=field_name(loc))
             )
@@ -146,5 +163,8 @@ def read_spec_file(
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"cannot read: {exc.strerror}", file=file) from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise SpecError("the file is not UTF-8 text", file=file, line=line) from None
     spec, lines = parse_spec(text, file)
     return spec, lines, text

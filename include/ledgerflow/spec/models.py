@@ -29,13 +29,20 @@ def parse_duration(value: Any) -> timedelta:
         seconds = float(value)
     else:
         match = _DURATION.match(str(value))
-        if not match:
+        if match:
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        elif str(value).startswith("P"):  # ISO 8601, as pydantic writes timedeltas
+            from pydantic import TypeAdapter
+
+            seconds = TypeAdapter(timedelta).validate_python(value).total_seconds()
+        else:
             raise ValueError(
                 f"{value!r} is not a duration (use a number of seconds or '250ms', '30s', '5m', '2h', '1d')"
             )
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if seconds != seconds or seconds > 10 * 365 * 86400:
+        raise ValueError(f"{value!r} is not a usable duration (at most 10 years)")
     return timedelta(seconds=seconds)
 
 
@@ -175,6 +182,13 @@ class WorkflowSpec(_Model):
     """A cron expression or a preset (``@daily``); none means manual/REST only."""
     timezone: str = "UTC"
     start_date: str = "2026-01-01"
+
+    @field_validator("start_date", mode="before")
+    @classmethod
+    def _date_text(cls, value: Any) -> Any:
+        # YAML reads an unquoted 2026-01-01 as a date; both spellings mean the same.
+        return value.isoformat() if hasattr(value, "isoformat") else value
+
     params: dict[str, ParamSpec] = {}
     defaults: Defaults = Defaults()
     steps: tuple[Step, ...] = Field(min_length=1)

@@ -20,9 +20,18 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 GLOBAL_NAMES = frozenset({"params", "steps", "run", "item", "index"})
 
 
+class _Environment(ImmutableSandboxedEnvironment):
+    """Keys before attributes: ``params.items`` is the param called ``items``, not ``dict.items``."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, dict) and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+    env = _Environment(undefined=StrictUndefined, autoescape=False)
     env.filters["tojson"] = lambda value: json.dumps(value, default=str, sort_keys=True)
     return env
 
@@ -77,7 +86,8 @@ def analyse_template(source: str) -> References:
 
 
 def analyse_expression(source: str) -> References:
-    """Names used by a bare expression (``when``, ``for_each``)."""
+    """Names used by a bare expression (``when``, ``for_each``). Raises ``TemplateSyntaxError``."""
+    environment().compile_expression(source)
     return analyse_template("{{ (" + source + ") }}")
 
 
@@ -107,6 +117,7 @@ def render_value(value: Any, context: dict[str, Any]) -> Any:
             stripped.startswith("{{")
             and stripped.endswith("}}")
             and stripped.count("{{") == 1
+            and stripped.count("}}") == 1
             and "{%" not in stripped
         ):
             return evaluate(stripped[2:-2], context)

@@ -49,8 +49,9 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
     """Raise ``SpecErrors`` listing every problem found; return if there are none."""
     errors = _Collector(file, lines)
     index = _check_graph(spec, errors)
+    graph_ok = not errors.errors
     _check_schedule(spec, errors)
-    upstream = _ancestors(spec) if not errors.errors else {s.id: set() for s in spec.steps}
+    upstream = _ancestors(spec) if graph_ok else {s.id: set() for s in spec.steps}
     for position, step in enumerate(spec.steps):
         loc: tuple[Any, ...] = ("steps", position)
         _check_tool_step(spec, step, loc, upstream.get(step.id, set()), errors)
@@ -201,7 +202,7 @@ def _check_call(
         for arg in tool.required:
             if arg not in args:
                 errors.add((*loc, "args"), f"tool {tool_name!r} needs argument {arg!r}")
-        if tool.side_effects and idempotency is None:
+        if tool.behaviour == "effect" and idempotency is None:
             errors.add(loc, NO_IDEMPOTENCY.format(tool=tool_name))
     for path, value in iter_strings(args, (*loc, "args")):
         _check_refs(spec, value, path, upstream, allowed, errors)

@@ -84,11 +84,15 @@ def _args_model(tool: Tool) -> type[BaseModel]:
         from pydantic import BaseModel, ConfigDict, Field, create_model
 
         fields: dict[str, Any] = {}
-        hints = inspect.get_annotations(tool.fn, eval_str=True)
+        # Only the arguments' annotations are evaluated: the ToolContext one may be an
+        # import under TYPE_CHECKING.
+        hints = inspect.get_annotations(tool.fn)
         for name, param in list(inspect.signature(tool.fn).parameters.items())[1:]:
             if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
                 continue
             annotation = hints.get(name, Any)
+            if isinstance(annotation, str):
+                annotation = eval(annotation, tool.fn.__globals__)
             default = ... if param.default is param.empty else param.default
             if hasattr(BaseModel, name):  # e.g. ``json``: keep the argument name as an alias
                 fields[f"{name}_"] = (annotation, Field(default, alias=name))
@@ -108,10 +112,11 @@ class _Registry:
 
     def add(self, item: Tool) -> None:
         existing = self._tools.get(item.name)
-        if (
-            existing is not None
-            and existing.fn is not item.fn
-            and existing.fn.__qualname__ != item.fn.__qualname__
+        # The same function registered again (a module re-imported by the DAG processor)
+        # is fine; a different function under a taken name is not.
+        if existing is not None and (existing.fn.__module__, existing.fn.__qualname__) != (
+            item.fn.__module__,
+            item.fn.__qualname__,
         ):
             raise LedgerflowError(f"tool {item.name!r} is registered twice")
         self._tools[item.name] = item
