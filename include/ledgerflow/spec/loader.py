@@ -129,9 +129,9 @@ def parse_spec(text: str, file: str) -> tuple[WorkflowSpec, LineMap]:
                 message = "unknown field (not part of the workflow format)"
             elif err["type"] == "union_tag_invalid":
                 ctx = err.get("ctx") or {}
-                message = (
-                    f"unknown step kind {ctx.get('tag')!r}; known kinds: {ctx.get('expected_tags')}"
-                )
+                message = f"unknown step kind {ctx.get('tag')!r}; known kinds: " + str(
+                    ctx.get("expected_tags", "")
+                ).replace("'", "")
                 loc = (*loc, "kind")
             errors.append(
                 SpecError(message, file=file, line=line_for(lines, loc), field=field_name(loc))
