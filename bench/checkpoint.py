@@ -573,6 +573,15 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
                 stats[variant]["p50_by_position"] = [
                     round(statistics.median(by_pos[p]) / 1e6, 3) for p in sorted(by_pos)
                 ]
+        # Every step reads all checkpoints of its run (template context): time that read
+        # alone on the runs just finished, whose size is the run's number of steps.
+        driver = drivers["keyed"]
+        reads = []
+        for _ in range(21):
+            t0 = time.perf_counter_ns()
+            ledger.outputs(driver.run.run_id)
+            reads.append(time.perf_counter_ns() - t0)
+        stats["outputs_read"] = {"rows": driver.per_run, **pcts(reads)}
         results["shapes"][shape] = stats
 
     count_shape = shapes[0]
@@ -644,6 +653,11 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
             else:
                 line += f"; p50 by position in run {s['p50_by_position']}"
             print(line)
+        o = stats["outputs_read"]
+        print(
+            f"  ledger.outputs(run) alone (read by every step for its templates), run of "
+            f"{o['rows']} steps: p50 {o['p50']:.3f} ms"
+        )
     print(f"\nper step, instrumented pass ({next(iter(results['shapes']))} shape):")
     for variant, c in results["counts"].items():
         rt = c["round_trips_per_step"]

@@ -1017,12 +1017,6 @@ def test_non_string_key_is_reported_at_its_line(tmp_path: Path) -> None:
     assert f"{failure.path}:3:" in str(failure.error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SpecError,
-    reason="BUG loader.py:63: _UniqueKeyLoader constructs the '<<' merge key before "
-    "SafeLoader flattens it, so standard YAML merge keys are refused as an 'unsafe tag'",
-)
 def test_yaml_anchors_and_merge_keys_load(tmp_path: Path) -> None:
     """Anchors and ``<<`` merge keys (standard YAML that SafeLoader accepts) work in steps."""
     spec = ok(

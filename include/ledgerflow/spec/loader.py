@@ -58,9 +58,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate mapping keys instead of keeping the last."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        self.flatten_mapping(node)  # type: ignore[no-untyped-call]  # resolve ``<<: *anchor`` first
+        own_keys = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
         seen: set[Any] = set()
-        for key_node, _ in node.value:
+        for key_node in own_keys:
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             try:
                 hash(key)
@@ -78,6 +78,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     field=str(key),
                 )
             seen.add(key)
+        # Keys merged in with ``<<: *anchor`` may be overridden by the mapping's own keys.
+        self.flatten_mapping(node)  # type: ignore[no-untyped-call]
         return super().construct_mapping(node, deep=deep)
 
 
