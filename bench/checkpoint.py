@@ -308,8 +308,12 @@ def instrumented(ledger: Any) -> Iterator[dict[str, Any]]:
             if name == "do_rollback" and args:
                 # psycopg2 sends nothing when no transaction is open: count real ones apart.
                 raw = getattr(args[0], "dbapi_connection", args[0])
-                status = getattr(getattr(raw, "info", None), "transaction_status", None)
-                if status is None or status != 0:
+                if hasattr(raw, "in_transaction"):  # sqlite3
+                    sent = bool(raw.in_transaction)
+                else:  # psycopg2: 0 = TRANSACTION_STATUS_IDLE
+                    status = getattr(getattr(raw, "info", None), "transaction_status", None)
+                    sent = status != 0
+                if sent:
                     data["calls"]["rollback_sent"] += 1
             t0 = time.perf_counter_ns()
             try:

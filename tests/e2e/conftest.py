@@ -38,6 +38,34 @@ steps:
     idempotency: natural
 """
 
+# Fan-out over a list, a skipped branch, and a join that still runs.
+FANOUT = """
+name: fanout
+version: 1
+params:
+  skus: {type: array, default: [sku-book, sku-mug, sku-lamp]}
+  express: {type: boolean, default: false}
+steps:
+  - id: reserve
+    for_each: params.skus
+    tool: demo.reserve_inventory
+    args: {order_id: "fan-{{ run.id }}", sku: "{{ item }}", qty: 1}
+    idempotency: {key: "{{ run.id }}-{{ item }}"}
+  - id: express_label
+    needs: [reserve]
+    when: params.express
+    tool: demo.noop
+    args: {value: express}
+  - id: express_notice
+    needs: [express_label]
+    tool: demo.noop
+    args: {value: notice}
+  - id: summary
+    needs: [reserve, express_label]
+    tool: demo.noop
+    args: {value: "{{ steps.reserve.output | map(attribute='sku') | join(',') }}"}
+"""
+
 
 def add_workflow(dags: Path, name: str, body: str) -> None:
     folder = dags / "workflows" / name
@@ -73,11 +101,14 @@ def stack(
     dags = base / "dags"
     shutil.copytree(ROOT / "dags", dags, ignore=shutil.ignore_patterns("__pycache__"))
     add_workflow(dags, "flaky_http", FLAKY.format(url=peer.url))
+    add_workflow(dags, "fanout", FANOUT)
     stack = AirflowStack(
         dags_folder=dags,
         home=base / "home",
         extra_env={"AIRFLOW_CONN_LEDGERFLOW_DB": ledger_db},
     )
     with stack:
-        stack.wait_for_dags(["checkout__v1", "nightly_report__v1", "flaky_http__v1"], timeout=180)
+        stack.wait_for_dags(
+            ["checkout__v1", "nightly_report__v1", "flaky_http__v1", "fanout__v1"], timeout=180
+        )
         yield stack

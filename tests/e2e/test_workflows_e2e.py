@@ -146,3 +146,67 @@ def test_sigkilled_task_is_retried_with_zero_duplicate_effects(
         "lost",
         "completed",
     ]
+
+
+def test_same_order_twice_charges_once(stack: AirflowStack, ledger: Ledger) -> None:
+    """A second run for the same order (same idempotency keys) succeeds by reusing every
+    recorded effect: still one reservation, one payment, one shipment, one email."""
+    first = stack.trigger("checkout__v1", {"order_id": "twice-1"})
+    assert stack.wait_for_run("checkout__v1", first, timeout=180) == "success"
+    second = stack.trigger("checkout__v1", {"order_id": "twice-1"})
+    assert stack.wait_for_run("checkout__v1", second, timeout=180) == "success"
+    for table in ("demo_reservations", "demo_payments", "demo_shipments"):
+        assert len(rows(ledger, f"SELECT id FROM {table} WHERE order_id = 'twice-1'")) == 1, table
+    assert len(rows(ledger, "SELECT id FROM demo_emails WHERE subject LIKE '%twice-1%'")) == 1
+    events = ledger.events(f"checkout__v1/{second}")
+    reused = [e for e in events if e["kind"] == "step_completed" and e["data"]["reused_effect"]]
+    assert len(reused) == 4
+
+
+def test_non_retryable_failure_fails_at_once_and_is_dead_lettered(
+    stack: AirflowStack, ledger: Ledger
+) -> None:
+    """A declined card (non-retryable) fails the step on its first try although it has
+    four attempts; the dead letter holds the arguments, the error and the key; the run
+    is failed in Airflow and in the ledger; nothing downstream ran."""
+    run_id = stack.trigger("checkout__v1", {"order_id": "declined-1", "decline_card": True})
+    assert stack.wait_for_run("checkout__v1", run_id, timeout=180) == "failed"
+    states = tries(stack, "checkout__v1", run_id)
+    assert states["charge_payment"] == ("failed", 1)
+    assert states["create_shipment"][0] == "upstream_failed"
+    ledger_run = f"checkout__v1/{run_id}"
+    letters = [d for d in ledger.dead_letters() if d["run_id"] == ledger_run]
+    assert len(letters) == 1
+    assert letters[0]["step_key"] == "charge_payment"
+    assert letters[0]["error_type"].endswith("PaymentDeclined")
+    assert letters[0]["args"]["order_id"] == "declined-1"
+    assert letters[0]["idempotency_key"] == "checkout:charge_payment:declined-1"
+    assert rows(ledger, "SELECT id FROM demo_payments WHERE order_id = 'declined-1'") == []
+    wait_for(lambda: (ledger.run(ledger_run) or {}).get("status") == "failed", 60, "run status")
+
+
+def test_for_each_and_when_follow_the_spec(stack: AirflowStack, ledger: Ledger) -> None:
+    """for_each maps one task per item (each checkpointed under its own key); a false
+    `when` skips its step and what depends only on it; a join with another completed
+    upstream still runs and sees the list of item outputs."""
+    run_id = stack.trigger("fanout__v1", {"skus": ["sku-book", "sku-mug", "sku-lamp"]})
+    assert stack.wait_for_run("fanout__v1", run_id, timeout=180) == "success"
+    tis = stack.task_instances("fanout__v1", run_id)
+    mapped = sorted(ti["map_index"] for ti in tis if ti["task_id"] == "reserve")
+    assert mapped == [0, 1, 2]
+    states = {ti["task_id"]: ti["state"] for ti in tis if ti["task_id"] != "reserve"}
+    assert states == {
+        "reserve__items": "success",
+        "express_label": "skipped",
+        "express_notice": "skipped",
+        "summary": "success",
+    }
+    ledger_run = f"fanout__v1/{run_id}"
+    checkpoints = {c.step_key: c for c in ledger.checkpoints(ledger_run)}
+    assert {k for k in checkpoints if k.startswith("reserve[")} == {
+        "reserve[0]",
+        "reserve[1]",
+        "reserve[2]",
+    }
+    assert checkpoints["express_label"].status == "skipped"
+    assert checkpoints["summary"].output == {"value": "sku-book,sku-mug,sku-lamp"}
