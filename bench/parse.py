@@ -555,6 +555,11 @@ def main(argv: list[str] | None = None) -> int:
         "  heaviest imports after Airflow (-X importtime, cumulative ms): "
         + ", ".join(f"{t['module']} {t['cumulative_ms']:.0f}" for t in imp["after_airflow_top"][:6])
     )
+    if os.environ.get("PYTHONDONTWRITEBYTECODE") or sys.dont_write_bytecode:
+        print(
+            "(PYTHONDONTWRITEBYTECODE is set: no .pyc is written, so the editable ledgerflow "
+            "package and every DAG file are compiled from source in each process)"
+        )
     print(
         f"(Airflow itself, imported before the clock: {lfs['airflow_import_s_median']:.2f} s per "
         f"child; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
@@ -572,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         "first_import": imp,
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
+        "dont_write_bytecode": bool(os.environ.get("PYTHONDONTWRITEBYTECODE")),
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
