@@ -11,7 +11,7 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -167,9 +167,21 @@ class Ledger:
         return self.engine.dialect.name
 
     @contextmanager
-    def begin(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+    def begin(self, conn: Connection | None = None) -> Iterator[Connection]:
+        """A transaction; inside an open one (``conn`` given), just that connection."""
+        if conn is not None:
             yield conn
+            return
+        with self.engine.begin() as own:
+            yield own
+
+    @contextmanager
+    def _read(self, conn: Connection | None) -> Iterator[Connection]:
+        if conn is not None:
+            yield conn
+            return
+        with self.engine.connect() as own:
+            yield own
 
     def _insert(self, table: Any) -> Any:
         return (postgresql if self.dialect == "postgresql" else sqlite).insert(table)
@@ -179,6 +191,9 @@ class Ledger:
     def migrate(self) -> int:
         """Apply pending migrations; safe to call from many processes at once."""
         if self._migrated:
+            return t.LATEST
+        if self.schema_version() >= t.LATEST:  # the common case: one query, no lock
+            self._migrated = True
             return t.LATEST
         with self.begin() as conn:
             if self.dialect == "postgresql":
@@ -212,10 +227,11 @@ class Ledger:
         params: dict[str, Any],
         trigger_kind: str,
         retry_of: str | None = None,
+        conn: Connection | None = None,
     ) -> bool:
         """Register a run once; returns True when this call created it."""
         stamp = now()
-        with self.begin() as conn:
+        with self.begin(conn) as conn:
             result = conn.execute(
                 self._insert(t.runs)
                 .values(
@@ -260,8 +276,10 @@ class Ledger:
 
     # -- checkpoints ------------------------------------------------------------
 
-    def checkpoint(self, run_id: str, step_key: str) -> Checkpoint | None:
-        with self.engine.connect() as conn:
+    def checkpoint(
+        self, run_id: str, step_key: str, conn: Connection | None = None
+    ) -> Checkpoint | None:
+        with self._read(conn) as conn:
             row = (
                 conn.execute(
                     select(t.steps).where(
@@ -292,9 +310,10 @@ class Ledger:
         try_number: int,
         args: Any,
         idempotency_key: str | None,
+        conn: Connection | None = None,
     ) -> int:
         stamp = now()
-        with self.begin() as conn:
+        with self.begin(conn) as conn:
             conn.execute(
                 self._insert(t.steps)
                 .values(
@@ -371,10 +390,17 @@ class Ledger:
         self._event(conn, run_id, step_key, "step_completed", {"reused_effect": reused})
 
     def mark_step(
-        self, *, run_id: str, step_key: str, step_id: str, map_index: int, status: str
+        self,
+        *,
+        run_id: str,
+        step_key: str,
+        step_id: str,
+        map_index: int,
+        status: str,
+        conn: Connection | None = None,
     ) -> None:
         """Record a step that ended without an attempt (``skipped``)."""
-        with self.begin() as conn:
+        with self.begin(conn) as conn:
             conn.execute(
                 self._insert(t.steps)
                 .values(
@@ -391,11 +417,18 @@ class Ledger:
             self._event(conn, run_id, step_key, f"step_{status}", None)
 
     def fail_attempt(
-        self, *, run_id: str, step_key: str, attempt_id: int, error: BaseException, final: bool
+        self,
+        *,
+        run_id: str,
+        step_key: str,
+        attempt_id: int,
+        error: BaseException,
+        final: bool,
+        conn: Connection | None = None,
     ) -> None:
         stamp = now()
         message = _error_text(error)
-        with self.begin() as conn:
+        with self.begin(conn) as conn:
             conn.execute(
                 update(t.attempts)
                 .where(t.attempts.c.id == attempt_id)
@@ -423,10 +456,24 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
-    def outputs(self, run_id: str) -> dict[str, dict[str, Any]]:
-        """``{step_id: {"status", "output"}}``; a for_each step's output is the list of item outputs."""
+    def outputs(
+        self, run_id: str, step_ids: Iterable[str] | None = None, conn: Connection | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """``{step_id: {"status", "output"}}`` of the run's steps (or only ``step_ids``).
+
+        A for_each step's output is the list of its items' outputs, in item order.
+        """
+        query = select(t.steps).where(t.steps.c.run_id == run_id)
+        if step_ids is not None:
+            wanted = sorted(step_ids)
+            if not wanted:
+                return {}
+            query = query.where(t.steps.c.step_id.in_(wanted))
+        with self._read(conn) as conn:
+            rows = conn.execute(query.order_by(t.steps.c.step_id, t.steps.c.map_index)).mappings()
+            checkpoints = [_checkpoint(r) for r in rows]
         result: dict[str, dict[str, Any]] = {}
-        for cp in self.checkpoints(run_id):
+        for cp in checkpoints:
             if cp.map_index < 0:
                 result[cp.step_id] = {"status": cp.status, "output": cp.output}
             else:
@@ -440,10 +487,7 @@ class Ledger:
 
     def effect(self, key: str, conn: Connection | None = None) -> Effect | None:
         query = select(t.effects).where(t.effects.c.idempotency_key == key)
-        if conn is None:
-            with self.engine.connect() as own:
-                row = own.execute(query).mappings().first()
-        else:
+        with self._read(conn) as conn:
             row = conn.execute(query).mappings().first()
         if row is None:
             return None
@@ -501,8 +545,9 @@ class Ledger:
         error: BaseException,
         args: Any,
         idempotency_key: str | None,
+        conn: Connection | None = None,
     ) -> None:
-        with self.begin() as conn:
+        with self.begin(conn) as conn:
             conn.execute(
                 self._insert(t.dead_letters)
                 .values(
@@ -535,8 +580,15 @@ class Ledger:
             ).mappings()
             return [{**r, "data": loads(r["data"])} for r in rows]
 
-    def record_event(self, run_id: str, step_key: str | None, kind: str, data: Any = None) -> None:
-        with self.begin() as conn:
+    def record_event(
+        self,
+        run_id: str,
+        step_key: str | None,
+        kind: str,
+        data: Any = None,
+        conn: Connection | None = None,
+    ) -> None:
+        with self.begin(conn) as conn:
             self._event(conn, run_id, step_key, kind, data)
 
     def _event(

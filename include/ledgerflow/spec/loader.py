@@ -54,7 +54,11 @@ def line_for(lines: LineMap, loc: tuple[Any, ...]) -> int | None:
     return None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+# The C parser (libyaml) when PyYAML has it: same nodes and marks, ~5x faster to parse.
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _UniqueKeyLoader(_BaseLoader):  # type: ignore[misc]
     """SafeLoader that refuses duplicate mapping keys instead of keeping the last."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:

@@ -121,7 +121,7 @@ def render_value(value: Any, context: dict[str, Any]) -> Any:
             and "{%" not in stripped
         ):
             return evaluate(stripped[2:-2], context)
-        return environment().from_string(value).render(context)
+        return _template(value).render(context)
     if isinstance(value, dict):
         return {key: render_value(item, context) for key, item in value.items()}
     if isinstance(value, list | tuple):
@@ -129,9 +129,19 @@ def render_value(value: Any, context: dict[str, Any]) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=512)
+def _template(source: str) -> Any:
+    return environment().from_string(source)
+
+
+@functools.lru_cache(maxsize=512)
+def _expression(source: str) -> Any:
+    return environment().compile_expression(source, undefined_to_none=False)
+
+
 def evaluate(expression: str, context: dict[str, Any]) -> Any:
     """Evaluate a bare Jinja expression to a Python value."""
-    compiled = environment().compile_expression(expression.strip(), undefined_to_none=False)
+    compiled = _expression(expression.strip())
     result = compiled(**context)
     if isinstance(result, StrictUndefined):
         str(result)  # raises UndefinedError naming the missing variable

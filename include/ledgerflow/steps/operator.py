@@ -94,7 +94,7 @@ class ForEachItemsOperator(BaseOperator):
         from ledgerflow.factory import spec_for_dag
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.spec.templates import evaluate
-        from ledgerflow.steps.protocol import template_context
+        from ledgerflow.steps.protocol import referenced_steps, template_context
 
         spec = spec_for_dag(self.dag_id)
         step = spec.step(self.step_id)
@@ -111,7 +111,9 @@ class ForEachItemsOperator(BaseOperator):
             trigger_kind=run.trigger_kind,
             retry_of=run.retry_of,
         )
-        ctx = template_context(ledger, spec, run, params, None, -1)
+        ctx = template_context(
+            ledger, spec, run, params, None, -1, step_ids=referenced_steps(spec, step.id)
+        )
         if step.when is not None and not evaluate(step.when, ctx):
             ledger.mark_step(
                 run_id=run.run_id, step_key=step.id, step_id=step.id, map_index=-1, status="skipped"

@@ -18,13 +18,25 @@ For one step (or one item of a for_each step):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2 import TemplateError
+from sqlalchemy import Connection
+
 from ledgerflow import faults
+from ledgerflow.errors import NonRetryableError
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import KeyedIdempotency, ToolStep, WorkflowSpec
-from ledgerflow.spec.templates import evaluate, render_value
+from ledgerflow.spec.templates import (
+    analyse_expression,
+    analyse_template,
+    evaluate,
+    is_template,
+    iter_strings,
+    render_value,
+)
 from ledgerflow.tools.context import ToolContext
 from ledgerflow.tools.registry import get_tool
 
@@ -57,6 +69,28 @@ def step_key(step_id: str, map_index: int) -> str:
     return step_id if map_index < 0 else f"{step_id}[{map_index}]"
 
 
+_REFERENCES: dict[tuple[int, str], tuple[WorkflowSpec, frozenset[str]]] = {}
+
+
+def referenced_steps(spec: WorkflowSpec, step_id: str) -> frozenset[str]:
+    """The steps whose outputs a step's templates read (only those are loaded)."""
+    cached = _REFERENCES.get((id(spec), step_id))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    step = spec.step(step_id)
+    sources = [value for _, value in iter_strings(step.args) if is_template(value)]
+    if isinstance(step.idempotency, KeyedIdempotency):
+        sources.append(step.idempotency.key)
+    refs: set[str] = set()
+    for source in sources:
+        refs |= analyse_template(source).steps
+    for expression in (step.when, step.for_each):
+        if expression is not None:
+            refs |= analyse_expression(expression).steps
+    _REFERENCES[(id(spec), step_id)] = (spec, frozenset(refs))
+    return frozenset(refs)
+
+
 def template_context(
     ledger: Ledger,
     spec: WorkflowSpec,
@@ -64,6 +98,9 @@ def template_context(
     params: dict[str, Any],
     item: Any,
     map_index: int,
+    *,
+    step_ids: Iterable[str] | None = None,
+    conn: Connection | None = None,
 ) -> dict[str, Any]:
     local_date = None
     if run.logical_date:
@@ -72,7 +109,7 @@ def template_context(
         local_date = pendulum.parse(run.logical_date).in_tz(spec.timezone)  # type: ignore[union-attr]
     context: dict[str, Any] = {
         "params": params,
-        "steps": ledger.outputs(run.run_id),
+        "steps": ledger.outputs(run.run_id, step_ids, conn=conn),
         "run": {
             "id": run.run_id,
             "workflow": spec.name,
@@ -98,6 +135,10 @@ def render_key(
     return f"{run.run_id}:{key}"
 
 
+class TemplateRenderError(NonRetryableError):
+    """A template could not be rendered with this run's params and outputs."""
+
+
 def execute_step(
     ledger: Ledger,
     spec: WorkflowSpec,
@@ -111,57 +152,121 @@ def execute_step(
     item: Any = None,
     is_final_attempt: Any = None,
 ) -> StepResult:
-    """Run one step under the protocol above. Raises the tool's error on failure."""
+    """Run one step under the protocol above. Raises the tool's error on failure.
+
+    Two transactions on the happy path: one that registers the run, reads the
+    checkpoint and the referenced outputs, records the attempt and (for keyed,
+    non-transactional tools) claims the key; one that records the effect and the
+    checkpoint (for transactional tools, together with the effect itself).
+    """
     ledger.migrate()
-    ledger.ensure_run(
-        run_id=run.run_id,
-        dag_id=run.dag_id,
-        workflow=spec.name,
-        version=spec.version,
-        params=params,
-        trigger_kind=run.trigger_kind,
-        retry_of=run.retry_of,
-    )
     key = step_key(step.id, map_index)
-    checkpoint = ledger.checkpoint(run.run_id, key)
-    if checkpoint is not None and checkpoint.status == "completed":
-        ledger.record_event(run.run_id, key, "checkpoint_reused", None)
-        return StepResult("reused", checkpoint.output, checkpoint.idempotency_key)
-    if checkpoint is not None and checkpoint.status == "skipped":
-        raise StepSkipped(f"step {key} was skipped earlier in this run")
-
-    context = template_context(ledger, spec, run, params, item, map_index)
-    if step.when is not None and not evaluate(step.when, context):
-        ledger.mark_step(
-            run_id=run.run_id, step_key=key, step_id=step.id, map_index=map_index, status="skipped"
-        )
-        raise StepSkipped(f"`when: {step.when}` is false")
-
     tool = get_tool(step.tool)
+    keyed = isinstance(step.idempotency, KeyedIdempotency)
     args: dict[str, Any] = {}
     idem_key: str | None = None
-    attempt_id: int | None = None
-    try:
-        args = render_value(step.args, context)
-        idem_key = render_key(spec, step, run, key, context)
-        attempt_id = ledger.begin_attempt(
+    render_error: TemplateRenderError | None = None
+    with ledger.begin() as conn:
+        ledger.ensure_run(
             run_id=run.run_id,
-            step_key=key,
-            step_id=step.id,
-            map_index=map_index,
-            try_number=try_number,
-            args=args,
-            idempotency_key=idem_key,
-        )
-        keyed = isinstance(step.idempotency, KeyedIdempotency)
-        ctx = ToolContext(
-            run_id=run.run_id,
-            step_key=key,
+            dag_id=run.dag_id,
             workflow=spec.name,
             version=spec.version,
-            try_number=try_number,
-            idempotency_key=idem_key,
+            params=params,
+            trigger_kind=run.trigger_kind,
+            retry_of=run.retry_of,
+            conn=conn,
         )
+        checkpoint = ledger.checkpoint(run.run_id, key, conn=conn)
+        if checkpoint is not None and checkpoint.status == "completed":
+            ledger.record_event(run.run_id, key, "checkpoint_reused", None, conn=conn)
+            return StepResult("reused", checkpoint.output, checkpoint.idempotency_key)
+        skipped = checkpoint is not None and checkpoint.status == "skipped"
+        if not skipped:
+            context = template_context(
+                ledger,
+                spec,
+                run,
+                params,
+                item,
+                map_index,
+                step_ids=referenced_steps(spec, step.id),
+                conn=conn,
+            )
+            try:
+                if step.when is not None and not evaluate(step.when, context):
+                    ledger.mark_step(
+                        run_id=run.run_id,
+                        step_key=key,
+                        step_id=step.id,
+                        map_index=map_index,
+                        status="skipped",
+                        conn=conn,
+                    )
+                    skipped = True
+                else:
+                    args = render_value(step.args, context)
+                    idem_key = render_key(spec, step, run, key, context)
+            except TemplateError as exc:
+                render_error = TemplateRenderError(f"step {key}: {type(exc).__name__}: {exc}")
+        if skipped:
+            return_skip = True
+        else:
+            return_skip = False
+            attempt_id = ledger.begin_attempt(
+                run_id=run.run_id,
+                step_key=key,
+                step_id=step.id,
+                map_index=map_index,
+                try_number=try_number,
+                args=args,
+                idempotency_key=idem_key,
+                conn=conn,
+            )
+            if render_error is not None:
+                _record_failure(
+                    ledger,
+                    spec,
+                    run,
+                    key,
+                    attempt_id,
+                    render_error,
+                    try_number,
+                    args,
+                    None,
+                    True,
+                    conn,
+                )
+            elif keyed and not tool.is_transactional(args):
+                assert idem_key is not None
+                done = ledger.effect(idem_key, conn)
+                if done is not None and done.status == "done":
+                    ledger.complete_step(
+                        conn,
+                        run_id=run.run_id,
+                        step_key=key,
+                        attempt_id=attempt_id,
+                        output=done.result,
+                        reused=True,
+                    )
+                    return StepResult("completed", done.result, idem_key, effect_reused=True)
+                ledger.claim_effect(
+                    conn, key=idem_key, tool=tool.name, run_id=run.run_id, step_key=key
+                )
+    if return_skip:
+        raise StepSkipped(f"`when: {step.when}` is false")
+    if render_error is not None:
+        raise render_error
+    assert idem_key is not None
+    ctx = ToolContext(
+        run_id=run.run_id,
+        step_key=key,
+        workflow=spec.name,
+        version=spec.version,
+        try_number=try_number,
+        idempotency_key=idem_key,
+    )
+    try:
         if tool.is_transactional(args):
             output, reused = _run_transactional(
                 ledger, tool, ctx, args, run, key, attempt_id, keyed
@@ -169,16 +274,39 @@ def execute_step(
         else:
             output, reused = _run_keyed(ledger, tool, ctx, args, run, key, attempt_id, keyed)
         return StepResult("completed", output, idem_key, effect_reused=reused)
-    except BaseException as error:
-        if attempt_id is None or not isinstance(error, Exception):
-            raise
+    except Exception as error:
         final = (
             bool(is_final_attempt(error))
             if callable(is_final_attempt)
             else try_number >= max_attempts
         )
+        _record_failure(
+            ledger, spec, run, key, attempt_id, error, try_number, args, idem_key, final
+        )
+        raise
+
+
+def _record_failure(
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    run: RunRef,
+    key: str,
+    attempt_id: int,
+    error: BaseException,
+    try_number: int,
+    args: Any,
+    idem_key: str | None,
+    final: bool,
+    conn: Connection | None = None,
+) -> None:
+    with ledger.begin(conn) as conn:
         ledger.fail_attempt(
-            run_id=run.run_id, step_key=key, attempt_id=attempt_id, error=error, final=final
+            run_id=run.run_id,
+            step_key=key,
+            attempt_id=attempt_id,
+            error=error,
+            final=final,
+            conn=conn,
         )
         if final:
             ledger.dead_letter(
@@ -190,8 +318,8 @@ def execute_step(
                 error=error,
                 args=args,
                 idempotency_key=idem_key,
+                conn=conn,
             )
-        raise
 
 
 def _run_transactional(
@@ -243,23 +371,7 @@ def _run_keyed(
     attempt_id: int,
     keyed: bool,
 ) -> tuple[Any, bool]:
-    if keyed:
-        done = ledger.effect(ctx.idempotency_key)
-        if done is not None and done.status == "done":
-            with ledger.begin() as conn:
-                ledger.complete_step(
-                    conn,
-                    run_id=run.run_id,
-                    step_key=key,
-                    attempt_id=attempt_id,
-                    output=done.result,
-                    reused=True,
-                )
-            return done.result, True
-        with ledger.begin() as conn:
-            ledger.claim_effect(
-                conn, key=ctx.idempotency_key, tool=tool.name, run_id=run.run_id, step_key=key
-            )
+    # A keyed effect was claimed (or found done) in the attempt's transaction.
     faults.hit("before_effect", key)
     output = _jsonable(tool.call(ctx, args))
     faults.hit("after_effect", key)
