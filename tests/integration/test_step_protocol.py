@@ -407,3 +407,73 @@ def test_migrations_are_idempotent_and_concurrent_safe(ledger_url: str) -> None:
 
     assert ledger.schema_version() == LATEST
     assert count(ledger, "SELECT COUNT(*) FROM lf_schema_version") == LATEST
+
+
+def test_concurrent_runs_with_one_key_make_one_effect(
+    ledger: Ledger, checkout: WorkflowSpec
+) -> None:
+    """Eight runs charging the same order at the same moment: one payment. The runs that
+    lose the race fail their attempt (the unique key rolls their effect back) and their
+    retry reuses the winner's effect."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    params = params_for(checkout, order_id="o-race")
+    step = checkout.step("charge_payment")
+
+    def attempt(n: int) -> str:
+        for try_number in (1, 2, 3):
+            try:
+                result = execute_step(
+                    ledger,
+                    checkout,
+                    step,
+                    run_ref(f"race{n}"),
+                    params=params,
+                    try_number=try_number,
+                    max_attempts=3,
+                )
+                return "reused" if result.effect_reused else "charged"
+            except Exception:
+                continue
+        return "failed"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(attempt, range(8)))
+    assert sorted(outcomes) == ["charged"] + ["reused"] * 7
+    assert count(ledger, "SELECT COUNT(*) FROM demo_payments WHERE order_id='o-race'") == 1
+
+
+def test_a_template_that_cannot_render_is_a_recorded_non_retryable_failure(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    """A template reading a field the upstream output does not have fails the step at once
+    (non-retryable: rendering again gives the same result), with an attempt row naming the
+    problem and a dead letter; no tool is called."""
+    from ledgerflow.steps.protocol import TemplateRenderError
+
+    spec = _spec(
+        tmp_path,
+        """
+name: tmpl
+version: 1
+steps:
+  - id: a
+    tool: demo.noop
+    args: {value: 1}
+  - id: b
+    needs: [a]
+    tool: demo.send_email
+    args: {to: "{{ steps.a.output.no_such_field }}", subject: s, body: b}
+    idempotency: natural
+""",
+    )
+    run = RunRef(run_id="tmpl__v1/r", dag_id="tmpl__v1")
+    execute_step(ledger, spec, spec.steps[0], run, params={})
+    with pytest.raises(TemplateRenderError, match="no_such_field"):
+        execute_step(ledger, spec, spec.steps[1], run, params={}, max_attempts=3)
+    attempts = ledger.attempts(run.run_id, "b")
+    assert [(a["status"], a["error_type"].rsplit(".", 1)[-1]) for a in attempts] == [
+        ("failed", "TemplateRenderError")
+    ]
+    assert [d["step_key"] for d in ledger.dead_letters()] == ["b"]
+    assert count(ledger, "SELECT COUNT(*) FROM demo_emails") == 0

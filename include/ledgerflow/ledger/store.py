@@ -25,6 +25,7 @@ from ledgerflow.errors import LedgerError
 from ledgerflow.ledger import schema as t
 
 DEFAULT_CONN_ID = "ledgerflow_db"
+_HOSTNAME = socket.gethostname()
 
 
 def now() -> datetime:
@@ -310,45 +311,47 @@ class Ledger:
         try_number: int,
         args: Any,
         idempotency_key: str | None,
+        first: bool = False,
         conn: Connection | None = None,
     ) -> int:
+        """Record an attempt; ``first``: no checkpoint row existed (skips the lost-attempt sweep)."""
         stamp = now()
         with self.begin(conn) as conn:
-            conn.execute(
-                self._insert(t.steps)
-                .values(
-                    run_id=run_id,
-                    step_key=step_key,
-                    step_id=step_id,
-                    map_index=map_index,
-                    status="running",
-                    attempts=0,
-                    started_at=stamp,
-                )
-                .on_conflict_do_nothing()
+            insert = self._insert(t.steps).values(
+                run_id=run_id,
+                step_key=step_key,
+                step_id=step_id,
+                map_index=map_index,
+                status="running",
+                attempts=1,
+                idempotency_key=idempotency_key,
+                args=dumps(args),
+                started_at=stamp,
             )
             conn.execute(
-                update(t.steps)
-                .where(t.steps.c.run_id == run_id, t.steps.c.step_key == step_key)
-                .values(
-                    status="running",
-                    attempts=t.steps.c.attempts + 1,
-                    idempotency_key=idempotency_key,
-                    args=dumps(args),
-                    error=None,
+                insert.on_conflict_do_update(
+                    index_elements=[t.steps.c.run_id, t.steps.c.step_key],
+                    set_={
+                        "status": "running",
+                        "attempts": t.steps.c.attempts + 1,
+                        "idempotency_key": idempotency_key,
+                        "args": insert.excluded.args,
+                        "error": None,
+                    },
                 )
             )
-            # A new attempt proves that an earlier one still marked running is gone
-            # (its process was killed or lost); say so instead of leaving it running.
-            conn.execute(
-                update(t.attempts)
-                .where(
-                    t.attempts.c.run_id == run_id,
-                    t.attempts.c.step_key == step_key,
-                    t.attempts.c.status == "running",
+            if not first:
+                # A new attempt proves that an earlier one still marked running is gone
+                # (its process was killed or lost); say so instead of leaving it running.
+                conn.execute(
+                    update(t.attempts)
+                    .where(
+                        t.attempts.c.run_id == run_id,
+                        t.attempts.c.step_key == step_key,
+                        t.attempts.c.status == "running",
+                    )
+                    .values(status="lost", ended_at=stamp)
                 )
-                .values(status="lost", ended_at=stamp)
-            )
             attempt_id = conn.execute(
                 t.attempts.insert()
                 .values(
@@ -357,12 +360,11 @@ class Ledger:
                     try_number=try_number,
                     status="running",
                     pid=os.getpid(),
-                    hostname=socket.gethostname(),
+                    hostname=_HOSTNAME,
                     started_at=stamp,
                 )
                 .returning(t.attempts.c.id)
             ).scalar_one()
-            self._event(conn, run_id, step_key, "attempt_started", {"try_number": try_number})
         return int(attempt_id)
 
     def complete_step(
@@ -517,6 +519,25 @@ class Ledger:
             .on_conflict_do_nothing()
         )
         return bool(result.rowcount)
+
+    def insert_effect(
+        self, conn: Connection, *, key: str, tool: str, run_id: str, step_key: str, result: Any
+    ) -> None:
+        """Record a finished effect. A plain INSERT: a concurrent twin with the same key fails
+        on the unique key and its transaction (with its effect) rolls back."""
+        stamp = now()
+        conn.execute(
+            t.effects.insert().values(
+                idempotency_key=key,
+                tool=tool,
+                run_id=run_id,
+                step_key=step_key,
+                status="done",
+                result=dumps(result),
+                created_at=stamp,
+                completed_at=stamp,
+            )
+        )
 
     def finish_effect(self, conn: Connection, *, key: str, result: Any) -> None:
         conn.execute(

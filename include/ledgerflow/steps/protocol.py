@@ -221,6 +221,7 @@ def execute_step(
                 try_number=try_number,
                 args=args,
                 idempotency_key=idem_key,
+                first=checkpoint is None,
                 conn=conn,
             )
             if render_error is not None:
@@ -337,17 +338,20 @@ def _run_transactional(
         if done is not None and done.status == "done":
             output, reused = done.result, True
         else:
-            if keyed:
-                ledger.claim_effect(
-                    conn, key=ctx.idempotency_key, tool=tool.name, run_id=run.run_id, step_key=key
-                )
             ctx.db = conn
             faults.hit("before_effect", key)
             output, reused = tool.call(ctx, args), False
             faults.hit("after_effect", key)
             ctx.db = None
             if keyed:
-                ledger.finish_effect(conn, key=ctx.idempotency_key, result=output)
+                ledger.insert_effect(
+                    conn,
+                    key=ctx.idempotency_key,
+                    tool=tool.name,
+                    run_id=run.run_id,
+                    step_key=key,
+                    result=output,
+                )
         ledger.complete_step(
             conn,
             run_id=run.run_id,
