@@ -135,7 +135,9 @@ def _engine(url: str) -> Engine:
                 event.listen(engine, "connect", _sqlite_pragmas)
                 event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
             else:
-                engine = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+                # No pre-ping: a task is a fresh process with a fresh pool; long-lived
+                # processes recycle connections instead of paying a round trip per checkout.
+                engine = create_engine(url, pool_recycle=300, pool_size=2, max_overflow=2)
             _ENGINES[url] = engine
         return engine
 
@@ -291,6 +293,23 @@ class Ledger:
                 .first()
             )
         return None if row is None else _checkpoint(row)
+
+    def checkpoint_and_outputs(
+        self, run_id: str, step_key: str, step_ids: Iterable[str], conn: Connection
+    ) -> tuple[Checkpoint | None, dict[str, dict[str, Any]]]:
+        """A step's own checkpoint and the outputs of ``step_ids``, in one query."""
+        wanted = sorted(step_ids)
+        condition = t.steps.c.step_key == step_key
+        if wanted:
+            condition = condition | t.steps.c.step_id.in_(wanted)
+        rows = conn.execute(
+            select(t.steps)
+            .where(t.steps.c.run_id == run_id, condition)
+            .order_by(t.steps.c.step_id, t.steps.c.map_index)
+        ).mappings()
+        found = [_checkpoint(r) for r in rows]
+        own = next((c for c in found if c.step_key == step_key), None)
+        return own, _outputs(c for c in found if c.step_id in wanted)
 
     def checkpoints(self, run_id: str) -> list[Checkpoint]:
         with self.engine.connect() as conn:
@@ -473,17 +492,7 @@ class Ledger:
             query = query.where(t.steps.c.step_id.in_(wanted))
         with self._read(conn) as conn:
             rows = conn.execute(query.order_by(t.steps.c.step_id, t.steps.c.map_index)).mappings()
-            checkpoints = [_checkpoint(r) for r in rows]
-        result: dict[str, dict[str, Any]] = {}
-        for cp in checkpoints:
-            if cp.map_index < 0:
-                result[cp.step_id] = {"status": cp.status, "output": cp.output}
-            else:
-                entry = result.setdefault(cp.step_id, {"status": "completed", "output": []})
-                entry["output"].append(cp.output)
-                if cp.status != "completed":
-                    entry["status"] = cp.status
-        return result
+            return _outputs(_checkpoint(r) for r in rows)
 
     # -- effects ----------------------------------------------------------------
 
@@ -624,6 +633,19 @@ class Ledger:
                 at=now(),
             )
         )
+
+
+def _outputs(checkpoints: Iterable[Checkpoint]) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = {}
+    for cp in checkpoints:
+        if cp.map_index < 0:
+            result[cp.step_id] = {"status": cp.status, "output": cp.output}
+        else:
+            entry = result.setdefault(cp.step_id, {"status": "completed", "output": []})
+            entry["output"].append(cp.output)
+            if cp.status != "completed":
+                entry["status"] = cp.status
+    return result
 
 
 def _checkpoint(row: Any) -> Checkpoint:

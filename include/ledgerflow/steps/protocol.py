@@ -101,6 +101,7 @@ def template_context(
     *,
     step_ids: Iterable[str] | None = None,
     conn: Connection | None = None,
+    outputs: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     local_date = None
     if run.logical_date:
@@ -109,7 +110,9 @@ def template_context(
         local_date = pendulum.parse(run.logical_date).in_tz(spec.timezone)  # type: ignore[union-attr]
     context: dict[str, Any] = {
         "params": params,
-        "steps": ledger.outputs(run.run_id, step_ids, conn=conn),
+        "steps": outputs
+        if outputs is not None
+        else ledger.outputs(run.run_id, step_ids, conn=conn),
         "run": {
             "id": run.run_id,
             "workflow": spec.name,
@@ -177,22 +180,15 @@ def execute_step(
             retry_of=run.retry_of,
             conn=conn,
         )
-        checkpoint = ledger.checkpoint(run.run_id, key, conn=conn)
+        checkpoint, outputs = ledger.checkpoint_and_outputs(
+            run.run_id, key, referenced_steps(spec, step.id), conn
+        )
         if checkpoint is not None and checkpoint.status == "completed":
             ledger.record_event(run.run_id, key, "checkpoint_reused", None, conn=conn)
             return StepResult("reused", checkpoint.output, checkpoint.idempotency_key)
         skipped = checkpoint is not None and checkpoint.status == "skipped"
         if not skipped:
-            context = template_context(
-                ledger,
-                spec,
-                run,
-                params,
-                item,
-                map_index,
-                step_ids=referenced_steps(spec, step.id),
-                conn=conn,
-            )
+            context = template_context(ledger, spec, run, params, item, map_index, outputs=outputs)
             try:
                 if step.when is not None and not evaluate(step.when, context):
                     ledger.mark_step(
