@@ -213,10 +213,18 @@ class Ledger:
         return t.LATEST
 
     def schema_version(self) -> int:
-        with self.engine.connect() as conn:
-            if not self.engine.dialect.has_table(conn, "lf_schema_version"):
-                return 0
-            return int(conn.execute(select(func.max(t.schema_version.c.version))).scalar() or 0)
+        """The applied schema version (0 for an empty database). One query: every task is
+        a new process that asks this once."""
+        from sqlalchemy.exc import DBAPIError
+
+        try:
+            with self.engine.connect() as conn:
+                return int(conn.execute(select(func.max(t.schema_version.c.version))).scalar() or 0)
+        except DBAPIError:
+            with self.engine.connect() as conn:
+                if self.engine.dialect.has_table(conn, "lf_schema_version"):
+                    raise
+            return 0
 
     # -- runs -------------------------------------------------------------------
 
