@@ -232,3 +232,25 @@ def test_every_schedule_that_validates_builds_a_dag(schedule: str) -> None:
     dag = build_dag(spec)
     assert dag.timetable is not None
     assert DagSerialization.to_dict(dag)["dag"]["dag_id"] == "sched__v1"
+
+
+def test_step_references_recorded_at_validation_match_the_templates() -> None:
+    """The outputs a running step loads are exactly the steps its own templates name
+    (args, key, when, for_each); a compensation's templates do not count."""
+    from ledgerflow.spec.validate import _REFERENCES, load_workflow, referenced_steps
+
+    spec = load_workflow(DAGS / "workflows" / "checkout" / "v1.yaml")
+    recorded = {s.id: referenced_steps(spec, s.id) for s in spec.steps}
+    for step in spec.steps:
+        del _REFERENCES[(id(spec), step.id)]
+    recomputed = {s.id: referenced_steps(spec, s.id) for s in spec.steps}
+    assert (
+        recorded
+        == recomputed
+        == {
+            "reserve_inventory": frozenset(),
+            "charge_payment": frozenset(),
+            "create_shipment": frozenset(),
+            "send_confirmation": frozenset({"charge_payment", "create_shipment"}),
+        }
+    )

@@ -36,6 +36,7 @@ class _Collector:
         self.file = file
         self.lines = lines
         self.errors: list[SpecError] = []
+        self.step_refs: dict[int, set[str]] = {}
 
     def add(self, loc: tuple[Any, ...], message: str) -> None:
         self.errors.append(
@@ -58,6 +59,35 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
     del index
     if errors.errors:
         raise SpecErrors(errors.errors)
+    for position, step in enumerate(spec.steps):
+        _REFERENCES[(id(spec), step.id)] = (spec, frozenset(errors.step_refs.get(position, ())))
+
+
+_REFERENCES: dict[tuple[int, str], tuple[WorkflowSpec, frozenset[str]]] = {}
+
+
+def referenced_steps(spec: WorkflowSpec, step_id: str) -> frozenset[str]:
+    """The steps whose outputs a step's own templates read (args, key, when, for_each).
+
+    Recorded while the spec is validated, so a running step loads only those outputs
+    without analysing its templates again; computed here for a spec never validated.
+    """
+    cached = _REFERENCES.get((id(spec), step_id))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    step = spec.step(step_id)
+    sources = [value for _, value in iter_strings(step.args) if is_template(value)]
+    key = getattr(step.idempotency, "key", None)
+    if key is not None:
+        sources.append(key)
+    refs: set[str] = set()
+    for source in sources:
+        refs |= analyse_template(source).steps
+    for expression in (step.when, step.for_each):
+        if expression is not None:
+            refs |= analyse_expression(expression).steps
+    _REFERENCES[(id(spec), step_id)] = (spec, frozenset(refs))
+    return frozenset(refs)
 
 
 def _check_graph(spec: WorkflowSpec, errors: _Collector) -> dict[str, int]:
@@ -261,6 +291,8 @@ def _check_refs(
             f"template refers to unknown param {param!r}; declared params: {', '.join(spec.params) or 'none'}",
         )
     step_ids = {s.id for s in spec.steps}
+    if len(loc) > 2 and loc[0] == "steps" and loc[2] != "compensate":
+        errors.step_refs.setdefault(loc[1], set()).update(refs.steps)
     for ref in sorted(refs.steps):
         if ref not in step_ids:
             errors.add(loc, f"template refers to unknown step {ref!r}")

@@ -29,14 +29,8 @@ from ledgerflow import faults
 from ledgerflow.errors import NonRetryableError
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import KeyedIdempotency, ToolStep, WorkflowSpec
-from ledgerflow.spec.templates import (
-    analyse_expression,
-    analyse_template,
-    evaluate,
-    is_template,
-    iter_strings,
-    render_value,
-)
+from ledgerflow.spec.templates import evaluate, render_value
+from ledgerflow.spec.validate import referenced_steps
 from ledgerflow.tools.context import ToolContext
 from ledgerflow.tools.registry import get_tool
 
@@ -67,28 +61,6 @@ class StepSkipped(Exception):
 
 def step_key(step_id: str, map_index: int) -> str:
     return step_id if map_index < 0 else f"{step_id}[{map_index}]"
-
-
-_REFERENCES: dict[tuple[int, str], tuple[WorkflowSpec, frozenset[str]]] = {}
-
-
-def referenced_steps(spec: WorkflowSpec, step_id: str) -> frozenset[str]:
-    """The steps whose outputs a step's templates read (only those are loaded)."""
-    cached = _REFERENCES.get((id(spec), step_id))
-    if cached is not None and cached[0] is spec:
-        return cached[1]
-    step = spec.step(step_id)
-    sources = [value for _, value in iter_strings(step.args) if is_template(value)]
-    if isinstance(step.idempotency, KeyedIdempotency):
-        sources.append(step.idempotency.key)
-    refs: set[str] = set()
-    for source in sources:
-        refs |= analyse_template(source).steps
-    for expression in (step.when, step.for_each):
-        if expression is not None:
-            refs |= analyse_expression(expression).steps
-    _REFERENCES[(id(spec), step_id)] = (spec, frozenset(refs))
-    return frozenset(refs)
 
 
 def template_context(
