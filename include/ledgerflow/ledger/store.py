@@ -18,7 +18,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ledgerflow.errors import LedgerError
@@ -380,17 +390,16 @@ class Ledger:
                     .values(status="lost", ended_at=stamp)
                 )
             attempt_id = conn.execute(
-                t.attempts.insert()
-                .values(
-                    run_id=run_id,
-                    step_key=step_key,
-                    try_number=try_number,
-                    status="running",
-                    pid=os.getpid(),
-                    hostname=_HOSTNAME,
-                    started_at=stamp,
-                )
-                .returning(t.attempts.c.id)
+                _INSERT_ATTEMPT,
+                {
+                    "run_id": run_id,
+                    "step_key": step_key,
+                    "try_number": try_number,
+                    "status": "running",
+                    "pid": os.getpid(),
+                    "hostname": _HOSTNAME,
+                    "started_at": stamp,
+                },
             ).scalar_one()
         return int(attempt_id)
 
@@ -407,15 +416,10 @@ class Ledger:
         """Mark the step completed; call inside the transaction that holds the effect."""
         stamp = now()
         conn.execute(
-            update(t.steps)
-            .where(t.steps.c.run_id == run_id, t.steps.c.step_key == step_key)
-            .values(status="completed", output=dumps(output), completed_at=stamp, error=None)
+            _COMPLETE_STEP,
+            {"b_run": run_id, "b_key": step_key, "output": dumps(output), "stamp": stamp},
         )
-        conn.execute(
-            update(t.attempts)
-            .where(t.attempts.c.id == attempt_id)
-            .values(status="completed", ended_at=stamp)
-        )
+        conn.execute(_COMPLETE_ATTEMPT, {"b_id": attempt_id, "stamp": stamp})
         self._event(conn, run_id, step_key, "step_completed", {"reused_effect": reused})
 
     def mark_step(
@@ -557,11 +561,7 @@ class Ledger:
         )
 
     def finish_effect(self, conn: Connection, *, key: str, result: Any) -> None:
-        conn.execute(
-            update(t.effects)
-            .where(t.effects.c.idempotency_key == key)
-            .values(status="done", result=dumps(result), completed_at=now())
-        )
+        conn.execute(_FINISH_EFFECT, {"b_key": key, "result": dumps(result), "stamp": now()})
 
     def effects(self, run_id: str | None = None) -> list[dict[str, Any]]:
         query = select(t.effects).order_by(t.effects.c.id)
@@ -633,14 +633,38 @@ class Ledger:
         self, conn: Connection, run_id: str, step_key: str | None, kind: str, data: Any
     ) -> None:
         conn.execute(
-            t.events.insert().values(
-                run_id=run_id,
-                step_key=step_key,
-                kind=kind,
-                data=None if data is None else dumps(data),
-                at=now(),
-            )
+            _INSERT_EVENT,
+            {
+                "run_id": run_id,
+                "step_key": step_key,
+                "kind": kind,
+                "data": None if data is None else dumps(data),
+                "at": now(),
+            },
         )
+
+
+# The statements of every step, built once: building a Core statement per call costs
+# more Python than the database needs to run it.
+_COMPLETE_STEP = (
+    update(t.steps)
+    .where(t.steps.c.run_id == bindparam("b_run"), t.steps.c.step_key == bindparam("b_key"))
+    .values(
+        status="completed", output=bindparam("output"), completed_at=bindparam("stamp"), error=None
+    )
+)
+_COMPLETE_ATTEMPT = (
+    update(t.attempts)
+    .where(t.attempts.c.id == bindparam("b_id"))
+    .values(status="completed", ended_at=bindparam("stamp"))
+)
+_INSERT_EVENT = t.events.insert()
+_INSERT_ATTEMPT = t.attempts.insert().returning(t.attempts.c.id)
+_FINISH_EFFECT = (
+    update(t.effects)
+    .where(t.effects.c.idempotency_key == bindparam("b_key"))
+    .values(status="done", result=bindparam("result"), completed_at=bindparam("stamp"))
+)
 
 
 def _outputs(checkpoints: Iterable[Checkpoint]) -> dict[str, dict[str, Any]]:

@@ -142,19 +142,22 @@ def execute_step(
     idem_key: str | None = None
     render_error: TemplateRenderError | None = None
     with ledger.begin() as conn:
-        ledger.ensure_run(
-            run_id=run.run_id,
-            dag_id=run.dag_id,
-            workflow=spec.name,
-            version=spec.version,
-            params=params,
-            trigger_kind=run.trigger_kind,
-            retry_of=run.retry_of,
-            conn=conn,
-        )
         checkpoint, outputs = ledger.checkpoint_and_outputs(
             run.run_id, key, referenced_steps(spec, step.id), conn
         )
+        if checkpoint is None and not outputs:
+            # No row of this run was read: it may be the run's first step. (A checkpoint
+            # or an upstream output proves an earlier task registered the run.)
+            ledger.ensure_run(
+                run_id=run.run_id,
+                dag_id=run.dag_id,
+                workflow=spec.name,
+                version=spec.version,
+                params=params,
+                trigger_kind=run.trigger_kind,
+                retry_of=run.retry_of,
+                conn=conn,
+            )
         if checkpoint is not None and checkpoint.status == "completed":
             ledger.record_event(run.run_id, key, "checkpoint_reused", None, conn=conn)
             return StepResult("reused", checkpoint.output, checkpoint.idempotency_key)
