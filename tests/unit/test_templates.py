@@ -212,3 +212,41 @@ def test_render_agrees_with_load_time_analysis() -> None:
 def test_param_named_like_a_dict_method_resolves_to_the_param(name: str) -> None:
     """``params.<name>`` is the declared param's value for every valid param name."""
     assert evaluate(f"params.{name}", {"params": {name: [1, 2]}}) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "params.order_id",
+        "params.items",
+        "params.nested.deep",
+        "steps.a.output.value",
+        "steps.a.output",
+        "steps.a.status",
+        "params.missing",
+        "steps.zzz.output",
+        "steps.a.output.value.real",
+        "steps.a.output.__class__",
+        "params.nested.keys",
+    ],
+)
+def test_path_fast_path_agrees_with_the_sandbox(expression: str) -> None:
+    """A plain dotted path is resolved without compiling a template; its value, or the
+    error it raises, is the sandbox's own."""
+    from jinja2.exceptions import SecurityError, UndefinedError
+
+    from ledgerflow.spec.templates import evaluate, evaluate_compiled
+
+    context = {
+        "params": {"order_id": "o-1", "items": [1, 2], "nested": {"deep": 3}},
+        "steps": {"a": {"status": "completed", "output": {"value": 7}}},
+    }
+
+    def outcome(fn: Any) -> Any:
+        try:
+            value = fn(expression, context)
+        except (UndefinedError, SecurityError) as exc:
+            return ("error", type(exc).__name__ == "UndefinedError")
+        return ("value", value if not callable(value) else "callable")
+
+    assert outcome(evaluate) == outcome(evaluate_compiled)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -139,13 +140,38 @@ def _expression(source: str) -> Any:
     return environment().compile_expression(source, undefined_to_none=False)
 
 
-def evaluate(expression: str, context: dict[str, Any]) -> Any:
-    """Evaluate a bare Jinja expression to a Python value."""
+_PATH = re.compile(r"^\s*([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*$")
+_MISSING = object()
+
+
+def _lookup_path(path: str, context: dict[str, Any]) -> Any:
+    """``steps.a.output.b`` the way the sandbox resolves it (keys before attributes),
+    without compiling a template: most templates are exactly such a path."""
+    head, *rest = path.split(".")
+    value = context[head]
+    for name in rest:
+        found = value.get(name, _MISSING) if isinstance(value, dict) else _MISSING
+        if found is _MISSING:
+            # Not a plain key: the sandbox decides (attributes, errors, refusals).
+            return evaluate_compiled(path, context)
+        value = found
+    return value
+
+
+def evaluate_compiled(expression: str, context: dict[str, Any]) -> Any:
     compiled = _expression(expression.strip())
     result = compiled(**context)
     if isinstance(result, StrictUndefined):
         str(result)  # raises UndefinedError naming the missing variable
     return result
+
+
+def evaluate(expression: str, context: dict[str, Any]) -> Any:
+    """Evaluate a bare Jinja expression to a Python value."""
+    path = _PATH.match(expression)
+    if path and path.group(1).split(".")[0] in context:
+        return _lookup_path(path.group(1), context)
+    return evaluate_compiled(expression, context)
 
 
 __all__ = [

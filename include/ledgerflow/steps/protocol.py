@@ -211,7 +211,10 @@ def execute_step(
                 )
             elif keyed and not tool.is_transactional(args):
                 assert idem_key is not None
-                done = ledger.effect(idem_key, conn)
+                claimed = ledger.claim_effect(
+                    conn, key=idem_key, tool=tool.name, run_id=run.run_id, step_key=key
+                )
+                done = None if claimed else ledger.effect(idem_key, conn)
                 if done is not None and done.status == "done":
                     ledger.complete_step(
                         conn,
@@ -222,9 +225,6 @@ def execute_step(
                         reused=True,
                     )
                     return StepResult("completed", done.result, idem_key, effect_reused=True)
-                ledger.claim_effect(
-                    conn, key=idem_key, tool=tool.name, run_id=run.run_id, step_key=key
-                )
     if return_skip:
         raise StepSkipped(f"`when: {step.when}` is false")
     if render_error is not None:
