@@ -140,6 +140,22 @@ def cmd_effects(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
+    if args.retry is not None:
+        from ledgerflow.deadletters import default_dags_folder, retry_dead_letter
+        from ledgerflow.errors import LedgerflowError
+
+        folder = Path(args.dags_folder) if args.dags_folder else default_dags_folder()
+        try:
+            result = retry_dead_letter(_ledger(args), args.retry, folder)
+        except LedgerflowError as exc:
+            print(f"cannot re-run: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:
+            print(f"the step failed again: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        print(f"dead letter {args.retry}: step {result.status}, resolved")
+        print(json.dumps(result.output, default=str))
+        return 0
     rows = _ledger(args).dead_letters(None if args.all else "open")
     _print(
         rows, args.json, ["id", "workflow", "run_id", "step_key", "attempts", "error_type", "error"]
@@ -195,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dead-letters", help="steps that exhausted their attempts")
     ledger_args(p)
     p.add_argument("--all", action="store_true", help="include resolved ones")
+    p.add_argument(
+        "--retry",
+        type=int,
+        metavar="ID",
+        help="run dead letter ID's step once more, here, under the same idempotency key",
+    )
+    p.add_argument(
+        "--dags-folder",
+        help="where workflows/<name>/v<N>.yaml live (default: $AIRFLOW__CORE__DAGS_FOLDER or ./dags)",
+    )
     p.set_defaults(func=cmd_dead_letters)
     return parser
 

@@ -66,6 +66,18 @@ steps:
     args: {value: "{{ steps.reserve.output | map(attribute='sku') | join(',') }}"}
 """
 
+# A step whose first try outlives its timeout.
+SLOW = """
+name: slow
+version: 1
+steps:
+  - id: wait
+    tool: demo.sleep
+    args: {seconds: 30, first_tries: 1}
+    timeout: 2s
+    retry: {max_attempts: 2, backoff: {initial: 1s}}
+"""
+
 
 def add_workflow(dags: Path, name: str, body: str) -> None:
     folder = dags / "workflows" / name
@@ -102,6 +114,7 @@ def stack(
     shutil.copytree(ROOT / "dags", dags, ignore=shutil.ignore_patterns("__pycache__"))
     add_workflow(dags, "flaky_http", FLAKY.format(url=peer.url))
     add_workflow(dags, "fanout", FANOUT)
+    add_workflow(dags, "slow", SLOW)
     stack = AirflowStack(
         dags_folder=dags,
         home=base / "home",
@@ -109,6 +122,7 @@ def stack(
     )
     with stack:
         stack.wait_for_dags(
-            ["checkout__v1", "nightly_report__v1", "flaky_http__v1", "fanout__v1"], timeout=180
+            ["checkout__v1", "nightly_report__v1", "flaky_http__v1", "fanout__v1", "slow__v1"],
+            timeout=180,
         )
         yield stack

@@ -477,3 +477,75 @@ steps:
     ]
     assert [d["step_key"] for d in ledger.dead_letters()] == ["b"]
     assert count(ledger, "SELECT COUNT(*) FROM demo_emails") == 0
+
+
+def test_a_timeout_is_a_recorded_retryable_failure(ledger: Ledger, tmp_path: Path) -> None:
+    """Airflow's timeout (AirflowTaskTimeout, a BaseException) raised inside the tool is
+    recorded as a failed attempt of its own type, not left running; it is retryable."""
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+
+    from ledgerflow.steps.retry import is_non_retryable
+    from ledgerflow.tools.registry import tool
+
+    @tool("test.times_out", behaviour="natural")
+    def times_out(ctx: Any) -> None:
+        raise AirflowTaskTimeout("Timeout, PID: 1")
+
+    spec = _spec(
+        tmp_path,
+        """
+name: to
+version: 1
+steps:
+  - id: wait
+    tool: test.times_out
+""",
+    )
+    run = RunRef(run_id="to__v1/r", dag_id="to__v1")
+    with pytest.raises(AirflowTaskTimeout) as raised:
+        execute_step(ledger, spec, spec.steps[0], run, params={}, max_attempts=2)
+    attempts = ledger.attempts(run.run_id, "wait")
+    assert [(a["status"], a["error_type"].rsplit(".", 1)[-1]) for a in attempts] == [
+        ("failed", "AirflowTaskTimeout")
+    ]
+    assert not is_non_retryable(raised.value, spec.retry_for(spec.steps[0]))
+    assert ledger.dead_letters() == []
+
+
+def test_a_dead_letter_can_be_re_run_from_the_cli(ledger: Ledger, tmp_path: Path) -> None:
+    """`ledgerflow dead-letters --retry ID` runs the step again under the same key; when the
+    cause is gone it completes once and the letter is resolved; a second retry is refused."""
+    import shutil
+
+    from ledgerflow.cli import main
+
+    dags = tmp_path / "dags"
+    shutil.copytree(ROOT / "dags" / "workflows" / "checkout", dags / "workflows" / "checkout")
+    spec = load_workflow(dags / "workflows" / "checkout" / "v1.yaml")
+    params = params_for(spec, order_id="o-dl-retry", decline_card=True)
+    run = run_ref("dlr")
+    ledger.ensure_run(
+        run_id=run.run_id,
+        dag_id=run.dag_id,
+        workflow="checkout",
+        version=1,
+        params={**params, "decline_card": False},
+        trigger_kind="manual",
+    )
+    with pytest.raises(NonRetryableError):
+        execute_step(ledger, spec, spec.step("charge_payment"), run, params=params, max_attempts=1)
+    (letter,) = ledger.dead_letters()
+    argv = [
+        "dead-letters",
+        "--url",
+        ledger.url,
+        "--dags-folder",
+        str(dags),
+        "--retry",
+        str(letter["id"]),
+    ]
+    assert main(argv) == 0
+    assert count(ledger, "SELECT COUNT(*) FROM demo_payments WHERE order_id='o-dl-retry'") == 1
+    assert ledger.dead_letters() == []
+    assert ledger.checkpoint(run.run_id, "charge_payment").status == "completed"  # type: ignore[union-attr]
+    assert main(argv) == 2  # resolved: not open any more

@@ -81,7 +81,17 @@ def test_dag_matches_its_spec(repo_bag: Any, yaml_path: Path) -> None:
     assert {"ledgerflow", f"workflow:{spec.name}", *spec.tags} <= set(dag.tags)
     assert dag.doc_md and f"## {spec.name} v{spec.version}" in dag.doc_md
     assert _rel(yaml_path) in dag.doc_md
-    assert set(dag.task_dict) == {s.id for s in spec.steps}
+    forward = {t for t in dag.task_dict if not dag.task_dict[t].is_teardown}
+    assert forward == {s.id for s in spec.steps}
+    undoable = [s.id for s in spec.steps if s.compensate is not None]
+    teardowns = [t for t in dag.task_dict if dag.task_dict[t].is_teardown]
+    if undoable:
+        # Compensations in reverse step order, then the saga's outcome: all teardowns.
+        assert teardowns == [f"compensate__{i}" for i in reversed(undoable)] + ["saga__finish"]
+        first = dag.get_task(teardowns[0])
+        assert set(first.upstream_task_ids) == forward
+    else:
+        assert teardowns == []
     for step in spec.steps:
         task = dag.get_task(step.id)
         policy = spec.retry_for(step)
@@ -240,10 +250,10 @@ def test_step_references_recorded_at_validation_match_the_templates() -> None:
     from ledgerflow.spec.validate import _REFERENCES, load_workflow, referenced_steps
 
     spec = load_workflow(DAGS / "workflows" / "checkout" / "v1.yaml")
-    recorded = {s.id: referenced_steps(spec, s.id) for s in spec.steps}
+    recorded = {s.id: referenced_steps(spec, s) for s in spec.steps}
     for step in spec.steps:
         del _REFERENCES[(id(spec), step.id)]
-    recomputed = {s.id: referenced_steps(spec, s.id) for s in spec.steps}
+    recomputed = {s.id: referenced_steps(spec, s) for s in spec.steps}
     assert (
         recorded
         == recomputed

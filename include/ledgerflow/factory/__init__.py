@@ -83,6 +83,7 @@ def build_dag(spec: WorkflowSpec, yaml_path: Path | None = None) -> DAG:
 
     from ledgerflow.steps.operator import ForEachItemsOperator, StepOperator
     from ledgerflow.steps.retry import StepRetryPolicy
+    from ledgerflow.steps.saga import step_failed
     from ledgerflow.tools.registry import get_tool
 
     tz = pendulum.timezone(spec.timezone)
@@ -122,6 +123,7 @@ def build_dag(spec: WorkflowSpec, yaml_path: Path | None = None) -> DAG:
                 "retry_policy": StepRetryPolicy(policy, tool.non_retryable),
                 "execution_timeout": spec.timeout_for(step),
                 "doc_md": step.description,
+                "on_failure_callback": step_failed,
             }
             rule = "none_failed_min_one_success" if step.needs else "all_success"
             if step.for_each is None:
@@ -141,7 +143,65 @@ def build_dag(spec: WorkflowSpec, yaml_path: Path | None = None) -> DAG:
             for need in step.needs:
                 tail = tasks[need][1] if isinstance(tasks[need], tuple) else tasks[need]
                 tail >> head
+        _add_compensations(spec, tasks)
     return dag
+
+
+def topological_order(spec: WorkflowSpec) -> list[str]:
+    """Step ids, each after everything it needs (ties in file order)."""
+    done: list[str] = []
+    placed: set[str] = set()
+    remaining = list(spec.steps)
+    while remaining:
+        for step in remaining:
+            if set(step.needs) <= placed:
+                done.append(step.id)
+                placed.add(step.id)
+                remaining.remove(step)
+                break
+    return done
+
+
+def _add_compensations(spec: WorkflowSpec, tasks: dict[str, Any]) -> None:
+    """compensate__<step> teardown tasks in reverse order, then saga__finish."""
+    from ledgerflow.steps.retry import StepRetryPolicy
+    from ledgerflow.steps.saga import (
+        CompensationOperator,
+        SagaFinishOperator,
+        compensation_step,
+        compensation_task_id,
+    )
+    from ledgerflow.tools.registry import get_tool
+
+    order = [spec.step(i) for i in reversed(topological_order(spec))]
+    undoable = [s for s in order if s.compensate is not None]
+    if not undoable:
+        return
+    forward: list[Any] = []
+    for item in tasks.values():
+        forward.extend(item if isinstance(item, tuple) else [item])
+    forward_ids = [t.task_id for t in forward]
+    previous: Any = None
+    for step in undoable:
+        undo = compensation_step(spec, step, None)
+        policy = spec.retry_for(undo)
+        task = CompensationOperator(
+            task_id=compensation_task_id(step.id),
+            step_id=step.id,
+            forward_task_ids=forward_ids,
+            first=previous is None,
+            retries=policy.max_attempts - 1,
+            retry_delay=policy.backoff.initial,
+            retry_policy=StepRetryPolicy(policy, get_tool(undo.tool).non_retryable),
+            execution_timeout=spec.timeout_for(step),
+            doc_md=f"Undoes `{step.id}` with `{undo.tool}` if the run fails after it completed.",
+        ).as_teardown()
+        if previous is None:
+            forward >> task
+        else:
+            previous >> task
+        previous = task
+    previous >> SagaFinishOperator(task_id="saga__finish").as_teardown()
 
 
 def _finish_run(context: Any) -> None:

@@ -40,6 +40,9 @@ runs = Table(
     Column("status", String(40), nullable=False, server_default="running"),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # The saga: none, compensating, compensated or compensation_failed (migration 3).
+    Column("saga", String(40)),
+    Column("failed_step", String(250)),
     Index("lf_runs_workflow", "workflow", "version"),
 )
 
@@ -125,6 +128,18 @@ events = Table(
     Index("lf_events_run", "run_id", "id"),
 )
 
+# One row per forward step of a failed run: what the saga did about it.
+compensations = Table(
+    "lf_compensations",
+    metadata,
+    Column("run_id", String(250), primary_key=True),
+    Column("step_key", String(250), primary_key=True),
+    Column("tool", String(200)),
+    Column("status", String(40), nullable=False),
+    Column("detail", Text),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
 schema_version = Table(
     "lf_schema_version",
     metadata,
@@ -174,8 +189,19 @@ def _v2_demo(conn: Connection) -> None:
         )
 
 
+def _v3_saga(conn: Connection) -> None:
+    from sqlalchemy import inspect
+
+    have = {c["name"] for c in inspect(conn).get_columns("lf_runs")}
+    for name, kind in (("saga", "VARCHAR(40)"), ("failed_step", "VARCHAR(250)")):
+        if name not in have:  # databases created before this migration
+            conn.execute(text(f"ALTER TABLE lf_runs ADD COLUMN {name} {kind}"))
+    compensations.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "ledger tables", _v1),
     (2, "demo tables of the example workflows", _v2_demo),
+    (3, "saga state and compensation records", _v3_saga),
 ]
 LATEST = MIGRATIONS[-1][0]

@@ -295,6 +295,69 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
+    # -- the saga ---------------------------------------------------------------
+
+    def start_saga(self, run_id: str, failed_step: str | None) -> bool:
+        """Mark the run's saga ``compensating`` (once); True when this call did it."""
+        with self.begin() as conn:
+            changed = conn.execute(
+                update(t.runs)
+                .where(t.runs.c.run_id == run_id, t.runs.c.saga.is_(None))
+                .values(saga="compensating", failed_step=failed_step, updated_at=now())
+            ).rowcount
+            if changed:
+                self._event(conn, run_id, failed_step, "saga_compensating", None)
+        return bool(changed)
+
+    def finish_saga(self, run_id: str) -> str | None:
+        """``compensated`` or ``compensation_failed`` from the compensation records."""
+        with self.begin() as conn:
+            saga = conn.execute(select(t.runs.c.saga).where(t.runs.c.run_id == run_id)).scalar()
+            if saga != "compensating":
+                return saga
+            statuses = {
+                r[0]
+                for r in conn.execute(
+                    select(t.compensations.c.status).where(t.compensations.c.run_id == run_id)
+                )
+            }
+            outcome = "compensation_failed" if "failed" in statuses else "compensated"
+            conn.execute(
+                update(t.runs)
+                .where(t.runs.c.run_id == run_id)
+                .values(saga=outcome, updated_at=now())
+            )
+            self._event(conn, run_id, None, f"saga_{outcome}", None)
+        return outcome
+
+    def record_compensation(
+        self,
+        run_id: str,
+        step_key: str,
+        status: str,
+        tool: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        with self.begin() as conn:
+            values = {"tool": tool, "status": status, "detail": detail, "updated_at": now()}
+            insert = self._insert(t.compensations).values(
+                run_id=run_id, step_key=step_key, **values
+            )
+            conn.execute(
+                insert.on_conflict_do_update(
+                    index_elements=[t.compensations.c.run_id, t.compensations.c.step_key],
+                    set_=values,
+                )
+            )
+            self._event(conn, run_id, step_key, f"compensation_{status}", None)
+
+    def compensations(self, run_id: str) -> dict[str, dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.compensations).where(t.compensations.c.run_id == run_id)
+            ).mappings()
+            return {r["step_key"]: dict(r) for r in rows}
+
     # -- checkpoints ------------------------------------------------------------
 
     def checkpoint(
@@ -610,6 +673,30 @@ class Ledger:
             query = query.where(t.dead_letters.c.status == status)
         with self.engine.connect() as conn:
             return [{**r, "args": loads(r["args"])} for r in conn.execute(query).mappings()]
+
+    def dead_letter_by_id(self, letter_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(select(t.dead_letters).where(t.dead_letters.c.id == letter_id))
+                .mappings()
+                .first()
+            )
+        return None if row is None else {**row, "args": loads(row["args"])}
+
+    def resolve_dead_letter(self, letter_id: int, how: str) -> None:
+        with self.begin() as conn:
+            row = conn.execute(
+                select(t.dead_letters.c.run_id, t.dead_letters.c.step_key).where(
+                    t.dead_letters.c.id == letter_id
+                )
+            ).first()
+            conn.execute(
+                update(t.dead_letters)
+                .where(t.dead_letters.c.id == letter_id)
+                .values(status="resolved")
+            )
+            if row is not None:
+                self._event(conn, row[0], row[1], "dead_letter_resolved", {"how": how})
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

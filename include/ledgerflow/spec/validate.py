@@ -66,16 +66,15 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
 _REFERENCES: dict[tuple[int, str], tuple[WorkflowSpec, frozenset[str]]] = {}
 
 
-def referenced_steps(spec: WorkflowSpec, step_id: str) -> frozenset[str]:
+def referenced_steps(spec: WorkflowSpec, step: ToolStep) -> frozenset[str]:
     """The steps whose outputs a step's own templates read (args, key, when, for_each).
 
     Recorded while the spec is validated, so a running step loads only those outputs
     without analysing its templates again; computed here for a spec never validated.
     """
-    cached = _REFERENCES.get((id(spec), step_id))
+    cached = _REFERENCES.get((id(spec), step.id))
     if cached is not None and cached[0] is spec:
         return cached[1]
-    step = spec.step(step_id)
     sources = [value for _, value in iter_strings(step.args) if is_template(value)]
     key = getattr(step.idempotency, "key", None)
     if key is not None:
@@ -86,7 +85,7 @@ def referenced_steps(spec: WorkflowSpec, step_id: str) -> frozenset[str]:
     for expression in (step.when, step.for_each):
         if expression is not None:
             refs |= analyse_expression(expression).steps
-    _REFERENCES[(id(spec), step_id)] = (spec, frozenset(refs))
+    _REFERENCES[(id(spec), step.id)] = (spec, frozenset(refs))
     return frozenset(refs)
 
 
@@ -202,6 +201,12 @@ def _check_tool_step(
                 spec, source, (*loc, name), upstream, allowed - {"item", "index"}, errors, expr=True
             )
     if step.compensate is not None:
+        if step.for_each is not None:
+            errors.add(
+                (*loc, "compensate"),
+                "compensate is not supported on a for_each step yet: compensate a step that "
+                "handles the whole list, or drop for_each",
+            )
         _check_compensate(spec, step, step.compensate, (*loc, "compensate"), upstream, errors)
 
 

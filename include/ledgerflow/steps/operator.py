@@ -112,7 +112,7 @@ class ForEachItemsOperator(BaseOperator):
             retry_of=run.retry_of,
         )
         ctx = template_context(
-            ledger, spec, run, params, None, -1, step_ids=referenced_steps(spec, step.id)
+            ledger, spec, run, params, None, -1, step_ids=referenced_steps(spec, step)
         )
         if step.when is not None and not evaluate(step.when, ctx):
             ledger.mark_step(

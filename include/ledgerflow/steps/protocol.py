@@ -26,7 +26,7 @@ from jinja2 import TemplateError
 from sqlalchemy import Connection
 
 from ledgerflow import faults
-from ledgerflow.errors import NonRetryableError
+from ledgerflow.errors import InjectedFault, NonRetryableError
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import KeyedIdempotency, ToolStep, WorkflowSpec
 from ledgerflow.spec.templates import evaluate, render_value
@@ -143,7 +143,7 @@ def execute_step(
     render_error: TemplateRenderError | None = None
     with ledger.begin() as conn:
         checkpoint, outputs = ledger.checkpoint_and_outputs(
-            run.run_id, key, referenced_steps(spec, step.id), conn
+            run.run_id, key, referenced_steps(spec, step), conn
         )
         if checkpoint is None and not outputs:
             # No row of this run was read: it may be the run's first step. (A checkpoint
@@ -246,7 +246,11 @@ def execute_step(
         else:
             output, reused = _run_keyed(ledger, tool, ctx, args, run, key, attempt_id, keyed)
         return StepResult("completed", output, idem_key, effect_reused=reused)
-    except Exception as error:
+    except BaseException as error:
+        # A timeout (AirflowTaskTimeout is a BaseException) is a failed attempt; a crash
+        # signal or an interpreter exit is not: the next attempt marks that one lost.
+        if isinstance(error, InjectedFault | KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
         final = (
             bool(is_final_attempt(error))
             if callable(is_final_attempt)

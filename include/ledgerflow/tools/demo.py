@@ -99,8 +99,13 @@ def charge_payment(
 
 
 @tool("demo.refund_payment", transactional=True)
-def refund_payment(ctx: ToolContext, payment_id: int) -> dict[str, Any]:
-    """Refund a payment (the compensation of ``demo.charge_payment``)."""
+def refund_payment(ctx: ToolContext, payment_id: int, fail_times: int = 0) -> dict[str, Any]:
+    """Refund a payment (the compensation of ``demo.charge_payment``).
+
+    ``fail_times``: the demo's switch for a flaky refund API (the first N tries fail).
+    """
+    if ctx.try_number <= fail_times:
+        raise ToolError(f"refund API unavailable (try {ctx.try_number} of the first {fail_times})")
     db = ctx.require_db()
     changed = db.execute(
         text("UPDATE demo_payments SET status = 'refunded' WHERE id = :id AND status = 'captured'"),
@@ -197,3 +202,11 @@ def store_report(
 def noop(ctx: ToolContext, value: Any = None) -> dict[str, Any]:
     """Return its input; used by benchmarks to measure the engine, not the tool."""
     return {"value": value}
+
+
+@tool("demo.sleep", behaviour="natural")
+def sleep(ctx: ToolContext, seconds: float, first_tries: int = 1_000_000) -> dict[str, Any]:
+    """Sleep ``seconds`` on the first ``first_tries`` tries (a slow dependency), then return."""
+    slept = seconds if ctx.try_number <= first_tries else 0.0
+    time.sleep(slept)
+    return {"slept": slept}

@@ -1,0 +1,63 @@
+"""Re-running a dead-lettered step by hand."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ledgerflow.errors import LedgerflowError
+from ledgerflow.ledger.store import Ledger
+
+
+def workflow_file(dags_folder: Path, workflow: str, version: int) -> Path:
+    return dags_folder / "workflows" / workflow / f"v{version}.yaml"
+
+
+def default_dags_folder() -> Path:
+    return Path(os.environ.get("AIRFLOW__CORE__DAGS_FOLDER") or "dags")
+
+
+def retry_dead_letter(ledger: Ledger, letter_id: int, dags_folder: Path) -> Any:
+    """Run the step of dead letter ``letter_id`` once more, here, under the same
+    idempotency key (an effect that did happen is not repeated); on success the letter
+    is resolved. Returns the step's result; raises the step's error otherwise."""
+    from ledgerflow.spec.validate import load_workflow
+    from ledgerflow.steps.protocol import RunRef, execute_step
+    from ledgerflow.steps.saga import compensation_step
+
+    letter = ledger.dead_letter_by_id(letter_id)
+    if letter is None:
+        raise LedgerflowError(f"no dead letter {letter_id}")
+    if letter["status"] != "open":
+        raise LedgerflowError(f"dead letter {letter_id} is {letter['status']}, not open")
+    run = ledger.run(letter["run_id"])
+    if run is None:
+        raise LedgerflowError(
+            f"dead letter {letter_id}: run {letter['run_id']} is not in the ledger"
+        )
+    spec = load_workflow(workflow_file(dags_folder, letter["workflow"], letter["version"]))
+    step_key: str = letter["step_key"]
+    if "[" in step_key:
+        raise LedgerflowError(
+            f"{step_key}: re-running one item of a for_each step is not supported yet"
+        )
+    if step_key.startswith("compensate__"):
+        original = spec.step(step_key.removeprefix("compensate__"))
+        checkpoint = ledger.checkpoint(letter["run_id"], original.id)
+        step = compensation_step(spec, original, checkpoint.idempotency_key if checkpoint else None)
+    else:
+        step = spec.step(step_key)
+    attempts = int(letter["attempts"]) + 1
+    result = execute_step(
+        ledger,
+        spec,
+        step,
+        RunRef(run_id=run["run_id"], dag_id=run["dag_id"], trigger_kind=run["trigger_kind"]),
+        params=run["params"],
+        try_number=attempts,
+        max_attempts=attempts,
+        is_final_attempt=lambda _error: False,  # already dead-lettered: do not add another
+    )
+    ledger.resolve_dead_letter(letter_id, "re-run from the CLI")
+    return result

@@ -1,0 +1,179 @@
+"""Saga compensation as real Airflow tasks.
+
+When a run fails after some steps completed, each completed step's ``compensate``
+action runs, in reverse order, as its own task (``compensate__<step>``): visible in the
+grid, retried under its own policy, idempotent under a key derived from the effect it
+undoes. The tasks are Airflow *teardown* tasks: they run once the work is done, whatever
+its outcome, and do not change the run's state, so a failed run stays failed.
+
+The failing step's failure callback records the failure and marks the saga
+``compensating``; the first compensation task also checks Airflow's own task states (a
+task killed on its last try may never have run its callback). ``saga__finish`` records
+``compensated`` or ``compensation_failed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from ledgerflow.spec.models import KeyedIdempotency, ToolStep, WorkflowSpec
+
+FAILED_STATES = frozenset({"failed", "upstream_failed"})
+
+
+def compensation_task_id(step_id: str) -> str:
+    return f"compensate__{step_id}"
+
+
+def compensation_step(spec: WorkflowSpec, step: ToolStep, effect_key: str | None) -> ToolStep:
+    """The compensate action as a step of its own, keyed by the effect it undoes."""
+    call = step.compensate
+    assert call is not None
+    key = effect_key or f"{{{{ run.id }}}}:{step.id}"
+    return ToolStep(
+        id=compensation_task_id(step.id),
+        tool=call.tool,
+        args=call.args,
+        idempotency=call.idempotency or KeyedIdempotency(key=key),
+        retry=call.retry or spec.retry_for(step),
+        timeout=step.timeout,
+    )
+
+
+def run_failed(context: Any, forward_task_ids: list[str]) -> list[str]:
+    """Forward tasks that failed in this run, by Airflow's own states."""
+    ti = context["ti"]
+    dag_run = context["dag_run"]
+    states = ti.get_task_states(
+        dag_id=dag_run.dag_id, run_ids=[dag_run.run_id], task_ids=forward_task_ids
+    )
+    by_task = states.get(dag_run.run_id, states) if isinstance(states, dict) else {}
+    failed = []
+    for task_id, state in by_task.items():
+        # Mapped tasks answer {task_id: {map_index: state}} or "task_id_<i>" keys.
+        values = state.values() if isinstance(state, dict) else [state]
+        if any(str(v) in FAILED_STATES for v in values):
+            failed.append(str(task_id))
+    return sorted(failed)
+
+
+def step_failed(context: Any) -> None:
+    """Failure callback of every forward step: record the failure, start the saga."""
+    from ledgerflow.ledger.store import Ledger
+    from ledgerflow.steps.operator import run_ref
+
+    run = run_ref(context)
+    ledger = Ledger.from_airflow()
+    ledger.migrate()
+    ti = context["ti"]
+    ledger.record_event(run.run_id, ti.task_id, "step_failed_final", {"try_number": ti.try_number})
+    ledger.start_saga(run.run_id, ti.task_id)
+
+
+class CompensationOperator(BaseOperator):
+    """Undoes one completed step of a failed run (a teardown task)."""
+
+    ui_color = "#fbe9e7"
+    template_fields = ()
+
+    def __init__(
+        self, *, step_id: str, forward_task_ids: list[str], first: bool, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.step_id = step_id
+        self.forward_task_ids = forward_task_ids
+        self.first = first
+
+    def execute(self, context: Any) -> Any:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from ledgerflow.factory import spec_for_dag
+        from ledgerflow.ledger.store import Ledger
+        from ledgerflow.steps.operator import run_ref
+        from ledgerflow.steps.protocol import execute_step
+        from ledgerflow.steps.retry import is_non_retryable
+        from ledgerflow.tools.registry import get_tool
+
+        spec = spec_for_dag(self.dag_id)
+        step = spec.step(self.step_id)
+        run = run_ref(context)
+        ledger = Ledger.from_airflow()
+        ledger.migrate()
+        saga = (ledger.run(run.run_id) or {}).get("saga")
+        if saga is None:
+            failed = run_failed(context, self.forward_task_ids)
+            if not failed:
+                raise AirflowSkipException("the run did not fail: nothing to undo")
+            ledger.start_saga(run.run_id, failed[0])
+        if self.first:
+            self._record_not_compensable(ledger, spec, run.run_id)
+        checkpoint = ledger.checkpoint(run.run_id, step.id)
+        if checkpoint is None or checkpoint.status != "completed":
+            ledger.record_compensation(
+                run.run_id, step.id, "not_needed", detail="the step did not complete"
+            )
+            raise AirflowSkipException(f"step {step.id} did not complete: nothing to undo")
+        undo = compensation_step(spec, step, checkpoint.idempotency_key)
+        ti = context["ti"]
+        retries = self.retries or 0
+        policy = spec.retry_for(undo)
+        tool_errors = get_tool(undo.tool).non_retryable
+
+        def final(error: BaseException) -> bool:
+            return ti.try_number > retries or is_non_retryable(error, policy, tool_errors)
+
+        ledger.record_compensation(run.run_id, step.id, "running", tool=undo.tool)
+        try:
+            result = execute_step(
+                ledger,
+                spec,
+                undo,
+                run,
+                params=dict(context["params"]),
+                try_number=ti.try_number,
+                max_attempts=retries + 1,
+                is_final_attempt=final,
+            )
+        except BaseException as error:
+            if isinstance(error, Exception) and final(error):
+                ledger.record_compensation(
+                    run.run_id,
+                    step.id,
+                    "failed",
+                    tool=undo.tool,
+                    detail=f"{type(error).__name__}: {error}",
+                )
+            raise
+        ledger.record_compensation(run.run_id, step.id, "completed", tool=undo.tool)
+        return result.output
+
+    def _record_not_compensable(self, ledger: Any, spec: WorkflowSpec, run_id: str) -> None:
+        done = {c.step_id for c in ledger.checkpoints(run_id) if c.status == "completed"}
+        for step in spec.steps:
+            if step.compensate is None and step.id in done:
+                ledger.record_compensation(
+                    run_id, step.id, "not_compensable", detail="completed, declares no compensate"
+                )
+
+
+class SagaFinishOperator(BaseOperator):
+    """Records the saga's outcome once every compensation task is done (a teardown task)."""
+
+    ui_color = "#fbe9e7"
+    template_fields = ()
+
+    def execute(self, context: Any) -> str:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from ledgerflow.ledger.store import Ledger
+        from ledgerflow.steps.operator import run_ref
+
+        ledger = Ledger.from_airflow()
+        ledger.migrate()
+        outcome = ledger.finish_saga(run_ref(context).run_id)
+        if outcome is None:
+            raise AirflowSkipException("no saga: the run did not fail")
+        self.log.info("saga %s", outcome)
+        return outcome
