@@ -140,6 +140,17 @@ compensations = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+# Circuit breakers, shared by every worker.
+breakers = Table(
+    "lf_breakers",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("state", String(20), nullable=False),
+    Column("failures", Integer, nullable=False),
+    Column("open_until", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
 schema_version = Table(
     "lf_schema_version",
     metadata,
@@ -203,5 +214,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "ledger tables", _v1),
     (2, "demo tables of the example workflows", _v2_demo),
     (3, "saga state and compensation records", _v3_saga),
+    (4, "circuit breakers", lambda conn: breakers.create(conn, checkfirst=True)),
 ]
 LATEST = MIGRATIONS[-1][0]

@@ -81,6 +81,19 @@ class RetryPolicySpec(_Model):
         return value
 
 
+class BreakerSpec(_Model):
+    """A circuit breaker: after ``failures`` consecutive failed calls (across runs) it opens
+    for ``cooldown``; steps meeting it wait (deferred, no worker slot); then one trial call
+    is let through: success closes it, failure opens it again."""
+
+    name: str | None = None
+    """Calls sharing a name share a breaker (default: the tool's name)."""
+    failures: int = Field(5, ge=1, le=1000)
+    cooldown: Duration = timedelta(seconds=30)
+
+    _parse = field_validator("cooldown", mode="before")(parse_duration)
+
+
 class Defaults(_Model):
     retry: RetryPolicySpec = RetryPolicySpec()
     timeout: Duration = timedelta(minutes=10)
@@ -146,6 +159,7 @@ class _StepBase(_Model):
     """A Jinja expression giving a list; the step runs once per ``item`` (dynamic mapping)."""
     retry: RetryPolicySpec | None = None
     timeout: Duration | None = None
+    breaker: BreakerSpec | None = None
 
     _parse = field_validator("timeout", mode="before")(
         lambda v: None if v is None else parse_duration(v)

@@ -37,6 +37,7 @@ class StepOperator(BaseOperator):
         from airflow.sdk.exceptions import AirflowSkipException
 
         from ledgerflow.factory import spec_for_dag
+        from ledgerflow.ledger.breakers import BreakerOpen
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.steps.protocol import StepSkipped, execute_step
         from ledgerflow.steps.retry import is_non_retryable
@@ -67,6 +68,18 @@ class StepOperator(BaseOperator):
             )
         except StepSkipped as skipped:
             raise AirflowSkipException(str(skipped)) from None
+        except BreakerOpen as wait:
+            # Not a failed attempt and no worker slot held: wait in the triggerer.
+            from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+
+            Ledger.from_airflow().record_event(
+                run_ref(context).run_id,
+                self.step_id,
+                "waiting_for_breaker",
+                {"until": wait.until.isoformat()},
+            )
+            self.log.info("%s; waiting (deferred)", wait)
+            self.defer(trigger=DateTimeTrigger(moment=wait.until), method_name="resume")
         self.log.info(
             "step %s %s (idempotency key %s%s)",
             self.step_id,
@@ -75,6 +88,10 @@ class StepOperator(BaseOperator):
             ", effect reused" if result.effect_reused else "",
         )
         return result.output
+
+    def resume(self, context: Any, event: Any = None) -> Any:
+        """Back from waiting for a circuit breaker: run the step again (same try)."""
+        return self.execute(context)
 
 
 class ForEachItemsOperator(BaseOperator):

@@ -27,6 +27,7 @@ from sqlalchemy import Connection
 
 from ledgerflow import faults
 from ledgerflow.errors import InjectedFault, NonRetryableError
+from ledgerflow.ledger import breakers
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import KeyedIdempotency, ToolStep, WorkflowSpec
 from ledgerflow.spec.templates import evaluate, render_value
@@ -137,6 +138,9 @@ def execute_step(
     ledger.migrate()
     key = step_key(step.id, map_index)
     tool = get_tool(step.tool)
+    breaker = step.breaker or tool.breaker
+    breaker_name = (breaker.name if breaker else None) or tool.name
+    gate = breakers.Pass(trial=False)
     keyed = isinstance(step.idempotency, KeyedIdempotency)
     args: dict[str, Any] = {}
     idem_key: str | None = None
@@ -184,6 +188,9 @@ def execute_step(
             return_skip = True
         else:
             return_skip = False
+            if breaker is not None and render_error is None:
+                # Raises BreakerOpen (before any attempt is recorded) when the call must wait.
+                gate = breakers.acquire(ledger, conn, breaker_name, breaker)
             attempt_id = ledger.begin_attempt(
                 run_id=run.run_id,
                 step_key=key,
@@ -245,12 +252,17 @@ def execute_step(
             )
         else:
             output, reused = _run_keyed(ledger, tool, ctx, args, run, key, attempt_id, keyed)
+        if breaker is not None:
+            breakers.record(ledger, breaker_name, breaker, success=True, trial=gate.trial)
         return StepResult("completed", output, idem_key, effect_reused=reused)
     except BaseException as error:
         # A timeout (AirflowTaskTimeout is a BaseException) is a failed attempt; a crash
         # signal or an interpreter exit is not: the next attempt marks that one lost.
         if isinstance(error, InjectedFault | KeyboardInterrupt | SystemExit | GeneratorExit):
             raise
+        if breaker is not None and not isinstance(error, NonRetryableError):
+            # Bad input says nothing about the tool's health; everything else does.
+            breakers.record(ledger, breaker_name, breaker, success=False, trial=gate.trial)
         final = (
             bool(is_final_attempt(error))
             if callable(is_final_attempt)

@@ -19,6 +19,7 @@ from ledgerflow.errors import LedgerflowError, UnknownToolError
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
+    from ledgerflow.spec.models import BreakerSpec
     from ledgerflow.tools.context import ToolContext
 
 IdempotencyBehaviour = Literal["effect", "natural", "read_only"]
@@ -42,6 +43,7 @@ class Tool:
     transactional: bool | Callable[[dict[str, Any]], bool] = False
     compensate: str | None = None
     non_retryable: tuple[type[BaseException], ...] = ()
+    breaker: BreakerSpec | None = None
     description: str = ""
     params: tuple[str, ...] = field(default=())
     required: tuple[str, ...] = field(default=())
@@ -160,6 +162,7 @@ def tool(
     transactional: bool | Callable[[dict[str, Any]], bool] = False,
     compensate: str | None = None,
     non_retryable: tuple[type[BaseException], ...] = (),
+    breaker: BreakerSpec | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(ctx, **args)`` as the tool ``name``.
 
@@ -181,6 +184,7 @@ def tool(
                 transactional=transactional,
                 compensate=compensate,
                 non_retryable=non_retryable,
+                breaker=breaker,
                 description=(inspect.getdoc(fn) or "").split("\n\n")[0],
                 params=tuple(p.name for p in named),
                 required=tuple(p.name for p in named if p.default is p.empty),
