@@ -25,10 +25,11 @@ version: 1
 description: Calls a service that is busy twice before it answers.
 params:
   order_id: {{type: string, required: true}}
+  path: {{type: string, default: charge}}
 steps:
   - id: charge
     tool: http
-    args: {{url: "{url}/charge", json: {{order: "{{{{ params.order_id }}}}"}}}}
+    args: {{url: "{url}/{{{{ params.path }}}}", json: {{order: "{{{{ params.order_id }}}}"}}}}
     idempotency: {{key: "{{{{ params.order_id }}}}"}}
     retry: {{max_attempts: 4, backoff: {{initial: 1s, multiplier: 2, max: 4s}}}}
   - id: after
@@ -78,6 +79,21 @@ steps:
     retry: {max_attempts: 2, backoff: {initial: 1s}}
 """
 
+# An HTTP step behind a circuit breaker (2 failures open it for 20 s).
+BREAKER = """
+name: breaker_demo
+version: 1
+params:
+  order_id: {{type: string, required: true}}
+steps:
+  - id: call
+    tool: http
+    args: {{url: "{url}/down", json: {{order: "{{{{ params.order_id }}}}"}}}}
+    idempotency: {{key: "{{{{ params.order_id }}}}"}}
+    retry: {{max_attempts: 1}}
+    breaker: {{name: down-api, failures: 2, cooldown: 20s}}
+"""
+
 
 def add_workflow(dags: Path, name: str, body: str) -> None:
     folder = dags / "workflows" / name
@@ -115,6 +131,7 @@ def stack(
     add_workflow(dags, "flaky_http", FLAKY.format(url=peer.url))
     add_workflow(dags, "fanout", FANOUT)
     add_workflow(dags, "slow", SLOW)
+    add_workflow(dags, "breaker_demo", BREAKER.format(url=peer.url))
     stack = AirflowStack(
         dags_folder=dags,
         home=base / "home",
@@ -122,7 +139,14 @@ def stack(
     )
     with stack:
         stack.wait_for_dags(
-            ["checkout__v1", "nightly_report__v1", "flaky_http__v1", "fanout__v1", "slow__v1"],
+            [
+                "checkout__v1",
+                "nightly_report__v1",
+                "flaky_http__v1",
+                "fanout__v1",
+                "slow__v1",
+                "breaker_demo__v1",
+            ],
             timeout=180,
         )
         yield stack

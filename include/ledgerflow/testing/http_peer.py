@@ -2,7 +2,7 @@
 
 ``POST /charge`` (any path but ``/bad``) records one effect per key and answers it again
 for a repeated key; ``/bad`` answers 400; ``fail_first`` makes the first N requests of
-each key answer 503.
+each key answer 503 (not on ``/down``); while ``down`` is set, ``/down`` answers 503.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class IdempotentPeer:
         self.effects: dict[str, dict[str, Any]] = {}
         self.fail_first = fail_first
         self.fail_next = 0
+        self.down = False  # while True, /down answers 503 (an outage)
         self._seen: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -36,10 +37,13 @@ class IdempotentPeer:
             if self.fail_next:
                 self.fail_next -= 1
                 return 503, {"error": "busy"}
-            if self._seen[key] <= self.fail_first:
-                return 503, {"error": f"busy ({self._seen[key]})"}
             if path == "/bad":
                 return 400, {"error": "bad request"}
+            if path == "/down":
+                if self.down:
+                    return 503, {"error": "outage"}
+            elif self._seen[key] <= self.fail_first:
+                return 503, {"error": f"busy ({self._seen[key]})"}
             effect = self.effects.setdefault(key, {"charge_id": len(self.effects) + 1, **body})
             return 200, effect
 
