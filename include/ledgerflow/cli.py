@@ -115,19 +115,23 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"no run {args.run_id!r} in the ledger", file=sys.stderr)
         return 1
     steps = [c.__dict__ for c in ledger.checkpoints(args.run_id)]
+    compensations = list(ledger.compensations(args.run_id).values())
     if args.json:
-        print(
-            json.dumps(
-                {"run": run, "steps": steps, "events": ledger.events(args.run_id)},
-                default=str,
-                indent=2,
-            )
-        )
+        document = {
+            "run": run,
+            "steps": steps,
+            "compensations": compensations,
+            "events": ledger.events(args.run_id),
+        }
+        print(json.dumps(document, default=str, indent=2))
         return 0
-    print(
-        f"{run['run_id']}  {run['workflow']} v{run['version']}  {run['status']}  params={json.dumps(run['params'])}"
-    )
+    saga = f"  saga={run['saga']} (failed at {run['failed_step']})" if run.get("saga") else ""
+    print(f"{run['run_id']}  {run['workflow']} v{run['version']}  {run['status']}{saga}")
+    print(f"params={json.dumps(run['params'])}")
     _print(steps, False, ["step_key", "status", "attempts", "idempotency_key", "output", "error"])
+    if compensations:
+        print()
+        _print(compensations, False, ["step_key", "status", "tool", "detail"])
     return 0
 
 
@@ -159,6 +163,15 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     rows = _ledger(args).dead_letters(None if args.all else "open")
     _print(
         rows, args.json, ["id", "workflow", "run_id", "step_key", "attempts", "error_type", "error"]
+    )
+    return 0
+
+
+def cmd_breakers(args: argparse.Namespace) -> int:
+    from ledgerflow.ledger.breakers import states
+
+    _print(
+        states(_ledger(args)), args.json, ["name", "state", "failures", "open_until", "updated_at"]
     )
     return 0
 
@@ -222,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="where workflows/<name>/v<N>.yaml live (default: $AIRFLOW__CORE__DAGS_FOLDER or ./dags)",
     )
     p.set_defaults(func=cmd_dead_letters)
+
+    p = sub.add_parser("breakers", help="circuit breakers: state, consecutive failures, open until")
+    ledger_args(p)
+    p.set_defaults(func=cmd_breakers)
     return parser
 
 

@@ -122,11 +122,11 @@ def test_crash_between_effect_and_checkpoint_gives_no_second_effect(
 
 
 def test_commit_succeeded_but_caller_saw_an_error(ledger: Ledger, checkout: WorkflowSpec) -> None:
-    """'Committed, then the connection dropped' 20 times over: each retry finds the checkpoint,
+    """'Committed, then the connection dropped' 100 times over: each retry finds the checkpoint,
     and every order is charged exactly once."""
     os.environ["LEDGERFLOW_FAULT"] = "after_commit:raise"
     try:
-        for i in range(20):
+        for i in range(100):
             params = params_for(checkout, order_id=f"o-ac-{i}")
             with pytest.raises(InjectedFault):
                 execute_step(
@@ -149,13 +149,13 @@ def test_commit_succeeded_but_caller_saw_an_error(ledger: Ledger, checkout: Work
             assert again.status == "reused"
     finally:
         os.environ.pop("LEDGERFLOW_FAULT", None)
-    assert count(ledger, "SELECT COUNT(*) FROM demo_payments WHERE order_id LIKE 'o-ac-%'") == 20
+    assert count(ledger, "SELECT COUNT(*) FROM demo_payments WHERE order_id LIKE 'o-ac-%'") == 100
     assert (
         count(
             ledger,
             "SELECT COUNT(DISTINCT order_id) FROM demo_payments WHERE order_id LIKE 'o-ac-%'",
         )
-        == 20
+        == 100
     )
 
 
