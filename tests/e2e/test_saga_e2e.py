@@ -129,3 +129,31 @@ def test_a_timeout_ends_the_attempt_and_is_retried(stack: AirflowStack, ledger: 
     attempts = ledger.attempts(f"slow__v1/{run_id}", "wait")
     assert [a["status"] for a in attempts] == ["failed", "completed"]
     assert attempts[0]["error_type"].endswith("AirflowTaskTimeout")
+
+
+def test_a_compensation_that_keeps_failing_is_dead_lettered_not_dropped(
+    stack: AirflowStack, ledger: Ledger
+) -> None:
+    """A refund that fails on all four tries: the saga ends compensation_failed, the failing
+    compensation is a dead letter (with its key), and the release still runs."""
+    run_id = stack.trigger(
+        "checkout__v1", {"order_id": "saga-4", "fail_shipment": True, "refund_failures": 99}
+    )
+    assert stack.wait_for_run("checkout__v1", run_id, timeout=300) == "failed"
+    s = states(stack, run_id)
+    assert s["compensate__charge_payment"] == ("failed", 4)
+    assert s["compensate__reserve_inventory"] == ("success", 1)
+    ledger_run = f"checkout__v1/{run_id}"
+    assert (ledger.run(ledger_run) or {})["saga"] == "compensation_failed"
+    comps = {k: v["status"] for k, v in ledger.compensations(ledger_run).items()}
+    assert comps["charge_payment"] == "failed" and comps["reserve_inventory"] == "completed"
+    letters = [d for d in ledger.dead_letters() if d["run_id"] == ledger_run]
+    assert [(d["step_key"], d["attempts"]) for d in letters] == [("compensate__charge_payment", 4)]
+    assert (
+        letters[0]["idempotency_key"]
+        == "checkout:compensate__charge_payment:checkout:charge_payment:saga-4"
+    )
+    assert [
+        p["status"]
+        for p in rows(ledger, "SELECT status FROM demo_payments WHERE order_id = 'saga-4'")
+    ] == ["captured"]
