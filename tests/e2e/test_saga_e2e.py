@@ -148,9 +148,12 @@ def test_a_compensation_that_keeps_failing_is_dead_lettered_not_dropped(
     comps = {k: v["status"] for k, v in ledger.compensations(ledger_run).items()}
     assert comps["charge_payment"] == "failed" and comps["reserve_inventory"] == "completed"
     letters = [d for d in ledger.dead_letters() if d["run_id"] == ledger_run]
-    assert [(d["step_key"], d["attempts"]) for d in letters] == [("compensate__charge_payment", 4)]
+    assert [(d["step_key"], d["attempts"]) for d in letters] == [
+        ("create_shipment", 3),  # the step that failed the run, exhausted
+        ("compensate__charge_payment", 4),
+    ]
     assert (
-        letters[0]["idempotency_key"]
+        letters[1]["idempotency_key"]
         == "checkout:compensate__charge_payment:checkout:charge_payment:saga-4"
     )
     assert [
