@@ -549,3 +549,48 @@ def test_a_dead_letter_can_be_re_run_from_the_cli(ledger: Ledger, tmp_path: Path
     assert ledger.dead_letters() == []
     assert ledger.checkpoint(run.run_id, "charge_payment").status == "completed"  # type: ignore[union-attr]
     assert main(argv) == 2  # resolved: not open any more
+
+
+def test_sql_step_on_the_ledger_commits_with_its_checkpoint(ledger: Ledger, tmp_path: Path) -> None:
+    """The sql tool on the ledger's own database runs in the checkpoint's transaction: a
+    crash after the statement leaves no row; the retry writes it once; a third call
+    reuses the checkpoint."""
+    wf = tmp_path / "wf.yaml"
+    wf.write_text("""
+name: sqlwf
+version: 1
+params:
+  to: {type: string, default: ops@example.com}
+steps:
+  - id: note
+    tool: sql
+    args:
+      statement: "INSERT INTO demo_emails (recipient, subject, body) VALUES (:to, 'note', :idempotency_key)"
+      parameters: {to: "{{ params.to }}"}
+    idempotency: {key: "{{ params.to }}"}
+""")
+    code = f"""
+from ledgerflow.ledger.store import Ledger
+from ledgerflow.spec.validate import load_workflow
+from ledgerflow.steps.protocol import RunRef, execute_step
+spec = load_workflow({str(wf)!r})
+execute_step(Ledger({ledger.url!r}), spec, spec.steps[0], RunRef("sqlwf__v1/r", "sqlwf__v1"),
+             params={{"to": "ops@example.com"}})
+"""
+    env = {**os.environ, "LEDGERFLOW_FAULT": "after_effect:exit"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 137
+    assert count(ledger, "SELECT COUNT(*) FROM demo_emails WHERE subject = 'note'") == 0
+    spec = load_workflow(wf)
+    run = RunRef("sqlwf__v1/r", "sqlwf__v1")
+    first = execute_step(
+        ledger, spec, spec.steps[0], run, params={"to": "ops@example.com"}, try_number=2
+    )
+    again = execute_step(
+        ledger, spec, spec.steps[0], run, params={"to": "ops@example.com"}, try_number=3
+    )
+    assert first.output["rowcount"] == 1 and again.status == "reused"
+    rows = count(
+        ledger,
+        "SELECT COUNT(*) FROM demo_emails WHERE subject = 'note' AND body = 'sqlwf:note:ops@example.com'",
+    )
+    assert rows == 1
