@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 import pytest
 
 from ledgerflow.ledger import breakers
 from ledgerflow.ledger.store import Ledger
+from ledgerflow.testing import wait_for
 from ledgerflow.testing.airflow_stack import AirflowStack
 from ledgerflow.testing.http_peer import IdempotentPeer
 
@@ -20,16 +18,6 @@ def ti_states(stack: AirflowStack, dag_id: str, run_id: str) -> dict[str, tuple[
         ti["task_id"]: (ti["state"], ti["try_number"])
         for ti in stack.task_instances(dag_id, run_id)
     }
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_http_400_fails_at_once_with_one_attempt(stack: AirflowStack, ledger: Ledger) -> None:

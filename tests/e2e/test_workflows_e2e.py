@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from ledgerflow.ledger.store import Ledger
+from ledgerflow.testing import wait_for
 from ledgerflow.testing.airflow_stack import AirflowStack
 from ledgerflow.testing.http_peer import IdempotentPeer
 
@@ -21,16 +22,6 @@ pytestmark = pytest.mark.e2e
 def rows(ledger: Ledger, sql: str, **binds: Any) -> list[dict[str, Any]]:
     with ledger.engine.connect() as conn:
         return [dict(r) for r in conn.execute(text(sql), binds).mappings()]
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def tries(stack: AirflowStack, dag_id: str, run_id: str) -> dict[str, tuple[str, int]]:

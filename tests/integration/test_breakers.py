@@ -37,18 +37,25 @@ def ledger(ledger_url: str) -> Ledger:
     return ledger
 
 
-@pytest.fixture
-def spec(tmp_path: Path) -> WorkflowSpec:
+COOLDOWN = 2.0  # long enough that a loaded machine does not outrun it between two calls
+
+
+def make_spec(tmp_path: Path, cooldown: float) -> WorkflowSpec:
     path = tmp_path / "wf.yaml"
-    path.write_text("""
+    path.write_text(f"""
 name: brk
 version: 1
 steps:
   - id: call
     tool: test.service
-    breaker: {failures: 2, cooldown: 1s}
+    breaker: {{failures: 2, cooldown: {cooldown}}}
 """)
     return load_workflow(path)
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> WorkflowSpec:
+    return make_spec(tmp_path, COOLDOWN)
 
 
 def run(ledger: Ledger, spec: WorkflowSpec, name: str) -> Any:
@@ -62,9 +69,10 @@ def state(ledger: Ledger) -> str:
     return str(row["state"])
 
 
-def test_failures_open_the_breaker_and_later_calls_wait(ledger: Ledger, spec: WorkflowSpec) -> None:
+def test_failures_open_the_breaker_and_later_calls_wait(ledger: Ledger, tmp_path: Path) -> None:
     """Two consecutive failures (across runs) open the breaker; a third run's step does not
     call the tool and records no attempt: it is told to wait."""
+    spec = make_spec(tmp_path, 60)
     for name in ("r1", "r2"):
         with pytest.raises(ToolError):
             run(ledger, spec, name)
@@ -82,13 +90,13 @@ def test_after_the_cooldown_one_trial_closes_it(ledger: Ledger, spec: WorkflowSp
     for name in ("r1", "r2"):
         with pytest.raises(ToolError):
             run(ledger, spec, name)
-    time.sleep(1.2)
-    breaker = BreakerSpec(failures=2, cooldown=1)
+    time.sleep(COOLDOWN + 0.3)
+    breaker = BreakerSpec(failures=2, cooldown=COOLDOWN)
     with ledger.begin() as conn:
         assert breakers.acquire(ledger, conn, "test.service", breaker).trial
     with ledger.begin() as conn, pytest.raises(breakers.BreakerOpen):
         breakers.acquire(ledger, conn, "test.service", breaker)  # the trial is taken
-    time.sleep(1.2)  # that trial's caller never reported back: the slot frees up again
+    time.sleep(COOLDOWN + 0.3)  # that trial's caller never reported back: the slot frees up again
     SERVICE["healthy"] = True
     assert run(ledger, spec, "r3").status == "completed"
     assert state(ledger) == "closed"
@@ -102,7 +110,7 @@ def test_a_failed_trial_opens_it_again(ledger: Ledger, spec: WorkflowSpec) -> No
     for name in ("r1", "r2"):
         with pytest.raises(ToolError):
             run(ledger, spec, name)
-    time.sleep(1.2)
+    time.sleep(COOLDOWN + 0.3)
     with pytest.raises(ToolError):
         run(ledger, spec, "trial")
     assert state(ledger) == "open"

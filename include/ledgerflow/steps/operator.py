@@ -111,7 +111,7 @@ class ForEachItemsOperator(BaseOperator):
         from ledgerflow.factory import spec_for_dag
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.spec.templates import evaluate
-        from ledgerflow.steps.protocol import referenced_steps, template_context
+        from ledgerflow.steps.protocol import referenced_steps, register_run, template_context
 
         spec = spec_for_dag(self.dag_id)
         step = spec.step(self.step_id)
@@ -119,15 +119,7 @@ class ForEachItemsOperator(BaseOperator):
         ledger.migrate()
         run = run_ref(context)
         params = dict(context["params"])
-        ledger.ensure_run(
-            run_id=run.run_id,
-            dag_id=run.dag_id,
-            workflow=spec.name,
-            version=spec.version,
-            params=params,
-            trigger_kind=run.trigger_kind,
-            retry_of=run.retry_of,
-        )
+        register_run(ledger, spec, run, params)
         ctx = template_context(
             ledger, spec, run, params, None, -1, step_ids=referenced_steps(spec, step)
         )

@@ -111,6 +111,26 @@ def render_key(
     return f"{run.run_id}:{key}"
 
 
+def register_run(
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    run: RunRef,
+    params: dict[str, Any],
+    conn: Connection | None = None,
+) -> bool:
+    """Record the run in the ledger once (whichever task gets there first)."""
+    return ledger.ensure_run(
+        run_id=run.run_id,
+        dag_id=run.dag_id,
+        workflow=spec.name,
+        version=spec.version,
+        params=params,
+        trigger_kind=run.trigger_kind,
+        retry_of=run.retry_of,
+        conn=conn,
+    )
+
+
 class TemplateRenderError(NonRetryableError):
     """A template could not be rendered with this run's params and outputs."""
 
@@ -152,16 +172,7 @@ def execute_step(
         if checkpoint is None and not outputs:
             # No row of this run was read: it may be the run's first step. (A checkpoint
             # or an upstream output proves an earlier task registered the run.)
-            ledger.ensure_run(
-                run_id=run.run_id,
-                dag_id=run.dag_id,
-                workflow=spec.name,
-                version=spec.version,
-                params=params,
-                trigger_kind=run.trigger_kind,
-                retry_of=run.retry_of,
-                conn=conn,
-            )
+            register_run(ledger, spec, run, params, conn)
         if checkpoint is not None and checkpoint.status == "completed":
             ledger.record_event(run.run_id, key, "checkpoint_reused", None, conn=conn)
             return StepResult("reused", checkpoint.output, checkpoint.idempotency_key)
