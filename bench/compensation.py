@@ -50,10 +50,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +59,19 @@ from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+# bench/ is on sys.path when run as a script: share the helpers of bench/overhead.py
+from overhead import (
+    diff,
+    git_revision,
+    med,
+    ms,
+    plain_dag_source,
+    secs,
+    split_task,
+    task_log,
+    workload_durations,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -134,59 +145,7 @@ def workflow_yaml() -> str:
 
 
 # The plain DAG of bench/overhead.py: retries=2 and retry_delay=1s as the Ledgerflow tasks.
-PLAIN_DAG = '''"""Hand-written Airflow DAG: 10 sequential demo.noop calls (the plain hop)."""
-
-from __future__ import annotations
-
-from datetime import timedelta
-
-import pendulum
-from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk import DAG, Param
-
-from ledgerflow.tools.context import ToolContext
-from ledgerflow.tools.demo import noop
-
-
-def step(prev, ti, params, dag_run):
-    value = params["value"] if prev is None else ti.xcom_pull(task_ids=prev)["value"]
-    run_id = f"{dag_run.dag_id}/{dag_run.run_id}"
-    ctx = ToolContext(
-        run_id=run_id,
-        step_key=ti.task_id,
-        workflow="plain_chain",
-        version=1,
-        try_number=ti.try_number,
-        idempotency_key=f"{run_id}:{ti.task_id}",
-    )
-    return noop(ctx, value=value)
-
-
-with DAG(
-    dag_id="plain_chain",
-    description="10 sequential demo.noop steps, each passing the previous output on.",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    tags=["bench", "plain"],
-    params={"value": Param("hello", type=["string", "null"])},
-    default_args={"owner": "bench-team"},
-    max_active_runs=16,
-):
-    prev = None
-    for i in range(1, 11):
-        task = PythonOperator(
-            task_id=f"s{i:02d}",
-            python_callable=step,
-            op_kwargs={"prev": prev.task_id if prev is not None else None},
-            retries=2,
-            retry_delay=timedelta(seconds=1),
-            execution_timeout=timedelta(minutes=10),
-        )
-        if prev is not None:
-            prev >> task
-        prev = task
-'''
+PLAIN_DAG = plain_dag_source("plain_chain")  # the same baseline DAG as bench/overhead.py
 
 
 def write_dags(dags: Path) -> dict[str, Path]:
@@ -209,49 +168,9 @@ def ts(value: Any) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def secs(later: datetime | None, earlier: datetime | None) -> float | None:
-    if later is None or earlier is None:
-        return None
-    return (later - earlier).total_seconds()
-
-
-def med(values: Iterable[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
 def mean(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
-
-
-def ms(value: float | None, width: int = 7) -> str:
-    return f"{'-':>{width}s}" if value is None else f"{1000 * value:{width}.0f}"
-
-
-def diff(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a - b
-
-
-def git_revision() -> str:
-    """The commit measured (the package is installed editable), ``+dirty`` with local edits."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "include"],
-            cwd=ROOT,
-            capture_output=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 # -- the measured runs ---------------------------------------------------------------
@@ -380,54 +299,6 @@ def one_run(stack: Any, ledger: Any, kind: str, label: str) -> dict[str, Any]:
 
 
 # -- after the runs: split every hop with Airflow's timestamps, the task logs, the ledger --
-
-
-def task_log(logs_dir: Path, dag_id: str, run_id: str, task_id: str, try_number: int) -> list[Any]:
-    path = (
-        logs_dir
-        / f"dag_id={dag_id}"
-        / f"run_id={run_id}"
-        / f"task_id={task_id}"
-        / f"attempt={try_number}.log"
-    )
-    events = []
-    try:
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    events.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    except OSError:
-        return []
-    return events
-
-
-def split_task(events: list[dict[str, Any]], start: datetime | None, end: datetime | None) -> dict:
-    """Phases of one task process from its own log (the task runner's structured events).
-
-    boot + startup + execute + post = the TI's start_date -> end_date."""
-
-    def first(event: str) -> dict[str, Any] | None:
-        return next((e for e in events if e.get("event") == event), None)
-
-    pre = first("::group::Pre Execute")
-    parsed = first("Worker startup parse complete")
-    # ``::endgroup::`` closes "Pre Execute" right before ``execute()`` is called, and
-    # "Post Execute" opens as soon as it has returned.
-    t_pre, t_begin, t_post = (
-        ts(e["timestamp"]) if e else None
-        for e in (pre, first("::endgroup::"), first("::group::Post Execute"))
-    )
-    return {
-        "boot_s": secs(t_pre, start),  # TI marked running -> the task process logs
-        "startup_s": secs(t_begin, t_pre),  # bundle, DAG file parse, context
-        "parse_s": parsed["dag_file_parse_ms"] / 1000 if parsed else None,
-        "execute_s": secs(t_post, t_begin),
-        "post_s": secs(end, t_post),  # XCom push, finalizers, success reported
-        "_begin": t_begin,
-        "_post": t_post,
-    }
 
 
 # The split of one hop (previous task's end -> this task's end), in the order printed;
@@ -573,20 +444,6 @@ def analyse(results: list[dict[str, Any]], logs_dir: Path, ledger: Any) -> dict[
     )
     out["failing_step"]["runs"] = len(failing)
     return out
-
-
-def workload_durations(scheduler_log: Path) -> list[float]:
-    """How long each LocalExecutor worker was busy per task (the supervisor's own figure)."""
-    found = []
-    try:
-        for line in scheduler_log.read_text(errors="replace").splitlines():
-            if "Workload finished" in line:
-                match = re.search(r"duration=([0-9.]+)", line)
-                if match:
-                    found.append(float(match.group(1)))
-    except OSError:
-        pass
-    return found
 
 
 # -- main ----------------------------------------------------------------------------

@@ -168,6 +168,11 @@ with DAG(
 '''
 
 
+def plain_dag_source(dag_id: str) -> str:
+    """The plain DAG above under another id (bench/compensation.py uses it as its baseline)."""
+    return PLAIN_DAG.replace('"plain_overhead"', f'"{dag_id}"')
+
+
 def write_dags(dags: Path) -> dict[str, Path]:
     from ledgerflow.cli import SHIM
 
