@@ -250,3 +250,46 @@ def test_path_fast_path_agrees_with_the_sandbox(expression: str) -> None:
         return ("value", value if not callable(value) else "callable")
 
     assert outcome(evaluate) == outcome(evaluate_compiled)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ params.order_id }}-{{ steps.a.output.value }}",
+        "Order {{ params.order_id }} is on its way",
+        "a {{ params.nested.deep }} b {{ params.items }} c",
+        "{{ params.order_id }}\n",
+        "line one\n{{ params.order_id }}\nline three\n",
+        "{{ params.order_id }} and {{ params.missing }}",
+        "{{ params.order_id }} }} tail",
+        "{{ params.order_id | upper }}-x",
+        "x {{ unknown_name }}",
+        "{{ steps.a.status }}/{{ steps.a.output }}",
+        "{{ params.none_value }} {{ params.flag }}",
+    ],
+)
+def test_plain_interpolation_renders_exactly_like_jinja(source: str) -> None:
+    """Text with plain ``{{ a.b }}`` segments is rendered without compiling a template; the
+    result, or the error, is exactly Jinja's."""
+    from jinja2.exceptions import TemplateError
+
+    from ledgerflow.spec.templates import _template, render_value
+
+    context = {
+        "params": {
+            "order_id": "o-1",
+            "items": [1, 2],
+            "nested": {"deep": 3},
+            "none_value": None,
+            "flag": True,
+        },
+        "steps": {"a": {"status": "completed", "output": {"value": 7}}},
+    }
+
+    def outcome(fn: Any) -> Any:
+        try:
+            return ("value", fn(source, context))
+        except TemplateError as exc:
+            return ("error", type(exc).__name__)
+
+    assert outcome(render_value) == outcome(lambda s, c: _template(s).render(c))

@@ -122,12 +122,37 @@ def render_value(value: Any, context: dict[str, Any]) -> Any:
             and "{%" not in stripped
         ):
             return evaluate(stripped[2:-2], context)
-        return _template(value).render(context)
+        text = _interpolate(value, context)
+        return text if text is not None else _template(value).render(context)
     if isinstance(value, dict):
         return {key: render_value(item, context) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [render_value(item, context) for item in value]
     return value
+
+
+_SEGMENT = re.compile(r"\{\{\s*([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*\}\}")
+
+
+def _interpolate(source: str, context: dict[str, Any]) -> str | None:
+    """Text with only plain ``{{ a.b.c }}`` segments, rendered the way Jinja renders it
+    (``str`` of each value, one trailing newline dropped) without compiling a template.
+    None when the source needs Jinja (filters, expressions, blocks, other names)."""
+    if "{%" in source or "{#" in source or "\r" in source:
+        return None
+    pieces: list[str] = []
+    last = 0
+    for match in _SEGMENT.finditer(source):
+        if match.group(1).split(".")[0] not in context:
+            return None
+        pieces.append(source[last : match.start()])
+        pieces.append(str(_lookup_path(match.group(1), context)))
+        last = match.end()
+    tail = source[last:]
+    if "{{" in tail or "}}" in "".join(pieces[::2]) or "{{" in "".join(pieces[::2]):
+        return None
+    pieces.append(tail[:-1] if tail.endswith("\n") else tail)
+    return "".join(pieces)
 
 
 @functools.lru_cache(maxsize=512)
