@@ -80,16 +80,6 @@ class LedgerError(LedgerflowError):
     code = "ledger_error"
 
 
-class StepNotRetryableError(LedgerflowError):
-    """A step declared ``idempotency: none`` found an earlier attempt of itself in the ledger.
-
-    The earlier attempt may have produced its effect, so the engine refuses to run it
-    again and leaves the decision to a person (the dead-letter record).
-    """
-
-    code = "step_not_retryable"
-
-
 class InjectedFault(BaseException):
     """Raised at a named commit point by the fault-injection hooks (tests only).
 

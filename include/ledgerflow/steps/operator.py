@@ -40,31 +40,30 @@ class StepOperator(BaseOperator):
         from ledgerflow.ledger.breakers import BreakerOpen
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.steps.protocol import StepSkipped, execute_step
-        from ledgerflow.steps.retry import is_non_retryable
+        from ledgerflow.steps.retry import final_attempt
         from ledgerflow.tools.registry import get_tool
 
         spec = spec_for_dag(self.dag_id)
         step = spec.step(self.step_id)
         ti = context["ti"]
-        policy = spec.retry_for(step)
-        tool_errors = get_tool(step.tool).non_retryable
         retries = self.retries or 0
-
-        def final(error: BaseException) -> bool:
-            return ti.try_number > retries or is_non_retryable(error, policy, tool_errors)
-
+        ledger = Ledger.from_airflow()
+        run = run_ref(context)
         try:
             result = execute_step(
-                Ledger.from_airflow(),
+                ledger,
                 spec,
                 step,
-                run_ref(context),
+                run,
                 params=dict(context["params"]),
                 try_number=ti.try_number,
                 max_attempts=retries + 1,
-                map_index=getattr(ti, "map_index", -1) if self.item is not None else -1,
+                # -1 unless this is one item of a for_each step (an item may itself be null).
+                map_index=ti.map_index if step.for_each is not None else -1,
                 item=self.item,
-                is_final_attempt=final,
+                is_final_attempt=final_attempt(
+                    ti.try_number, retries, spec.retry_for(step), get_tool(step.tool).non_retryable
+                ),
             )
         except StepSkipped as skipped:
             raise AirflowSkipException(str(skipped)) from None
@@ -72,8 +71,8 @@ class StepOperator(BaseOperator):
             # Not a failed attempt and no worker slot held: wait in the triggerer.
             from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 
-            Ledger.from_airflow().record_event(
-                run_ref(context).run_id,
+            ledger.record_event(
+                run.run_id,
                 self.step_id,
                 "waiting_for_breaker",
                 {"until": wait.until.isoformat()},

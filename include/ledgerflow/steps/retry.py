@@ -8,6 +8,7 @@ with full jitter: ``uniform(0, min(max, initial * multiplier ** (attempt - 1)))`
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -40,6 +41,21 @@ def is_non_retryable(
         if kind.__name__ in names or f"{kind.__module__}.{kind.__qualname__}" in names:
             return True
     return False
+
+
+def final_attempt(
+    try_number: int,
+    retries: int,
+    spec: RetryPolicySpec,
+    tool_errors: tuple[type[BaseException], ...] = (),
+) -> Callable[[BaseException], bool]:
+    """Whether a failure of try ``try_number`` is the last one: the retries are used up,
+    or the error is one that ``StepRetryPolicy`` fails at once."""
+
+    def final(error: BaseException) -> bool:
+        return try_number > retries or is_non_retryable(error, spec, tool_errors)
+
+    return final
 
 
 class StepRetryPolicy(RetryPolicy):

@@ -93,7 +93,7 @@ class CompensationOperator(BaseOperator):
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.steps.operator import run_ref
         from ledgerflow.steps.protocol import execute_step
-        from ledgerflow.steps.retry import is_non_retryable
+        from ledgerflow.steps.retry import final_attempt
         from ledgerflow.tools.registry import get_tool
 
         spec = spec_for_dag(self.dag_id)
@@ -118,11 +118,9 @@ class CompensationOperator(BaseOperator):
         undo = compensation_step(spec, step, checkpoint.idempotency_key)
         ti = context["ti"]
         retries = self.retries or 0
-        policy = spec.retry_for(undo)
-        tool_errors = get_tool(undo.tool).non_retryable
-
-        def final(error: BaseException) -> bool:
-            return ti.try_number > retries or is_non_retryable(error, policy, tool_errors)
+        final = final_attempt(
+            ti.try_number, retries, spec.retry_for(undo), get_tool(undo.tool).non_retryable
+        )
 
         ledger.record_compensation(run.run_id, step.id, "running", tool=undo.tool)
         try:
