@@ -43,11 +43,11 @@ def retry_dead_letter(ledger: Ledger, letter_id: int, dags_folder: Path) -> Any:
             f"{step_key}: re-running one item of a for_each step is not supported yet"
         )
     if step_key.startswith("compensate__"):
-        original = spec.step(step_key.removeprefix("compensate__"))
+        original = spec.tool_step(step_key.removeprefix("compensate__"))
         checkpoint = ledger.checkpoint(letter["run_id"], original.id)
         step = compensation_step(spec, original, checkpoint.idempotency_key if checkpoint else None)
     else:
-        step = spec.step(step_key)
+        step = spec.tool_step(step_key)
     attempts = int(letter["attempts"]) + 1
     result = execute_step(
         ledger,

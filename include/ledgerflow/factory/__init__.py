@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ledgerflow.spec.models import ParamSpec, WorkflowSpec
+from ledgerflow.spec.models import ParamSpec, ToolStep, WorkflowSpec
 
 if TYPE_CHECKING:
     from airflow.sdk import DAG
@@ -67,12 +67,18 @@ def _doc_md(spec: WorkflowSpec, yaml_path: Path | None) -> str:
     lines = [f"## {spec.name} v{spec.version}", "", spec.description or "", ""]
     if yaml_path is not None:
         lines += [f"Defined in `{display_path(yaml_path)}` (Ledgerflow).", ""]
-    lines += ["| step | tool | needs | idempotency | compensate |", "|---|---|---|---|---|"]
+    lines += ["| step | does | needs | idempotency | compensate |", "|---|---|---|---|---|"]
     for step in spec.steps:
-        idem = getattr(step.idempotency, "key", step.idempotency) or "-"
-        comp = step.compensate.tool if step.compensate else "-"
+        if isinstance(step, ToolStep):
+            idem = getattr(step.idempotency, "key", step.idempotency) or "-"
+            comp = step.compensate.tool if step.compensate else "-"
+            does = f"`{step.tool}`"
+        else:
+            idem, comp = "-", "-"
+            target = getattr(step, "branch_target", None)
+            does = step.kind + (f" (else `{target}`)" if target else "")
         lines.append(
-            f"| `{step.id}` | `{step.tool}` | {', '.join(step.needs) or '-'} | `{idem}` | {comp} |"
+            f"| `{step.id}` | {does} | {', '.join(step.needs) or '-'} | `{idem}` | {comp} |"
         )
     return "\n".join(lines)
 
@@ -114,6 +120,11 @@ def build_dag(spec: WorkflowSpec, yaml_path: Path | None = None) -> DAG:
     tasks: dict[str, Any] = {}
     with dag:
         for step in spec.steps:
+            rule = "none_failed_min_one_success" if step.needs else "all_success"
+            if not isinstance(step, ToolStep):
+                # approval / llm / quality: each kind's module builds its own task.
+                tasks[step.id] = _kind_builder(step.kind)(spec, step, rule)
+                continue
             policy = spec.retry_for(step)
             tool = get_tool(step.tool)
             retries = 0 if step.idempotency == "none" else policy.max_attempts - 1
@@ -125,7 +136,6 @@ def build_dag(spec: WorkflowSpec, yaml_path: Path | None = None) -> DAG:
                 "doc_md": step.description,
                 "on_failure_callback": step_failed,
             }
-            rule = "none_failed_min_one_success" if step.needs else "all_success"
             if step.for_each is None:
                 tasks[step.id] = StepOperator(
                     task_id=step.id, step_id=step.id, trigger_rule=rule, **common
@@ -145,6 +155,14 @@ def build_dag(spec: WorkflowSpec, yaml_path: Path | None = None) -> DAG:
                 tail >> head
         _add_compensations(spec, tasks)
     return dag
+
+
+def _kind_builder(kind: str) -> Any:
+    """``build_task(spec, step, trigger_rule)`` of a step kind's module."""
+    import importlib
+
+    module = {"approval": "approval", "llm": "llm", "quality": "quality"}[kind]
+    return importlib.import_module(f"ledgerflow.steps.{module}").build_task
 
 
 def topological_order(spec: WorkflowSpec) -> list[str]:
@@ -174,7 +192,7 @@ def _add_compensations(spec: WorkflowSpec, tasks: dict[str, Any]) -> None:
     from ledgerflow.tools.registry import get_tool
 
     order = [spec.step(i) for i in reversed(topological_order(spec))]
-    undoable = [s for s in order if s.compensate is not None]
+    undoable = [s for s in order if isinstance(s, ToolStep) and s.compensate is not None]
     if not undoable:
         return
     forward: list[Any] = []

@@ -151,6 +151,38 @@ breakers = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+# One row per approval step of a run: the request, what the approver saw, the decision.
+approvals = Table(
+    "lf_approvals",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False),
+    Column("step_key", String(250), nullable=False),
+    Column("dag_id", String(250), nullable=False),
+    Column("task_id", String(250), nullable=False),
+    Column("workflow", String(100), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("payload_hash", String(64), nullable=False),
+    # The approvers and deadline of the current escalation level; the rest of the chain.
+    Column("approvers", Text, nullable=False),
+    Column("level", Integer, nullable=False, server_default="0"),
+    Column("deadline", DateTime(timezone=True), nullable=False),
+    Column("at_deadline", Text, nullable=False),
+    # pending -> approved | rejected | expired (the deadline's outcome, by "deadline")
+    Column("status", String(20), nullable=False),
+    Column("decided_by", String(250)),
+    Column("decided_at", DateTime(timezone=True)),
+    Column("comment", Text),
+    Column("seen_hash", String(64)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("run_id", "step_key", name="lf_approvals_step"),
+    Index("lf_approvals_status", "status", "workflow"),
+)
+
 schema_version = Table(
     "lf_schema_version",
     metadata,
@@ -215,5 +247,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "demo tables of the example workflows", _v2_demo),
     (3, "saga state and compensation records", _v3_saga),
     (4, "circuit breakers", lambda conn: breakers.create(conn, checkfirst=True)),
+    (5, "approvals", lambda conn: approvals.create(conn, checkfirst=True)),
 ]
 LATEST = MIGRATIONS[-1][0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -181,7 +181,66 @@ class ToolStep(_StepBase):
     compensate: ToolCall | None = None
 
 
-Step = Annotated[ToolStep, Field(discriminator="kind")]
+class Approvers(_Model):
+    """Who may decide: Airflow user names and/or Airflow roles (any match is enough)."""
+
+    users: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _someone(self) -> Approvers:
+        if not self.users and not self.roles:
+            raise ValueError("name at least one approver user or role")
+        return self
+
+
+DeadlineOutcome = Literal["reject", "approve", "fail"]
+
+
+class Escalation(_Model):
+    """At the deadline, hand the approval to other approvers with a new deadline."""
+
+    approvers: Approvers
+    deadline: Duration
+    at_deadline: DeadlineOutcome | EscalateTo = "reject"
+
+    _parse = field_validator("deadline", mode="before")(parse_duration)
+
+
+class EscalateTo(_Model):
+    escalate: Escalation
+
+
+Escalation.model_rebuild()
+
+
+class ApprovalStep(_StepBase):
+    """Waits for a person's decision without holding a worker slot (deferred)."""
+
+    kind: Literal["approval"]
+    subject: str = Field(min_length=1)
+    body: str = ""
+    """Markdown, templated like args."""
+    payload: dict[str, Any] = {}
+    """What the approver sees and decides on (templated); its hash is recorded."""
+    approvers: Approvers
+    deadline: Duration = timedelta(days=3)
+    at_deadline: DeadlineOutcome | EscalateTo = "reject"
+    on_reject: str | None = None
+    """A step that needs this one, taken when the decision is reject (other branches are
+    skipped); without it a reject fails the run (and so compensates)."""
+
+    _parse_deadline = field_validator("deadline", mode="before")(parse_duration)
+
+    branch_field: ClassVar[str] = "on_reject"
+
+    @property
+    def branch_target(self) -> str | None:
+        return self.on_reject
+
+
+AnyStep = ToolStep | ApprovalStep
+Step = Annotated[AnyStep, Field(discriminator="kind")]
 
 
 class WorkflowSpec(_Model):
@@ -211,16 +270,23 @@ class WorkflowSpec(_Model):
     def dag_id(self) -> str:
         return f"{self.name.replace('-', '_')}__v{self.version}"
 
-    def step(self, step_id: str) -> ToolStep:
+    def step(self, step_id: str) -> AnyStep:
         for step in self.steps:
             if step.id == step_id:
                 return step
         raise KeyError(step_id)
 
-    def retry_for(self, step: ToolStep) -> RetryPolicySpec:
+    def tool_step(self, step_id: str) -> ToolStep:
+        """The step ``step_id``, which must call a tool."""
+        step = self.step(step_id)
+        if not isinstance(step, ToolStep):
+            raise KeyError(f"step {step_id!r} is a {step.kind} step, not a tool step")
+        return step
+
+    def retry_for(self, step: AnyStep) -> RetryPolicySpec:
         return step.retry or self.defaults.retry
 
-    def timeout_for(self, step: ToolStep) -> timedelta:
+    def timeout_for(self, step: AnyStep) -> timedelta:
         return step.timeout or self.defaults.timeout
 
     @field_validator("steps", mode="before")

@@ -11,7 +11,7 @@ from typing import Any
 
 from ledgerflow.errors import SpecError, SpecErrors, UnknownToolError
 from ledgerflow.spec.loader import LineMap, field_name, line_for, read_spec_file
-from ledgerflow.spec.models import ToolCall, ToolStep, WorkflowSpec
+from ledgerflow.spec.models import AnyStep, ApprovalStep, ToolCall, ToolStep, WorkflowSpec
 from ledgerflow.spec.templates import (
     GLOBAL_NAMES,
     TemplateSyntaxError,
@@ -55,7 +55,16 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
     upstream = _ancestors(spec) if graph_ok else {s.id: set() for s in spec.steps}
     for position, step in enumerate(spec.steps):
         loc: tuple[Any, ...] = ("steps", position)
-        _check_tool_step(spec, step, loc, upstream.get(step.id, set()), errors)
+        if isinstance(step, ToolStep):
+            _check_tool_step(spec, step, loc, upstream.get(step.id, set()), errors)
+        else:
+            _check_templates(spec, step, loc, upstream.get(step.id, set()), errors)
+        if isinstance(step, ApprovalStep) and step.for_each is not None:
+            errors.add(
+                (*loc, "for_each"),
+                "for_each is not supported on an approval step: approve the whole list once",
+            )
+        _check_branch(spec, step, loc, errors)
     del index
     if errors.errors:
         raise SpecErrors(errors.errors)
@@ -66,7 +75,7 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
 _REFERENCES: dict[tuple[int, str], tuple[WorkflowSpec, frozenset[str]]] = {}
 
 
-def referenced_steps(spec: WorkflowSpec, step: ToolStep) -> frozenset[str]:
+def referenced_steps(spec: WorkflowSpec, step: AnyStep) -> frozenset[str]:
     """The steps whose outputs a step's own templates read (args, key, when, for_each).
 
     Recorded while the spec is validated, so a running step loads only those outputs
@@ -75,18 +84,70 @@ def referenced_steps(spec: WorkflowSpec, step: ToolStep) -> frozenset[str]:
     cached = _REFERENCES.get((id(spec), step.id))
     if cached is not None and cached[0] is spec:
         return cached[1]
-    sources = [value for _, value in iter_strings(step.args) if is_template(value)]
-    key = getattr(step.idempotency, "key", None)
-    if key is not None:
-        sources.append(key)
     refs: set[str] = set()
-    for source in sources:
-        refs |= analyse_template(source).steps
-    for expression in (step.when, step.for_each):
-        if expression is not None:
-            refs |= analyse_expression(expression).steps
+    for _path, source, expr in template_fields(step):
+        if expr:
+            refs |= analyse_expression(source).steps
+        elif is_template(source):
+            refs |= analyse_template(source).steps
     _REFERENCES[(id(spec), step.id)] = (spec, frozenset(refs))
     return frozenset(refs)
+
+
+def template_fields(step: AnyStep) -> list[tuple[tuple[Any, ...], str, bool]]:
+    """Every templated string of a step: (path within the step, source, is_expression).
+
+    ``compensate`` is left out: it renders after the step, with the step's own output.
+    """
+    fields: list[tuple[tuple[Any, ...], str, bool]] = []
+    if isinstance(step, ToolStep):
+        fields += [(path, value, False) for path, value in iter_strings(step.args, ("args",))]
+        key = getattr(step.idempotency, "key", None)
+        if key is not None:
+            fields.append((("idempotency", "key"), key, False))
+    elif isinstance(step, ApprovalStep):
+        fields += [(("subject",), step.subject, False), (("body",), step.body, False)]
+        fields += [(path, value, False) for path, value in iter_strings(step.payload, ("payload",))]
+    for name in ("when", "for_each"):
+        expression = getattr(step, name)
+        if expression is not None:
+            fields.append(((name,), expression, True))
+    return fields
+
+
+def _check_templates(
+    spec: WorkflowSpec,
+    step: AnyStep,
+    loc: tuple[Any, ...],
+    upstream: set[str],
+    errors: _Collector,
+) -> None:
+    """The template checks of a step kind that calls no tool (approval, llm, quality)."""
+    allowed = set(GLOBAL_NAMES) - ({"item", "index"} if step.for_each is None else set())
+    for path, source, expr in template_fields(step):
+        names = allowed - {"item", "index"} if path[0] in ("when", "for_each") else allowed
+        _check_refs(spec, source, (*loc, *path), upstream, names, errors, expr=expr)
+
+
+def _check_branch(
+    spec: WorkflowSpec, step: AnyStep, loc: tuple[Any, ...], errors: _Collector
+) -> None:
+    """A branch target (on_reject, on_invalid...) must be a step that needs this one."""
+    target = getattr(step, "branch_target", None)
+    if target is None:
+        return
+    field = getattr(step, "branch_field", "on_reject")
+    dependants = [s.id for s in spec.steps if step.id in s.needs]
+    if target not in {s.id for s in spec.steps}:
+        errors.add((*loc, field), f"unknown step {target!r}")
+    elif target not in dependants:
+        errors.add(
+            (*loc, field),
+            f"step {target!r} must list {step.id!r} in its needs to be its branch "
+            f"(steps that need {step.id!r}: {', '.join(dependants) or 'none'})",
+        )
+    elif step.for_each is not None:
+        errors.add((*loc, field), "a for_each step cannot branch")
 
 
 def _check_graph(spec: WorkflowSpec, errors: _Collector) -> dict[str, int]:

@@ -44,7 +44,7 @@ class StepOperator(BaseOperator):
         from ledgerflow.tools.registry import get_tool
 
         spec = spec_for_dag(self.dag_id)
-        step = spec.step(self.step_id)
+        step = spec.tool_step(self.step_id)
         ti = context["ti"]
         retries = self.retries or 0
         ledger = Ledger.from_airflow()

@@ -97,7 +97,7 @@ class CompensationOperator(BaseOperator):
         from ledgerflow.tools.registry import get_tool
 
         spec = spec_for_dag(self.dag_id)
-        step = spec.step(self.step_id)
+        step = spec.tool_step(self.step_id)
         run = run_ref(context)
         ledger = Ledger.from_airflow()
         ledger.migrate()
@@ -150,7 +150,7 @@ class CompensationOperator(BaseOperator):
     def _record_not_compensable(self, ledger: Any, spec: WorkflowSpec, run_id: str) -> None:
         done = {c.step_id for c in ledger.checkpoints(run_id) if c.status == "completed"}
         for step in spec.steps:
-            if step.compensate is None and step.id in done:
+            if getattr(step, "compensate", None) is None and step.id in done:
                 ledger.record_compensation(
                     run_id, step.id, "not_compensable", detail="completed, declares no compensate"
                 )

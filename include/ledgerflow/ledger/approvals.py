@@ -1,0 +1,381 @@
+"""Approval requests and decisions in the ledger.
+
+A request is one row per (run, step): a retried or re-run task finds the same request.
+A decision is a conditional update (``WHERE status = 'pending'``), so of any number of
+concurrent decisions exactly one is stored; on Postgres it sends ``NOTIFY
+ledgerflow_approvals, '<id>'`` in the same transaction, which wakes the waiting trigger
+as soon as the decision commits.
+
+Every change is also an event in the run's append-only log: request created,
+notification sent, escalated, decided (with the approver, the comment and the hash and
+snapshot of the payload they were shown).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, select, text, update
+
+from ledgerflow.errors import LedgerflowError
+from ledgerflow.ledger import schema as t
+from ledgerflow.ledger.store import Ledger, dumps, loads, now
+
+CHANNEL = "ledgerflow_approvals"
+DECISIONS = ("approved", "rejected")
+
+
+class ApprovalNotFound(LedgerflowError):
+    """No approval with that id."""
+
+
+class ApprovalConflict(LedgerflowError):
+    """The approval was already decided, or changed since the approver saw it."""
+
+
+@dataclass(frozen=True)
+class Approval:
+    id: int
+    run_id: str
+    step_key: str
+    dag_id: str
+    task_id: str
+    workflow: str
+    version: int
+    subject: str
+    body: str
+    payload: Any
+    payload_hash: str
+    approvers: dict[str, list[str]]
+    level: int
+    deadline: datetime
+    at_deadline: Any
+    status: str
+    decided_by: str | None
+    decided_at: datetime | None
+    comment: str | None
+    seen_hash: str | None
+    created_at: datetime
+
+    @property
+    def pending(self) -> bool:
+        return self.status == "pending"
+
+    @property
+    def airflow_run_id(self) -> str:
+        return self.run_id.split("/", 1)[1] if "/" in self.run_id else self.run_id
+
+    def may_decide(self, user: str, roles: set[str]) -> bool:
+        """Named users and holders of a named role (case-insensitive role names)."""
+        wanted = {r.lower() for r in self.approvers.get("roles", [])}
+        return user in self.approvers.get("users", []) or bool(wanted & {r.lower() for r in roles})
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k in ("deadline", "decided_at", "created_at"):
+            out[k] = out[k].isoformat() if out[k] is not None else None
+        out["airflow_run_id"] = self.airflow_run_id
+        return out
+
+
+def payload_hash(payload: Any) -> str:
+    """SHA-256 of the canonical JSON of the payload (sorted keys, no spaces)."""
+    return hashlib.sha256(dumps(payload).encode()).hexdigest()
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:  # SQLite returns naive UTC
+        from datetime import timezone
+
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _row(row: Any) -> Approval:
+    return Approval(
+        id=int(row["id"]),
+        run_id=row["run_id"],
+        step_key=row["step_key"],
+        dag_id=row["dag_id"],
+        task_id=row["task_id"],
+        workflow=row["workflow"],
+        version=int(row["version"]),
+        subject=row["subject"],
+        body=row["body"],
+        payload=loads(row["payload"]),
+        payload_hash=row["payload_hash"],
+        approvers=loads(row["approvers"]),
+        level=int(row["level"]),
+        deadline=_aware(row["deadline"]),  # type: ignore[arg-type]
+        at_deadline=loads(row["at_deadline"]),
+        status=row["status"],
+        decided_by=row["decided_by"],
+        decided_at=_aware(row["decided_at"]),
+        comment=row["comment"],
+        seen_hash=row["seen_hash"],
+        created_at=_aware(row["created_at"]),  # type: ignore[arg-type]
+    )
+
+
+def request(
+    ledger: Ledger,
+    *,
+    run_id: str,
+    step_key: str,
+    dag_id: str,
+    task_id: str,
+    workflow: str,
+    version: int,
+    subject: str,
+    body: str,
+    payload: Any,
+    approvers: dict[str, list[str]],
+    deadline: datetime,
+    at_deadline: Any,
+) -> tuple[Approval, bool]:
+    """Create the request of a run's approval step once; returns (request, created)."""
+    stamp = now()
+    with ledger.begin() as conn:
+        created = conn.execute(
+            ledger._insert(t.approvals)
+            .values(
+                run_id=run_id,
+                step_key=step_key,
+                dag_id=dag_id,
+                task_id=task_id,
+                workflow=workflow,
+                version=version,
+                subject=subject,
+                body=body,
+                payload=dumps(payload),
+                payload_hash=payload_hash(payload),
+                approvers=dumps(approvers),
+                level=0,
+                deadline=deadline,
+                at_deadline=dumps(at_deadline),
+                status="pending",
+                created_at=stamp,
+                updated_at=stamp,
+            )
+            .on_conflict_do_nothing()
+        ).rowcount
+        row = (
+            conn.execute(
+                select(t.approvals).where(
+                    t.approvals.c.run_id == run_id, t.approvals.c.step_key == step_key
+                )
+            )
+            .mappings()
+            .one()
+        )
+        approval = _row(row)
+        if created:
+            ledger._event(
+                conn,
+                run_id,
+                step_key,
+                "approval_requested",
+                {
+                    "approval_id": approval.id,
+                    "approvers": approvers,
+                    "deadline": deadline.isoformat(),
+                    "payload_hash": approval.payload_hash,
+                },
+            )
+    return approval, bool(created)
+
+
+def get(ledger: Ledger, approval_id: int, conn: Connection | None = None) -> Approval:
+    with ledger._read(conn) as conn:
+        row = (
+            conn.execute(select(t.approvals).where(t.approvals.c.id == approval_id))
+            .mappings()
+            .first()
+        )
+    if row is None:
+        raise ApprovalNotFound(f"no approval {approval_id}")
+    return _row(row)
+
+
+def statuses(ledger: Ledger, ids: list[int]) -> dict[int, str]:
+    """The status of many approvals in one query (the triggerer's safety-net poll)."""
+    if not ids:
+        return {}
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(
+            select(t.approvals.c.id, t.approvals.c.status, t.approvals.c.level).where(
+                t.approvals.c.id.in_(ids)
+            )
+        )
+        return {int(r.id): f"{r.status}:{r.level}" for r in rows}
+
+
+def for_step(ledger: Ledger, run_id: str, step_key: str) -> Approval | None:
+    with ledger.engine.connect() as conn:
+        row = (
+            conn.execute(
+                select(t.approvals).where(
+                    t.approvals.c.run_id == run_id, t.approvals.c.step_key == step_key
+                )
+            )
+            .mappings()
+            .first()
+        )
+    return None if row is None else _row(row)
+
+
+def listing(
+    ledger: Ledger,
+    *,
+    status: str | None = "pending",
+    workflow: str | None = None,
+    run_id: str | None = None,
+    limit: int = 200,
+) -> list[Approval]:
+    """Approvals, newest first; ``status=None`` for all, ``"decided"`` for all but pending."""
+    query = select(t.approvals).order_by(t.approvals.c.id.desc()).limit(limit)
+    if status == "decided":
+        query = query.where(t.approvals.c.status != "pending")
+    elif status is not None:
+        query = query.where(t.approvals.c.status == status)
+    if workflow:
+        query = query.where(t.approvals.c.workflow == workflow)
+    if run_id:
+        query = query.where(t.approvals.c.run_id == run_id)
+    with ledger.engine.connect() as conn:
+        return [_row(r) for r in conn.execute(query).mappings()]
+
+
+def record_notification(ledger: Ledger, approval: Approval, channel: str, to: Any) -> None:
+    ledger.record_event(
+        approval.run_id,
+        approval.step_key,
+        "approval_notified",
+        {"approval_id": approval.id, "channel": channel, "to": to, "level": approval.level},
+    )
+
+
+def decide(
+    ledger: Ledger,
+    approval_id: int,
+    *,
+    decision: str,
+    by: str,
+    comment: str | None = None,
+    seen_hash: str | None = None,
+) -> Approval:
+    """Store a decision if the approval is still pending; else ``ApprovalConflict``.
+
+    ``decision`` is ``approved``/``rejected`` (a person) or ``expired`` (the deadline).
+    ``seen_hash`` is the payload hash the approver was shown; when given it must match.
+    """
+    if decision not in (*DECISIONS, "expired"):
+        raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
+    stamp = now()
+    with ledger.begin() as conn:
+        current = get(ledger, approval_id, conn)
+        if seen_hash is not None and seen_hash != current.payload_hash:
+            raise ApprovalConflict(
+                f"approval {approval_id}: the payload you saw (hash {seen_hash[:12]}...) is not "
+                f"the one recorded ({current.payload_hash[:12]}...)"
+            )
+        won = conn.execute(
+            update(t.approvals)
+            .where(t.approvals.c.id == approval_id, t.approvals.c.status == "pending")
+            .values(
+                status=decision,
+                decided_by=by,
+                decided_at=stamp,
+                comment=comment,
+                seen_hash=seen_hash or current.payload_hash,
+                updated_at=stamp,
+            )
+        ).rowcount
+        if not won:
+            raise ApprovalConflict(
+                f"approval {approval_id} was already decided ({current.status} by "
+                f"{current.decided_by} at {current.decided_at})"
+            )
+        ledger._event(
+            conn,
+            current.run_id,
+            current.step_key,
+            "approval_decided",
+            {
+                "approval_id": approval_id,
+                "decision": decision,
+                "by": by,
+                "at": stamp.isoformat(),
+                "comment": comment,
+                "level": current.level,
+                "payload_hash": current.payload_hash,
+                "payload": current.payload,
+            },
+        )
+        if ledger.dialect == "postgresql":
+            conn.execute(
+                text("SELECT pg_notify(:channel, :id)"),
+                {"channel": CHANNEL, "id": str(approval_id)},
+            )
+    return get(ledger, approval_id)
+
+
+def escalate(ledger: Ledger, approval: Approval, at: datetime) -> Approval | None:
+    """Move a pending approval to its next escalation level (once, whoever asks first).
+
+    Returns the escalated approval, or None when it is no longer pending at that level.
+    """
+    step = approval.at_deadline
+    if not (isinstance(step, dict) and "escalate" in step):
+        raise ValueError(f"approval {approval.id} has no escalation left")
+    nxt = step["escalate"]
+    deadline = at + timedelta(seconds=float(nxt["deadline"]))
+    with ledger.begin() as conn:
+        won = conn.execute(
+            update(t.approvals)
+            .where(
+                t.approvals.c.id == approval.id,
+                t.approvals.c.status == "pending",
+                t.approvals.c.level == approval.level,
+            )
+            .values(
+                level=approval.level + 1,
+                approvers=dumps(nxt["approvers"]),
+                deadline=deadline,
+                at_deadline=dumps(nxt["at_deadline"]),
+                updated_at=now(),
+            )
+        ).rowcount
+        if not won:
+            return None
+        ledger._event(
+            conn,
+            approval.run_id,
+            approval.step_key,
+            "approval_escalated",
+            {
+                "approval_id": approval.id,
+                "level": approval.level + 1,
+                "approvers": nxt["approvers"],
+                "deadline": deadline.isoformat(),
+            },
+        )
+    return get(ledger, approval.id)
+
+
+def deadline_chain(at_deadline: Any) -> Any:
+    """The spec's ``at_deadline`` as stored JSON: an outcome, or {escalate: {...}} with
+    the deadline in seconds."""
+    if isinstance(at_deadline, str):
+        return at_deadline
+    esc = at_deadline.escalate
+    return {
+        "escalate": {
+            "approvers": {"users": list(esc.approvers.users), "roles": list(esc.approvers.roles)},
+            "deadline": esc.deadline.total_seconds(),
+            "at_deadline": deadline_chain(esc.at_deadline),
+        }
+    }
