@@ -132,6 +132,10 @@ def stack(
     add_workflow(dags, "fanout", FANOUT)
     add_workflow(dags, "slow", SLOW)
     add_workflow(dags, "breaker_demo", BREAKER.format(url=peer.url))
+    # More test workflows: tests/e2e/workflows/<name>.yaml ("{peer_url}" is replaced).
+    extra = sorted((Path(__file__).parent / "workflows").glob("*.yaml"))
+    for path in extra:
+        add_workflow(dags, path.stem, path.read_text().replace("{peer_url}", peer.url))
     stack = AirflowStack(
         dags_folder=dags,
         home=base / "home",
@@ -140,12 +144,16 @@ def stack(
     with stack:
         stack.wait_for_dags(
             [
-                "checkout__v1",
-                "nightly_report__v1",
                 "flaky_http__v1",
                 "fanout__v1",
                 "slow__v1",
                 "breaker_demo__v1",
+                *(f"{path.stem}__v1" for path in extra),
+                *(
+                    f"{folder.name}__{shim.stem}"
+                    for folder in (ROOT / "dags" / "workflows").iterdir()
+                    for shim in folder.glob("v*.py")
+                ),
             ],
             timeout=180,
         )
