@@ -183,6 +183,36 @@ approvals = Table(
     Index("lf_approvals_status", "status", "workflow"),
 )
 
+# One row per LLM call, keyed by the step's idempotency key: the prompt, the model, every
+# raw response (repairs included), the validated output or the validation errors, tokens,
+# latency and the path the step took. A retry finds the row and makes no second call.
+llm_calls = Table(
+    "lf_llm_calls",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("idempotency_key", String(500), nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("step_key", String(250), nullable=False),
+    Column("model", String(250)),
+    Column("system_prompt", Text),
+    Column("prompt", Text, nullable=False),
+    Column("responses", Text, nullable=False),
+    # valid | invalid (still not fitting the schema after the repairs)
+    Column("status", String(20), nullable=False),
+    Column("output", Text),
+    Column("errors", Text),
+    Column("requests", Integer, nullable=False, server_default="0"),
+    Column("input_tokens", Integer, nullable=False, server_default="0"),
+    Column("output_tokens", Integer, nullable=False, server_default="0"),
+    Column("latency_ms", Integer, nullable=False, server_default="0"),
+    # main | fallback, and why (validation errors or the failed check)
+    Column("path", String(20), nullable=False),
+    Column("reason", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("idempotency_key", name="lf_llm_calls_key"),
+    Index("lf_llm_calls_run", "run_id", "step_key"),
+)
+
 schema_version = Table(
     "lf_schema_version",
     metadata,
@@ -248,5 +278,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (3, "saga state and compensation records", _v3_saga),
     (4, "circuit breakers", lambda conn: breakers.create(conn, checkfirst=True)),
     (5, "approvals", lambda conn: approvals.create(conn, checkfirst=True)),
+    (6, "LLM calls", lambda conn: llm_calls.create(conn, checkfirst=True)),
 ]
 LATEST = MIGRATIONS[-1][0]
