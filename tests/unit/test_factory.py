@@ -14,7 +14,7 @@ import pytest
 
 from ledgerflow.cli import SHIM, main
 from ledgerflow.factory import build_dag
-from ledgerflow.spec.models import WorkflowSpec
+from ledgerflow.spec.models import ToolStep, WorkflowSpec
 from ledgerflow.spec.validate import CRON_PRESETS, load_workflow
 from ledgerflow.steps.retry import StepRetryPolicy
 
@@ -83,7 +83,7 @@ def test_dag_matches_its_spec(repo_bag: Any, yaml_path: Path) -> None:
     assert _rel(yaml_path) in dag.doc_md
     forward = {t for t in dag.task_dict if not dag.task_dict[t].is_teardown}
     assert forward == {s.id for s in spec.steps}
-    undoable = [s.id for s in spec.steps if s.compensate is not None]
+    undoable = [s.id for s in spec.steps if getattr(s, "compensate", None) is not None]
     teardowns = [t for t in dag.task_dict if dag.task_dict[t].is_teardown]
     if undoable:
         # Compensations in reverse step order, then the saga's outcome: all teardowns.
@@ -94,6 +94,12 @@ def test_dag_matches_its_spec(repo_bag: Any, yaml_path: Path) -> None:
         assert teardowns == []
     for step in spec.steps:
         task = dag.get_task(step.id)
+        assert set(task.upstream_task_ids) == set(step.needs), step.id
+        if step.kind == "approval":
+            # The deadline is the trigger's: no execution timeout may cut a wait of days.
+            assert task.execution_timeout is None, step.id
+        if not isinstance(step, ToolStep):
+            continue
         policy = spec.retry_for(step)
         expected_retries = 0 if step.idempotency == "none" else policy.max_attempts - 1
         assert task.retries == expected_retries, step.id

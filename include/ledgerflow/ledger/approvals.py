@@ -249,12 +249,28 @@ def listing(
         return [_row(r) for r in conn.execute(query).mappings()]
 
 
-def record_notification(ledger: Ledger, approval: Approval, channel: str, to: Any) -> None:
+def notify(ledger: Ledger, approval: Approval) -> None:
+    """Tell the approvers (the log notifier: one log line), and record that it was sent."""
+    import logging
+
+    logging.getLogger("ledgerflow.approvals").warning(
+        "approval %s needs a decision from %s before %s: %s (/ledgerflow/approvals/%s)",
+        approval.id,
+        approval.approvers,
+        approval.deadline.isoformat(),
+        approval.subject,
+        approval.id,
+    )
     ledger.record_event(
         approval.run_id,
         approval.step_key,
         "approval_notified",
-        {"approval_id": approval.id, "channel": channel, "to": to, "level": approval.level},
+        {
+            "approval_id": approval.id,
+            "channel": "log",
+            "to": approval.approvers,
+            "level": approval.level,
+        },
     )
 
 

@@ -1,0 +1,243 @@
+"""The approval step: write the request to the ledger, then wait in the triggerer.
+
+``execute`` records the request once per (run, step) — a retried or cleared task finds
+the same request and the same decision — and defers to ``ApprovalTrigger``, so a run
+that waits three days for a manager holds no worker slot. ``resume`` reads the decision
+from the ledger (never from the trigger's event alone) and completes the step's
+checkpoint once: approve -> the main path; reject -> the ``on_reject`` branch, or a
+failed run (which compensates) when there is none; a deadline -> its declared outcome.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.bases.skipmixin import SkipMixin
+
+from ledgerflow.spec.models import ApprovalStep, WorkflowSpec
+
+# Safety-net poll of a parked approval: NOTIFY wakes it at once on Postgres; SQLite
+# has no NOTIFY, so there the poll is how a decision is seen.
+POLL_POSTGRES_S = 30.0
+POLL_SQLITE_S = 2.0
+
+
+class ApprovalRejected(Exception):
+    """The approver rejected and the step declares no ``on_reject`` branch."""
+
+
+class ApprovalExpired(Exception):
+    """The deadline passed with ``at_deadline: fail``."""
+
+
+def build_task(spec: WorkflowSpec, step: ApprovalStep, trigger_rule: str) -> BaseOperator:
+    from ledgerflow.steps.saga import step_failed
+
+    return ApprovalOperator(
+        task_id=step.id,
+        step_id=step.id,
+        trigger_rule=trigger_rule,
+        # A rejection or an expired deadline is final; a lost worker before the
+        # deferral is retried and finds the same request.
+        retries=spec.retry_for(step).max_attempts - 1,
+        retry_delay=spec.retry_for(step).backoff.initial,
+        # The deadline lives in the trigger: an execution timeout would cut a wait of days.
+        execution_timeout=None,
+        doc_md=step.description or f"Approval: {step.subject}",
+        on_failure_callback=step_failed,
+    )
+
+
+class ApprovalOperator(BaseOperator, SkipMixin):
+    """Asks for a decision and waits for it without holding a worker slot."""
+
+    ui_color = "#fff4d6"
+    template_fields = ()
+
+    def __init__(self, *, step_id: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.step_id = step_id
+
+    def _step(self) -> tuple[WorkflowSpec, ApprovalStep]:
+        from ledgerflow.factory import spec_for_dag
+
+        spec = spec_for_dag(self.dag_id)
+        step = spec.step(self.step_id)
+        assert isinstance(step, ApprovalStep)
+        return spec, step
+
+    def execute(self, context: Any) -> Any:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from ledgerflow.ledger import approvals
+        from ledgerflow.ledger.store import Ledger, now
+        from ledgerflow.spec.templates import evaluate, render_value
+        from ledgerflow.spec.validate import referenced_steps
+        from ledgerflow.steps.operator import run_ref
+        from ledgerflow.steps.protocol import register_run, template_context
+        from ledgerflow.triggers.approval import ApprovalTrigger
+
+        spec, step = self._step()
+        ledger = Ledger.from_airflow()
+        ledger.migrate()
+        run = run_ref(context)
+        params = dict(context["params"])
+        with ledger.begin() as conn:
+            checkpoint, outputs = ledger.checkpoint_and_outputs(
+                run.run_id, step.id, referenced_steps(spec, step), conn
+            )
+            if checkpoint is None and not outputs:
+                register_run(ledger, spec, run, params, conn)
+        if checkpoint is not None and checkpoint.status == "completed":
+            # Decided earlier (a cleared or retried task): the same decision, no new request.
+            ledger.record_event(run.run_id, step.id, "checkpoint_reused")
+            return self._follow(context, step, checkpoint.output)
+        ctx = template_context(ledger, spec, run, params, None, -1, outputs=outputs)
+        if step.when is not None and not evaluate(step.when, ctx):
+            ledger.mark_step(
+                run_id=run.run_id, step_key=step.id, step_id=step.id, map_index=-1, status="skipped"
+            )
+            raise AirflowSkipException(f"`when: {step.when}` is false")
+        subject = render_value(step.subject, ctx)
+        body = render_value(step.body, ctx)
+        payload = render_value(step.payload, ctx)
+        approval, created = approvals.request(
+            ledger,
+            run_id=run.run_id,
+            step_key=step.id,
+            dag_id=run.dag_id,
+            task_id=self.task_id,
+            workflow=spec.name,
+            version=spec.version,
+            subject=str(subject),
+            body=str(body),
+            payload=payload,
+            approvers={"users": list(step.approvers.users), "roles": list(step.approvers.roles)},
+            deadline=now() + timedelta(seconds=step.deadline.total_seconds()),
+            at_deadline=approvals.deadline_chain(step.at_deadline),
+        )
+        ledger.begin_attempt(
+            run_id=run.run_id,
+            step_key=step.id,
+            step_id=step.id,
+            map_index=-1,
+            try_number=context["ti"].try_number,
+            args={"approval_id": approval.id, "payload_hash": approval.payload_hash},
+            idempotency_key=f"approval:{approval.id}",
+            first=checkpoint is None,
+        )
+        if created:
+            approvals.notify(ledger, approval)
+        if not approval.pending:
+            return self._complete(context, ledger, approval)
+        self.log.info(
+            "waiting for approval %s (%s) until %s; decide at /ledgerflow/approvals/%s",
+            approval.id,
+            approval.subject,
+            approval.deadline.isoformat(),
+            approval.id,
+        )
+        poll = POLL_POSTGRES_S if ledger.dialect == "postgresql" else POLL_SQLITE_S
+        self.defer(
+            trigger=ApprovalTrigger(
+                approval_id=approval.id, ledger_url=ledger.url, poll_interval=poll
+            ),
+            method_name="resume",
+        )
+
+    def resume(self, context: Any, event: Any = None) -> Any:
+        """Back from the triggerer: the decision is in the ledger."""
+        from ledgerflow.ledger import approvals
+        from ledgerflow.ledger.store import Ledger
+        from ledgerflow.steps.operator import run_ref
+
+        ledger = Ledger.from_airflow()
+        run = run_ref(context)
+        checkpoint = ledger.checkpoint(run.run_id, self.step_id)
+        if checkpoint is not None and checkpoint.status == "completed":
+            # Resumed a second time (a trigger that fired twice): nothing new to record.
+            return self._follow(context, self._step()[1], checkpoint.output)
+        approval = approvals.for_step(ledger, run.run_id, self.step_id)
+        if approval is None or approval.pending:
+            # Never expected: the trigger fires only on a stored decision.
+            raise RuntimeError(f"approval of {run.run_id}/{self.step_id} is not decided: {event}")
+        ledger.record_event(run.run_id, self.step_id, "approval_resumed", {"event": event})
+        return self._complete(context, ledger, approval)
+
+    def _complete(self, context: Any, ledger: Any, approval: Any) -> Any:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        step = self._step()[1]
+        output = {
+            "approval_id": approval.id,
+            "decision": approval.status,
+            "approved": approval.status == "approved",
+            "approver": approval.decided_by,
+            "comment": approval.comment,
+            "decided_at": approval.decided_at.isoformat() if approval.decided_at else None,
+            "level": approval.level,
+            "payload_hash": approval.payload_hash,
+        }
+        attempt_id = _running_attempt(ledger, approval.run_id, step.id)
+        if attempt_id is None:  # e.g. the attempt was marked lost by a concurrent retry
+            attempt_id = ledger.begin_attempt(
+                run_id=approval.run_id,
+                step_key=step.id,
+                step_id=step.id,
+                map_index=-1,
+                try_number=context["ti"].try_number,
+                args={"approval_id": approval.id, "payload_hash": approval.payload_hash},
+                idempotency_key=f"approval:{approval.id}",
+            )
+        failure: Exception | None = None
+        if approval.status == "expired":
+            failure = ApprovalExpired(
+                f"approval {approval.id}: no decision before the deadline (at_deadline: fail)"
+            )
+        elif approval.status == "rejected" and step.on_reject is None:
+            failure = ApprovalRejected(
+                f"approval {approval.id} rejected by {approval.decided_by}: {approval.comment or ''}"
+            )
+        with ledger.begin() as conn:
+            if failure is not None:
+                ledger.fail_attempt(
+                    run_id=approval.run_id,
+                    step_key=step.id,
+                    attempt_id=attempt_id,
+                    error=failure,
+                    final=True,
+                    conn=conn,
+                )
+            else:
+                ledger.complete_step(
+                    conn,
+                    run_id=approval.run_id,
+                    step_key=step.id,
+                    attempt_id=attempt_id,
+                    output=output,
+                    reused=False,
+                )
+        if failure is not None:
+            raise AirflowFailException(str(failure))
+        return self._follow(context, step, output)
+
+    def _follow(self, context: Any, step: ApprovalStep, output: dict[str, Any]) -> Any:
+        from ledgerflow.steps.branching import follow
+
+        self.log.info(
+            "decision: %s by %s (%s)", output["decision"], output["approver"], output["comment"]
+        )
+        follow(
+            self,
+            context,
+            fallback=step.on_reject,
+            take_fallback=output["decision"] == "rejected",
+        )
+        return output
+
+
+def _running_attempt(ledger: Any, run_id: str, step_key: str) -> int | None:
+    running = [a for a in ledger.attempts(run_id, step_key) if a["status"] == "running"]
+    return int(running[-1]["id"]) if running else None

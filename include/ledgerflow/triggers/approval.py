@@ -1,0 +1,200 @@
+"""The approval trigger: waits in the triggerer for a decision or a deadline.
+
+It holds no worker slot. It wakes on a Postgres ``NOTIFY`` that the decision sends when
+it commits, with a slow poll as a safety net (SQLite, which has no NOTIFY, only polls).
+Every approval trigger of one triggerer process shares ONE listening connection (see
+``Listener``): a triggerer may hold a thousand parked approvals, and Postgres allows
+about a hundred connections.
+
+At the deadline the trigger applies the declared outcome: an escalation (new
+approvers, new deadline; it then keeps waiting) or a decision by ``ledgerflow:deadline``.
+Both are conditional updates, so a trigger that runs twice, or on two triggerers at
+once, changes the approval at most once, and a person's decision that commits first wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+log = logging.getLogger(__name__)
+
+DEADLINE_DECISIONS = {"approve": "approved", "reject": "rejected", "fail": "expired"}
+DEADLINE_USER = "ledgerflow:deadline"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Listener:
+    """One ``LISTEN ledgerflow_approvals`` connection shared by every approval trigger
+    of an event loop. Waiters register an approval id and get an ``asyncio.Event`` that
+    is set when that approval's NOTIFY arrives (and for everyone after a reconnect,
+    since notifications sent while disconnected are lost)."""
+
+    _by_loop: dict[tuple[str, int], Listener] = {}
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.waiters: dict[int, set[asyncio.Event]] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.connections = 0  # how many times it (re)connected; tests read it
+
+    @classmethod
+    def shared(cls, sqlalchemy_url: str) -> Listener:
+        dsn = "postgresql://" + sqlalchemy_url.split("://", 1)[1]
+        key = (dsn, id(asyncio.get_running_loop()))
+        listener = cls._by_loop.get(key)
+        if listener is None:
+            listener = cls._by_loop[key] = cls(dsn)
+        return listener
+
+    def register(self, approval_id: int) -> asyncio.Event:
+        event = asyncio.Event()
+        self.waiters.setdefault(approval_id, set()).add(event)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._listen())
+        return event
+
+    def unregister(self, approval_id: int, event: asyncio.Event) -> None:
+        events = self.waiters.get(approval_id)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self.waiters[approval_id]
+        if not self.waiters and self.task is not None:
+            self.task.cancel()  # the last waiter left: close the connection
+            self.task = None
+
+    def _wake(self, approval_id: int) -> None:
+        for event in self.waiters.get(approval_id, ()):
+            event.set()
+
+    def _wake_all(self) -> None:
+        for events in self.waiters.values():
+            for event in events:
+                event.set()
+
+    async def _listen(self) -> None:
+        import psycopg
+
+        from ledgerflow.ledger.approvals import CHANNEL
+
+        delay = 1.0
+        while self.waiters:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self.connections += 1
+                    delay = 1.0
+                    self._wake_all()  # re-check whatever was decided while not listening
+                    async for note in conn.notifies():
+                        try:
+                            self._wake(int(note.payload))
+                        except ValueError:
+                            log.warning("ignoring notification %r", note.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the poll keeps working meanwhile
+                log.warning(
+                    "approval listener lost its connection (%s); retry in %.0fs", exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+
+class ApprovalTrigger(BaseTrigger):
+    """Fires when approval ``approval_id`` is decided (by a person or by its deadline)."""
+
+    def __init__(self, approval_id: int, ledger_url: str, poll_interval: float = 30.0) -> None:
+        super().__init__()
+        self.approval_id = int(approval_id)
+        self.ledger_url = ledger_url
+        self.poll_interval = float(poll_interval)
+        # Replaced by tests to drive run() with a fake clock.
+        self._now: Callable[[], datetime] = _utcnow
+        self._wait: Callable[[asyncio.Event, float], Awaitable[None]] = _wait_for
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            "ledgerflow.triggers.approval.ApprovalTrigger",
+            {
+                "approval_id": self.approval_id,
+                "ledger_url": self.ledger_url,
+                "poll_interval": self.poll_interval,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from ledgerflow.ledger import approvals
+        from ledgerflow.ledger.store import Ledger
+
+        ledger = Ledger(self.ledger_url)
+        listener = (
+            Listener.shared(self.ledger_url) if self.ledger_url.startswith("postgresql") else None
+        )
+        wake = listener.register(self.approval_id) if listener else asyncio.Event()
+        try:
+            while True:
+                wake.clear()  # before reading: a NOTIFY after the read sets it again
+                approval = await asyncio.to_thread(approvals.get, ledger, self.approval_id)
+                if not approval.pending:
+                    yield TriggerEvent(
+                        {
+                            "approval_id": approval.id,
+                            "status": approval.status,
+                            "decided_by": approval.decided_by,
+                        }
+                    )
+                    return
+                now = self._now()
+                if now >= approval.deadline:
+                    await asyncio.to_thread(self._at_deadline, ledger, approval, now)
+                    continue
+                remaining = (approval.deadline - now).total_seconds()
+                # Jitter spreads the safety-net polls of many parked approvals.
+                poll = self.poll_interval * random.uniform(0.8, 1.0)
+                await self._wait(wake, min(remaining, poll))
+        finally:
+            if listener is not None:
+                listener.unregister(self.approval_id, wake)
+
+    @staticmethod
+    def _at_deadline(ledger: Any, approval: Any, now: datetime) -> None:
+        from ledgerflow.ledger import approvals
+
+        outcome = approval.at_deadline
+        if isinstance(outcome, dict):
+            escalated = approvals.escalate(ledger, approval, now)
+            if escalated is not None:
+                log.info(
+                    "approval %s escalated to %s until %s",
+                    approval.id,
+                    escalated.approvers,
+                    escalated.deadline,
+                )
+                approvals.notify(ledger, escalated)
+            return
+        # A person (or another copy of this trigger) may have decided first: that stands.
+        with contextlib.suppress(approvals.ApprovalConflict):
+            approvals.decide(
+                ledger,
+                approval.id,
+                decision=DEADLINE_DECISIONS[outcome],
+                by=DEADLINE_USER,
+                comment=f"no decision before the deadline; declared outcome: {outcome}",
+            )
+
+
+async def _wait_for(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout=max(seconds, 0.0))
