@@ -46,7 +46,9 @@ def ledger(tmp_path: Path) -> Ledger:
     return ledger
 
 
-def make_request(ledger: Ledger, deadline: timedelta, at_deadline: Any = "reject") -> int:
+def make_request(
+    ledger: Ledger, deadline: timedelta, at_deadline: Any = "reject", follow: Any = None
+) -> int:
     approval, created = approvals.request(
         ledger,
         run_id="wf__v1/run-1",
@@ -61,6 +63,7 @@ def make_request(ledger: Ledger, deadline: timedelta, at_deadline: Any = "reject
         approvers={"users": ["manager"], "roles": []},
         deadline=now() + deadline,
         at_deadline=at_deadline,
+        follow=follow,
     )
     assert created
     return approval.id
@@ -183,3 +186,60 @@ def test_two_copies_of_a_trigger_record_one_outcome(ledger: Ledger) -> None:
     assert first == second
     kinds = [e["kind"] for e in ledger.events("wf__v1/run-1")]
     assert kinds.count("approval_decided") == 1
+
+
+def test_an_approve_ends_the_task_in_the_trigger(ledger: Ledger) -> None:
+    """With the follow lists recorded, an approve ends the task from the trigger: a
+    TaskSuccessEvent whose XComs carry the step's output and the followed branch, with
+    the step's checkpoint completed once (a second trigger copy records nothing new)."""
+    from airflow.triggers.base import TaskSuccessEvent
+
+    approval, _ = approvals.request(
+        ledger,
+        run_id="wf__v1/run-2",
+        step_key="ask",
+        dag_id="wf__v1",
+        task_id="ask",
+        workflow="wf",
+        version=1,
+        subject="Approve?",
+        body="",
+        payload={"amount": 3},
+        approvers={"users": ["manager"], "roles": []},
+        deadline=now() + timedelta(hours=1),
+        at_deadline="reject",
+        follow={"approved": ["next", "compensate__a"], "rejected": ["refuse", "compensate__a"]},
+    )
+    approvals.decide(ledger, approval.id, decision="rejected", by="manager", comment="no")
+
+    async def first() -> Any:
+        async for event in ApprovalTrigger(approval.id, ledger.url, poll_interval=60).run():
+            return event
+        raise AssertionError("no event")
+
+    event = asyncio.run(first())
+    again = asyncio.run(first())
+    assert isinstance(event, TaskSuccessEvent) and isinstance(again, TaskSuccessEvent)
+    assert event.xcoms is not None
+    assert event.xcoms["skipmixin_key"] == {"followed": ["refuse", "compensate__a"]}
+    assert event.xcoms["return_value"]["decision"] == "rejected"
+    assert event.xcoms["return_value"]["comment"] == "no"
+    assert again.xcoms == event.xcoms
+    checkpoint = ledger.checkpoint("wf__v1/run-2", "ask")
+    assert checkpoint is not None and checkpoint.status == "completed"
+    assert checkpoint.output == event.xcoms["return_value"]
+    kinds = [e["kind"] for e in ledger.events("wf__v1/run-2")]
+    assert kinds.count("approval_completed") == 1
+
+
+def test_a_reject_without_a_branch_resumes_on_a_worker(ledger: Ledger) -> None:
+    """A reject with no branch must fail the task (and its callbacks start the saga), so
+    the trigger does not end the task: it fires a plain event for the worker."""
+    approval_id = make_request(
+        ledger, timedelta(hours=1), follow={"approved": ["next"], "rejected": None}
+    )
+    approvals.decide(ledger, approval_id, decision="rejected", by="manager")
+    events = run_trigger(ApprovalTrigger(approval_id, ledger.url), FakeClock())
+    assert events == [{"approval_id": approval_id, "status": "rejected", "decided_by": "manager"}]
+    checkpoint = ledger.checkpoint("wf__v1/run-1", "ask")
+    assert checkpoint is None or checkpoint.status != "completed"

@@ -113,7 +113,7 @@ def build_dag(spec: WorkflowSpec, yaml_path: Path | None = None) -> DAG:
         doc_md=_doc_md(spec, yaml_path),
         params={name: _param(p) for name, p in spec.params.items()},
         default_args={"owner": spec.owner},
-        max_active_runs=16,
+        max_active_runs=spec.max_active_runs,
         on_success_callback=_finish_run,
         on_failure_callback=_finish_run,
     )

@@ -53,6 +53,7 @@ class Approval:
     level: int
     deadline: datetime
     at_deadline: Any
+    follow: dict[str, list[str] | None] | None
     status: str
     decided_by: str | None
     decided_at: datetime | None
@@ -63,6 +64,29 @@ class Approval:
     @property
     def pending(self) -> bool:
         return self.status == "pending"
+
+    @property
+    def ends_without_worker(self) -> bool:
+        """The decision completes the step by itself: an approve, or a reject with a
+        declared branch (a reject without one, or an expiry, fails the task on a worker)."""
+        if self.follow is None:
+            return False
+        return self.status == "approved" or (
+            self.status == "rejected" and self.follow.get("rejected") is not None
+        )
+
+    def output(self) -> dict[str, Any]:
+        """The approval step's output (its checkpoint; ``steps.<id>.output`` in templates)."""
+        return {
+            "approval_id": self.id,
+            "decision": self.status,
+            "approved": self.status == "approved",
+            "approver": self.decided_by,
+            "comment": self.comment,
+            "decided_at": self.decided_at.isoformat() if self.decided_at else None,
+            "level": self.level,
+            "payload_hash": self.payload_hash,
+        }
 
     @property
     def airflow_run_id(self) -> str:
@@ -111,6 +135,7 @@ def _row(row: Any) -> Approval:
         level=int(row["level"]),
         deadline=_aware(row["deadline"]),  # type: ignore[arg-type]
         at_deadline=loads(row["at_deadline"]),
+        follow=loads(row["follow"]),
         status=row["status"],
         decided_by=row["decided_by"],
         decided_at=_aware(row["decided_at"]),
@@ -135,6 +160,7 @@ def request(
     approvers: dict[str, list[str]],
     deadline: datetime,
     at_deadline: Any,
+    follow: dict[str, list[str] | None] | None = None,
 ) -> tuple[Approval, bool]:
     """Create the request of a run's approval step once; returns (request, created)."""
     stamp = now()
@@ -156,6 +182,7 @@ def request(
                 level=0,
                 deadline=deadline,
                 at_deadline=dumps(at_deadline),
+                follow=None if follow is None else dumps(follow),
                 status="pending",
                 created_at=stamp,
                 updated_at=stamp,
@@ -395,3 +422,73 @@ def deadline_chain(at_deadline: Any) -> Any:
             "at_deadline": deadline_chain(esc.at_deadline),
         }
     }
+
+
+def complete(ledger: Ledger, approval_id: int, via: str) -> dict[str, Any]:
+    """Complete a decided approval's step checkpoint once; return the step's output.
+
+    Whoever gets here first (the api-server that took the decision, the trigger, or the
+    worker) records it; the others find it completed and return the same output. The
+    approval row is locked first, so two of them never both record it.
+    """
+    from ledgerflow.ledger.store import _checkpoint
+
+    with ledger.begin() as conn:
+        lock = select(t.approvals).where(t.approvals.c.id == approval_id)
+        if ledger.dialect == "postgresql":
+            lock = lock.with_for_update()
+        row = conn.execute(lock).mappings().first()
+        if row is None:
+            raise ApprovalNotFound(f"no approval {approval_id}")
+        approval = _row(row)
+        if approval.pending:
+            raise ApprovalConflict(f"approval {approval_id} is not decided yet")
+        step = (
+            conn.execute(
+                select(t.steps).where(
+                    t.steps.c.run_id == approval.run_id, t.steps.c.step_key == approval.step_key
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if step is not None and step["status"] == "completed":
+            return dict(_checkpoint(step).output or {})
+        output = approval.output()
+        attempt_id = conn.execute(
+            select(t.attempts.c.id)
+            .where(
+                t.attempts.c.run_id == approval.run_id,
+                t.attempts.c.step_key == approval.step_key,
+                t.attempts.c.status == "running",
+            )
+            .order_by(t.attempts.c.id.desc())
+            .limit(1)
+        ).scalar()
+        if attempt_id is None:
+            attempt_id = ledger.begin_attempt(
+                run_id=approval.run_id,
+                step_key=approval.step_key,
+                step_id=approval.step_key,
+                map_index=-1,
+                try_number=0,
+                args={"approval_id": approval.id, "payload_hash": approval.payload_hash},
+                idempotency_key=f"approval:{approval.id}",
+                conn=conn,
+            )
+        ledger.complete_step(
+            conn,
+            run_id=approval.run_id,
+            step_key=approval.step_key,
+            attempt_id=int(attempt_id),
+            output=output,
+            reused=False,
+        )
+        ledger._event(
+            conn,
+            approval.run_id,
+            approval.step_key,
+            "approval_completed",
+            {"approval_id": approval.id, "decision": approval.status, "via": via},
+        )
+        return output

@@ -171,6 +171,9 @@ approvals = Table(
     Column("level", Integer, nullable=False, server_default="0"),
     Column("deadline", DateTime(timezone=True), nullable=False),
     Column("at_deadline", Text, nullable=False),
+    # Task ids to follow after each decision ({"approved": [...], "rejected": [...] | null}):
+    # lets the decision end the Airflow task directly, without a worker.
+    Column("follow", Text),
     # pending -> approved | rejected | expired (the deadline's outcome, by "deadline")
     Column("status", String(20), nullable=False),
     Column("decided_by", String(250)),

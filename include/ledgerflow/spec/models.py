@@ -264,6 +264,8 @@ class WorkflowSpec(_Model):
 
     params: dict[str, ParamSpec] = {}
     defaults: Defaults = Defaults()
+    max_active_runs: int = Field(16, ge=1, le=100_000)
+    """Runs of this version at once, parked ones included (raise it for approval workflows)."""
     steps: tuple[Step, ...] = Field(min_length=1)
 
     @property

@@ -55,6 +55,7 @@ class ApprovalOperator(BaseOperator, SkipMixin):
 
     ui_color = "#fff4d6"
     template_fields = ()
+    inherits_from_skipmixin = True
 
     def __init__(self, *, step_id: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -117,6 +118,7 @@ class ApprovalOperator(BaseOperator, SkipMixin):
             approvers={"users": list(step.approvers.users), "roles": list(step.approvers.roles)},
             deadline=now() + timedelta(seconds=step.deadline.total_seconds()),
             at_deadline=approvals.deadline_chain(step.at_deadline),
+            follow=self._follow_lists(step),
         )
         ledger.begin_attempt(
             run_id=run.run_id,
@@ -166,20 +168,36 @@ class ApprovalOperator(BaseOperator, SkipMixin):
         ledger.record_event(run.run_id, self.step_id, "approval_resumed", {"event": event})
         return self._complete(context, ledger, approval)
 
+    def _follow_lists(self, step: ApprovalStep) -> dict[str, list[str] | None]:
+        """What runs after each decision, stored with the request so that the decision
+        can end this task without a worker (see ``end_task_now``)."""
+        from ledgerflow.steps.branching import followed
+
+        everyone = [t.task_id for t in self.get_direct_relatives(upstream=False)]
+        if step.on_reject is None:
+            return {"approved": everyone, "rejected": None}
+        return {
+            "approved": followed(self, fallback=step.on_reject, take_fallback=False),
+            "rejected": followed(self, fallback=step.on_reject, take_fallback=True),
+        }
+
     def _complete(self, context: Any, ledger: Any, approval: Any) -> Any:
         from airflow.sdk.exceptions import AirflowFailException
 
+        from ledgerflow.ledger import approvals
+
         step = self._step()[1]
-        output = {
-            "approval_id": approval.id,
-            "decision": approval.status,
-            "approved": approval.status == "approved",
-            "approver": approval.decided_by,
-            "comment": approval.comment,
-            "decided_at": approval.decided_at.isoformat() if approval.decided_at else None,
-            "level": approval.level,
-            "payload_hash": approval.payload_hash,
-        }
+        failure: Exception | None = None
+        if approval.status == "expired":
+            failure = ApprovalExpired(
+                f"approval {approval.id}: no decision before the deadline (at_deadline: fail)"
+            )
+        elif approval.status == "rejected" and step.on_reject is None:
+            failure = ApprovalRejected(
+                f"approval {approval.id} rejected by {approval.decided_by}: {approval.comment or ''}"
+            )
+        if failure is None:
+            return self._follow(context, step, approvals.complete(ledger, approval.id, "worker"))
         attempt_id = _running_attempt(ledger, approval.run_id, step.id)
         if attempt_id is None:  # e.g. the attempt was marked lost by a concurrent retry
             attempt_id = ledger.begin_attempt(
@@ -191,37 +209,14 @@ class ApprovalOperator(BaseOperator, SkipMixin):
                 args={"approval_id": approval.id, "payload_hash": approval.payload_hash},
                 idempotency_key=f"approval:{approval.id}",
             )
-        failure: Exception | None = None
-        if approval.status == "expired":
-            failure = ApprovalExpired(
-                f"approval {approval.id}: no decision before the deadline (at_deadline: fail)"
-            )
-        elif approval.status == "rejected" and step.on_reject is None:
-            failure = ApprovalRejected(
-                f"approval {approval.id} rejected by {approval.decided_by}: {approval.comment or ''}"
-            )
-        with ledger.begin() as conn:
-            if failure is not None:
-                ledger.fail_attempt(
-                    run_id=approval.run_id,
-                    step_key=step.id,
-                    attempt_id=attempt_id,
-                    error=failure,
-                    final=True,
-                    conn=conn,
-                )
-            else:
-                ledger.complete_step(
-                    conn,
-                    run_id=approval.run_id,
-                    step_key=step.id,
-                    attempt_id=attempt_id,
-                    output=output,
-                    reused=False,
-                )
-        if failure is not None:
-            raise AirflowFailException(str(failure))
-        return self._follow(context, step, output)
+        ledger.fail_attempt(
+            run_id=approval.run_id,
+            step_key=step.id,
+            attempt_id=attempt_id,
+            error=failure,
+            final=True,
+        )
+        raise AirflowFailException(str(failure))
 
     def _follow(self, context: Any, step: ApprovalStep, output: dict[str, Any]) -> Any:
         from ledgerflow.steps.branching import follow
@@ -241,3 +236,54 @@ class ApprovalOperator(BaseOperator, SkipMixin):
 def _running_attempt(ledger: Any, run_id: str, step_key: str) -> int | None:
     running = [a for a in ledger.attempts(run_id, step_key) if a["status"] == "running"]
     return int(running[-1]["id"]) if running else None
+
+
+def task_end_xcoms(approval: Any, output: dict[str, Any]) -> dict[str, Any]:
+    """The XComs a decided approval's task ends with when no worker resumes it: its
+    output, and the scheduler's "followed" list for the branch it takes."""
+    from airflow.sdk.bases.skipmixin import XCOM_SKIPMIXIN_FOLLOWED, XCOM_SKIPMIXIN_KEY
+
+    xcoms: dict[str, Any] = {"return_value": output}
+    if approval.follow is not None and approval.follow.get("rejected") is not None:
+        xcoms[XCOM_SKIPMIXIN_KEY] = {XCOM_SKIPMIXIN_FOLLOWED: approval.follow[approval.status]}
+    return xcoms
+
+
+def end_task_now(ledger: Any, approval: Any) -> bool:
+    """From the api-server, right after a decision: complete the step in the ledger and
+    end its deferred Airflow task as Airflow's own approval route does (the task
+    instance row locked, then ``handle_event_submit``), so the next task is scheduled
+    without waiting for the triggerer or a worker. Returns False (and changes nothing in
+    Airflow) when the task is not deferred, or when the decision must fail the task; the
+    trigger then handles it as usual."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.trigger import handle_event_submit
+    from airflow.triggers.base import TaskSuccessEvent
+    from airflow.utils.session import create_session
+    from airflow.utils.state import TaskInstanceState
+    from sqlalchemy import select
+
+    from ledgerflow.ledger import approvals
+
+    if not approval.ends_without_worker:
+        return False
+    with create_session() as session:
+        ti = session.scalars(
+            select(TaskInstance)
+            .where(
+                TaskInstance.dag_id == approval.dag_id,
+                TaskInstance.run_id == approval.airflow_run_id,
+                TaskInstance.task_id == approval.task_id,
+                TaskInstance.map_index == -1,
+            )
+            .with_for_update()
+        ).one_or_none()
+        if ti is None or ti.state != TaskInstanceState.DEFERRED:
+            return False
+        output = approvals.complete(ledger, approval.id, "api")
+        handle_event_submit(
+            TaskSuccessEvent(xcoms=task_end_xcoms(approval, output)),
+            task_instance=ti,
+            session=session,
+        )
+    return True

@@ -5,6 +5,10 @@ An approval with ``on_reject``, an LLM step with ``on_invalid`` and a quality st
 downstream task runs except the fallback; on the fallback outcome only the fallback
 runs. The skipped tasks show as skipped in the grid, and Airflow's trigger rules carry
 the skip further down (a join after both paths still runs).
+
+A branching operator subclasses ``airflow.sdk.bases.skipmixin.SkipMixin`` and sets
+``inherits_from_skipmixin = True`` (so the scheduler honours the "followed" XCom it
+leaves, also when the task is ended by a trigger rather than on a worker).
 """
 
 from __future__ import annotations
@@ -12,24 +16,29 @@ from __future__ import annotations
 from typing import Any
 
 
+def followed(operator: Any, *, fallback: str, take_fallback: bool) -> list[str]:
+    """The direct downstream task ids that run after this outcome (teardowns always do)."""
+    heads = {fallback, f"{fallback}__items"}  # a for_each fallback starts at its items task
+    return [
+        t.task_id
+        for t in operator.get_direct_relatives(upstream=False)
+        if getattr(t, "is_teardown", False)
+        or ((t.task_id in heads) if take_fallback else (t.task_id not in heads))
+    ]
+
+
 def follow(operator: Any, context: Any, *, fallback: str | None, take_fallback: bool) -> None:
     """Skip the branch not taken. Call after the step's outcome is in the ledger: Airflow
     ends the task here (``DownstreamTasksSkipped``), so nothing after this call runs."""
     if fallback is None:
         return
-    ti = context["ti"]
-    downstream = operator.get_direct_relatives(upstream=False)
-    heads = {fallback, f"{fallback}__items"}  # a for_each fallback starts at its items task
-    skip = {
-        t.task_id
-        for t in downstream
-        if not getattr(t, "is_teardown", False)
-        and ((t.task_id not in heads) if take_fallback else (t.task_id in heads))
-    }
-    if not skip:
+    keep = followed(operator, fallback=fallback, take_fallback=take_fallback)
+    downstream = {t.task_id for t in operator.get_direct_relatives(upstream=False)}
+    if set(keep) == downstream:
         return
-    keep = [t.task_id for t in downstream if t.task_id not in skip]
     operator.log.info(
-        "branch: %s; skipping %s", "fallback" if take_fallback else "main", sorted(skip)
+        "branch: %s; skipping %s",
+        "fallback" if take_fallback else "main",
+        sorted(downstream - set(keep)),
     )
-    operator.skip_all_except(ti, keep)
+    operator.skip_all_except(context["ti"], keep)

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +148,7 @@ class ApprovalTrigger(BaseTrigger):
                 wake.clear()  # before reading: a NOTIFY after the read sets it again
                 approval = await asyncio.to_thread(approvals.get, ledger, self.approval_id)
                 if not approval.pending:
-                    yield TriggerEvent(
-                        {
-                            "approval_id": approval.id,
-                            "status": approval.status,
-                            "decided_by": approval.decided_by,
-                        }
-                    )
+                    yield await self._event(ledger, approval)
                     return
                 now = self._now()
                 if now >= approval.deadline:
@@ -167,6 +161,24 @@ class ApprovalTrigger(BaseTrigger):
         finally:
             if listener is not None:
                 listener.unregister(self.approval_id, wake)
+
+    async def _event(self, ledger: Any, approval: Any) -> TriggerEvent:
+        """An approve, or a reject with a branch, ends the task right here (its checkpoint
+        completed, the branch's "followed" XCom set): no worker has to resume it. A
+        decision that fails the task resumes it on a worker, which raises there."""
+        from ledgerflow.ledger import approvals
+        from ledgerflow.steps.approval import task_end_xcoms
+
+        if approval.ends_without_worker:
+            output = await asyncio.to_thread(approvals.complete, ledger, approval.id, "triggerer")
+            return TaskSuccessEvent(xcoms=task_end_xcoms(approval, output))
+        return TriggerEvent(
+            {
+                "approval_id": approval.id,
+                "status": approval.status,
+                "decided_by": approval.decided_by,
+            }
+        )
 
     @staticmethod
     def _at_deadline(ledger: Any, approval: Any, now: datetime) -> None:
