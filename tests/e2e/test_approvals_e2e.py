@@ -83,7 +83,7 @@ def test_parks_without_a_worker_slot_and_resumes_on_a_rest_decision(
     assert kinds.count("approval_requested") == 1
     assert kinds.count("approval_notified") == 1
     assert kinds.count("approval_decided") == 1
-    assert kinds.count("approval_resumed") == 1
+    assert kinds.count("approval_completed") == 1
     (decided,) = events(ledger, ledger_run, "approval_decided")
     assert decided["data"]["by"] == "admin" and decided["data"]["comment"] == "looks good"
     assert decided["data"]["payload"] == approval.payload
@@ -163,7 +163,7 @@ def test_triggerer_killed_with_20_parked_then_every_run_resumes_once(
     stack: AirflowStack, ledger: Ledger
 ) -> None:
     """20 runs park; the triggerer is SIGKILLed and started again; all 20 are approved:
-    every run succeeds, each approval was resumed exactly once and the next step ran
+    every run succeeds, each approval step completed exactly once and the next step ran
     once. All parked approvals share one listening connection."""
     runs = [
         stack.trigger("onboarding__v1", {"customer_id": f"bulk-{uuid.uuid4().hex[:8]}"})
@@ -183,12 +183,8 @@ def test_triggerer_killed_with_20_parked_then_every_run_resumes_once(
     for run_id in runs:
         ledger_run = f"onboarding__v1/{run_id}"
         assert len(events(ledger, ledger_run, "approval_decided")) == 1
-        resumed = [
-            e
-            for e in events(ledger, ledger_run, "approval_resumed")
-            if e["step_key"] == "manager_approval"
-        ]
-        assert len(resumed) == 1, ledger_run
+        completed = events(ledger, ledger_run, "approval_completed")
+        assert len(completed) == 1, ledger_run
         assert [a["status"] for a in ledger.attempts(ledger_run, "activate_account")] == [
             "completed"
         ]
