@@ -239,7 +239,61 @@ class ApprovalStep(_StepBase):
         return self.on_reject
 
 
-AnyStep = ToolStep | ApprovalStep
+class QualityDataset(_Model):
+    """What a quality step validates: exactly one of ``table``, ``query`` (through the
+    Postgres/SQLite connection ``conn_id``), ``step`` (an upstream step's output) or
+    ``expression`` (a template expression giving records or columns)."""
+
+    conn_id: str = "ledgerflow_db"
+    table: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+    query: str | None = None
+    """SQL, templated like args (rendered as text: keep params typed or enumerated)."""
+    step: str | None = Field(None, pattern=_ID)
+    expression: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> QualityDataset:
+        given = [k for k in ("table", "query", "step", "expression") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of table, query, step or expression"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class QualityBranch(_Model):
+    branch: str = Field(pattern=_ID)
+
+
+class QualityStep(_StepBase):
+    """Validates a dataset with Great Expectations; a failure fails, warns or branches."""
+
+    kind: Literal["quality"]
+    dataset: QualityDataset
+    expectations: tuple[dict[str, Any], ...] = ()
+    """Each item is one expectation: ``{not_null: column}`` or ``{between: {column: ...,
+    min: ..., max: ...}}`` (checked against the catalog when the workflow is loaded)."""
+    suite: str | None = Field(None, pattern=r"^[a-z][a-z0-9_-]{0,62}$")
+    """A suite file ``<name>.yaml`` of the suites folder (a name, never a path)."""
+    on_failure: Literal["fail", "warn"] | QualityBranch = "fail"
+    data_docs: bool = False
+    """Also build GX Data Docs under ``$AIRFLOW_HOME/ledgerflow/data_docs``."""
+
+    branch_field: ClassVar[str] = "on_failure"
+
+    @property
+    def branch_target(self) -> str | None:
+        return self.on_failure.branch if isinstance(self.on_failure, QualityBranch) else None
+
+    @model_validator(mode="after")
+    def _something_to_check(self) -> QualityStep:
+        if not self.expectations and self.suite is None:
+            raise ValueError("declare expectations, a suite, or both")
+        return self
+
+
+AnyStep = ToolStep | ApprovalStep | QualityStep
 Step = Annotated[AnyStep, Field(discriminator="kind")]
 
 

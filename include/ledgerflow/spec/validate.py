@@ -11,7 +11,14 @@ from typing import Any
 
 from ledgerflow.errors import SpecError, SpecErrors, UnknownToolError
 from ledgerflow.spec.loader import LineMap, field_name, line_for, read_spec_file
-from ledgerflow.spec.models import AnyStep, ApprovalStep, ToolCall, ToolStep, WorkflowSpec
+from ledgerflow.spec.models import (
+    AnyStep,
+    ApprovalStep,
+    QualityStep,
+    ToolCall,
+    ToolStep,
+    WorkflowSpec,
+)
 from ledgerflow.spec.templates import (
     GLOBAL_NAMES,
     TemplateSyntaxError,
@@ -64,6 +71,8 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
                 (*loc, "for_each"),
                 "for_each is not supported on an approval step: approve the whole list once",
             )
+        if isinstance(step, QualityStep):
+            _check_quality(step, loc, errors)
         _check_branch(spec, step, loc, errors)
     del index
     if errors.errors:
@@ -108,6 +117,14 @@ def template_fields(step: AnyStep) -> list[tuple[tuple[Any, ...], str, bool]]:
     elif isinstance(step, ApprovalStep):
         fields += [(("subject",), step.subject, False), (("body",), step.body, False)]
         fields += [(path, value, False) for path, value in iter_strings(step.payload, ("payload",))]
+    elif isinstance(step, QualityStep):
+        data = step.dataset
+        if data.query is not None:
+            fields.append((("dataset", "query"), data.query, False))
+        if data.expression is not None:
+            fields.append((("dataset", "expression"), data.expression, True))
+        if data.step is not None:  # checked and loaded like a template naming that output
+            fields.append((("dataset", "step"), f"steps.{data.step}.output", True))
     for name in ("when", "for_each"):
         expression = getattr(step, name)
         if expression is not None:
@@ -127,6 +144,29 @@ def _check_templates(
     for path, source, expr in template_fields(step):
         names = allowed - {"item", "index"} if path[0] in ("when", "for_each") else allowed
         _check_refs(spec, source, (*loc, *path), upstream, names, errors, expr=expr)
+
+
+def _check_quality(step: QualityStep, loc: tuple[Any, ...], errors: _Collector) -> None:
+    """Each expectation against the catalog; the suite exists and is itself valid."""
+    from ledgerflow.quality.catalog import parse_expectation, read_suite
+
+    for n, item in enumerate(step.expectations):
+        for sub, message in parse_expectation(item)[1]:
+            errors.add((*loc, "expectations", n, *sub), message)
+    if step.suite is not None:
+        try:
+            read_suite(step.suite)
+        except SpecErrors as exc:
+            errors.errors.extend(exc.errors)
+        except SpecError as exc:  # the suite file's own YAML, or no such suite
+            if exc.file is not None:
+                errors.errors.append(exc)
+            else:
+                errors.add((*loc, "suite"), exc.message)
+    if step.for_each is not None:
+        errors.add(
+            (*loc, "for_each"), "for_each is not supported on a quality step: validate the list"
+        )
 
 
 def _check_branch(
