@@ -293,7 +293,78 @@ class QualityStep(_StepBase):
         return self
 
 
-AnyStep = ToolStep | ApprovalStep | QualityStep
+class LlmSettings(_Model):
+    """Model settings passed to pydantic-ai (the provider applies what it supports)."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+
+
+class LlmCheck(_Model):
+    """One evaluation check on the validated output: a Jinja expression on ``output``
+    (and ``params``, ``steps``, ``run``) that must be true, or a registered check function.
+    A plain string is an expression."""
+
+    expr: str | None = None
+    function: str | None = None
+    message: str | None = None
+    """The reason recorded when the check fails (default: the check itself)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain(cls, value: Any) -> Any:
+        return {"expr": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one(self) -> LlmCheck:
+        if (self.expr is None) == (self.function is None):
+            raise ValueError("a check is either an expression (expr) or a registered function")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.message or self.expr or f"{self.function}(output)"
+
+
+class LlmStep(_StepBase):
+    """Asks a model (an Airflow ``pydanticai`` connection) for output that fits a schema.
+
+    Valid output that passes the checks continues on the main path; output still invalid
+    after ``repair_attempts`` re-asks, or a failed check, takes the ``on_invalid`` branch.
+    """
+
+    kind: Literal["llm"]
+    conn_id: str = Field("ledgerflow_llm", min_length=1)
+    system_prompt: str = ""
+    """Templated like args."""
+    prompt: str = Field(min_length=1)
+    """Templated like args."""
+    output_schema: dict[str, Any] | None = None
+    """An inline JSON Schema (type: object) the output must fit."""
+    output_model: str | None = None
+    """Or the name of a registered pydantic model (never an import path)."""
+    output_mode: Literal["prompted", "native"] = "prompted"
+    """``prompted``: the schema goes in the instructions and the text is parsed (works with
+    any chat model); ``native``: the provider's structured-output mode (OpenAI, Ollama)."""
+    model_settings: LlmSettings = LlmSettings()
+    repair_attempts: int = Field(1, ge=0, le=5)
+    """How often an invalid answer is sent back with the validation error."""
+    checks: tuple[LlmCheck, ...] = ()
+    on_invalid: str | None = None
+    """A step that needs this one, taken when the output is invalid or a check fails
+    (other branches are skipped); without it that fails the step."""
+    idempotency: KeyedIdempotency | None = None
+    """The cache key of the response (default: the run (its original for a retry run) and
+    the step)."""
+
+    branch_field: ClassVar[str] = "on_invalid"
+
+    @property
+    def branch_target(self) -> str | None:
+        return self.on_invalid
+
+
+AnyStep = ToolStep | ApprovalStep | LlmStep | QualityStep
 Step = Annotated[AnyStep, Field(discriminator="kind")]
 
 

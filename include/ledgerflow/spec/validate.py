@@ -14,6 +14,7 @@ from ledgerflow.spec.loader import LineMap, field_name, line_for, read_spec_file
 from ledgerflow.spec.models import (
     AnyStep,
     ApprovalStep,
+    LlmStep,
     QualityStep,
     ToolCall,
     ToolStep,
@@ -73,6 +74,8 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
             )
         if isinstance(step, QualityStep):
             _check_quality(step, loc, errors)
+        if isinstance(step, LlmStep):
+            _check_llm(step, loc, errors)
         _check_branch(spec, step, loc, errors)
     del index
     if errors.errors:
@@ -125,6 +128,17 @@ def template_fields(step: AnyStep) -> list[tuple[tuple[Any, ...], str, bool]]:
             fields.append((("dataset", "expression"), data.expression, True))
         if data.step is not None:  # checked and loaded like a template naming that output
             fields.append((("dataset", "step"), f"steps.{data.step}.output", True))
+    elif isinstance(step, LlmStep):
+        fields += [
+            (("system_prompt",), step.system_prompt, False),
+            (("prompt",), step.prompt, False),
+        ]
+        if step.idempotency is not None:
+            fields.append((("idempotency", "key"), step.idempotency.key, False))
+        # Checks also see ``output``, the validated answer.
+        fields += [
+            (("checks", n, "expr"), c.expr, True) for n, c in enumerate(step.checks) if c.expr
+        ]
     for name in ("when", "for_each"):
         expression = getattr(step, name)
         if expression is not None:
@@ -143,6 +157,8 @@ def _check_templates(
     allowed = set(GLOBAL_NAMES) - ({"item", "index"} if step.for_each is None else set())
     for path, source, expr in template_fields(step):
         names = allowed - {"item", "index"} if path[0] in ("when", "for_each") else allowed
+        if path[0] == "checks":
+            names = names | {"output"}
         _check_refs(spec, source, (*loc, *path), upstream, names, errors, expr=expr)
 
 
@@ -167,6 +183,49 @@ def _check_quality(step: QualityStep, loc: tuple[Any, ...], errors: _Collector) 
         errors.add(
             (*loc, "for_each"), "for_each is not supported on a quality step: validate the list"
         )
+
+
+def _check_llm(step: LlmStep, loc: tuple[Any, ...], errors: _Collector) -> None:
+    """One output form, a usable JSON Schema, registered model and check names."""
+    from ledgerflow.llm.registry import UnknownLlmName, get_check, get_output_model
+
+    if (step.output_schema is None) == (step.output_model is None):
+        errors.add(
+            (*loc, "output_schema" if step.output_schema is not None else "prompt"),
+            "give exactly one of output_schema (an inline JSON Schema) or output_model "
+            "(the name of a registered pydantic model)"
+            + (", not both" if step.output_schema is not None else ""),
+        )
+    if step.output_schema is not None:
+        for sub, message in schema_problems(step.output_schema):
+            errors.add((*loc, "output_schema", *sub), message)
+    if step.output_model is not None:
+        try:
+            get_output_model(step.output_model)
+        except UnknownLlmName as exc:
+            errors.add((*loc, "output_model"), str(exc))
+    for n, item in enumerate(step.checks):
+        if item.function is not None:
+            try:
+                get_check(item.function)
+            except UnknownLlmName as exc:
+                errors.add((*loc, "checks", n, "function"), str(exc))
+    if step.for_each is not None:
+        errors.add((*loc, "for_each"), "for_each is not supported on an llm step yet")
+
+
+def schema_problems(schema: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """Why an inline output schema cannot be used: not JSON Schema, or not an object."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        return [(tuple(exc.path), f"not a valid JSON Schema: {exc.message}")]
+    if schema.get("type") != "object":
+        return [(("type",), "the output schema must describe an object (type: object)")]
+    return []
 
 
 def _check_branch(

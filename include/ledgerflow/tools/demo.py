@@ -210,3 +210,35 @@ def sleep(ctx: ToolContext, seconds: float, first_tries: int = 1_000_000) -> dic
     slept = seconds if ctx.try_number <= first_tries else 0.0
     time.sleep(slept)
     return {"slept": slept}
+
+
+@tool("demo.route_ticket", behaviour="natural")
+def route_ticket(
+    ctx: ToolContext, ticket_id: str, category: str, priority: str, by: str = "llm"
+) -> dict[str, Any]:
+    """Put a classified ticket in its queue (``<category>-<priority>``)."""
+    return {"ticket_id": ticket_id, "queue": f"{category}-{priority}", "by": by}
+
+
+@tool("demo.classify_ticket_rules", behaviour="read_only")
+def classify_ticket_rules(
+    ctx: ToolContext, ticket_id: str, ticket: str, reason: str | None = None
+) -> dict[str, Any]:
+    """The rules-based classifier: the ticket triage's fallback when the LLM's answer is
+    invalid or not confident; low-confidence results go to the human review queue."""
+    from ledgerflow.llm.rules import classify
+
+    result = classify(ticket, _TRIAGE_SCHEMA)
+    queue = "review" if result["confidence"] < 0.7 else f"{result['category']}-{result['priority']}"
+    return {**result, "ticket_id": ticket_id, "queue": queue, "by": "rules", "llm_reason": reason}
+
+
+_TRIAGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "category": {"type": "string"},
+        "priority": {"type": "string"},
+        "summary": {"type": "string"},
+        "confidence": {"type": "number"},
+    },
+}

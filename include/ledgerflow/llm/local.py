@@ -1,0 +1,80 @@
+"""The model behind an LLM step's connection, and the offline rule-based model.
+
+An LLM step names an Airflow connection of type ``pydanticai`` (common.ai). Its ``model``
+extra chooses the model: ``openai:gpt-4o-mini`` (with the API key as the password),
+``ollama:llama3.2`` (with the Ollama URL as the host), ... resolved by common.ai's
+``PydanticAIHook``, including its ``fallback_conn_ids`` provider failover.
+
+One more value is ours: ``ledgerflow:rules``, the **deterministic local rule-based
+model**. It is not a language model: a pydantic-ai ``FunctionModel`` that reads the last
+paragraph of the prompt, matches keywords, and answers JSON that fits the requested
+schema. It runs offline, costs nothing and answers the same way every time, which is
+what the demo (no network) and examples need. Change the connection, not the workflow,
+to use a real model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING
+
+from airflow.providers.common.ai.hooks.pydantic_ai import PydanticAIHook
+
+from ledgerflow.llm.rules import classify
+
+if TYPE_CHECKING:
+    from pydantic_ai.messages import ModelMessage, ModelResponse
+    from pydantic_ai.models import Model
+    from pydantic_ai.models.function import AgentInfo
+
+LOCAL_MODEL = "ledgerflow:rules"
+
+
+class LedgerflowAIHook(PydanticAIHook):
+    """common.ai's ``PydanticAIHook``, plus the offline ``ledgerflow:rules`` model."""
+
+    def get_conn(self) -> Model:
+        if self._model is None and self._get_configured_model_name() == LOCAL_MODEL:
+            self._model = rules_model()
+        return super().get_conn()
+
+
+_HOOKS: dict[tuple[str, ...], LedgerflowAIHook] = {}
+
+
+def hook_for(conn_id: str) -> LedgerflowAIHook:
+    """The hook of a connection, kept while the connection stays the same.
+
+    A resolved model holds an HTTP client whose TLS context alone costs tens of
+    milliseconds to build; a process that runs many steps builds it once per connection.
+    """
+    conn = LedgerflowAIHook.get_connection(conn_id)
+    secret = hashlib.sha256((conn.password or "").encode()).hexdigest()
+    fingerprint = (conn_id, conn.conn_type or "", conn.host or "", secret, conn.extra or "")
+    hook = _HOOKS.get(fingerprint)
+    if hook is None:
+        hook = LedgerflowAIHook(llm_conn_id=conn_id)
+        hook._seed_connection(conn)
+        _HOOKS[fingerprint] = hook
+    return hook
+
+
+def rules_model() -> Model:
+    from pydantic_ai.models.function import FunctionModel
+
+    return FunctionModel(_answer, model_name="rules")
+
+
+def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
+
+    prompt = ""
+    for message in messages:
+        if isinstance(message, ModelRequest):
+            for part in message.parts:
+                if isinstance(part, UserPromptPart) and isinstance(part.content, str):
+                    prompt = part.content
+    target = info.model_request_parameters.output_object
+    schema = target.json_schema if target is not None else {"type": "string"}
+    return ModelResponse(parts=[TextPart(json.dumps(classify(prompt, schema)))])
