@@ -88,7 +88,7 @@ def resolve_url(conn_id: str = DEFAULT_CONN_ID) -> str:
     uri = _airflow_connection_uri(conn_id)
     if uri is None:
         return f"sqlite:///{default_sqlite_path()}"
-    if uri.startswith(("postgres://", "postgresql://", "postgresql+psycopg2://")):
+    if uri.startswith(("postgres://", "postgresql://", "postgresql+")):  # any driver: psycopg2
         rest = uri.split("://", 1)[1]
         return f"postgresql+psycopg2://{rest}"
     if uri.startswith("sqlite"):
@@ -104,19 +104,47 @@ def _airflow_connection_uri(conn_id: str) -> str | None:
         if env.lstrip().startswith("{"):
             return _uri_from_json(json.loads(env))
         return env
-    try:
-        from airflow.sdk import BaseHook
-
-        conn = BaseHook.get_connection(conn_id)
-    except Exception:
+    conn = _airflow_connection(conn_id)
+    if conn is None:
         return None
     if conn.conn_type in ("postgres", "postgresql"):
-        from airflow.providers.postgres.hooks.postgres import PostgresHook
+        from sqlalchemy.engine import URL
 
-        return str(PostgresHook(postgres_conn_id=conn_id).sqlalchemy_url.render_as_string(False))
+        query = conn.extra_dejson.get("sqlalchemy_query") or {}  # as PostgresHook reads it
+        return URL.create(
+            "postgresql+psycopg2",
+            username=conn.login or None,
+            password=conn.password or None,
+            host=conn.host or None,
+            port=int(conn.port) if conn.port else None,
+            database=conn.schema or None,
+            query=query if isinstance(query, dict) else {},
+        ).render_as_string(hide_password=False)
     if conn.conn_type == "sqlite":
         return f"sqlite:///{conn.host}"
     return str(conn.get_uri())
+
+
+def _airflow_connection(conn_id: str) -> Any | None:
+    """The connection from Airflow's secrets chain, in a task or in a server process.
+
+    The Task SDK's lookup serves tasks and triggers; a process without a task supervisor
+    and without ``_AIRFLOW_PROCESS_CONTEXT=server`` (a plugin imported by a CLI, a
+    scheduler helper) only sees environment variables there, so the metadata database is
+    asked through Airflow core instead of silently falling back to SQLite.
+    """
+    try:
+        from airflow.sdk import BaseHook
+
+        return BaseHook.get_connection(conn_id)
+    except Exception:
+        pass
+    try:
+        from airflow.models.connection import Connection
+
+        return Connection.get_connection_from_secrets(conn_id)
+    except Exception:
+        return None
 
 
 def _uri_from_json(data: dict[str, Any]) -> str:
