@@ -95,6 +95,10 @@ steps:
 """
 
 
+# SimpleAuthManager users beside admin (name -> role); each one's password is its name.
+TEST_USERS = {"manager": "user", "clerk": "op", "viewer": "viewer"}
+
+
 def add_workflow(dags: Path, name: str, body: str) -> None:
     folder = dags / "workflows" / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,6 +144,8 @@ def stack(
         dags_folder=dags,
         home=base / "home",
         extra_env={"AIRFLOW_CONN_LEDGERFLOW_DB": ledger_db},
+        plugins_folder=ROOT / "plugins",
+        users=TEST_USERS,
     )
     with stack:
         stack.wait_for_dags(

@@ -115,19 +115,24 @@ class AirflowStack:
         extra_env: dict[str, str] | None = None,
         plugins_folder: Path | None = None,
         parallelism: int = 4,
+        users: dict[str, str] | None = None,
     ) -> None:
+        """``users``: more SimpleAuthManager users beyond ``admin``, name -> role
+        (viewer, user, op, admin); each one's password is its name (see :meth:`token`)."""
         self.dags_folder = Path(dags_folder).resolve()
         self.home = Path(home).resolve()
         self.db_url = db_url
         self.extra_env = dict(extra_env or {})
         self.plugins_folder = Path(plugins_folder).resolve() if plugins_folder else None
         self.parallelism = parallelism
+        self.users = {ADMIN_USER: "admin", **(users or {})}
         self.port = 0
         self.env: dict[str, str] = {}
         self._created_db: str | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._trees: dict[str, dict[int, int]] = {}
         self._token: str | None = None
+        self._user_tokens: dict[str, str] = {}
         self._client: Any = None  # httpx.Client, created lazily
         self._atexit_registered = False
 
@@ -177,6 +182,7 @@ class AirflowStack:
                 self._client.close()
             self._client = None
         self._token = None
+        self._user_tokens.clear()
         procs = list(self._procs.items())
         for name, proc in procs:
             self._trees[name] = {**self._trees.get(name, {}), **_tree(proc.pid)}
@@ -330,7 +336,7 @@ class AirflowStack:
     def _build_env(self) -> dict[str, str]:
         assert self.db_url is not None
         passwords = self.home / "simple_auth_manager_passwords.json"
-        passwords.write_text(json.dumps({ADMIN_USER: ADMIN_PASSWORD}) + "\n")
+        passwords.write_text(json.dumps({u: self.password(u) for u in self.users}) + "\n")
         plugins = self.plugins_folder or (self.home / "plugins")
         plugins.mkdir(parents=True, exist_ok=True)
         env = {
@@ -355,7 +361,9 @@ class AirflowStack:
                 "AIRFLOW__CORE__AUTH_MANAGER": (
                     "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
                 ),
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(
+                    f"{name}:{role}" for name, role in self.users.items()
+                ),
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
                 "AIRFLOW__API__HOST": "127.0.0.1",
                 "AIRFLOW__API__PORT": str(self.port),
@@ -435,8 +443,25 @@ class AirflowStack:
             self._client = httpx.Client(base_url=self.base_url, timeout=30.0)
         return self._client
 
-    def token(self) -> str:
-        """A JWT for the admin user (``POST /auth/token``), cached."""
+    def password(self, user: str = ADMIN_USER) -> str:
+        """The password of one of this stack's users (``admin``'s is ``admin``)."""
+        if user not in self.users:
+            raise ValueError(f"no user {user!r}; this stack has {sorted(self.users)}")
+        return ADMIN_PASSWORD if user == ADMIN_USER else user
+
+    def token(self, user: str = ADMIN_USER) -> str:
+        """A JWT for ``user`` (default admin) from ``POST /auth/token``, cached."""
+        if user != ADMIN_USER:
+            if user not in self._user_tokens:
+                resp = self._http().post(
+                    "/auth/token", json={"username": user, "password": self.password(user)}
+                )
+                if resp.status_code >= 400:
+                    raise StackError(
+                        f"POST /auth/token as {user} -> {resp.status_code}: {resp.text}"
+                    )
+                self._user_tokens[user] = str(resp.json()["access_token"])
+            return self._user_tokens[user]
         if self._token is None:
             resp = self._http().post(
                 "/auth/token", json={"username": ADMIN_USER, "password": ADMIN_PASSWORD}

@@ -1,0 +1,251 @@
+"""Ledgerflow's FastAPI app, mounted by the Airflow plugin at ``/ledgerflow``.
+
+Routes (relative to the mount point):
+
+- ``GET /health``: the one route without authentication.
+- REST: ``GET /api/approvals``, ``GET /api/approvals/{id}``,
+  ``POST /api/approvals/{id}/decision``.
+- Pages: ``GET /approvals``, ``GET /approvals/decided``, ``GET /approvals/{id}``,
+  ``POST /approvals/{id}/decide`` (form, CSRF token, redirects 303 with a message).
+
+Every other route depends on Airflow's authentication (:data:`CallerDep`): anonymous
+callers get 401. Deciding needs the approval to name the caller or one of their roles
+(403 otherwise); a decision on a decided approval, or on a payload other than the one the
+caller saw, is 409 (the ledger's conditional update, so concurrent decisions store one).
+No GET changes state.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, FastAPI, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ledgerflow.api import _render
+from ledgerflow.api._auth import (
+    Caller,
+    CallerDep,
+    csrf_ok,
+    csrf_token,
+    roles_of_name,
+    server_secret,
+)
+from ledgerflow.ledger import approvals
+from ledgerflow.ledger.store import Ledger
+
+DECISION_OF = {"approve": "approved", "reject": "rejected"}
+StatusFilter = Literal["pending", "decided", "all"]
+
+
+class DecisionBody(BaseModel):
+    """``POST /api/approvals/{id}/decision``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision: Literal["approve", "reject"]
+    comment: str = Field(default="", max_length=10_000)
+    seen_hash: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """The payload hash the approver was shown; a different current payload is 409."""
+
+
+class _LedgerSource:
+    """The ledger, resolved on first use (the api-server reads the workers' ledger)."""
+
+    def __init__(self, ledger: Ledger | None) -> None:
+        self._ledger = ledger
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Ledger:
+        with self._lock:
+            if self._ledger is None:
+                self._ledger = Ledger.from_airflow()
+            self._ledger.migrate()
+            return self._ledger
+
+
+def _approval(ledger: Ledger, approval_id: int) -> approvals.Approval:
+    try:
+        return approvals.get(ledger, approval_id)
+    except approvals.ApprovalNotFound:
+        raise HTTPException(404, f"no approval {approval_id}") from None
+
+
+def _may_decide(approval: approvals.Approval, caller: Caller) -> bool:
+    return approval.may_decide(caller.name, set(caller.roles))
+
+
+def _listing(
+    ledger: Ledger, status: StatusFilter, workflow: str | None, assignee: str | None
+) -> list[approvals.Approval]:
+    rows = approvals.listing(
+        ledger, status=None if status == "all" else status, workflow=workflow or None
+    )
+    if assignee:
+        roles = roles_of_name(assignee) or frozenset()
+        rows = [a for a in rows if a.may_decide(assignee, set(roles))]
+    return rows
+
+
+def _decide(
+    ledger: Ledger,
+    approval_id: int,
+    caller: Caller,
+    decision: str,
+    comment: str,
+    seen_hash: str | None,
+) -> approvals.Approval:
+    approval = _approval(ledger, approval_id)
+    if not _may_decide(approval, caller):
+        raise HTTPException(403, f"{caller.name} may not decide approval {approval_id}")
+    try:
+        return approvals.decide(
+            ledger,
+            approval_id,
+            decision=DECISION_OF[decision],
+            by=caller.name,
+            comment=comment or None,
+            seen_hash=seen_hash,
+        )
+    except approvals.ApprovalConflict as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+def _view(approval: approvals.Approval, caller: Caller) -> dict[str, Any]:
+    out = approval.as_dict()
+    out["may_decide"] = approval.pending and _may_decide(approval, caller)
+    return out
+
+
+def _same_origin(request: Request) -> bool:
+    """A browser's ``Origin`` must be this server (a sandboxed frame sends ``null``)."""
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return True
+    return urlsplit(origin).netloc == request.headers.get("host")
+
+
+def create_app(ledger: Ledger | None = None) -> FastAPI:
+    """The app; ``ledger`` defaults to the Airflow connection ``ledgerflow_db``."""
+    source = _LedgerSource(ledger)
+    app = FastAPI(
+        title="Ledgerflow",
+        description="Approvals of Ledgerflow workflows (authenticated by Airflow).",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        """Liveness only: says nothing about approvals or the ledger."""
+        return {"status": "ok"}
+
+    api = APIRouter(prefix="/api")
+
+    @api.get("/approvals")
+    def list_approvals(
+        caller: CallerDep,
+        status: StatusFilter = "pending",
+        workflow: str | None = None,
+        assignee: Annotated[str | None, Query(description="approvals this user may decide")] = None,
+    ) -> dict[str, Any]:
+        rows = _listing(source(), status, workflow, assignee)
+        return {"approvals": [_view(a, caller) for a in rows], "total": len(rows)}
+
+    @api.get("/approvals/{approval_id}")
+    def get_approval(approval_id: int, caller: CallerDep) -> dict[str, Any]:
+        return _view(_approval(source(), approval_id), caller)
+
+    @api.post("/approvals/{approval_id}/decision")
+    def post_decision(approval_id: int, body: DecisionBody, caller: CallerDep) -> dict[str, Any]:
+        stored = _decide(source(), approval_id, caller, body.decision, body.comment, body.seen_hash)
+        return _view(stored, caller)
+
+    app.include_router(api)
+
+    def root(request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
+    @app.get("/approvals", response_class=HTMLResponse)
+    def pending_page(
+        request: Request,
+        caller: CallerDep,
+        workflow: str | None = None,
+        assignee: str | None = None,
+        msg: str | None = None,
+    ) -> str:
+        ledger = source()
+        rows = _listing(ledger, "pending", workflow, assignee)
+        workflows = sorted({a.workflow for a in approvals.listing(ledger, status=None)})
+        return _render.page(
+            "pending",
+            title="Pending approvals",
+            root=root(request),
+            caller=caller,
+            approvals=rows,
+            workflows=workflows,
+            workflow=workflow,
+            assignee=assignee,
+            message_code=msg,
+        )
+
+    @app.get("/approvals/decided", response_class=HTMLResponse)
+    def decided_page(request: Request, caller: CallerDep, workflow: str | None = None) -> str:
+        ledger = source()
+        workflows = sorted({a.workflow for a in approvals.listing(ledger, status=None)})
+        return _render.page(
+            "decided",
+            title="Decided approvals",
+            root=root(request),
+            caller=caller,
+            approvals=_listing(ledger, "decided", workflow, None),
+            workflows=workflows,
+            workflow=workflow,
+        )
+
+    @app.get("/approvals/{approval_id}", response_class=HTMLResponse)
+    def approval_page(
+        approval_id: int, request: Request, caller: CallerDep, msg: str | None = None
+    ) -> str:
+        approval = _approval(source(), approval_id)
+        return _render.page(
+            "detail",
+            title=approval.subject,
+            root=root(request),
+            caller=caller,
+            a=approval,
+            body_html=_render.markdown(approval.body),
+            payload_json=_render.pretty_json(approval.payload),
+            may_decide=_may_decide(approval, caller),
+            csrf=csrf_token(server_secret(), caller.name, approval_id),
+            message_code=msg,
+        )
+
+    @app.post("/approvals/{approval_id}/decide")
+    def decide_form(
+        approval_id: int,
+        request: Request,
+        caller: CallerDep,
+        decision: Annotated[Literal["approve", "reject"], Form()],
+        csrf_token: Annotated[str, Form()],
+        comment: Annotated[str, Form(max_length=10_000)] = "",
+        seen_hash: Annotated[str | None, Form()] = None,
+    ) -> RedirectResponse:
+        if not _same_origin(request) or not csrf_ok(
+            server_secret(), caller.name, approval_id, csrf_token
+        ):
+            raise HTTPException(403, "the form is not from this server's approval page")
+        try:
+            stored = _decide(source(), approval_id, caller, decision, comment, seen_hash)
+            code = stored.status
+        except HTTPException as exc:
+            if exc.status_code != 409:
+                raise
+            code = "conflict"
+        return RedirectResponse(f"{root(request)}/approvals/{approval_id}?msg={code}", 303)
+
+    return app

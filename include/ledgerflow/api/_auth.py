@@ -1,0 +1,107 @@
+"""Who is calling: Airflow's own authentication, the user's roles, and CSRF tokens.
+
+Plugin apps get no authentication from Airflow. Every route except ``/health`` depends on
+:func:`current_user`, which delegates to Airflow's ``get_user`` (a Bearer token or the
+``_token`` cookie the Airflow UI carries, validated by the configured auth manager).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from airflow.api_fastapi.core_api.security import get_user
+from fastapi import Depends
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated Airflow user: the name recorded as approver, and their roles."""
+
+    name: str
+    roles: frozenset[str]
+
+
+def roles_of(user: Any) -> frozenset[str]:
+    """The role names of an Airflow user object, whatever the auth manager.
+
+    SimpleAuthManager users carry one ``role`` string; FAB users a ``roles`` list of Role
+    objects (``.name``); other managers may carry plain strings.
+    """
+    found: set[str] = set()
+    role = getattr(user, "role", None)
+    if isinstance(role, str) and role:
+        found.add(role)
+    roles = getattr(user, "roles", None)
+    if isinstance(roles, Iterable) and not isinstance(roles, str | bytes):
+        for item in roles:
+            name = item if isinstance(item, str) else getattr(item, "name", None)
+            if isinstance(name, str) and name:
+                found.add(name)
+    return frozenset(found)
+
+
+def roles_of_name(name: str) -> frozenset[str] | None:
+    """The roles of a user known only by name (the ``assignee`` filter); None if unknown.
+
+    SimpleAuthManager's users are configuration; FAB's are in its security manager.
+    """
+    try:
+        from airflow.api_fastapi.app import get_auth_manager
+
+        manager = get_auth_manager()
+    except Exception:
+        return None
+    get_users = getattr(manager, "get_users", None)
+    if callable(get_users):  # SimpleAuthManager
+        for user in get_users():
+            if getattr(user, "username", None) == name:
+                return roles_of(user)
+        return None
+    security_manager = getattr(manager, "security_manager", None)  # FAB
+    find_user = getattr(security_manager, "find_user", None)
+    if callable(find_user):
+        try:
+            user = find_user(username=name)
+        except Exception:
+            return None
+        return None if user is None else roles_of(user)
+    return None
+
+
+async def current_user(user: Annotated[Any, Depends(get_user)]) -> Caller:
+    """Airflow's authenticated user (401 anonymous, 403 an invalid token)."""
+    return Caller(name=str(user.get_name()), roles=roles_of(user))
+
+
+CallerDep = Annotated[Caller, Depends(current_user)]
+
+
+def csrf_token(secret: bytes, user: str, approval_id: int) -> str:
+    """A form token bound to one user and one approval (HMAC with a server secret)."""
+    msg = f"ledgerflow-decide:{user}:{approval_id}".encode()
+    return hmac.new(secret, msg, hashlib.sha256).hexdigest()
+
+
+def csrf_ok(secret: bytes, user: str, approval_id: int, token: str) -> bool:
+    return hmac.compare_digest(csrf_token(secret, user, approval_id), token or "")
+
+
+def server_secret() -> bytes:
+    """Derived from Airflow's ``[api] secret_key`` (shared by all api-server workers), else
+    from the JWT secret; a per-process random key as the last resort (forms then only
+    work against the worker that rendered them)."""
+    from airflow.configuration import conf
+
+    for section, key in (("api", "secret_key"), ("api_auth", "jwt_secret")):
+        value = conf.get(section, key, fallback=None)
+        if value:
+            return hashlib.sha256(b"ledgerflow-csrf:" + value.encode()).digest()
+    return _RANDOM
+
+
+_RANDOM = os.urandom(32)

@@ -1,0 +1,196 @@
+"""Server-rendered HTML for the approval pages: Jinja2 with autoescape, Markdown without HTML.
+
+The body of an approval is author-written Markdown with templated values from the run
+(params, earlier outputs): it is rendered with raw HTML disabled and markdown-it's link
+validation (no ``javascript:`` links), and everything else goes through autoescaping.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from typing import Any
+
+import jinja2
+from markupsafe import Markup
+
+MESSAGES = {
+    "approved": ("ok", "Approved. The workflow continues."),
+    "rejected": ("ok", "Rejected. The workflow takes its reject path."),
+    "conflict": ("warn", "Not stored: this approval was already decided, or changed since."),
+}
+
+
+@cache
+def _markdown() -> Any:
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+
+
+def markdown(text: str) -> Markup:
+    """Markdown to HTML; raw HTML in the source is shown as text, never interpreted."""
+    return Markup(_markdown().render(text or ""))
+
+
+def pretty_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1f2933;
+background:#f7f9fb}
+header{background:#0b3d5c;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.2rem;
+align-items:center}
+header a{color:#fff;text-decoration:none;font-weight:600}
+header .who{margin-left:auto;font-size:.9rem;opacity:.85}
+main{padding:1rem 1.2rem;max-width:75rem}
+table{border-collapse:collapse;width:100%;background:#fff}
+th,td{border-bottom:1px solid #e1e7ec;padding:.45rem .6rem;text-align:left;vertical-align:top;
+font-size:.92rem}
+th{background:#eef2f6}
+.msg{padding:.6rem .8rem;border-radius:4px;margin-bottom:1rem}
+.msg.ok{background:#e3f6e8;border:1px solid #8fd1a2}
+.msg.warn{background:#fff4e0;border:1px solid #f0c36d}
+.body{background:#fff;border:1px solid #e1e7ec;padding:.2rem 1rem;margin:.8rem 0}
+pre{background:#0f1720;color:#e6edf3;padding:.8rem;overflow:auto;border-radius:4px}
+code.hash{font-size:.8rem;word-break:break-all}
+form.filters{display:flex;gap:.6rem;margin-bottom:.8rem;align-items:end}
+label{display:block;font-size:.85rem;color:#52606d}
+textarea{width:100%;min-height:5rem}
+button{padding:.45rem 1rem;border-radius:4px;border:1px solid #7b8794;cursor:pointer}
+button.approve{background:#1f7a3d;color:#fff;border-color:#1f7a3d}
+button.reject{background:#b3261e;color:#fff;border-color:#b3261e}
+.status-pending{color:#8a5a00;font-weight:600}
+.status-approved{color:#1f7a3d;font-weight:600}
+.status-rejected,.status-expired{color:#b3261e;font-weight:600}
+.muted{color:#7b8794}
+"""
+
+_LAYOUT = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }} · Ledgerflow</title><style>{{ css }}</style></head>
+<body>
+<header><span>Ledgerflow</span>
+<a href="{{ root }}/approvals">Pending approvals</a>
+<a href="{{ root }}/approvals/decided">Decided</a>
+<span class="who">signed in as <b>{{ caller.name }}</b>
+{%- if caller.roles %} ({{ caller.roles | sort | join(', ') }}){% endif %}</span></header>
+<main>
+{% if message %}<div class="msg {{ message[0] }}" role="status">{{ message[1] }}</div>{% endif %}
+{% block content %}{% endblock %}
+</main></body></html>
+"""
+
+_PENDING = """{% extends "layout" %}{% block content %}
+<h1>Pending approvals</h1>
+<form class="filters" method="get" action="{{ root }}/approvals">
+<div><label for="workflow">Workflow</label>
+<select id="workflow" name="workflow"><option value="">all</option>
+{% for w in workflows %}<option value="{{ w }}"{% if w == workflow %} selected{% endif %}>{{ w }}</option>{% endfor %}
+</select></div>
+<div><label for="assignee">Assignee</label>
+<input id="assignee" name="assignee" value="{{ assignee or '' }}" placeholder="user name"></div>
+<button type="submit">Filter</button>
+<a href="{{ root }}/approvals?assignee={{ caller.name | urlencode }}">Mine</a>
+</form>
+{% if approvals %}
+<table><thead><tr><th>#</th><th>Subject</th><th>Workflow</th><th>Run</th><th>Step</th>
+<th>Approvers</th><th>Deadline</th><th>Requested</th></tr></thead><tbody>
+{% for a in approvals %}<tr>
+<td>{{ a.id }}</td>
+<td><a href="{{ root }}/approvals/{{ a.id }}">{{ a.subject }}</a></td>
+<td>{{ a.workflow }} v{{ a.version }}</td><td>{{ a.airflow_run_id }}</td><td>{{ a.step_key }}</td>
+<td>{{ approvers(a) }}{% if a.level %} <span class="muted">(escalation level {{ a.level }})</span>{% endif %}</td>
+<td>{{ a.deadline | when }}</td><td>{{ a.created_at | when }}</td></tr>
+{% endfor %}</tbody></table>
+{% else %}<p class="muted">Nothing is waiting{% if workflow or assignee %} for this filter{% endif %}.</p>{% endif %}
+{% endblock %}"""
+
+_DECIDED = """{% extends "layout" %}{% block content %}
+<h1>Decided approvals</h1>
+<form class="filters" method="get" action="{{ root }}/approvals/decided">
+<div><label for="workflow">Workflow</label>
+<select id="workflow" name="workflow"><option value="">all</option>
+{% for w in workflows %}<option value="{{ w }}"{% if w == workflow %} selected{% endif %}>{{ w }}</option>{% endfor %}
+</select></div><button type="submit">Filter</button></form>
+{% if approvals %}
+<table><thead><tr><th>#</th><th>Subject</th><th>Workflow</th><th>Run</th><th>Decision</th>
+<th>By</th><th>When</th><th>Comment</th></tr></thead><tbody>
+{% for a in approvals %}<tr>
+<td>{{ a.id }}</td><td><a href="{{ root }}/approvals/{{ a.id }}">{{ a.subject }}</a></td>
+<td>{{ a.workflow }} v{{ a.version }}</td><td>{{ a.airflow_run_id }}</td>
+<td class="status-{{ a.status }}">{{ a.status }}</td><td>{{ a.decided_by or '' }}</td>
+<td>{{ a.decided_at | when }}</td><td>{{ a.comment or '' }}</td></tr>
+{% endfor %}</tbody></table>
+{% else %}<p class="muted">No decisions yet.</p>{% endif %}
+{% endblock %}"""
+
+_DETAIL = """{% extends "layout" %}{% block content %}
+<h1>{{ a.subject }}</h1>
+<table>
+<tr><th>Status</th><td class="status-{{ a.status }}" id="status">{{ a.status }}</td></tr>
+<tr><th>Workflow</th><td>{{ a.workflow }} v{{ a.version }}</td></tr>
+<tr><th>Run</th><td>{{ a.dag_id }} / {{ a.airflow_run_id }} (step {{ a.step_key }})</td></tr>
+<tr><th>Approvers</th><td>{{ approvers(a) }}{% if a.level %} (escalation level {{ a.level }}){% endif %}</td></tr>
+<tr><th>Deadline</th><td>{{ a.deadline | when }}</td></tr>
+<tr><th>Requested</th><td>{{ a.created_at | when }}</td></tr>
+{% if not a.pending %}
+<tr><th>Decided by</th><td id="decided-by">{{ a.decided_by or '(deadline)' }}</td></tr>
+<tr><th>Decided at</th><td>{{ a.decided_at | when }}</td></tr>
+<tr><th>Comment</th><td id="comment">{{ a.comment or '' }}</td></tr>
+<tr><th>Payload hash seen</th><td><code class="hash">{{ a.seen_hash or '' }}</code></td></tr>
+{% endif %}
+</table>
+<h2>Request</h2>
+<div class="body" id="body">{{ body_html }}</div>
+<h2>Payload</h2>
+<pre id="payload">{{ payload_json }}</pre>
+<p>SHA-256 <code class="hash" id="payload-hash">{{ a.payload_hash }}</code></p>
+{% if a.pending %}
+{% if may_decide %}
+<h2>Decision</h2>
+<form method="post" action="{{ root }}/approvals/{{ a.id }}/decide">
+<input type="hidden" name="seen_hash" value="{{ a.payload_hash }}">
+<input type="hidden" name="csrf_token" value="{{ csrf }}">
+<label for="comment-input">Comment</label>
+<textarea id="comment-input" name="comment" maxlength="10000"></textarea>
+<p><button class="approve" type="submit" name="decision" value="approve">Approve</button>
+<button class="reject" type="submit" name="decision" value="reject">Reject</button></p>
+</form>
+{% else %}<p class="muted">You ({{ caller.name }}) are not among this approval's approvers.</p>{% endif %}
+{% endif %}
+{% endblock %}"""
+
+
+def _when(value: Any) -> str:
+    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _approvers(approval: Any) -> str:
+    users = approval.approvers.get("users", [])
+    roles = approval.approvers.get("roles", [])
+    parts = [*users, *(f"role {r}" for r in roles)]
+    return ", ".join(parts)
+
+
+@cache
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.DictLoader(
+            {"layout": _LAYOUT, "pending": _PENDING, "decided": _DECIDED, "detail": _DETAIL}
+        ),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["when"] = _when
+    env.globals["approvers"] = _approvers
+    env.globals["css"] = Markup(_CSS)  # a constant of this module
+    return env
+
+
+def page(name: str, **context: Any) -> str:
+    code = context.pop("message_code", None)
+    context.setdefault("message", MESSAGES.get(code) if code else None)
+    return _env().get_template(name).render(**context)

@@ -1,0 +1,111 @@
+"""Details of the approvals app that need no server: Markdown safety, roles, CSRF tokens,
+the ledger URL. Authentication and permissions are tested against the real api-server in
+tests/e2e/test_approvals_api_e2e.py."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from ledgerflow.api import _render
+from ledgerflow.api._auth import csrf_ok, csrf_token, roles_of
+from ledgerflow.ledger import approvals
+from ledgerflow.ledger.store import Ledger, resolve_url
+
+
+@pytest.mark.parametrize(
+    "source, forbidden",
+    [
+        ("<script>alert(1)</script>", "<script"),
+        ('<img src=x onerror="alert(1)">', "<img"),
+        ("[click](javascript:alert(1))", 'href="javascript:'),
+        ("[click](vbscript:msgbox(1))", 'href="vbscript:'),
+        ('<a href="https://evil.example">x</a>', "<a "),
+        ("<iframe src=//evil></iframe>", "<iframe"),
+    ],
+)
+def test_markdown_never_passes_html_or_script_links(source: str, forbidden: str) -> None:
+    """Raw HTML in an approval body is shown as text and script URLs are not linked."""
+    html = str(_render.markdown(f"**Hello**\n\n{source}"))
+    assert "<strong>Hello</strong>" in html
+    assert forbidden not in html
+
+
+def test_detail_page_escapes_every_field(tmp_path: Path) -> None:
+    """Subject, payload, approvers and comment are escaped; only the Markdown renderer's
+    own tags appear in the body."""
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    ledger.migrate()
+    evil = "<script>x()</script>"
+    approval, _ = approvals.request(
+        ledger,
+        run_id="w__v1/r",
+        step_key="s",
+        dag_id="w__v1",
+        task_id="s",
+        workflow="w",
+        version=1,
+        subject=evil,
+        body=f"# Title\n{evil}",
+        payload={"k": evil},
+        approvers={"users": [evil], "roles": []},
+        deadline=datetime.now(timezone.utc) + timedelta(hours=1),
+        at_deadline="reject",
+    )
+    approval = approvals.decide(ledger, approval.id, decision="rejected", by=evil, comment=evil)
+    html = _render.page(
+        "detail",
+        title=approval.subject,
+        root="/ledgerflow",
+        caller=SimpleNamespace(name=evil, roles=frozenset({evil})),
+        a=approval,
+        body_html=_render.markdown(approval.body),
+        payload_json=_render.pretty_json(approval.payload),
+        may_decide=False,
+        csrf="t",
+        message_code="conflict",
+    )
+    assert "<script" not in html
+    assert "<h1>Title</h1>" in html
+    assert html.count("&lt;script&gt;") >= 6
+    assert "already decided" in html
+
+
+def test_roles_of_simple_fab_and_plain_users() -> None:
+    """Roles come from SimpleAuthManager's ``role``, FAB's ``roles`` (objects with a name)
+    or plain strings; a user with none has none."""
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    assert roles_of(SimpleAuthManagerUser(username="m", role="op")) == {"op"}
+    assert roles_of(SimpleAuthManagerUser(username="m", role=None)) == set()
+    fab = SimpleNamespace(roles=[SimpleNamespace(name="Admin"), SimpleNamespace(name="Ops")])
+    assert roles_of(fab) == {"Admin", "Ops"}
+    assert roles_of(SimpleNamespace(roles=["a", "b"])) == {"a", "b"}
+    assert roles_of(object()) == set()
+
+
+def test_csrf_token_is_bound_to_user_approval_and_secret() -> None:
+    """A form token is valid only for the user, the approval and the secret it was made for."""
+    token = csrf_token(b"k1", "manager", 7)
+    assert csrf_ok(b"k1", "manager", 7, token)
+    assert not csrf_ok(b"k1", "other", 7, token)
+    assert not csrf_ok(b"k1", "manager", 8, token)
+    assert not csrf_ok(b"k2", "manager", 7, token)
+    assert not csrf_ok(b"k1", "manager", 7, "")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "postgresql+psycopg://u:p@db:5432/ledger",
+        "postgresql://u:p@db:5432/ledger",
+        "postgres://u:p@db:5432/ledger",
+    ],
+)
+def test_any_postgres_driver_becomes_psycopg2(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    """The ledger speaks psycopg2 whatever driver the Airflow connection's URI names."""
+    monkeypatch.setenv("AIRFLOW_CONN_LF_URL_PROBE", uri)
+    assert resolve_url("lf_url_probe") == "postgresql+psycopg2://u:p@db:5432/ledger"
