@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Connection,
     DateTime,
@@ -216,6 +217,32 @@ llm_calls = Table(
     Index("lf_llm_calls_run", "run_id", "step_key"),
 )
 
+# One row per validation a quality step ran (a retried task adds a row): the outcome,
+# GX's statistics, and each failed expectation with a sample of the unexpected values.
+quality_results = Table(
+    "lf_quality_results",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False),
+    Column("step_key", String(250), nullable=False),
+    Column("try_number", Integer, nullable=False),
+    Column("workflow", String(100), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("dataset", Text, nullable=False),
+    Column("success", Boolean, nullable=False),
+    # passed | failed (on_failure: fail) | warned | branched
+    Column("outcome", String(20), nullable=False),
+    Column("row_count", BigInteger),
+    Column("evaluated", Integer, nullable=False),
+    Column("failed_count", Integer, nullable=False),
+    Column("statistics", Text, nullable=False),
+    Column("failed", Text, nullable=False),
+    Column("results", Text, nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("lf_quality_results_step", "run_id", "step_key"),
+)
+
 schema_version = Table(
     "lf_schema_version",
     metadata,
@@ -282,5 +309,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (4, "circuit breakers", lambda conn: breakers.create(conn, checkfirst=True)),
     (5, "approvals", lambda conn: approvals.create(conn, checkfirst=True)),
     (6, "LLM calls", lambda conn: llm_calls.create(conn, checkfirst=True)),
+    (7, "quality results", lambda conn: quality_results.create(conn, checkfirst=True)),
 ]
-LATEST = MIGRATIONS[-1][0]
+LATEST = max(version for version, _title, _apply in MIGRATIONS)

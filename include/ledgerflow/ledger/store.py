@@ -24,7 +24,6 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
-    func,
     select,
     text,
     update,
@@ -240,9 +239,11 @@ class Ledger:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(4242001)"))
             t.schema_version.create(conn, checkfirst=True)
-            current = conn.execute(select(func.max(t.schema_version.c.version))).scalar() or 0
+            # By set, not by maximum: a migration number reserved by one change and
+            # added after a later one was applied still runs.
+            applied = set(conn.execute(select(t.schema_version.c.version)).scalars())
             for version, _title, apply in t.MIGRATIONS:
-                if version > current:
+                if version not in applied:
                     apply(conn)
                     conn.execute(
                         t.schema_version.insert().values(version=version, applied_at=now())
@@ -251,13 +252,17 @@ class Ledger:
         return t.LATEST
 
     def schema_version(self) -> int:
-        """The applied schema version (0 for an empty database). One query: every task is
-        a new process that asks this once."""
+        """The applied schema version: the highest N with 1..N all applied (0 for an empty
+        database). One query: every task is a new process that asks this once."""
         from sqlalchemy.exc import DBAPIError
 
         try:
             with self.engine.connect() as conn:
-                return int(conn.execute(select(func.max(t.schema_version.c.version))).scalar() or 0)
+                applied = set(conn.execute(select(t.schema_version.c.version)).scalars())
+                version = 0
+                while version + 1 in applied:
+                    version += 1
+                return version
         except DBAPIError:
             with self.engine.connect() as conn:
                 if self.engine.dialect.has_table(conn, "lf_schema_version"):

@@ -141,7 +141,8 @@ def _batch_definition(context: Any, dataset: Dataset) -> tuple[Any, dict[str, An
         source = context.data_sources.add_postgres("db", connection_string=dataset.url)
     if dataset.table is not None:
         schema, _, table = dataset.table.rpartition(".")
-        asset = source.add_table_asset("data", table_name=table, schema_name=schema or None)
+        extra = {"schema_name": schema} if schema else {}  # deprecated in GX; only when given
+        asset = source.add_table_asset("data", table_name=table, **extra)
     else:
         assert dataset.query is not None
         asset = source.add_query_asset("data", query=dataset.query)
