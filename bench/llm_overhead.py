@@ -1,0 +1,162 @@
+"""Benchmark: what an LLM step costs on top of the model call it makes.
+
+Target: ``llm_overhead_ms`` <= 20 (median per call).
+
+One loopback OpenAI chat-completions server (``ledgerflow.testing.openai_peer``) answers
+every request with the same valid triage JSON. Two ways of asking it, interleaved call by
+call (a, b, a, b...):
+
+* ``direct`` - pydantic-ai alone: one ``Agent`` on the model that common.ai's
+  ``PydanticAIHook`` resolves from the same ``pydanticai`` connection, the same output
+  type (prompted JSON with the step's schema) and instructions, ``run_sync(prompt)``;
+* ``step``   - ``execute_llm_step`` of the ``ticket_triage`` workflow's ``classify``
+  step, a new run each call, the ledger on a fresh Postgres database: checkpoint lookup,
+  run registration, attempt, prompt and key rendering, cache lookup, the model call
+  (through the hook and the agent the step builds), JSON Schema validation, the call row,
+  the checks, the branch decision and the checkpoint.
+
+Both run in this process, after warm-up calls of each. ``llm_overhead_ms`` is
+median(step) - median(direct). The step also runs with a cache hit (same key: no model
+call) to show the ledger-only path.
+
+The last line is ``llm_overhead_ms=<x>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TARGET_MS = 20.0
+ANSWER = json.dumps(
+    {
+        "category": "billing",
+        "priority": "high",
+        "summary": "Charged twice for one order.",
+        "confidence": 0.93,
+    }
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=60, help="timed calls of each (>= 50)")
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+
+    from ledgerflow.testing.openai_peer import OpenAIPeer
+    from ledgerflow.testing.postgres import fresh_database
+
+    with OpenAIPeer() as peer, fresh_database("lf_bench_llm") as pg:
+        peer.default = ANSWER
+        os.environ["AIRFLOW_CONN_LEDGERFLOW_LLM"] = peer.connection_uri()
+        figures = run(peer, pg.replace("postgresql://", "postgresql+psycopg2://", 1), args)
+    report(figures, args)
+
+
+def run(peer: object, ledger_url: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    from pydantic_ai import Agent
+
+    from ledgerflow.ledger.store import Ledger
+    from ledgerflow.llm.call import output_type
+    from ledgerflow.llm.local import LedgerflowAIHook
+    from ledgerflow.spec.models import LlmStep
+    from ledgerflow.spec.validate import load_workflow
+    from ledgerflow.steps.llm import execute_llm_step
+    from ledgerflow.steps.protocol import RunRef
+
+    spec = load_workflow(ROOT / "dags" / "workflows" / "ticket_triage" / "v1.yaml")
+    step = spec.step("classify")
+    assert isinstance(step, LlmStep)
+    ledger = Ledger(ledger_url)
+    ledger.migrate()
+    params = {"ticket_id": "B-1", "ticket": "I was charged twice for order 1001."}
+    prompt = f"Classify support ticket {params['ticket_id']}.\n\n{params['ticket']}\n"
+    hook = LedgerflowAIHook(llm_conn_id=step.conn_id)
+    direct_agent = Agent(
+        hook.get_conn(),
+        output_type=output_type(step),
+        instructions=step.system_prompt,
+        model_settings={"temperature": 0, "max_tokens": 300},
+    )
+    counter = iter(range(10**9))
+
+    def direct() -> None:
+        result = direct_agent.run_sync(prompt)
+        assert result.output["category"] == "billing"
+
+    def step_call(cached: bool = False) -> None:
+        run_id = (
+            "ticket_triage__v1/bench-cached" if cached else f"ticket_triage__v1/b{next(counter)}"
+        )
+        result = execute_llm_step(
+            ledger,
+            spec,
+            step,
+            RunRef(
+                run_id=run_id + (f"-{next(counter)}" if cached else ""),
+                dag_id="ticket_triage__v1",
+                retry_of="ticket_triage__v1/bench-cached" if cached else None,
+            ),
+            params=params,
+        )
+        assert result.path == "main", result
+
+    for _ in range(args.warmup):
+        direct()
+        step_call()
+        step_call(cached=True)
+    times: dict[str, list[float]] = {"direct": [], "step": [], "step_cached": []}
+    cpu: dict[str, list[float]] = {"direct": [], "step": [], "step_cached": []}
+    before = peer.calls()  # type: ignore[attr-defined]
+    for i in range(args.calls):
+        order = [("direct", direct), ("step", step_call)]
+        for name, fn in order if i % 2 == 0 else reversed(order):
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1000)
+            cpu[name].append((time.process_time() - c0) * 1000)
+        c0, t0 = time.process_time(), time.perf_counter()
+        step_call(cached=True)
+        times["step_cached"].append((time.perf_counter() - t0) * 1000)
+        cpu["step_cached"].append((time.process_time() - c0) * 1000)
+    model_calls = peer.calls() - before  # type: ignore[attr-defined]
+    return {**times, **{f"cpu_{k}": v for k, v in cpu.items()}, "model_calls": [model_calls]}
+
+
+def report(figures: dict[str, list[float]], args: argparse.Namespace) -> None:
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    overhead = med["step"] - med["direct"]
+    print(f"LLM step overhead: {args.calls} calls each, interleaved; load {os.getloadavg()[0]:.2f}")
+    print(
+        f"  direct pydantic-ai call   median {med['direct']:7.2f} ms  (cpu {med['cpu_direct']:.2f} ms)"
+    )
+    print(
+        f"  LLM step (model called)   median {med['step']:7.2f} ms  (cpu {med['cpu_step']:.2f} ms)"
+    )
+    print(
+        f"  LLM step (recorded answer reused, no model call) median {med['step_cached']:7.2f} ms"
+        f"  (cpu {med['cpu_step_cached']:.2f} ms)"
+    )
+    print(
+        f"  requests at the server during the timed calls: {int(figures['model_calls'][0])}"
+        f" (expected {2 * args.calls}: the reused answers made none)"
+    )
+    print(f"  overhead per call: {overhead:.2f} ms (target <= {TARGET_MS:.0f} ms)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "llm_overhead.json").write_text(
+        json.dumps({"medians_ms": med, "calls": args.calls, "overhead_ms": overhead}, indent=2)
+    )
+    sys.stdout.flush()
+    print(f"llm_overhead_ms={overhead:.2f}")
+
+
+if __name__ == "__main__":
+    main()
