@@ -7,6 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
+if [[ ! -x /usr/bin/chromium ]]; then
+  # The browser test drives Debian's chromium through Playwright (which cannot download
+  # its own browsers here); CI machines start without it.
+  echo "== installing chromium (Debian package) for the browser test" >&2
+  SUDO=$([[ $(id -u) -eq 0 ]] || echo sudo)
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 
 echo "== ruff (lint)" >&2
 ruff check .
