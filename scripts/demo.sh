@@ -16,6 +16,11 @@ export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="admin:admin"
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="$AIRFLOW_HOME/passwords.json"
 export AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME=0.2
 export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=10
+# The model of the LLM steps (ticket_triage): the offline, deterministic rule-based model.
+# Point the same workflow at a real model by changing only this connection, e.g.
+#   {"conn_type": "pydanticai", "password": "sk-...", "extra": {"model": "openai:gpt-4o-mini"}}
+#   {"conn_type": "pydanticai", "host": "http://localhost:11434/v1", "extra": {"model": "ollama:llama3.2"}}
+export AIRFLOW_CONN_LEDGERFLOW_LLM=${AIRFLOW_CONN_LEDGERFLOW_LLM:-'{"conn_type": "pydanticai", "extra": {"model": "ledgerflow:rules"}}'}
 PORT=${LEDGERFLOW_DEMO_PORT:-8080}
 export AIRFLOW__API__PORT=$PORT
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://localhost:$PORT/execution/"
@@ -36,6 +41,7 @@ cat >&2 <<MSG
     Login:  admin / admin
 
   DAGs: checkout__v1 (Trigger -> order_id, optional demo switches), nightly_report__v1.
+        ticket_triage__v1 (Trigger -> ticket_id, ticket: an LLM step with a fallback branch).
   Ledger: .venv/bin/ledgerflow runs   |   .venv/bin/ledgerflow show <run id>
           (run these with AIRFLOW_HOME=$AIRFLOW_HOME)
   Logs of the components: $AIRFLOW_HOME/logs
