@@ -12,6 +12,7 @@ from ledgerflow.cli import SHIM
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.testing.airflow_stack import AirflowStack
 from ledgerflow.testing.http_peer import IdempotentPeer
+from ledgerflow.testing.openai_peer import OpenAIPeer
 from ledgerflow.testing.postgres import fresh_database
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,6 +114,13 @@ def peer() -> Iterator[IdempotentPeer]:
 
 
 @pytest.fixture(scope="session")
+def llm_peer() -> Iterator[OpenAIPeer]:
+    """The model of the stack's ``ledgerflow_llm`` connection (OpenAI protocol, scripted)."""
+    with OpenAIPeer() as peer:
+        yield peer
+
+
+@pytest.fixture(scope="session")
 def ledger_db() -> Iterator[str]:
     with fresh_database("lf_e2e_ledger") as url:
         yield url
@@ -127,7 +135,10 @@ def ledger(ledger_db: str) -> Ledger:
 
 @pytest.fixture(scope="session")
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, ledger_db: str, peer: IdempotentPeer
+    tmp_path_factory: pytest.TempPathFactory,
+    ledger_db: str,
+    peer: IdempotentPeer,
+    llm_peer: OpenAIPeer,
 ) -> Iterator[AirflowStack]:
     base = tmp_path_factory.mktemp("stack")
     dags = base / "dags"
@@ -143,7 +154,10 @@ def stack(
     stack = AirflowStack(
         dags_folder=dags,
         home=base / "home",
-        extra_env={"AIRFLOW_CONN_LEDGERFLOW_DB": ledger_db},
+        extra_env={
+            "AIRFLOW_CONN_LEDGERFLOW_DB": ledger_db,
+            "AIRFLOW_CONN_LEDGERFLOW_LLM": llm_peer.connection_uri(),
+        },
         plugins_folder=ROOT / "plugins",
         users=TEST_USERS,
     )
