@@ -137,6 +137,20 @@ def test_every_route_but_health_answers_401_without_credentials(
     assert snapshot(ledger) == before
 
 
+def test_a_browser_without_a_login_gets_401_with_a_link_to_airflow_login(
+    stack: AirflowStack, ledger: Ledger
+) -> None:
+    """A page opened by a browser without Airflow's cookie is still 401, as a small HTML
+    page linking to Airflow's login with a way back; the REST API stays JSON."""
+    approval = make_approval(ledger)
+    with client(stack) as anon:
+        page = anon.get(f"{PREFIX}/approvals/{approval.id}", headers={"Accept": "text/html"})
+        rest = anon.get(f"{PREFIX}/api/approvals", headers={"Accept": "text/html"})
+    assert page.status_code == 401 and page.headers["content-type"].startswith("text/html")
+    assert "/auth/login" in page.text and approval.subject not in page.text
+    assert rest.status_code == 401 and rest.json() == {"detail": "Not authenticated"}
+
+
 def test_a_user_who_is_not_an_approver_gets_403(stack: AirflowStack, ledger: Ledger) -> None:
     """Only a named user or a holder of a named role may decide: others get 403 and the
     approval stays pending; a role match (case-insensitive) is enough."""

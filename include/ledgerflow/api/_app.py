@@ -22,8 +22,10 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Form, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ledgerflow.api import _render
 from ledgerflow.api._auth import (
@@ -128,6 +130,15 @@ def _same_origin(request: Request) -> bool:
     return urlsplit(origin).netloc == request.headers.get("host")
 
 
+def _login_url(next_url: str) -> str | None:
+    try:
+        from airflow.api_fastapi.app import get_auth_manager
+
+        return str(get_auth_manager().get_url_login(next_url=next_url))
+    except Exception:
+        return None
+
+
 def create_app(ledger: Ledger | None = None) -> FastAPI:
     """The app; ``ledger`` defaults to the Airflow connection ``ledgerflow_db``."""
     source = _LedgerSource(ledger)
@@ -143,6 +154,10 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         """Liveness only: says nothing about approvals or the ledger."""
         return {"status": "ok"}
+
+    def root(request: Request) -> str:
+        """Where the app is mounted (``/ledgerflow`` in Airflow), for links and redirects."""
+        return str(request.scope.get("root_path", "")).rstrip("/")
 
     api = APIRouter(prefix="/api")
 
@@ -167,8 +182,25 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
 
     app.include_router(api)
 
-    def root(request: Request) -> str:
-        return str(request.scope.get("root_path", "")).rstrip("/")
+    @app.exception_handler(StarletteHTTPException)
+    async def errors(request: Request, exc: StarletteHTTPException) -> Response:
+        """JSON for the REST API and other clients; a small page for a browser on a page
+        (a 401 there links to Airflow's login page and back)."""
+        page = request.method == "GET" and request.url.path.startswith(f"{root(request)}/approvals")
+        if not page or "text/html" not in request.headers.get("accept", ""):
+            return await http_exception_handler(request, exc)
+        login = None
+        if exc.status_code == 401:
+            login = _login_url(str(request.url.path))
+        html = _render.page(
+            "error",
+            title=f"Error {exc.status_code}",
+            root=root(request),
+            status=exc.status_code,
+            detail=str(exc.detail),
+            login=login,
+        )
+        return HTMLResponse(html, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/approvals", response_class=HTMLResponse)
     def pending_page(

@@ -67,6 +67,16 @@ button.reject{background:#b3261e;color:#fff;border-color:#b3261e}
 .muted{color:#7b8794}
 """
 
+_ERROR = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }} · Ledgerflow</title>
+<style>{{ css }}</style></head>
+<body><header><span>Ledgerflow</span></header><main>
+<h1>{{ status }}</h1><p>{{ detail }}</p>
+{% if login %}<p><a href="{{ login }}">Sign in to Airflow</a> to see this page.</p>{% endif %}
+<p><a href="{{ root }}/approvals">Pending approvals</a></p>
+</main></body></html>
+"""
+
 _LAYOUT = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -179,7 +189,13 @@ def _approvers(approval: Any) -> str:
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.DictLoader(
-            {"layout": _LAYOUT, "pending": _PENDING, "decided": _DECIDED, "detail": _DETAIL}
+            {
+                "layout": _LAYOUT,
+                "pending": _PENDING,
+                "decided": _DECIDED,
+                "detail": _DETAIL,
+                "error": _ERROR,
+            }
         ),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
