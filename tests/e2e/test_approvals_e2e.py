@@ -61,13 +61,18 @@ def test_parks_without_a_worker_slot_and_resumes_on_a_rest_decision(
     approval = parked(stack, ledger, "onboarding__v1", run_id, "manager_approval")
     s = states(stack, "onboarding__v1", run_id)
     assert "running" not in s.values(), s
+    # Deferred tasks hold no pool slot (include_deferred is off), and no process of ours runs.
     pool = stack.api("GET", "/api/v2/pools/default_pool")
-    assert pool["deferred_slots"] >= 1 and pool["running_slots"] == 0, pool
+    assert pool["deferred_slots"] >= 1 and pool["include_deferred"] is False, pool
+    running = stack.api(
+        "GET", "/api/v2/dags/~/dagRuns/~/taskInstances", params={"state": "running", "limit": 100}
+    )["task_instances"]
+    assert not [t for t in running if t["dag_run_id"] == run_id], running
     assert approval.payload == {
         "customer_id": customer,
         "name": "Grace",
         "plan": "business",
-        "credit_limit": "5000",
+        "credit_limit": 5000,  # a lone {{ expression }} keeps its type
     }
     assert approval.payload_hash == approvals.payload_hash(approval.payload)
     assert "**Grace**" in approval.body
@@ -107,7 +112,12 @@ def test_reject_takes_the_declared_branch(stack: AirflowStack, ledger: Ledger) -
     s = states(stack, "onboarding__v1", run_id)
     assert s["send_refusal"] == "success" and s["activate_account"] == "skipped"
     refusal = ledger.checkpoint(f"onboarding__v1/{run_id}", "send_refusal")
-    assert refusal is not None and "credit check failed" in str(refusal.output)
+    assert refusal is not None
+    with ledger.engine.connect() as conn:
+        body = conn.execute(
+            text("SELECT body FROM demo_emails WHERE id = :i"), {"i": refusal.output["email_id"]}
+        ).scalar_one()
+    assert "credit check failed" in body  # the refusal read the approver's comment
 
 
 def test_reject_without_a_branch_fails_the_run_and_compensates(
