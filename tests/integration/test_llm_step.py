@@ -260,3 +260,28 @@ def test_no_secret_reaches_the_ledger(
         for table in ("lf_llm_calls", "lf_steps", "lf_attempts", "lf_events", "lf_runs"):
             rows += [str(tuple(r)) for r in conn.execute(text(f"SELECT * FROM {table}"))]
     assert rows and not [r for r in rows if SECRET in r]
+
+
+def test_provider_failover_from_common_ai(
+    ledger: Ledger, peer: OpenAIPeer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A connection with ``fallback_conn_ids`` (common.ai) fails over to the next provider
+    when the first answers an API error; the step takes the main path with the backup's
+    answer and records one call."""
+    with OpenAIPeer() as backup:
+        primary = json.loads(peer.connection_uri())
+        primary["extra"]["fallback_conn_ids"] = ["lf_it_backup"]
+        monkeypatch.setenv("AIRFLOW_CONN_LF_IT_PRIMARY", json.dumps(primary))
+        monkeypatch.setenv("AIRFLOW_CONN_LF_IT_BACKUP", backup.connection_uri())
+        path = tmp_path / "ticket_triage" / "v1.yaml"
+        path.parent.mkdir()
+        path.write_text(
+            TRIAGE.read_text().replace("conn_id: ledgerflow_llm", "conn_id: lf_it_primary")
+        )
+        spec = load_workflow(path)
+        peer.script("T-failover", (400, {"error": {"message": "quota", "type": "x"}}))
+        backup.script("T-failover", GOOD)
+        result = classify(ledger, spec, "T-failover")
+        assert result.path == "main" and result.output == json.loads(GOOD)
+        assert (peer.calls("T-failover"), backup.calls("T-failover")) == (1, 1)
+        assert only_call(ledger, "T-failover").requests == 1

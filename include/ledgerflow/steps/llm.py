@@ -133,7 +133,10 @@ def execute_llm_step(
                 first=checkpoint is None,
                 conn=conn,
             )
-            cached = calls.find(ledger, idem_key, conn) if idem_key is not None else None
+            # A first attempt under the run-scoped default key cannot have an answer yet.
+            may_exist = checkpoint is not None or step.idempotency is not None or run.retry_of
+            if idem_key is not None and may_exist:
+                cached = calls.find(ledger, idem_key, conn)
     if skipped:
         raise StepSkipped(f"`when: {step.when}` is false")
     if render_error is not None:
