@@ -44,7 +44,7 @@ steps:
     dataset: {dataset}
     expectations:
 {expectations}
-    on_failure: {on_failure}
+    on_failure: {on_failure}{extra}
   - id: publish
     needs: [check]
     tool: demo.noop
@@ -115,11 +115,13 @@ def workflow(
     dataset: str = "{conn_id: warehouse, table: orders}",
     expectations: str = ORDERS,
     on_failure: str = "fail",
+    extra: str = "",
 ) -> WorkflowSpec:
     body = WORKFLOW.format(
         dataset=dataset,
         expectations=textwrap.indent(textwrap.dedent(expectations).strip(), "      "),
         on_failure=on_failure,
+        extra=extra,
     )
     path = tmp_path / "qc.yaml"
     path.write_text(body)
@@ -315,3 +317,21 @@ def test_an_unknown_connection_fails_without_retrying(tmp_path: Path, ledger: Le
     spec = workflow(tmp_path, dataset="{conn_id: nowhere, table: orders}")
     with pytest.raises(NonRetryableError, match="no Airflow connection 'nowhere'"):
         run(spec, ledger, "noconn")
+
+
+def test_data_docs_are_written_under_the_airflow_home_only_when_asked(
+    tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``data_docs: true`` writes GX Data Docs (an index and the validation page) under
+    $AIRFLOW_HOME/ledgerflow/data_docs/<workflow>/v<N>/<step>; without it nothing is written."""
+    home = tmp_path / "airflow-home"
+    monkeypatch.setenv("AIRFLOW_HOME", str(home))
+    plain = workflow(tmp_path, on_failure="warn")
+    run(plain, ledger, "no-docs")
+    assert not (home / "ledgerflow").exists()
+    spec = workflow(tmp_path, on_failure="warn", extra="\n    data_docs: true")
+    outcome = run(spec, ledger, "docs")
+    assert outcome.output["outcome"] == "warned"
+    site = home / "ledgerflow" / "data_docs" / "qc" / "v1" / "check"
+    assert (site / "index.html").is_file()
+    assert list((site / "validations").rglob("*.html"))
