@@ -89,6 +89,9 @@ def test_parks_without_a_worker_slot_and_resumes_on_a_rest_decision(
     assert kinds.count("approval_notified") == 1
     assert kinds.count("approval_decided") == 1
     assert kinds.count("approval_completed") == 1
+    # The api-server ended the parked task itself (no trigger or worker hop needed).
+    (completed,) = events(ledger, ledger_run, "approval_completed")
+    assert completed["data"]["via"] == "api"
     (decided,) = events(ledger, ledger_run, "approval_decided")
     assert decided["data"]["by"] == "admin" and decided["data"]["comment"] == "looks good"
     assert decided["data"]["payload"] == approval.payload

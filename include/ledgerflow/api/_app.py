@@ -104,7 +104,7 @@ def _decide(
     if not _may_decide(approval, caller):
         raise HTTPException(403, f"{caller.name} may not decide approval {approval_id}")
     try:
-        return approvals.decide(
+        decided = approvals.decide(
             ledger,
             approval_id,
             decision=DECISION_OF[decision],
@@ -114,6 +114,25 @@ def _decide(
         )
     except approvals.ApprovalConflict as exc:
         raise HTTPException(409, str(exc)) from None
+    _end_task_now(ledger, decided)
+    return decided
+
+
+def _end_task_now(ledger: Ledger, approval: approvals.Approval) -> None:
+    """End the parked task here, as Airflow's own approval route does, so the next task
+    is scheduled without waiting for the triggerer; if that fails the stored decision
+    still stands and the trigger (woken by NOTIFY, or its poll) ends the task instead."""
+    import logging
+
+    from ledgerflow.steps.approval import end_task_now
+
+    try:
+        end_task_now(ledger, approval)
+    except Exception:
+        logging.getLogger(__name__).exception(
+            "approval %s: could not end its task from the api-server; the trigger will",
+            approval.id,
+        )
 
 
 def _view(approval: approvals.Approval, caller: Caller) -> dict[str, Any]:
