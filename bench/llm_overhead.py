@@ -51,8 +51,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
 
+    import logging
+
     from ledgerflow.testing.openai_peer import OpenAIPeer
     from ledgerflow.testing.postgres import fresh_database
+
+    # Every request would log a line (httpx, the hook): keep stdout for the report.
+    for name in ("httpx", "httpx2", "airflow.task.hooks"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     with OpenAIPeer() as peer, fresh_database("lf_bench_llm") as pg:
         peer.default = ANSWER

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, bindparam, select, text
 
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger.store import Ledger, dumps, loads, now
@@ -37,6 +37,7 @@ class LlmCall:
     reason: str | None
 
 
+_ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
 _FIND = select(t.llm_calls).where(t.llm_calls.c.idempotency_key == bindparam("b_key"))
 
 
@@ -80,6 +81,10 @@ def record(
         "created_at": now(),
     }
     with ledger.begin(conn) as conn:
+        if ledger.dialect == "postgresql":
+            # The step's checkpoint commits right after this, synchronously, and flushes
+            # this row's WAL with it; until then a lost row only means asking again.
+            conn.execute(_ASYNC_COMMIT)
         inserted = conn.execute(
             ledger._insert(t.llm_calls).values(**values).on_conflict_do_nothing()
         ).rowcount
