@@ -116,11 +116,15 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 1
     steps = [c.__dict__ for c in ledger.checkpoints(args.run_id)]
     compensations = list(ledger.compensations(args.run_id).values())
+    from ledgerflow.ledger import llm
+
+    llm_calls = [c.__dict__ for c in llm.calls(ledger, args.run_id)]
     if args.json:
         document = {
             "run": run,
             "steps": steps,
             "compensations": compensations,
+            "llm_calls": llm_calls,
             "events": ledger.events(args.run_id),
         }
         print(json.dumps(document, default=str, indent=2))
@@ -132,6 +136,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     if compensations:
         print()
         _print(compensations, False, ["step_key", "status", "tool", "detail"])
+    if llm_calls:
+        print()
+        columns = ["step_key", "model", "status", "path", "requests", "input_tokens"]
+        _print(llm_calls, False, [*columns, "output_tokens", "latency_ms", "reason"])
     return 0
 
 

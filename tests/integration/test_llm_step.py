@@ -285,3 +285,21 @@ def test_provider_failover_from_common_ai(
         assert result.path == "main" and result.output == json.loads(GOOD)
         assert (peer.calls("T-failover"), backup.calls("T-failover")) == (1, 1)
         assert only_call(ledger, "T-failover").requests == 1
+
+
+def test_cli_show_lists_the_llm_calls(
+    ledger: Ledger,
+    triage: WorkflowSpec,
+    peer: OpenAIPeer,
+    ledger_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``ledgerflow show RUN --json`` includes the run's LLM calls with their errors and path."""
+    from ledgerflow.cli import main
+
+    peer.script("T-show", "{nope", GOOD)
+    classify(ledger, triage, "T-show")
+    capsys.readouterr()
+    assert main(["show", "ticket_triage__v1/T-show", "--url", ledger_url, "--json"]) == 0
+    (call,) = json.loads(capsys.readouterr().out)["llm_calls"]
+    assert call["path"] == "main" and call["requests"] == 2 and len(call["errors"]) == 1
