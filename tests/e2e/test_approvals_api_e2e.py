@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.routing import APIRoute
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from ledgerflow.api import create_app
 from ledgerflow.ledger import approvals
@@ -78,12 +78,20 @@ def decision_events(ledger: Ledger, approval: approvals.Approval) -> list[dict[s
     return [e for e in ledger.events(approval.run_id) if e["kind"] == "approval_decided"]
 
 
-def snapshot(ledger: Ledger) -> tuple[Any, ...]:
-    """Everything a GET could change: every approval row and the size of the event log."""
+def snapshot(ledger: Ledger, *subjects: approvals.Approval) -> tuple[Any, ...]:
+    """Everything a GET could change about these approvals: their rows and their runs'
+    event logs. (Scoped to them: other tests' runs keep the shared stack busy meanwhile.)"""
+    ids = [a.id for a in subjects]
+    runs = [a.run_id for a in subjects]
     with ledger.engine.connect() as conn:
-        rows = conn.execute(select(t.approvals).order_by(t.approvals.c.id)).all()
-        events = conn.execute(select(func.count()).select_from(t.events)).scalar()
-    return (tuple(tuple(r) for r in rows), events)
+        rows = conn.execute(
+            select(t.approvals).where(t.approvals.c.id.in_(ids)).order_by(t.approvals.c.id)
+        ).all()
+        events = conn.execute(
+            select(t.events.c.id, t.events.c.kind).where(t.events.c.run_id.in_(runs))
+        ).all()
+    assert len(rows) == len(ids)
+    return (tuple(tuple(r) for r in rows), tuple(sorted(tuple(e) for e in events)))
 
 
 def routes() -> list[tuple[str, str]]:
@@ -115,7 +123,7 @@ def test_every_route_but_health_answers_401_without_credentials(
     approval = make_approval(ledger)
     found = routes()
     assert ("GET", "/health") in found and len(found) >= 8
-    before = snapshot(ledger)
+    before = snapshot(ledger, approval)
     bodies = {
         "/api/approvals/{approval_id}/decision": {"json": {"decision": "approve"}},
         "/approvals/{approval_id}/decide": {"data": {"decision": "approve", "csrf_token": "x"}},
@@ -134,7 +142,7 @@ def test_every_route_but_health_answers_401_without_credentials(
             assert forged.status_code in (401, 403), (method, url, forged.status_code)
             if method == "GET":
                 assert viewer.get(url).status_code == 200, url
-    assert snapshot(ledger) == before
+    assert snapshot(ledger, approval) == before
 
 
 def test_a_browser_without_a_login_gets_401_with_a_link_to_airflow_login(
@@ -241,12 +249,12 @@ def test_twenty_concurrent_decisions_store_exactly_one(stack: AirflowStack, ledg
 
 
 def test_no_get_changes_state(stack: AirflowStack, ledger: Ledger) -> None:
-    """Every GET route (pages and REST, with every filter) leaves every approval row and
-    the event log exactly as they were, even for a user allowed to decide."""
+    """Every GET route (pages and REST, with every filter) leaves the approvals' rows and
+    their runs' event logs exactly as they were, even for a user allowed to decide."""
     approval = make_approval(ledger)
     decided = make_approval(ledger)
     approvals.decide(ledger, decided.id, decision="approved", by="manager", comment="ok")
-    before = snapshot(ledger)
+    before = snapshot(ledger, approval, decided)
     with client(stack, "manager") as c:
         for method, path in routes():
             if method != "GET":
@@ -260,7 +268,7 @@ def test_no_get_changes_state(stack: AirflowStack, ledger: Ledger) -> None:
                 for target in (approval, decided):
                     url = PREFIX + path.replace("{approval_id}", str(target.id)) + query
                     assert c.get(url).status_code == 200, url
-    assert snapshot(ledger) == before
+    assert snapshot(ledger, approval, decided) == before
 
 
 def test_a_decision_records_approver_time_comment_and_payload_hash(
