@@ -18,6 +18,12 @@ Each round triggers both DAGs, waits until both approvals are parked (Ledgerflow
 latency of one decision is Airflow's own ``start_date`` of the ``next`` task minus the
 wall-clock time just before the decision call (same machine, same clock).
 
+Why Ledgerflow's is faster: the api-server that takes the decision also ends the parked
+task (its checkpoint completed, the branch's XCom set), so the scheduler can start the
+next task at once; Airflow's ``ApprovalOperator`` is resumed on a worker first
+(``execute_complete``). ``--via ledger`` measures the other path: the decision written
+straight into the ledger, the trigger woken by Postgres NOTIFY ending the task.
+
 The last line is ``approval_resume_ratio=<median ours / median airflow's>``.
 """
 
@@ -117,17 +123,20 @@ def wait_state(stack: Any, dag_id: str, run_id: str, task_id: str, states: set[s
     raise TimeoutError(f"{dag_id}/{run_id} {task_id} never reached {states}")
 
 
-def decide_ours(stack: Any, ledger: Any, run_id: str) -> float:
+def decide_ours(stack: Any, ledger: Any, run_id: str, via: str) -> float:
     from ledgerflow.ledger import approvals
 
     approval = approvals.for_step(ledger, f"{OURS}/{run_id}", "ask")
     assert approval is not None
     t0 = time.time()
-    stack.api(
-        "POST",
-        f"/ledgerflow/api/approvals/{approval.id}/decision",
-        json={"decision": "approve", "comment": "bench"},
-    )
+    if via == "api":
+        stack.api(
+            "POST",
+            f"/ledgerflow/api/approvals/{approval.id}/decision",
+            json={"decision": "approve", "comment": "bench"},
+        )
+    else:  # straight into the ledger: the trigger, woken by NOTIFY, ends the task
+        approvals.decide(ledger, approval.id, decision="approved", by="bench", comment="bench")
     return t0
 
 
@@ -153,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         "ApprovalOperator, on one real Airflow."
     )
     parser.add_argument("--rounds", type=int, default=12, help="approvals per kind (>= 10)")
+    parser.add_argument(
+        "--via",
+        choices=("api", "ledger"),
+        default="api",
+        help="how Ledgerflow's decision is taken: the REST endpoint (default; the api-server "
+        "ends the task) or a direct ledger write (NOTIFY wakes the trigger, which ends it)",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS / "approval_latency.json")
     args = parser.parse_args(argv)
     if args.rounds < 10:
@@ -189,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)  # let both parked tasks' processes exit
             # Alternate who goes first, so neither always decides on a busier machine.
             if r % 2:
-                la = latency(stack, OURS, a, decide_ours(stack, ledger, a))
+                la = latency(stack, OURS, a, decide_ours(stack, ledger, a, args.via))
                 lb = latency(stack, THEIRS, b, decide_theirs(stack, b))
             else:
                 lb = latency(stack, THEIRS, b, decide_theirs(stack, b))
-                la = latency(stack, OURS, a, decide_ours(stack, ledger, a))
+                la = latency(stack, OURS, a, decide_ours(stack, ledger, a, args.via))
             if r == 0:
                 log(f"warm-up: ours {la:.3f} s, airflow {lb:.3f} s")
                 continue
@@ -210,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = med_ours / med_theirs
     report = {
         "rounds": args.rounds,
+        "via": args.via,
         "ours_s": ours,
         "airflow_s": theirs,
         "median_ours_s": med_ours,
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
-    print(f"decision -> next task start, median of {args.rounds}:")
+    print(f"decision (ledgerflow via {args.via}) -> next task start, median of {args.rounds}:")
     print(
         f"  ledgerflow approval step   {med_ours * 1000:8.0f} ms  (min {min(ours) * 1000:.0f}, max {max(ours) * 1000:.0f})"
     )
