@@ -213,13 +213,18 @@ def test_retry_run_reuses_the_answer_of_the_run_it_retries(
 def test_transport_error_is_not_cached_and_the_retry_calls_again(
     ledger: Ledger, triage: WorkflowSpec, peer: OpenAIPeer
 ) -> None:
-    """An HTTP error from the provider fails the attempt (retryable) and records no answer;
-    the next try asks again and succeeds."""
-    from pydantic_ai.exceptions import ModelAPIError
+    """An HTTP error from the provider fails the attempt (retryable; the key it echoed is
+    masked) and records no answer; the next try asks again and succeeds."""
+    from ledgerflow.steps.llm import LlmCallFailed
 
-    peer.script("T-down", (400, {"error": {"message": "overloaded", "type": "x"}}), GOOD)
-    with pytest.raises(ModelAPIError):
+    peer.script(
+        "T-down", (400, {"error": {"message": f"overloaded, key {SECRET}", "type": "x"}}), GOOD
+    )
+    with pytest.raises(LlmCallFailed, match="overloaded") as info:
         classify(ledger, triage, "T-down")
+    assert SECRET not in str(info.value)
+    (attempt,) = ledger.attempts("ticket_triage__v1/T-down", "classify")
+    assert "overloaded, key ***" in attempt["error"] and SECRET not in attempt["error"]
     assert calls.calls(ledger, "ticket_triage__v1/T-down") == []
     assert ledger.outputs("ticket_triage__v1/T-down")["classify"]["status"] == "retrying"
     result = classify(ledger, triage, "T-down", try_number=2)

@@ -28,7 +28,7 @@ from airflow.sdk.bases.skipmixin import SkipMixin
 from jinja2 import TemplateError
 
 from ledgerflow import faults
-from ledgerflow.errors import InjectedFault, NonRetryableError
+from ledgerflow.errors import InjectedFault, NonRetryableError, ToolError
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import LlmStep, WorkflowSpec
 from ledgerflow.spec.templates import evaluate, render_value
@@ -39,12 +39,18 @@ from ledgerflow.steps.protocol import (
     TemplateRenderError,
     _record_failure,
     register_run,
+    reuse_from_lineage,
     template_context,
 )
 
 
 class LlmOutputRejected(NonRetryableError):
     """The output stayed invalid (or failed a check) and the step declares no on_invalid."""
+
+
+class LlmCallFailed(ToolError):
+    """The provider could not be asked (down, rate-limited, refused): retried like any
+    failed step. The message never contains the connection's secret."""
 
 
 @dataclass(frozen=True)
@@ -60,8 +66,9 @@ class LlmResult:
 def call_key(spec: WorkflowSpec, step: LlmStep, run: RunRef, context: dict[str, Any]) -> str:
     if step.idempotency is not None:
         return f"{spec.name}:{step.id}:{render_value(step.idempotency.key, context)}"
-    # A retry run asks the question of the run it retries: the answer is already paid for.
-    return f"llm:{run.retry_of or run.run_id}:{step.id}"
+    # Run-scoped: a retry run reuses a completed answer through its lineage's checkpoint
+    # (protocol.reuse_from_lineage); a step it re-runs on purpose (--from) asks afresh.
+    return f"llm:{run.run_id}:{step.id}"
 
 
 def execute_llm_step(
@@ -93,6 +100,8 @@ def execute_llm_step(
         )
         if checkpoint is None and not outputs:
             register_run(ledger, spec, run, params, conn)
+        if checkpoint is None and run.retry_of is not None:
+            checkpoint = reuse_from_lineage(ledger, spec, run, key, step.id, conn)
         if checkpoint is not None and checkpoint.status == "completed":
             path, reason = _recorded_path(checkpoint.output)
             ledger.record_event(run.run_id, key, "checkpoint_reused", None, conn=conn)
@@ -134,7 +143,7 @@ def execute_llm_step(
                 conn=conn,
             )
             # A first attempt under the run-scoped default key cannot have an answer yet.
-            may_exist = checkpoint is not None or step.idempotency is not None or run.retry_of
+            may_exist = checkpoint is not None or step.idempotency is not None
             if idem_key is not None and may_exist:
                 cached = calls.find(ledger, idem_key, conn)
     if skipped:
@@ -188,8 +197,16 @@ def _ask(
     from ledgerflow.llm.call import agent_for, call_model
     from ledgerflow.llm.local import hook_for
 
-    agent = agent_for(hook or hook_for(step.conn_id), step, system_prompt)
-    outcome = call_model(agent, prompt)
+    hook = hook or hook_for(step.conn_id)
+    try:
+        outcome = call_model(agent_for(hook, step, system_prompt), prompt)
+    except Exception as exc:
+        # Provider errors can echo the request; keep the key out of the ledger and logs.
+        message = f"{type(exc).__name__}: {exc}"
+        secret = getattr(getattr(hook, "_conn", None), "password", None)
+        if secret:
+            message = message.replace(secret, "***")
+        raise LlmCallFailed(f"step {step.id}: {message}") from None
     # The path is decided again below from the stored row (a raced twin's row wins).
     path, reason, _ = decide(step, outcome.status, outcome.output, outcome.errors, {})
     stored, inserted = calls.record(
