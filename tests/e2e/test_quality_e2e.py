@@ -101,3 +101,35 @@ def test_nightly_report_validates_before_publishing(stack: AirflowStack, ledger:
     assert got == {"check_payments": "success", "totals": "success", "store": "success"}
     [row] = quality_ledger.results(ledger, f"nightly_report__v1/{run_id}", "check_payments")
     assert row["outcome"] == "passed" and row["evaluated"] == 5
+
+
+def test_on_failure_fail_fails_the_run_once_and_compensates(
+    stack: AirflowStack, ledger: Ledger, orders: Any
+) -> None:
+    """on_failure: fail on dirty rows: the check fails at its first try although it may
+    retry (a data finding is not retried), publish never runs, the saga releases the
+    reservation made before the check, and the ledger holds the failed result, the
+    dead letter naming the failed expectations, and a compensated saga."""
+    run_id = stack.trigger("quality_strict__v1", {"order_id": "qs-1", "batch": "dirty"})
+    assert stack.wait_for_run("quality_strict__v1", run_id, timeout=240) == "failed"
+    got = {
+        ti["task_id"]: (ti["state"], ti["try_number"])
+        for ti in stack.task_instances("quality_strict__v1", run_id)
+    }
+    assert got["reserve"] == ("success", 1)
+    assert got["check"] == ("failed", 1)
+    assert got["publish"][0] == "upstream_failed"
+    assert got["compensate__reserve"] == ("success", 1)
+    ledger_run = f"quality_strict__v1/{run_id}"
+    [row] = quality_ledger.results(ledger, ledger_run, "check")
+    assert row["outcome"] == "failed" and row["failed_count"] == 2
+    run = ledger.run(ledger_run)
+    assert run is not None and run["saga"] == "compensated" and run["failed_step"] == "check"
+    letters = [d for d in ledger.dead_letters(None) if d["run_id"] == ledger_run]
+    assert [d["step_key"] for d in letters] == ["check"]
+    assert "not_null(email)" in letters[0]["error"] and "unique(id)" in letters[0]["error"]
+    with ledger.engine.connect() as conn:
+        status = conn.execute(
+            text("SELECT status FROM demo_reservations WHERE order_id = 'qs-1'")
+        ).scalar_one()
+    assert status == "released"
