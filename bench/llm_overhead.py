@@ -73,7 +73,7 @@ def run(peer: object, ledger_url: str, args: argparse.Namespace) -> dict[str, li
     from ledgerflow.ledger.store import Ledger
     from ledgerflow.llm.call import output_type
     from ledgerflow.llm.local import LedgerflowAIHook
-    from ledgerflow.spec.models import LlmStep
+    from ledgerflow.spec.models import KeyedIdempotency, LlmStep
     from ledgerflow.spec.validate import load_workflow
     from ledgerflow.steps.llm import execute_llm_step
     from ledgerflow.steps.protocol import RunRef
@@ -81,6 +81,8 @@ def run(peer: object, ledger_url: str, args: argparse.Namespace) -> dict[str, li
     spec = load_workflow(ROOT / "dags" / "workflows" / "ticket_triage" / "v1.yaml")
     step = spec.step("classify")
     assert isinstance(step, LlmStep)
+    # The same step keyed by the ticket: every run after the first finds the answer.
+    keyed = step.model_copy(update={"idempotency": KeyedIdempotency(key="{{ params.ticket_id }}")})
     ledger = Ledger(ledger_url)
     ledger.migrate()
     params = {"ticket_id": "B-1", "ticket": "I was charged twice for order 1001."}
@@ -99,18 +101,11 @@ def run(peer: object, ledger_url: str, args: argparse.Namespace) -> dict[str, li
         assert result.output["category"] == "billing"
 
     def step_call(cached: bool = False) -> None:
-        run_id = (
-            "ticket_triage__v1/bench-cached" if cached else f"ticket_triage__v1/b{next(counter)}"
-        )
         result = execute_llm_step(
             ledger,
             spec,
-            step,
-            RunRef(
-                run_id=run_id + (f"-{next(counter)}" if cached else ""),
-                dag_id="ticket_triage__v1",
-                retry_of="ticket_triage__v1/bench-cached" if cached else None,
-            ),
+            keyed if cached else step,
+            RunRef(run_id=f"ticket_triage__v1/b{next(counter)}", dag_id="ticket_triage__v1"),
             params=params,
         )
         assert result.path == "main", result
