@@ -365,8 +365,9 @@ def test_form_decision_needs_the_page_token_and_redirects(
     stack: AirflowStack, ledger: Ledger
 ) -> None:
     """The page's form posts a CSRF token bound to the user and the approval: a wrong
-    token (or one minted for another approval) is 403 and stores nothing; the right one
-    stores the decision and redirects (303) to the approval page with a message."""
+    token, one minted for another approval, or a post from another origin is 403 and
+    stores nothing; the right one stores the decision and redirects (303) to the approval
+    page with a message."""
     approval = make_approval(ledger)
     other = make_approval(ledger)
     with client(stack, "manager", cookie=True) as c:
@@ -379,6 +380,10 @@ def test_form_decision_needs_the_page_token_and_redirects(
         form = {"decision": "approve", "comment": "via form", "seen_hash": approval.payload_hash}
         for bad in ("0" * 64, other_token.group(1)):
             assert c.post(url, data={**form, "csrf_token": bad}).status_code == 403
+        # The right token, sent by a page of another origin (a cross-site form post).
+        foreign = {"Origin": "http://evil.example"}
+        good = {**form, "csrf_token": token.group(1)}
+        assert c.post(url, data=good, headers=foreign).status_code == 403
         assert approvals.get(ledger, approval.id).status == "pending"
         resp = c.post(url, data={**form, "csrf_token": token.group(1)})
         assert resp.status_code == 303
