@@ -162,22 +162,39 @@ def test_failed_check_takes_the_fallback_with_the_reason(
     assert peer.calls("T-unsure") == 1
 
 
-def test_task_retry_after_the_call_makes_no_second_request(
+def test_task_retry_after_the_commit_makes_no_second_request(
     ledger: Ledger, triage: WorkflowSpec, peer: OpenAIPeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The task dies after the answer is recorded; its retry reuses the recorded answer:
-    zero extra requests at the server, same output."""
+    """The task dies right after the answer and the checkpoint committed (before Airflow
+    heard of it); its retry reuses them: zero extra requests at the server, same output."""
     peer.script("T-crash", GOOD)
-    monkeypatch.setenv("LEDGERFLOW_FAULT", "after_effect@classify:raise")
+    monkeypatch.setenv("LEDGERFLOW_FAULT", "after_commit@classify:raise")
     with pytest.raises(InjectedFault):
         classify(ledger, triage, "T-crash")
     assert peer.calls("T-crash") == 1
-    assert ledger.outputs("ticket_triage__v1/T-crash")["classify"]["status"] == "running"
     monkeypatch.delenv("LEDGERFLOW_FAULT")
     result = classify(ledger, triage, "T-crash", try_number=2)
     assert result.call_reused and result.path == "main" and result.output == json.loads(GOOD)
     assert peer.calls("T-crash") == 1
-    statuses = [a["status"] for a in ledger.attempts("ticket_triage__v1/T-crash", "classify")]
+    assert len(calls.calls(ledger, "ticket_triage__v1/T-crash")) == 1
+
+
+def test_crash_before_the_commit_leaves_nothing_half_recorded(
+    ledger: Ledger, triage: WorkflowSpec, peer: OpenAIPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash between the answer and its commit records neither the answer nor the
+    checkpoint; the retry asks once more and records exactly one call."""
+    peer.script("T-early", GOOD)
+    monkeypatch.setenv("LEDGERFLOW_FAULT", "before_commit@classify:raise")
+    with pytest.raises(InjectedFault):
+        classify(ledger, triage, "T-early")
+    assert calls.calls(ledger, "ticket_triage__v1/T-early") == []
+    assert ledger.outputs("ticket_triage__v1/T-early")["classify"]["status"] == "running"
+    monkeypatch.delenv("LEDGERFLOW_FAULT")
+    result = classify(ledger, triage, "T-early", try_number=2)
+    assert result.path == "main" and peer.calls("T-early") == 2
+    assert len(calls.calls(ledger, "ticket_triage__v1/T-early")) == 1
+    statuses = [a["status"] for a in ledger.attempts("ticket_triage__v1/T-early", "classify")]
     assert statuses == ["lost", "completed"]
 
 

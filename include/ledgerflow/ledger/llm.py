@@ -1,10 +1,10 @@
 """LLM calls in the ledger, one row per idempotency key (``lf_llm_calls``).
 
-The row is written as soon as the answer is in, in its own transaction, before the step
-is completed: a task that dies after the call, a retry of the task and a retry run with
-the same key all find the row and reuse it instead of paying for the call again. Two
-concurrent twins with one key both insert; the second insert does nothing and both use
-the row that won, so they agree on the answer.
+The row is written in the transaction that completes the step (or fails it), so the
+answer and the checkpoint are there together or not at all: a retried task finds the
+checkpoint, and a later run with the same key (a custom key, or a retry run) finds the
+row and reuses it instead of paying for the call again. Two concurrent twins with one key
+both insert; the second insert does nothing and both follow the row that won.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, text
+from sqlalchemy import Connection, bindparam, select
 
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger.store import Ledger, dumps, loads, now
@@ -37,7 +37,6 @@ class LlmCall:
     reason: str | None
 
 
-_ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
 _FIND = select(t.llm_calls).where(t.llm_calls.c.idempotency_key == bindparam("b_key"))
 
 
@@ -81,10 +80,6 @@ def record(
         "created_at": now(),
     }
     with ledger.begin(conn) as conn:
-        if ledger.dialect == "postgresql":
-            # The step's checkpoint commits right after this, synchronously, and flushes
-            # this row's WAL with it; until then a lost row only means asking again.
-            conn.execute(_ASYNC_COMMIT)
         inserted = conn.execute(
             ledger._insert(t.llm_calls).values(**values).on_conflict_do_nothing()
         ).rowcount

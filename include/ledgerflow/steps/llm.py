@@ -4,15 +4,15 @@ For one step of one run:
 1. a completed checkpoint -> its output and its path are reused, nothing runs;
 2. ``when`` false -> skipped;
 3. otherwise the prompts and the idempotency key are rendered and an attempt recorded;
-   a call already in the ledger under that key (an earlier try of this task, or an
-   earlier run with the same key) is reused: **no second model call**. Else the model is
-   asked through common.ai (validation, ``repair_attempts`` re-asks) and the call is
-   recorded in its own transaction the moment the answer is in;
+   a call already in the ledger under that key (an earlier run with the same key) is
+   reused: **no second model call**. Else the model is asked through common.ai
+   (validation, ``repair_attempts`` re-asks);
 4. the checks run on valid output; the path is ``main`` (valid, checks pass) or
    ``fallback`` (still invalid, or a check failed, with the reason);
-5. the checkpoint holds the validated output on the main path, the fallback info
-   (``{"valid", "reason", "errors", "output"}``) on the other, so later templates read
-   ``steps.<id>.output``. The operator then skips the branch not taken.
+5. one transaction records the call under its key and the checkpoint: the validated
+   output on the main path, the fallback info (``{"valid", "reason", "errors",
+   "output"}``) on the other, so later templates read ``steps.<id>.output``. A retried
+   task finds that checkpoint (step 1). The operator then skips the branch not taken.
 
 Without ``on_invalid``, the fallback outcome fails the step (non-retryable: asking the
 same question again returns the recorded answer).
@@ -150,15 +150,11 @@ def execute_llm_step(
         )
         raise render_error
     assert idem_key is not None
+    outcome: Any = cached
     try:
-        if cached is not None:
-            stored, reused = cached, True
-        else:
-            stored, reused = _ask(ledger, spec, step, run, hook, system_prompt, prompt, idem_key)
+        if cached is None:
+            outcome = _ask(step, hook, system_prompt, prompt)
         faults.hit("after_effect", key)
-        path, reason, output = decide(step, stored.status, stored.output, stored.errors, context)
-        if path == "fallback" and step.on_invalid is None:
-            raise LlmOutputRejected(f"step {key}: {reason}")
     except BaseException as error:
         # An injected crash or an exit is not a failed attempt: the next try marks it lost.
         if isinstance(error, InjectedFault | KeyboardInterrupt | SystemExit | GeneratorExit):
@@ -166,30 +162,53 @@ def execute_llm_step(
         final = isinstance(error, NonRetryableError) or try_number >= max_attempts
         _record_failure(ledger, spec, run, key, attempt_id, error, try_number, {}, idem_key, final)
         raise
+    # One transaction: the answer (under its key) and the checkpoint commit together, so
+    # a retry finds both or neither; a crash before the commit asks again, once.
+    rejected: LlmOutputRejected | None = None
     with ledger.begin() as conn:
-        ledger.complete_step(
-            conn,
-            run_id=run.run_id,
-            step_key=key,
-            attempt_id=attempt_id,
-            output=output,
-            reused=reused,
-        )
+        reused = cached is not None
+        path, reason, output = decide(step, outcome.status, outcome.output, outcome.errors, context)
+        if not reused:
+            stored, inserted = calls.record(
+                ledger,
+                key=idem_key,
+                run_id=run.run_id,
+                step_key=key,
+                system_prompt=system_prompt,
+                prompt=prompt,
+                outcome=outcome,
+                path=path,
+                reason=reason,
+                conn=conn,
+            )
+            if not inserted:  # a concurrent twin recorded its answer first: follow it
+                reused = True
+                path, reason, output = decide(
+                    step, stored.status, stored.output, stored.errors, context
+                )
+        if path == "fallback" and step.on_invalid is None:
+            rejected = LlmOutputRejected(f"step {key}: {reason}")
+            _record_failure(
+                ledger, spec, run, key, attempt_id, rejected, try_number, {}, idem_key, True, conn
+            )
+        else:
+            ledger.complete_step(
+                conn,
+                run_id=run.run_id,
+                step_key=key,
+                attempt_id=attempt_id,
+                output=output,
+                reused=reused,
+            )
+        faults.hit("before_commit", key)
+    faults.hit("after_commit", key)
+    if rejected is not None:
+        raise rejected
     return LlmResult("completed", path, output, reason, idem_key, reused)
 
 
-def _ask(
-    ledger: Ledger,
-    spec: WorkflowSpec,
-    step: LlmStep,
-    run: RunRef,
-    hook: Any,
-    system_prompt: str,
-    prompt: str,
-    idem_key: str,
-) -> tuple[Any, bool]:
-    """Call the model and record the call at once (its own transaction)."""
-    from ledgerflow.ledger import llm as calls
+def _ask(step: LlmStep, hook: Any, system_prompt: str, prompt: str) -> Any:
+    """Ask the model (with the repairs); a provider failure is ``LlmCallFailed``."""
     from ledgerflow.llm.call import agent_for, call_model
     from ledgerflow.llm.local import hook_for
 
@@ -203,20 +222,7 @@ def _ask(
         if secret:
             message = message.replace(secret, "***")
         raise LlmCallFailed(f"step {step.id}: {message}") from None
-    # The path is decided again below from the stored row (a raced twin's row wins).
-    path, reason, _ = decide(step, outcome.status, outcome.output, outcome.errors, {})
-    stored, inserted = calls.record(
-        ledger,
-        key=idem_key,
-        run_id=run.run_id,
-        step_key=step.id,
-        system_prompt=system_prompt,
-        prompt=prompt,
-        outcome=outcome,
-        path=path,
-        reason=reason,
-    )
-    return stored, not inserted
+    return outcome
 
 
 def decide(
