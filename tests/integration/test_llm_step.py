@@ -325,3 +325,50 @@ def test_cli_show_lists_the_llm_calls(
     assert main(["show", "ticket_triage__v1/T-show", "--url", ledger_url, "--json"]) == 0
     (call,) = json.loads(capsys.readouterr().out)["llm_calls"]
     assert call["path"] == "main" and call["requests"] == 2 and len(call["errors"]) == 1
+
+
+def _variant(tmp_path: Path, old: str, new: str) -> WorkflowSpec:
+    source = TRIAGE.read_text()
+    assert old in source
+    path = tmp_path / "ticket_triage" / "v1.yaml"
+    path.parent.mkdir()
+    path.write_text(source.replace(old, new))
+    return load_workflow(path)
+
+
+SCHEMA_BLOCK = TRIAGE.read_text().split("    output_schema:\n")[1].split("    model_settings:")[0]
+
+
+def test_registered_output_model_validates_and_repairs(
+    ledger: Ledger, peer: OpenAIPeer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With ``output_model: demo.ticket_triage`` the registered pydantic model validates the
+    answer: an out-of-range confidence is sent back with pydantic's error, then fits."""
+    monkeypatch.setenv("AIRFLOW_CONN_LEDGERFLOW_LLM", peer.connection_uri())
+    spec = _variant(
+        tmp_path,
+        "    output_schema:\n" + SCHEMA_BLOCK,
+        "    output_model: demo.ticket_triage\n",
+    )
+    too_sure = json.dumps({**json.loads(GOOD), "confidence": 7})
+    peer.script("T-model", too_sure, GOOD)
+    result = classify(ledger, spec, "T-model")
+    assert result.path == "main" and result.output == json.loads(GOOD)
+    row = only_call(ledger, "T-model")
+    assert row.responses == [too_sure, GOOD]
+    assert len(row.errors) == 1 and "confidence" in row.errors[0]
+
+
+def test_native_output_mode_asks_for_the_json_schema(
+    ledger: Ledger, peer: OpenAIPeer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``output_mode: native`` sends the schema as the provider's structured-output
+    response format; the answer is validated the same way."""
+    monkeypatch.setenv("AIRFLOW_CONN_LEDGERFLOW_LLM", peer.connection_uri())
+    spec = _variant(tmp_path, "    repair_attempts: 1\n", "    output_mode: native\n")
+    peer.script("T-native", GOOD)
+    assert classify(ledger, spec, "T-native").path == "main"
+    (body,) = [b for b in peer.bodies if "T-native" in json.dumps(b)]
+    assert body["response_format"]["type"] == "json_schema"
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert schema["required"] == ["category", "priority", "summary", "confidence"]
