@@ -44,7 +44,12 @@ runs = Table(
     # The saga: none, compensating, compensated or compensation_failed (migration 3).
     Column("saga", String(40)),
     Column("failed_step", String(250)),
+    # A retry run: the step it re-runs from (None: resume where the lineage stopped), and
+    # the SHA-256 of the workflow file the run started on (migration 8).
+    Column("retry_from", String(100)),
+    Column("spec_hash", String(64)),
     Index("lf_runs_workflow", "workflow", "version"),
+    Index("lf_runs_retry_of", "retry_of"),
 )
 
 # One row per step (or per item of a for_each step): the checkpoint.
@@ -302,6 +307,16 @@ def _v3_saga(conn: Connection) -> None:
     compensations.create(conn, checkfirst=True)
 
 
+def _v8_retries(conn: Connection) -> None:
+    from sqlalchemy import inspect
+
+    have = {c["name"] for c in inspect(conn).get_columns("lf_runs")}
+    for name, kind in (("retry_from", "VARCHAR(100)"), ("spec_hash", "VARCHAR(64)")):
+        if name not in have:
+            conn.execute(text(f"ALTER TABLE lf_runs ADD COLUMN {name} {kind}"))
+    next(i for i in runs.indexes if i.name == "lf_runs_retry_of").create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "ledger tables", _v1),
     (2, "demo tables of the example workflows", _v2_demo),
@@ -310,5 +325,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (5, "approvals", lambda conn: approvals.create(conn, checkfirst=True)),
     (6, "LLM calls", lambda conn: llm_calls.create(conn, checkfirst=True)),
     (7, "quality results", lambda conn: quality_results.create(conn, checkfirst=True)),
+    (8, "retry runs (retry_from, index on retry_of) and each run's spec hash", _v8_retries),
 ]
 LATEST = max(version for version, _title, _apply in MIGRATIONS)

@@ -282,6 +282,8 @@ class Ledger:
         trigger_kind: str,
         retry_of: str | None = None,
         conn: Connection | None = None,
+        retry_from: str | None = None,
+        spec_hash: str | None = None,
     ) -> bool:
         """Register a run once; returns True when this call created it."""
         stamp = now()
@@ -297,6 +299,8 @@ class Ledger:
                     trigger_kind=trigger_kind,
                     retry_of=retry_of,
                     status="running",
+                    retry_from=retry_from,
+                    spec_hash=spec_hash,
                     created_at=stamp,
                     updated_at=stamp,
                 )
@@ -304,7 +308,10 @@ class Ledger:
             )
             created = bool(result.rowcount)
             if created:
-                self._event(conn, run_id, None, "run_started", {"trigger": trigger_kind})
+                started: dict[str, Any] = {"trigger": trigger_kind}
+                if retry_of:
+                    started.update(retry_of=retry_of, retry_from=retry_from)
+                self._event(conn, run_id, None, "run_started", started)
         return created
 
     def finish_run(self, run_id: str, status: str) -> None:
@@ -331,6 +338,28 @@ class Ledger:
     # -- the saga ---------------------------------------------------------------
 
     def start_saga(self, run_id: str, failed_step: str | None) -> bool:
+    def retries_of(self, run_id: str) -> list[dict[str, Any]]:
+        """The runs that retry ``run_id`` (directly), oldest first."""
+        query = (
+            select(t.runs)
+            .where(t.runs.c.retry_of == run_id)
+            .order_by(t.runs.c.created_at, t.runs.c.run_id)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def unfinished_runs(self) -> dict[tuple[str, int], int]:
+        """``{(workflow, version): runs still running}``."""
+        from sqlalchemy import func
+
+        query = (
+            select(t.runs.c.workflow, t.runs.c.version, func.count())
+            .where(t.runs.c.status == "running")
+            .group_by(t.runs.c.workflow, t.runs.c.version)
+        )
+        with self.engine.connect() as conn:
+            return {(w, int(v)): int(n) for w, v, n in conn.execute(query)}
+
         """Mark the run's saga ``compensating`` (once); True when this call did it."""
         with self.begin() as conn:
             changed = conn.execute(

@@ -77,7 +77,7 @@ class ApprovalOperator(BaseOperator, SkipMixin):
         from ledgerflow.spec.templates import evaluate, render_value
         from ledgerflow.spec.validate import referenced_steps
         from ledgerflow.steps.operator import run_ref
-        from ledgerflow.steps.protocol import register_run, template_context
+        from ledgerflow.steps.protocol import register_run, reuse_from_lineage, template_context
         from ledgerflow.triggers.approval import ApprovalTrigger
 
         spec, step = self._step()
@@ -91,6 +91,9 @@ class ApprovalOperator(BaseOperator, SkipMixin):
             )
             if checkpoint is None and not outputs:
                 register_run(ledger, spec, run, params, conn)
+            if checkpoint is None and run.retry_of is not None:
+                # A retry run: a decision taken in its lineage is not asked for again.
+                checkpoint = reuse_from_lineage(ledger, spec, run, step.id, step.id, conn)
         if checkpoint is not None and checkpoint.status == "completed":
             # Decided earlier (a cleared or retried task): the same decision, no new request.
             ledger.record_event(run.run_id, step.id, "checkpoint_reused")

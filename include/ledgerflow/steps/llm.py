@@ -39,6 +39,7 @@ from ledgerflow.steps.protocol import (
     TemplateRenderError,
     _record_failure,
     register_run,
+    reuse_from_lineage,
     template_context,
 )
 
@@ -65,8 +66,9 @@ class LlmResult:
 def call_key(spec: WorkflowSpec, step: LlmStep, run: RunRef, context: dict[str, Any]) -> str:
     if step.idempotency is not None:
         return f"{spec.name}:{step.id}:{render_value(step.idempotency.key, context)}"
-    # A retry run asks the question of the run it retries: the answer is already paid for.
-    return f"llm:{run.retry_of or run.run_id}:{step.id}"
+    # Run-scoped: a retry run reuses a completed answer through its lineage's checkpoint
+    # (protocol.reuse_from_lineage); a step it re-runs on purpose (--from) asks afresh.
+    return f"llm:{run.run_id}:{step.id}"
 
 
 def execute_llm_step(
@@ -98,6 +100,8 @@ def execute_llm_step(
         )
         if checkpoint is None and not outputs:
             register_run(ledger, spec, run, params, conn)
+        if checkpoint is None and run.retry_of is not None:
+            checkpoint = reuse_from_lineage(ledger, spec, run, key, step.id, conn)
         if checkpoint is not None and checkpoint.status == "completed":
             path, reason = _recorded_path(checkpoint.output)
             ledger.record_event(run.run_id, key, "checkpoint_reused", None, conn=conn)
@@ -139,7 +143,7 @@ def execute_llm_step(
                 conn=conn,
             )
             # A first attempt under the run-scoped default key cannot have an answer yet.
-            may_exist = checkpoint is not None or step.idempotency is not None or run.retry_of
+            may_exist = checkpoint is not None or step.idempotency is not None
             if idem_key is not None and may_exist:
                 cached = calls.find(ledger, idem_key, conn)
     if skipped:

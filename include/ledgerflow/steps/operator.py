@@ -19,6 +19,7 @@ def run_ref(context: Any) -> RunRef:
         trigger_kind=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
         logical_date=logical.isoformat() if logical is not None else None,
         retry_of=conf.get("ledgerflow_retry_of"),
+        retry_from=conf.get("ledgerflow_retry_from"),
     )
 
 

@@ -45,6 +45,8 @@ class RunRef:
     trigger_kind: str = "manual"
     logical_date: str | None = None
     retry_of: str | None = None
+    # A retry run re-runs this step and everything downstream of it (``--from``).
+    retry_from: str | None = None
 
 
 @dataclass
@@ -118,6 +120,8 @@ def register_run(
     params: dict[str, Any],
     conn: Connection | None = None,
 ) -> bool:
+    from ledgerflow.factory import spec_hash
+
     """Record the run in the ledger once (whichever task gets there first)."""
     return ledger.ensure_run(
         run_id=run.run_id,
@@ -132,10 +136,32 @@ def register_run(
 
 
 class TemplateRenderError(NonRetryableError):
+        retry_from=run.retry_from,
+        spec_hash=spec_hash(run.dag_id),
     """A template could not be rendered with this run's params and outputs."""
 
 
 def execute_step(
+def reuse_from_lineage(
+    ledger: Ledger, spec: WorkflowSpec, run: RunRef, key: str, step_id: str, conn: Connection
+) -> Any:
+    """A retry run's step: the completed checkpoint of the same step in the lineage,
+    copied into this run (None when there is none, or the step is re-run on purpose)."""
+    if run.retry_of is None:
+        return None
+    from ledgerflow.ledger import lineage
+
+    found = lineage.find_reusable(
+        conn,
+        spec,
+        retry_of=run.retry_of,
+        retry_from=run.retry_from,
+        step_key=key,
+        step_id=step_id,
+    )
+    return None if found is None else lineage.adopt(ledger, conn, run.run_id, found)
+
+
     ledger: Ledger,
     spec: WorkflowSpec,
     step: ToolStep,
@@ -178,6 +204,8 @@ def execute_step(
             return StepResult("reused", checkpoint.output, checkpoint.idempotency_key)
         skipped = checkpoint is not None and checkpoint.status == "skipped"
         if not skipped:
+        if checkpoint is None and run.retry_of is not None:
+            checkpoint = reuse_from_lineage(ledger, spec, run, key, step.id, conn)
             context = template_context(ledger, spec, run, params, item, map_index, outputs=outputs)
             try:
                 if step.when is not None and not evaluate(step.when, context):

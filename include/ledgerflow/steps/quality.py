@@ -144,6 +144,7 @@ def run_quality(
         TemplateRenderError,
         _record_failure,
         register_run,
+        reuse_from_lineage,
         template_context,
     )
 
@@ -159,6 +160,8 @@ def run_quality(
         )
         if checkpoint is None and not outputs:
             register_run(ledger, spec, run, params, conn)
+        if checkpoint is None and run.retry_of is not None:
+            checkpoint = reuse_from_lineage(ledger, spec, run, key, step.id, conn)
         if checkpoint is not None and checkpoint.status == "completed":
             ledger.record_event(run.run_id, key, "checkpoint_reused", None, conn=conn)
             return QualityOutcome("reused", checkpoint.output)

@@ -212,6 +212,23 @@ def sleep(ctx: ToolContext, seconds: float, first_tries: int = 1_000_000) -> dic
     return {"slept": slept}
 
 
+class BlockedByFlag(NonRetryableError):
+    """``demo.fail_while``: the flag file exists (the cause of the failure is not fixed yet)."""
+
+
+@tool("demo.fail_while", behaviour="read_only")
+def fail_while(ctx: ToolContext, flag: str = "", value: Any = None) -> dict[str, Any]:
+    """Fail (at once, no retry) while the file ``flag`` exists; else return ``value``.
+
+    A failure an operator can fix between a run and its retry (delete the file), which a
+    param cannot be: a retry run keeps the original params."""
+    import os
+
+    if flag and os.path.exists(flag):
+        raise BlockedByFlag(f"blocked while {flag} exists")
+    return {"value": value}
+
+
 @tool("demo.route_ticket", behaviour="natural")
 def route_ticket(
     ctx: ToolContext, ticket_id: str, category: str, priority: str, by: str = "llm"
