@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 _SPECS: dict[str, WorkflowSpec] = {}
 _SPEC_FILES: dict[str, Path] = {}
+# The SHA-256 of each DAG's workflow file, recorded with every run it starts.
+_SPEC_HASHES: dict[str, str] = {}
 
 
 def spec_for_dag(dag_id: str) -> WorkflowSpec:
@@ -31,6 +33,11 @@ def spec_for_dag(dag_id: str) -> WorkflowSpec:
         raise LedgerflowError(f"no Ledgerflow workflow is loaded for DAG {dag_id!r}") from None
 
 
+def spec_hash(dag_id: str) -> str | None:
+    """The content hash of the workflow file a DAG was built from in this process."""
+    return _SPEC_HASHES.get(dag_id)
+
+
 def display_path(yaml_path: Path) -> str:
     """``.../dags/workflows/checkout/v1.yaml`` -> ``workflows/checkout/v1.yaml``."""
     parts = yaml_path.resolve().parts
@@ -40,12 +47,20 @@ def display_path(yaml_path: Path) -> str:
 
 
 def dag_for_spec_file(shim_file: str) -> DAG:
-    """Build the DAG of the workflow file beside ``shim_file`` (``v1.py`` -> ``v1.yaml``)."""
+    """Build the DAG of the workflow file beside ``shim_file`` (``v1.py`` -> ``v1.yaml``).
+
+    A published version (a ``v<N>.lock`` beside it) must still match its recorded hash;
+    a version with a newer version beside it is built without its schedule.
+    """
+    from ledgerflow import versions
     from ledgerflow.spec.validate import load_workflow
 
     yaml_path = Path(shim_file).with_suffix(".yaml")
-    spec = load_workflow(yaml_path, display_path=display_path(yaml_path))
-    return build_dag(spec, yaml_path)
+    shown = display_path(yaml_path)
+    digest = versions.check_published(yaml_path, shown)
+    spec = load_workflow(yaml_path, display_path=shown)
+    _SPEC_HASHES[spec.dag_id] = digest
+    return build_dag(spec, yaml_path, superseded=versions.is_superseded(yaml_path))
 
 
 def _param(spec: ParamSpec) -> Any:
@@ -83,7 +98,12 @@ def _doc_md(spec: WorkflowSpec, yaml_path: Path | None) -> str:
     return "\n".join(lines)
 
 
-def build_dag(spec: WorkflowSpec, yaml_path: Path | None = None) -> DAG:
+def build_dag(
+    spec: WorkflowSpec, yaml_path: Path | None = None, *, superseded: bool = False
+) -> DAG:
+    """The DAG of one workflow version. ``superseded`` (a newer version exists): no
+    schedule and the ``superseded`` tag; it stays triggerable for its unfinished runs
+    and their retries."""
     import pendulum
     from airflow.sdk import DAG
 
@@ -94,12 +114,14 @@ def build_dag(spec: WorkflowSpec, yaml_path: Path | None = None) -> DAG:
 
     tz = pendulum.timezone(spec.timezone)
     schedule: Any = None
-    if spec.schedule == "@once":
+    if spec.schedule == "@once" and not superseded:
         schedule = "@once"
-    elif spec.schedule is not None:
+    elif spec.schedule is not None and not superseded:
         from airflow.timetables.trigger import CronTriggerTimetable
 
         schedule = CronTriggerTimetable(spec.schedule, timezone=tz)
+    if spec.triggers.assets and not superseded:
+        schedule = _asset_schedule(spec, tz)
     _SPECS[spec.dag_id] = spec
     if yaml_path is not None:
         _SPEC_FILES[spec.dag_id] = yaml_path
@@ -109,7 +131,10 @@ def build_dag(spec: WorkflowSpec, yaml_path: Path | None = None) -> DAG:
         schedule=schedule,
         start_date=pendulum.instance(pendulum.parse(spec.start_date, tz=tz)),  # type: ignore[arg-type]
         catchup=False,
-        tags=sorted({*spec.tags, "ledgerflow", f"workflow:{spec.name}"}),
+        tags=sorted(
+            {*spec.tags, "ledgerflow", f"workflow:{spec.name}"}
+            | ({"superseded"} if superseded else set())
+        ),
         doc_md=_doc_md(spec, yaml_path),
         params={name: _param(p) for name, p in spec.params.items()},
         default_args={"owner": spec.owner},
@@ -155,6 +180,18 @@ def build_dag(spec: WorkflowSpec, yaml_path: Path | None = None) -> DAG:
                 tail >> head
         _add_compensations(spec, tasks)
     return dag
+
+
+def _asset_schedule(spec: WorkflowSpec, tz: Any) -> Any:
+    """An event on any of ``triggers.assets`` starts a run; so does the cron schedule."""
+    from airflow.sdk import Asset, AssetAny, AssetOrTimeSchedule, CronTriggerTimetable
+
+    assets = AssetAny(*(Asset(uri) for uri in spec.triggers.assets))
+    if spec.schedule is None:
+        return assets
+    return AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(spec.schedule, timezone=tz), assets=assets
+    )
 
 
 def _kind_builder(kind: str) -> Any:
