@@ -281,9 +281,9 @@ class Ledger:
         params: dict[str, Any],
         trigger_kind: str,
         retry_of: str | None = None,
-        conn: Connection | None = None,
         retry_from: str | None = None,
         spec_hash: str | None = None,
+        conn: Connection | None = None,
     ) -> bool:
         """Register a run once; returns True when this call created it."""
         stamp = now()
@@ -298,9 +298,9 @@ class Ledger:
                     params=dumps(params),
                     trigger_kind=trigger_kind,
                     retry_of=retry_of,
-                    status="running",
                     retry_from=retry_from,
                     spec_hash=spec_hash,
+                    status="running",
                     created_at=stamp,
                     updated_at=stamp,
                 )
@@ -335,9 +335,6 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
-    # -- the saga ---------------------------------------------------------------
-
-    def start_saga(self, run_id: str, failed_step: str | None) -> bool:
     def retries_of(self, run_id: str) -> list[dict[str, Any]]:
         """The runs that retry ``run_id`` (directly), oldest first."""
         query = (
@@ -360,6 +357,9 @@ class Ledger:
         with self.engine.connect() as conn:
             return {(w, int(v)): int(n) for w, v, n in conn.execute(query)}
 
+    # -- the saga ---------------------------------------------------------------
+
+    def start_saga(self, run_id: str, failed_step: str | None) -> bool:
         """Mark the run's saga ``compensating`` (once); True when this call did it."""
         with self.begin() as conn:
             changed = conn.execute(

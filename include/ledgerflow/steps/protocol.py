@@ -120,9 +120,9 @@ def register_run(
     params: dict[str, Any],
     conn: Connection | None = None,
 ) -> bool:
+    """Record the run in the ledger once (whichever task gets there first)."""
     from ledgerflow.factory import spec_hash
 
-    """Record the run in the ledger once (whichever task gets there first)."""
     return ledger.ensure_run(
         run_id=run.run_id,
         dag_id=run.dag_id,
@@ -131,17 +131,12 @@ def register_run(
         params=params,
         trigger_kind=run.trigger_kind,
         retry_of=run.retry_of,
+        retry_from=run.retry_from,
+        spec_hash=spec_hash(run.dag_id),
         conn=conn,
     )
 
 
-class TemplateRenderError(NonRetryableError):
-        retry_from=run.retry_from,
-        spec_hash=spec_hash(run.dag_id),
-    """A template could not be rendered with this run's params and outputs."""
-
-
-def execute_step(
 def reuse_from_lineage(
     ledger: Ledger, spec: WorkflowSpec, run: RunRef, key: str, step_id: str, conn: Connection
 ) -> Any:
@@ -162,6 +157,11 @@ def reuse_from_lineage(
     return None if found is None else lineage.adopt(ledger, conn, run.run_id, found)
 
 
+class TemplateRenderError(NonRetryableError):
+    """A template could not be rendered with this run's params and outputs."""
+
+
+def execute_step(
     ledger: Ledger,
     spec: WorkflowSpec,
     step: ToolStep,
@@ -199,13 +199,13 @@ def reuse_from_lineage(
             # No row of this run was read: it may be the run's first step. (A checkpoint
             # or an upstream output proves an earlier task registered the run.)
             register_run(ledger, spec, run, params, conn)
+        if checkpoint is None and run.retry_of is not None:
+            checkpoint = reuse_from_lineage(ledger, spec, run, key, step.id, conn)
         if checkpoint is not None and checkpoint.status == "completed":
             ledger.record_event(run.run_id, key, "checkpoint_reused", None, conn=conn)
             return StepResult("reused", checkpoint.output, checkpoint.idempotency_key)
         skipped = checkpoint is not None and checkpoint.status == "skipped"
         if not skipped:
-        if checkpoint is None and run.retry_of is not None:
-            checkpoint = reuse_from_lineage(ledger, spec, run, key, step.id, conn)
             context = template_context(ledger, spec, run, params, item, map_index, outputs=outputs)
             try:
                 if step.when is not None and not evaluate(step.when, context):
