@@ -55,20 +55,37 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    """Write the two-line DAG file beside each workflow file that has none."""
-    written = 0
+    """Publish: write the two-line DAG file beside each workflow file that has none, and
+    record each file's hash in ``v<N>.lock`` (a published version is immutable)."""
+    from ledgerflow import versions
+
+    written = changed = 0
     for file in _workflow_files(args.paths):
         shim = file.with_suffix(".py")
         if shim.exists() and shim.read_text() == SHIM:
-            continue
-        if shim.exists() and not args.force:
+            pass
+        elif shim.exists() and not args.force:
             print(f"skip {shim}: exists with other content (use --force)", file=sys.stderr)
+        else:
+            shim.write_text(SHIM)
+            written += 1
+            print(f"wrote {shim}")
+        if versions.version_of(file) is None:
             continue
-        shim.write_text(SHIM)
-        written += 1
-        print(f"wrote {shim}")
+        recorded = versions.recorded_hash(file)
+        if recorded is None or (args.rehash and recorded != versions.content_hash(file)):
+            digest = versions.write_lock(file)
+            print(f"published {file} (sha256 {digest[:12]} in {versions.lock_path(file).name})")
+        elif recorded != versions.content_hash(file):
+            changed += 1
+            number = versions.version_of(file) or 0
+            print(
+                f"FAIL {file}: published version changed; publish a new version "
+                f"v{number + 1} (or, for a version that never ran, --rehash)",
+                file=sys.stderr,
+            )
     print(f"{written} DAG file(s) written", file=sys.stderr)
-    return 0
+    return 1 if changed else 0
 
 
 def _ledger(args: argparse.Namespace) -> Any:
@@ -126,12 +143,14 @@ def cmd_show(args: argparse.Namespace) -> int:
             "compensations": compensations,
             "llm_calls": llm_calls,
             "events": ledger.events(args.run_id),
+            "retry_chain": _retry_chain(ledger, args.run_id),
         }
         print(json.dumps(document, default=str, indent=2))
         return 0
     saga = f"  saga={run['saga']} (failed at {run['failed_step']})" if run.get("saga") else ""
     print(f"{run['run_id']}  {run['workflow']} v{run['version']}  {run['status']}{saga}")
     print(f"params={json.dumps(run['params'])}")
+    _print_retry_chain(ledger, run)
     _print(steps, False, ["step_key", "status", "attempts", "idempotency_key", "output", "error"])
     if compensations:
         print()
@@ -141,6 +160,126 @@ def cmd_show(args: argparse.Namespace) -> int:
         columns = ["step_key", "model", "status", "path", "requests", "input_tokens"]
         _print(llm_calls, False, [*columns, "output_tokens", "latency_ms", "reason"])
     return 0
+
+
+def _retry_chain(ledger: Any, run_id: str) -> dict[str, Any]:
+    from ledgerflow.ledger import lineage
+
+    return {
+        "retries": [r["run_id"] for r in lineage.chain(ledger, run_id)[1:]],
+        "retried_by": [
+            {"run_id": r["run_id"], "retry_of": r["retry_of"], "status": r["status"]}
+            for r in lineage.descendants(ledger, run_id)
+        ],
+    }
+
+
+def _print_retry_chain(ledger: Any, run: dict[str, Any]) -> None:
+    """The attempts of this run, oldest first, both ways: what it retries, what retries it."""
+    from ledgerflow.ledger import lineage
+
+    before = list(reversed(lineage.chain(ledger, run["run_id"])[1:]))
+    after = lineage.descendants(ledger, run["run_id"])
+    if not before and not after:
+        return
+    print("retry chain (oldest first):")
+    for row in before:
+        print(f"  {row['run_id']}  {row['status']}")
+    start = f" (from {run['retry_from']})" if run.get("retry_from") else ""
+    print(f"> {run['run_id']}  {run['status']}{start}   <- this run")
+    for row in after:
+        start = f", from {row['retry_from']}" if row.get("retry_from") else ""
+        print(f"  {row['run_id']}  {row['status']}  (retry of {row['retry_of']}{start})")
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from ledgerflow.errors import LedgerflowError
+    from ledgerflow.retries import RetryRefused, airflow_state, plan_retry, start_retry
+
+    ledger = _ledger(args)
+    folder = Path(args.dags_folder) if args.dags_folder else None
+    try:
+        plan = plan_retry(ledger, args.run_id, args.from_step, folder, airflow_state)
+    except RetryRefused as exc:
+        print(f"cannot retry: {exc}", file=sys.stderr)
+        return 2
+    run = plan.run
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    say(f"run {run['run_id']}: {plan.spec.name} v{plan.spec.version}, {run['status']}")
+    if len(plan.lineage) > 1:
+        say("lineage: " + " <- ".join(f"{r['run_id']} ({r['status']})" for r in plan.lineage))
+    for step_id, source in plan.reused.items():
+        say(f"  reuse  {step_id}  (completed in {source}; no task runs)")
+    for step_id, source in plan.reused_in_task.items():
+        say(f"  reuse  {step_id}  (its task reuses {source})")
+    for step_id in plan.rerun:
+        say(f"  run    {step_id}")
+    try:
+        started = start_retry(ledger, plan, user=args.user, via="cli")
+    except RetryRefused as exc:
+        print(f"cannot retry: {exc}", file=sys.stderr)
+        return 2
+    except LedgerflowError as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
+    say(f"started {started.run_id} (retry of {started.retry_of})")
+    if args.json:
+        print(json.dumps(started.as_dict(), indent=2))
+    if not args.wait:
+        return 0
+    return _wait_for(ledger, started.run_id, args.wait, say)
+
+
+def _wait_for(ledger: Any, run_id: str, timeout: float, say: Any) -> int:
+    import time
+
+    deadline = time.monotonic() + timeout
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        for cp in ledger.checkpoints(run_id):
+            if cp.status in ("completed", "skipped", "failed") and cp.step_key not in seen:
+                seen.add(cp.step_key)
+                say(f"  {cp.status:9}  {cp.step_key}")
+        run = ledger.run(run_id)
+        if run is not None and run["status"] != "running":
+            say(f"{run_id}: {run['status']}")
+            return 0 if run["status"] == "succeeded" else 1
+        time.sleep(1.0)
+    say(f"{run_id}: still running after {timeout:.0f} s")
+    return 1
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from ledgerflow import versions
+
+    folder = (Path(args.dags_folder) if args.dags_folder else _default_dags()) / "workflows"
+    if not folder.is_dir():
+        print(f"no workflows folder at {folder} (use --dags-folder)", file=sys.stderr)
+        return 2
+    if args.name and not (folder / args.name).is_dir():
+        print(f"no workflow {args.name!r} in {folder}", file=sys.stderr)
+        return 2
+    infos = versions.workflow_versions(folder, _ledger(args).unfinished_runs(), args.name)
+    rows = [
+        {
+            "workflow": i.workflow,
+            "version": f"v{i.version}",
+            "dag_id": i.dag_id,
+            "latest": "yes" if i.latest else "no",
+            "unfinished_runs": i.unfinished_runs,
+            "retirable": "yes" if i.retirable else "no",
+            "published": ("yes" if i.intact else "CHANGED") if i.published else "no (sync)",
+        }
+        for i in infos
+    ]
+    _print(rows, args.json, list(rows[0]) if rows else ["workflow"])
+    return 1 if any(i.published and not i.intact for i in infos) else 0
+
+
+def _default_dags() -> Path:
+    from ledgerflow.retries import default_dags_folder
+
+    return default_dags_folder()
 
 
 def cmd_effects(args: argparse.Namespace) -> int:
@@ -196,10 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(
-        "sync", help="write the DAG file (vN.py) beside each workflow file (vN.yaml)"
+        "sync",
+        help="publish: write the DAG file (vN.py) and the hash (vN.lock) beside each vN.yaml",
+        description="Write the two-line DAG file vN.py beside each workflow file vN.yaml and "
+        "record the file's SHA-256 in vN.lock. A published version is immutable: a DAG file "
+        "whose YAML no longer matches its lock fails to import; publish vN+1 instead.",
     )
     p.add_argument("paths", nargs="+", help="workflow files or folders")
     p.add_argument("--force", action="store_true", help="overwrite DAG files with other content")
+    p.add_argument(
+        "--rehash",
+        action="store_true",
+        help="re-record the hash of a changed version file (only for a version that never ran)",
+    )
     p.set_defaults(func=cmd_sync)
 
     def ledger_args(p: argparse.ArgumentParser) -> None:
@@ -243,6 +391,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="where workflows/<name>/v<N>.yaml live (default: $AIRFLOW__CORE__DAGS_FOLDER or ./dags)",
     )
     p.set_defaults(func=cmd_dead_letters)
+
+    p = sub.add_parser(
+        "retry",
+        help="retry a run as a NEW run that reuses every completed step",
+        description="Start a new run of the same workflow version (same DAG) with the "
+        "original params. Every step completed anywhere in the run's lineage (the run, the "
+        "run it retried, ...) is reused with its recorded output: no effect, LLM call or "
+        "approval happens twice. The new run starts at the first step that did not "
+        "complete, or at --from STEP (that step and everything downstream run again). The "
+        "original run stays as it was. Refused for a run that is still running, for an "
+        "unknown run or step, and for a run that succeeded unless --from is given. Needs "
+        "Airflow's metadata database (like `airflow dags trigger`).",
+    )
+    ledger_args(p)
+    p.add_argument("run_id", help="ledger run id (<dag_id>/<airflow run id>)")
+    p.add_argument(
+        "--from",
+        dest="from_step",
+        metavar="STEP",
+        help="re-run this step and everything downstream of it (not reused)",
+    )
+    p.add_argument(
+        "--dags-folder",
+        help="where workflows/<name>/v<N>.yaml live (default: Airflow's [core] dags_folder)",
+    )
+    p.add_argument("--user", help="recorded as the user who asked for the retry")
+    p.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the new run to finish, printing steps as they end",
+    )
+    p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser(
+        "versions",
+        help="workflow versions: latest, unfinished runs, retirable",
+        description="Each version of each workflow (or of NAME): whether it is the latest "
+        "(the one new runs use; older ones have no schedule), its unfinished runs in the "
+        "ledger, whether it can be retired (not latest, no unfinished run), and whether its "
+        "file still matches the hash recorded when it was published.",
+    )
+    ledger_args(p)
+    p.add_argument("name", nargs="?", help="only this workflow")
+    p.add_argument(
+        "--dags-folder",
+        help="where workflows/<name>/v<N>.yaml live (default: Airflow's [core] dags_folder)",
+    )
+    p.set_defaults(func=cmd_versions)
 
     p = sub.add_parser("breakers", help="circuit breakers: state, consecutive failures, open until")
     ledger_args(p)

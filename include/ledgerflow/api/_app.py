@@ -4,7 +4,8 @@ Routes (relative to the mount point):
 
 - ``GET /health``: the one route without authentication.
 - REST: ``GET /api/approvals``, ``GET /api/approvals/{id}``,
-  ``POST /api/approvals/{id}/decision``.
+  ``POST /api/approvals/{id}/decision``; ``POST /api/runs/{run_id}/retry``
+  (``_retry.py``).
 - Pages: ``GET /approvals``, ``GET /approvals/decided``, ``GET /approvals/{id}``,
   ``POST /approvals/{id}/decide`` (form, CSRF token, redirects 303 with a message).
 
@@ -200,6 +201,11 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
         return _view(stored, caller)
 
     app.include_router(api)
+
+    # Retry runs: POST /api/runs/{run_id}/retry (authenticated and authorized per DAG).
+    from ledgerflow.api._retry import retry_router
+
+    app.include_router(retry_router(source))
 
     @app.exception_handler(StarletteHTTPException)
     async def errors(request: Request, exc: StarletteHTTPException) -> Response:

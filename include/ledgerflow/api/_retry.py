@@ -1,0 +1,64 @@
+"""``POST /api/runs/{run_id}/retry``: retry a run as a new run (``ledgerflow.retries``).
+
+Authenticated by Airflow like every route of the app, and authorized like Airflow's own
+trigger endpoint: the caller must be allowed to create runs of the run's DAG (403
+otherwise). The run id is the ledger's (``<dag_id>/<airflow run id>``, slash included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from airflow.api_fastapi.core_api.security import GetUserDep
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from ledgerflow.ledger.store import Ledger
+
+
+class RetryBody(BaseModel):
+    """``{"from": "<step>"}`` re-runs that step and everything downstream; omit to resume."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_step: str | None = Field(default=None, alias="from", min_length=1, max_length=100)
+
+
+def _may_trigger(user: Any, dag_id: str) -> bool:
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import (
+        DagAccessEntity,
+        DagDetails,
+    )
+
+    return bool(
+        get_auth_manager().is_authorized_dag(
+            method="POST",
+            access_entity=DagAccessEntity.RUN,
+            details=DagDetails(id=dag_id),
+            user=user,
+        )
+    )
+
+
+def retry_router(source: Callable[[], Ledger]) -> APIRouter:
+    router = APIRouter(prefix="/api")
+
+    @router.post("/runs/{run_id:path}/retry", status_code=201)
+    def retry_run(run_id: str, user: GetUserDep, body: RetryBody | None = None) -> dict[str, Any]:
+        """Start a new run of the same workflow version that resumes ``run_id``."""
+        from ledgerflow.retries import RetryRefused, airflow_state, plan_retry, start_retry
+
+        ledger = source()
+        from_step = body.from_step if body is not None else None
+        try:
+            plan = plan_retry(ledger, run_id, from_step, state_of=airflow_state)
+            if not _may_trigger(user, plan.dag_id):
+                raise HTTPException(403, f"{user.get_name()} may not trigger runs of {plan.dag_id}")
+            started = start_retry(ledger, plan, user=str(user.get_name()), via="rest_api")
+        except RetryRefused as exc:
+            raise HTTPException(exc.http_status, str(exc)) from None
+        return started.as_dict()
+
+    return router
