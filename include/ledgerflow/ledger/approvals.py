@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select, text, update
 
+from ledgerflow import observability
 from ledgerflow.errors import LedgerflowError
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger.store import Ledger, dumps, loads, now
@@ -363,6 +364,7 @@ def decide(
                 text("SELECT pg_notify(:channel, :id)"),
                 {"channel": CHANNEL, "id": str(approval_id)},
             )
+    observability.approval_waited(current.workflow, stamp - current.created_at, decision)
     return get(ledger, approval_id)
 
 

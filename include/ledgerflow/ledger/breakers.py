@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, or_, select, update
 
+from ledgerflow import observability
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger.store import Ledger, now
 from ledgerflow.spec.models import BreakerSpec
@@ -96,6 +97,7 @@ def record(ledger: Ledger, name: str, spec: BreakerSpec, *, success: bool, trial
             ledger.record_event(
                 f"breaker:{name}", None, "breaker_opened", {"failures": failures[0]}, conn=conn
             )
+            observability.breaker_opened(name)
 
 
 def states(ledger: Ledger) -> list[dict[str, object]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
 
+from ledgerflow import observability
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger.store import Ledger, dumps, loads, now
 
@@ -88,6 +89,8 @@ def record(
             assert stored is not None
             ledger._event(conn, run_id, step_key, "llm_call_raced", {"key": key})
             return stored, False
+    if path == "fallback":
+        observability.llm_fallback(run_id, step_key)
     return _call({**values, "responses": values["responses"]}), True
 
 

@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from ledgerflow import observability
 from ledgerflow.errors import LedgerError
 from ledgerflow.ledger import schema as t
 
@@ -312,6 +313,7 @@ class Ledger:
                 if retry_of:
                     started.update(retry_of=retry_of, retry_from=retry_from)
                 self._event(conn, run_id, None, "run_started", started)
+                observability.run_started(workflow, version, trigger_kind)
         return created
 
     def finish_run(self, run_id: str, status: str) -> None:
@@ -322,6 +324,7 @@ class Ledger:
                 .values(status=status, updated_at=now())
             )
             self._event(conn, run_id, None, f"run_{status}", None)
+        observability.run_finished(run_id, status)
 
     def run(self, run_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -390,6 +393,7 @@ class Ledger:
                 .values(saga=outcome, updated_at=now())
             )
             self._event(conn, run_id, None, f"saga_{outcome}", None)
+        observability.run_finished(run_id, outcome)
         return outcome
 
     def record_compensation(
@@ -526,6 +530,7 @@ class Ledger:
                     "started_at": stamp,
                 },
             ).scalar_one()
+        observability.attempt_started(run_id, step_key, try_number, int(attempt_id))
         return int(attempt_id)
 
     def complete_step(
@@ -546,6 +551,7 @@ class Ledger:
         )
         conn.execute(_COMPLETE_ATTEMPT, {"b_id": attempt_id, "stamp": stamp})
         self._event(conn, run_id, step_key, "step_completed", {"reused_effect": reused})
+        observability.attempt_ended(attempt_id)
 
     def mark_step(
         self,
@@ -606,6 +612,7 @@ class Ledger:
                 "step_failed" if final else "attempt_failed",
                 {"error_type": _error_type(error), "error": message[:500]},
             )
+        observability.attempt_ended(attempt_id, error)
 
     def attempts(self, run_id: str, step_key: str | None = None) -> list[dict[str, Any]]:
         query = select(t.attempts).where(t.attempts.c.run_id == run_id).order_by(t.attempts.c.id)
@@ -728,6 +735,7 @@ class Ledger:
                 .on_conflict_do_nothing()
             )
             self._event(conn, run_id, step_key, "dead_lettered", {"attempts": attempts})
+        observability.dead_lettered(workflow, step_key)
 
     def dead_letters(self, status: str | None = "open") -> list[dict[str, Any]]:
         query = select(t.dead_letters).order_by(t.dead_letters.c.id)
