@@ -1,8 +1,9 @@
-"""The Ledgerflow Airflow plugin: mounts the approvals app at /ledgerflow and adds a menu entry.
+"""The Ledgerflow Airflow plugin: mounts the app at /ledgerflow and adds its views.
 
 Airflow loads this file from ``[core] plugins_folder``. The app itself lives in the
 installed package (``ledgerflow.api``); every route but ``/health`` authenticates through
-Airflow's auth manager.
+Airflow's auth manager. Views: Browse -> Approvals, Browse -> Runs, and a "Ledgerflow" tab
+on each DAG run's page in Airflow's UI (the run page of that run).
 """
 
 from __future__ import annotations
@@ -22,5 +23,19 @@ class LedgerflowPlugin(AirflowPlugin):
             "destination": "nav",
             "category": "browse",
             "url_route": "ledgerflow-approvals",
-        }
+        },
+        {
+            "name": "Runs",
+            "href": "/ledgerflow/runs",
+            "destination": "nav",
+            "category": "browse",
+            "url_route": "ledgerflow-runs",
+        },
+        # A tab on Airflow's own run page: the UI fills in {DAG_ID} and {RUN_ID}.
+        {
+            "name": "Ledgerflow",
+            "href": "/ledgerflow/runs/{DAG_ID}/{RUN_ID}",
+            "destination": "dag_run",
+            "url_route": "ledgerflow-run",
+        },
     ]

@@ -118,11 +118,59 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    rows = _ledger(args).runs(args.workflow, args.limit)
-    _print(
-        rows, args.json, ["run_id", "workflow", "version", "status", "trigger_kind", "created_at"]
+    from ledgerflow.ledger import runview
+
+    try:
+        since = runview.parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"--since: {exc}", file=sys.stderr)
+        return 2
+    rows = runview.list_runs(
+        _ledger(args),
+        workflow=args.workflow,
+        version=args.version,
+        status=args.status,
+        since=since,
+        limit=args.limit,
     )
+    columns = ["run_id", "workflow", "version", "status", "saga", "trigger_kind", "retry_of"]
+    _print(rows, args.json, [*columns, "created_at", "duration_s"])
     return 0
+
+
+def _print_view(view: dict[str, Any]) -> None:
+    """The run view (``ledger.runview``) as text: steps with their attempts, effects,
+    approvals, LLM calls, quality results, compensations, dead letters. Secrets masked."""
+    print(f"grid: {view['links']['grid']}")
+    for s in view["steps"]:
+        took = f" {s['duration_s']}s" if s["duration_s"] is not None else ""
+        reused = f" (reused from {s['reused_from']})" if s["reused_from"] else ""
+        print(f"\nstep {s['step_key']}: {s['status']}{took}{reused}  key={s['idempotency_key']}")
+        for a in s["attempts"]:
+            err = f"  {a['error_type']}: {a['error']}" if a["error"] else ""
+            took = f" {a['duration_s']}s" if a["duration_s"] is not None else ""
+            print(f"  try {a['try_number']}: {a['status']}{took}{err}")
+        print(f"  input:  {json.dumps(s['args'], default=str)[:300]}")
+        print(f"  output: {json.dumps(s['output'], default=str)[:300]}")
+        for e in s["effects"]:
+            print(f"  effect {e['tool']} {e['status']} under {e['idempotency_key']}")
+    for a in view["approvals"]:
+        who = f" by {a['decided_by']}" if a["decided_by"] else ""
+        print(f"\napproval {a['id']} ({a['step_key']}): {a['status']}{who}  {a['subject']}")
+        for e in a["audit"]:
+            print(f"  {e['at']}  {e['kind']}")
+    sections = [
+        ("llm_calls", ["step_key", "model", "status", "path", "requests", "input_tokens"]),
+        ("quality_results", ["step_key", "try_number", "dataset", "outcome", "failed_count"]),
+        ("compensations", ["step_key", "status", "tool", "detail"]),
+        ("dead_letters", ["id", "step_key", "attempts", "error_type", "error", "status"]),
+    ]
+    for name, columns in sections:
+        if view[name]:
+            print(f"\n{name.replace('_', ' ')}:")
+            _print(view[name], False, columns)
+    if view["saga"]["outcome"]:
+        print(f"\nsaga: {view['saga']['outcome']} (failed at {view['saga']['failed_step']})")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -131,34 +179,21 @@ def cmd_show(args: argparse.Namespace) -> int:
     if run is None:
         print(f"no run {args.run_id!r} in the ledger", file=sys.stderr)
         return 1
-    steps = [c.__dict__ for c in ledger.checkpoints(args.run_id)]
-    compensations = list(ledger.compensations(args.run_id).values())
-    from ledgerflow.ledger import llm
+    from ledgerflow.ledger import runview
 
-    llm_calls = [c.__dict__ for c in llm.calls(ledger, args.run_id)]
+    view = runview.run_document(ledger, args.run_id) or {}
     if args.json:
         document = {
-            "run": run,
-            "steps": steps,
-            "compensations": compensations,
-            "llm_calls": llm_calls,
-            "events": ledger.events(args.run_id),
+            **view,
             "retry_chain": _retry_chain(ledger, args.run_id),
         }
         print(json.dumps(document, default=str, indent=2))
         return 0
     saga = f"  saga={run['saga']} (failed at {run['failed_step']})" if run.get("saga") else ""
     print(f"{run['run_id']}  {run['workflow']} v{run['version']}  {run['status']}{saga}")
-    print(f"params={json.dumps(run['params'])}")
+    print(f"params={json.dumps(view['run']['params'])}")
     _print_retry_chain(ledger, run)
-    _print(steps, False, ["step_key", "status", "attempts", "idempotency_key", "output", "error"])
-    if compensations:
-        print()
-        _print(compensations, False, ["step_key", "status", "tool", "detail"])
-    if llm_calls:
-        print()
-        columns = ["step_key", "model", "status", "path", "requests", "input_tokens"]
-        _print(llm_calls, False, [*columns, "output_tokens", "latency_ms", "reason"])
+    _print_view(view)
     return 0
 
 
@@ -361,13 +396,23 @@ def build_parser() -> argparse.ArgumentParser:
     ledger_args(p)
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("runs", help="list runs recorded in the ledger")
+    p = sub.add_parser("runs", help="list runs recorded in the ledger (newest first)")
     ledger_args(p)
     p.add_argument("--workflow", help="only this workflow")
+    p.add_argument("--version", type=int, help="only this version of the workflow")
+    p.add_argument(
+        "--status",
+        choices=["running", "succeeded", "failed", "compensated", "compensation_failed"],
+        help="the run's status, or its saga's outcome (compensated, compensation_failed)",
+    )
+    p.add_argument("--since", help="started since: 30m, 2h, 7d, or an ISO date/time (UTC)")
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("show", help="one run: its steps, attempts and outputs")
+    p = sub.add_parser(
+        "show",
+        help="one run: steps with attempts, inputs/outputs, effects, approvals, compensations",
+    )
     ledger_args(p)
     p.add_argument("run_id", help="ledger run id (<dag_id>/<airflow run id>)")
     p.set_defaults(func=cmd_show)

@@ -2,7 +2,9 @@
 
 Routes (relative to the mount point):
 
-- ``GET /health``: the one route without authentication.
+- ``GET /health``: liveness, without authentication; ``POST /hooks/{name}``: a signed
+  webhook, authenticated by the workflow's secret instead of a login (``_triggers.py``).
+- ``POST /api/workflows/{name}/runs``: start a run (``_triggers.py``).
 - REST: ``GET /api/approvals``, ``GET /api/approvals/{id}``,
   ``POST /api/approvals/{id}/decision``; ``POST /api/runs/{run_id}/retry``
   (``_retry.py``).
@@ -200,12 +202,22 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
         stored = _decide(source(), approval_id, caller, body.decision, body.comment, body.seen_hash)
         return _view(stored, caller)
 
+    # Starting runs: POST /api/workflows/{name}/runs and the signed POST /hooks/{name}.
+    from ledgerflow.api._triggers import triggers_router
+
+    app.include_router(triggers_router(source))
+
     app.include_router(api)
 
     # Retry runs: POST /api/runs/{run_id}/retry (authenticated and authorized per DAG).
     from ledgerflow.api._retry import retry_router
 
     app.include_router(retry_router(source))
+
+    # Runs: the run page, the runs list and their JSON API (``_runs.py``); only reads.
+    from ledgerflow.api._runs import runs_router
+
+    app.include_router(runs_router(source))
 
     @app.exception_handler(StarletteHTTPException)
     async def errors(request: Request, exc: StarletteHTTPException) -> Response:

@@ -85,6 +85,7 @@ _LAYOUT = """<!doctype html>
 <header><span>Ledgerflow</span>
 <a href="{{ root }}/approvals">Pending approvals</a>
 <a href="{{ root }}/approvals/decided">Decided</a>
+<a href="{{ root }}/runs">Runs</a>
 <span class="who">signed in as <b>{{ caller.name }}</b>
 {%- if caller.roles %} ({{ caller.roles | sort | join(', ') }}){% endif %}</span></header>
 <main>

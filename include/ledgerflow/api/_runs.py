@@ -1,0 +1,374 @@
+"""Runs: the run page, the runs list and their JSON API (``ledger.runview`` renders the data).
+
+- ``GET /api/runs`` (filters ``workflow``, ``version``, ``status``, ``since``, ``until``,
+  ``limit``) and ``GET /api/runs/{run_id}``: JSON.
+- ``GET /runs`` and ``GET /runs/{run_id}``: the same as pages.
+
+The run id is the ledger's, ``<dag_id>/<airflow run id>`` (slash, ``:`` and ``+``
+included). Every route is authenticated by Airflow and shows only runs of DAGs the caller
+may read (Airflow's own rule for its run pages); other runs are 404, as if absent.
+Nothing here writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import jinja2
+from airflow.api_fastapi.core_api.security import GetUserDep
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
+from markupsafe import Markup
+
+from ledgerflow.api import _render
+from ledgerflow.api._auth import Caller, roles_of
+from ledgerflow.ledger import runview
+from ledgerflow.ledger.store import Ledger
+
+_LIST = """{% extends "layout" %}{% block content %}
+<h1>Runs</h1>
+<form class="filters" method="get" action="{{ root }}/runs">
+<div><label for="workflow">Workflow</label>
+<select id="workflow" name="workflow"><option value="">all</option>
+{% for w in workflows %}<option value="{{ w }}"{% if w == f.workflow %} selected{% endif %}>{{ w }}</option>{% endfor %}
+</select></div>
+<div><label for="version">Version</label>
+<input id="version" name="version" size="4" value="{{ f.version or '' }}" inputmode="numeric"></div>
+<div><label for="status">Status</label>
+<select id="status" name="status"><option value="">all</option>
+{% for s in statuses %}<option value="{{ s }}"{% if s == f.status %} selected{% endif %}>{{ s }}</option>{% endfor %}
+</select></div>
+<div><label for="since">Since</label>
+<input id="since" name="since" size="16" value="{{ f.since or '' }}" placeholder="2h, 7d or 2026-01-31"></div>
+<div><label for="until">Until</label>
+<input id="until" name="until" size="16" value="{{ f.until or '' }}"></div>
+<button type="submit">Filter</button></form>
+{% if runs %}
+<table id="runs"><thead><tr><th>Run</th><th>Workflow</th><th>Status</th><th>Saga</th>
+<th>Trigger</th><th>Retry of</th><th>Retries</th><th>Started</th><th>Duration</th></tr></thead><tbody>
+{% for r in runs %}<tr>
+<td><a href="{{ root }}/runs/{{ r.run_id | urlencode }}">{{ r.airflow_run_id }}</a></td>
+<td>{{ r.workflow }} v{{ r.version }}</td>
+<td class="status-{{ r.status }}">{{ r.status }}</td><td>{{ r.saga or '' }}</td>
+<td>{{ r.trigger_kind }}</td>
+<td>{% if r.retry_of %}<a href="{{ root }}/runs/{{ r.retry_of | urlencode }}">{{ short(r.retry_of) }}</a>{% endif %}</td>
+<td>{{ r.retries or '' }}</td><td>{{ r.created_at | at }}</td><td>{{ r.duration_s | secs }}</td></tr>
+{% endfor %}</tbody></table>
+{% else %}<p class="muted">No runs{% if filtered %} for this filter{% endif %}.</p>{% endif %}
+{% endblock %}"""
+
+_RUN = """{% extends "layout" %}{% block content %}
+{% set r = d.run %}
+<h1>{{ r.workflow }} v{{ r.version }} <span class="status-{{ r.status }}" id="run-status">{{ r.status }}</span>
+{% if r.saga %}<span class="badge" id="saga">saga {{ r.saga }}</span>{% endif %}</h1>
+<table class="kv">
+<tr><th>Run</th><td><code id="run-id">{{ r.run_id }}</code></td></tr>
+<tr><th>Airflow</th><td><a target="_top" href="{{ d.links.grid }}" id="grid-link">grid of this run</a></td></tr>
+<tr><th>Trigger</th><td>{{ r.trigger_kind }}</td></tr>
+<tr><th>Started</th><td>{{ r.created_at | at }}</td></tr>
+<tr><th>Updated</th><td>{{ r.updated_at | at }} {% if r.duration_s is not none %}({{ r.duration_s | secs }}){% endif %}</td></tr>
+{% if r.failed_step %}<tr><th>Failed at</th><td>{{ r.failed_step }}</td></tr>{% endif %}
+<tr><th>Params</th><td><pre class="small">{{ js(r.params) }}</pre></td></tr>
+</table>
+
+<h2>Retry chain</h2>
+<ol class="chain" id="retry-chain">
+{% for x in d.retry_chain.retries | reverse %}<li><a href="{{ root }}/runs/{{ x.run_id | urlencode }}">{{ x.run_id }}</a> <span class="status-{{ x.status }}">{{ x.status }}</span>{% if x.saga %} · saga {{ x.saga }}{% endif %}</li>
+{% endfor %}<li class="this"><b>{{ r.run_id }}</b> <span class="status-{{ r.status }}">{{ r.status }}</span> (this run{% if r.retry_from %}, from {{ r.retry_from }}{% endif %})</li>
+{% for x in d.retry_chain.retried_by %}<li><a href="{{ root }}/runs/{{ x.run_id | urlencode }}">{{ x.run_id }}</a> <span class="status-{{ x.status }}">{{ x.status }}</span> (retry of {{ short(x.retry_of) }}{% if x.retry_from %}, from {{ x.retry_from }}{% endif %})</li>
+{% endfor %}</ol>
+{% if not d.retry_chain.retries and not d.retry_chain.retried_by %}<p class="muted">Not a retry, and not retried.</p>{% endif %}
+
+<h2>Steps</h2>
+<table id="steps"><thead><tr><th>Step</th><th>Status</th><th>Tries</th><th>Idempotency key</th>
+<th>Started</th><th>Took</th><th>Logs</th></tr></thead><tbody>
+{% for s in d.steps %}<tr id="step-{{ s.step_key }}">
+<td><b>{{ s.step_key }}</b></td><td class="status-{{ s.status }}">{{ s.status }}{% if s.reused_from %}<br><span class="muted">reused from {{ short(s.reused_from) }}</span>{% endif %}</td>
+<td>{{ s.attempt_count }}</td><td><code class="hash">{{ s.idempotency_key or '' }}</code></td>
+<td>{{ s.started_at | at }}</td><td>{{ s.duration_s | secs }}</td>
+<td><a target="_top" href="{{ s.task_log }}">task log</a></td></tr>
+<tr class="detail"><td colspan="7">
+{% if s.attempts %}<table class="inner"><thead><tr><th>Try</th><th>Status</th><th>Error</th><th>Started</th><th>Took</th><th>Host</th></tr></thead><tbody>
+{% for a in s.attempts %}<tr><td>{{ a.try_number }}</td><td class="status-{{ a.status }}">{{ a.status }}</td>
+<td>{% if a.error %}<code>{{ a.error_type }}</code>: {{ a.error }}{% endif %}</td>
+<td>{{ a.started_at | at }}</td><td>{{ a.duration_s | secs }}</td><td class="muted">{{ a.hostname or '' }} {{ a.pid or '' }}</td></tr>
+{% endfor %}</tbody></table>{% endif %}
+<div class="io"><div><label>Input</label><pre class="small">{{ js(s.args) }}</pre>{% if s.args_truncated %}<span class="muted">(first {{ cap }} of {{ s.args_bytes }} bytes)</span>{% endif %}</div>
+<div><label>Output</label><pre class="small">{{ js(s.output) }}</pre>{% if s.output_truncated %}<span class="muted">(first {{ cap }} of {{ s.output_bytes }} bytes)</span>{% endif %}</div></div>
+{% for e in s.effects %}<p class="muted">effect <code>{{ e.tool }}</code> {{ e.status }} under <code class="hash">{{ e.idempotency_key }}</code> at {{ e.created_at | at }}</p>{% endfor %}
+{% if s.error %}<p class="status-failed">{{ s.error }}</p>{% endif %}
+</td></tr>
+{% else %}<tr><td colspan="7" class="muted">No step has run.</td></tr>{% endfor %}
+</tbody></table>
+
+{% if d.approvals %}<h2>Approvals</h2>
+{% for a in d.approvals %}<div class="card" id="approval-{{ a.id }}">
+<p><b><a href="{{ root }}/approvals/{{ a.id }}">{{ a.subject }}</a></b> ({{ a.step_key }}) <span class="status-{{ a.status }}">{{ a.status }}</span>
+{% if a.decided_by %} by {{ a.decided_by }} at {{ a.decided_at | at }}{% endif %}{% if a.waited_s is not none %}, after {{ a.waited_s | secs }}{% endif %}</p>
+{% if a.comment %}<p>Comment: {{ a.comment }}</p>{% endif %}
+<table class="inner"><thead><tr><th>Audit</th><th>At</th><th>Data</th></tr></thead><tbody>
+{% for e in a.audit %}<tr><td>{{ e.kind }}</td><td>{{ e.at | at }}</td><td><pre class="small">{{ js(e.data) }}</pre></td></tr>{% endfor %}
+</tbody></table></div>{% endfor %}{% endif %}
+
+{% if d.llm_calls %}<h2>LLM calls</h2>
+<table><thead><tr><th>Step</th><th>Model</th><th>Status</th><th>Path</th><th>Requests</th><th>Tokens in/out</th><th>Latency</th><th>Reason</th></tr></thead><tbody>
+{% for c in d.llm_calls %}<tr><td>{{ c.step_key }}</td><td>{{ c.model or '' }}</td><td>{{ c.status }}</td><td>{{ c.path }}</td>
+<td>{{ c.requests }}</td><td>{{ c.input_tokens }}/{{ c.output_tokens }}</td><td>{{ c.latency_ms }} ms</td><td>{{ c.reason or '' }}</td></tr>{% endfor %}
+</tbody></table>{% endif %}
+
+{% if d.quality_results %}<h2>Quality results</h2>
+<table><thead><tr><th>Step</th><th>Try</th><th>Dataset</th><th>Outcome</th><th>Rows</th><th>Failed expectations</th></tr></thead><tbody>
+{% for q in d.quality_results %}<tr><td>{{ q.step_key }}</td><td>{{ q.try_number }}</td><td>{{ q.dataset }}</td>
+<td class="status-{{ q.outcome }}">{{ q.outcome }}</td><td>{{ q.row_count if q.row_count is not none else '' }}</td><td>{{ q.failed_count }} of {{ q.evaluated }}</td></tr>{% endfor %}
+</tbody></table>{% endif %}
+
+<h2>Compensations</h2>
+{% if d.compensations %}<table id="compensations"><thead><tr><th>Step</th><th>Status</th><th>Tool</th><th>Detail</th><th>At</th></tr></thead><tbody>
+{% for c in d.compensations %}<tr><td>{{ c.step_key }}</td><td class="status-{{ c.status }}">{{ c.status }}</td><td>{{ c.tool or '' }}</td><td>{{ c.detail or '' }}</td><td>{{ c.updated_at | at }}</td></tr>{% endfor %}
+</tbody></table>{% endif %}
+<p id="saga-outcome">Saga: <b>{{ d.saga.outcome or 'none (nothing to undo)' }}</b>{% if d.saga.failed_step %} after {{ d.saga.failed_step }} failed{% endif %}</p>
+
+{% if d.dead_letters %}<h2>Dead letters</h2>
+<table id="dead-letters"><thead><tr><th>#</th><th>Step</th><th>Attempts</th><th>Error</th><th>Status</th></tr></thead><tbody>
+{% for x in d.dead_letters %}<tr><td>{{ x.id }}</td><td>{{ x.step_key }}</td><td>{{ x.attempts }}</td><td><code>{{ x.error_type }}</code>: {{ x.error }}</td><td>{{ x.status }}</td></tr>{% endfor %}
+</tbody></table>{% endif %}
+
+<details><summary>Event log ({{ d.events | length }})</summary>
+<table class="inner"><tbody>{% for e in d.events %}<tr><td>{{ e.at | at }}</td><td>{{ e.step_key or '' }}</td><td>{{ e.kind }}</td><td>{% if e.data is not none %}<code>{{ js1(e.data) }}</code>{% endif %}</td></tr>{% endfor %}</tbody></table>
+</details>
+{% endblock %}"""
+
+_NOT_FOUND = """{% extends "layout" %}{% block content %}
+<h1>No such run</h1><p>{{ detail }}</p><p><a href="{{ root }}/runs">All runs</a></p>
+{% endblock %}"""
+
+_CSS = """
+.kv th{width:9rem}
+pre.small{font-size:.78rem;padding:.4rem .6rem;margin:.2rem 0;max-height:16rem}
+.badge{font-size:.9rem;background:#fbe9e7;border:1px solid #e0a39a;border-radius:4px;padding:.1rem .4rem}
+tr.detail>td{background:#fafcfd;padding-left:1.4rem}
+table.inner{margin:.3rem 0}
+table.inner th,table.inner td{font-size:.82rem;padding:.25rem .45rem}
+.io{display:grid;grid-template-columns:1fr 1fr;gap:.8rem}
+.card{background:#fff;border:1px solid #e1e7ec;padding:.4rem .8rem;margin:.6rem 0}
+ol.chain li{margin:.2rem 0} ol.chain li.this{list-style:'▶ '}
+.status-succeeded,.status-completed,.status-compensated,.status-passed{color:#1f7a3d;font-weight:600}
+.status-failed,.status-compensation_failed,.status-lost{color:#b3261e;font-weight:600}
+.status-running,.status-retrying{color:#8a5a00;font-weight:600}
+.status-skipped,.status-not_needed,.status-not_compensable,.status-reused{color:#52606d}
+"""
+
+
+def _at(value: str | None) -> str:
+    return "" if not value else value[:19].replace("T", " ") + " UTC"
+
+
+def _secs(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.2f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def _js(value: Any) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value, indent=2, default=str)
+
+
+def _js1(value: Any) -> str:
+    import json
+
+    return _render_short(json.dumps(value, default=str, sort_keys=True))
+
+
+def _render_short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _short(run_id: str | None) -> str:
+    return "" if not run_id else run_id.split("/", 1)[-1]
+
+
+@cache
+def _env() -> jinja2.Environment:
+    base = _render._env()
+    env = base.overlay(
+        loader=jinja2.ChoiceLoader(
+            [
+                jinja2.DictLoader({"runs": _LIST, "run": _RUN, "run_missing": _NOT_FOUND}),
+                base.loader,  # type: ignore[list-item]
+            ]
+        )
+    )
+    env.filters.update(at=_at, secs=_secs)
+    env.globals.update(
+        js=_js,
+        js1=_js1,
+        short=_short,
+        cap=runview.VALUE_CAP,
+        css=Markup(base.globals["css"]) + Markup(_CSS),  # constants of these modules
+    )
+    return env
+
+
+def _page(name: str, **context: Any) -> str:
+    context.setdefault("message", None)
+    return _env().get_template(name).render(**context)
+
+
+def _caller(user: Any) -> Caller:
+    return Caller(name=str(user.get_name()), roles=roles_of(user))
+
+
+def _readable_dags(user: Any) -> set[str] | None:
+    """The DAG ids whose runs the user may read (None: could not ask; then per run)."""
+    try:
+        from airflow.api_fastapi.app import get_auth_manager
+
+        return set(get_auth_manager().get_authorized_dag_ids(user=user, method="GET"))
+    except Exception:
+        return None
+
+
+def _may_read(user: Any, dag_id: str) -> bool:
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import (
+        DagAccessEntity,
+        DagDetails,
+    )
+
+    return bool(
+        get_auth_manager().is_authorized_dag(
+            method="GET",
+            access_entity=DagAccessEntity.RUN,
+            details=DagDetails(id=dag_id),
+            user=user,
+        )
+    )
+
+
+def _filters(
+    version: str | None, status: str | None, since: str | None, until: str | None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if version:
+        if not version.strip().lstrip("v").isdigit():
+            raise HTTPException(422, f"version must be a number, got {version!r}")
+        out["version"] = int(version.strip().lstrip("v"))
+    if status:
+        if status not in runview.RUN_STATUSES:
+            raise HTTPException(422, f"status must be one of {', '.join(runview.RUN_STATUSES)}")
+        out["status"] = status
+    try:
+        out["since"] = runview.parse_since(since) if since else None
+        out["until"] = runview.parse_since(until) if until else None
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return out
+
+
+def runs_router(source: Callable[[], Ledger]) -> APIRouter:
+    router = APIRouter()
+
+    def listing(
+        user: Any,
+        workflow: str | None,
+        version: str | None,
+        status: str | None,
+        since: str | None,
+        until: str | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        rows = runview.list_runs(
+            source(),
+            workflow=workflow or None,
+            limit=limit,
+            **_filters(version, status, since, until),
+        )
+        allowed = _readable_dags(user)
+        if allowed is None:
+            return [r for r in rows if _may_read(user, r["dag_id"])]
+        return [r for r in rows if r["dag_id"] in allowed]
+
+    def document(user: Any, run_id: str) -> dict[str, Any]:
+        doc = runview.run_document(source(), run_id)
+        if doc is None or not _may_read(user, doc["run"]["dag_id"]):
+            raise HTTPException(404, f"no run {run_id!r} in the ledger")
+        return doc
+
+    @router.get("/api/runs")
+    def api_runs(
+        user: GetUserDep,
+        workflow: str | None = None,
+        version: str | None = None,
+        status: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = Query(50, ge=1, le=1000),
+    ) -> dict[str, Any]:
+        rows = listing(user, workflow, version, status, since, until, limit)
+        return {"runs": rows, "total": len(rows)}
+
+    @router.get("/api/runs/{run_id:path}")
+    def api_run(run_id: str, user: GetUserDep) -> dict[str, Any]:
+        return document(user, run_id)
+
+    @router.get("/runs", response_class=HTMLResponse)
+    def runs_page(
+        request: Request,
+        user: GetUserDep,
+        workflow: str | None = None,
+        version: str | None = None,
+        status: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> str:
+        rows = listing(user, workflow, version, status, since, until, limit)
+        return _page(
+            "runs",
+            title="Runs",
+            root=_root(request),
+            caller=_caller(user),
+            runs=rows,
+            workflows=sorted({w for w, _v in runview.workflows(source())}),
+            statuses=runview.RUN_STATUSES,
+            f={
+                "workflow": workflow,
+                "version": version,
+                "status": status,
+                "since": since,
+                "until": until,
+            },
+            filtered=any((workflow, version, status, since, until)),
+        )
+
+    @router.get("/runs/{run_id:path}", response_class=HTMLResponse)
+    def run_page(run_id: str, request: Request, user: GetUserDep) -> HTMLResponse:
+        try:
+            doc = document(user, run_id)
+        except HTTPException as exc:
+            html = _page(
+                "run_missing",
+                title="No such run",
+                root=_root(request),
+                caller=_caller(user),
+                detail=str(exc.detail),
+            )
+            return HTMLResponse(html, status_code=exc.status_code)
+        html = _page(
+            "run",
+            title=f"{doc['run']['workflow']} {doc['run']['airflow_run_id']}",
+            root=_root(request),
+            caller=_caller(user),
+            d=doc,
+        )
+        return HTMLResponse(html)
+
+    return router
+
+
+def _root(request: Request) -> str:
+    return str(request.scope.get("root_path", "")).rstrip("/")
