@@ -150,8 +150,10 @@ def _print_view(view: dict[str, Any]) -> None:
             err = f"  {a['error_type']}: {a['error']}" if a["error"] else ""
             took = f" {a['duration_s']}s" if a["duration_s"] is not None else ""
             print(f"  try {a['try_number']}: {a['status']}{took}{err}")
-        print(f"  input:  {json.dumps(s['args'], default=str)[:300]}")
-        print(f"  output: {json.dumps(s['output'], default=str)[:300]}")
+        for label, name in (("input: ", "args"), ("output:", "output")):
+            value = s[name] if s[f"{name}_truncated"] else json.dumps(s[name], default=str)
+            more = f" ({s[f'{name}_bytes']} bytes)" if len(value) > 300 else ""
+            print(f"  {label} {value[:300]}{more}")
         for e in s["effects"]:
             print(f"  effect {e['tool']} {e['status']} under {e['idempotency_key']}")
     for a in view["approvals"]:
