@@ -11,6 +11,9 @@ paragraph of the prompt, matches keywords, and answers JSON that fits the reques
 schema. It runs offline, costs nothing and answers the same way every time, which is
 what the demo (no network) and examples need. Change the connection, not the workflow,
 to use a real model.
+
+This module loads common.ai's hook and so pydantic-ai: import it only where a step runs
+(never from a DAG file or the spec code).
 """
 
 from __future__ import annotations
