@@ -277,3 +277,22 @@ def test_check_function_message_and_error_count_as_failures(tmp_path: Path) -> N
     assert len(failed) == 2
     assert "summary too long (250 characters)" in failed[0]
     assert failed[1].startswith("output.missing.deeper > 1 (")
+
+
+def test_parsing_the_triage_dag_does_not_load_pydantic_ai() -> None:
+    """DAG-file parse time: building a workflow with an llm step imports neither
+    pydantic-ai nor the OpenAI SDK (they load only when the step runs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from ledgerflow.factory import dag_for_spec_file\n"
+        f"dag = dag_for_spec_file({str(TRIAGE.with_suffix('.py'))!r})\n"
+        "assert dag.task_ids == ['classify', 'route', 'classify_rules', 'close'], dag.task_ids\n"
+        "print(sorted(m for m in ('pydantic_ai', 'openai', 'httpx2') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]"
