@@ -120,9 +120,14 @@ def register_run(
     params: dict[str, Any],
     conn: Connection | None = None,
 ) -> bool:
-    """Record the run in the ledger once (whichever task gets there first)."""
-    from ledgerflow.factory import spec_hash
+    """Record the run in the ledger once (whichever task gets there first).
 
+    Raises InvalidParams (non-retryable, naming each field) when the params do not fit
+    the workflow's params schema, whichever way the run was triggered."""
+    from ledgerflow.factory import spec_hash
+    from ledgerflow.spec.params import check_params
+
+    check_params(spec.name, spec.version, spec.params, params, engine_keys=True)
     return ledger.ensure_run(
         run_id=run.run_id,
         dag_id=run.dag_id,

@@ -19,6 +19,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from ledgerflow.spec.models import KeyedIdempotency, ToolStep, WorkflowSpec
+from ledgerflow.spec.params import InvalidParams
 
 FAILED_STATES = frozenset({"failed", "upstream_failed"})
 
@@ -68,8 +69,33 @@ def step_failed(context: Any) -> None:
     ledger = Ledger.from_airflow()
     ledger.migrate()
     ti = context["ti"]
+    if isinstance(context.get("exception"), InvalidParams):
+        _record_rejected_params(ledger, run, context, context["exception"])
     ledger.record_event(run.run_id, ti.task_id, "step_failed_final", {"try_number": ti.try_number})
     ledger.start_saga(run.run_id, ti.task_id)
+
+
+def _record_rejected_params(ledger: Any, run: Any, context: Any, error: InvalidParams) -> None:
+    """A run whose params do not fit its workflow (Airflow's own trigger lets undeclared
+    keys through): registered with the params it got, and the problems, field by field."""
+    with ledger.begin() as conn:
+        ledger.ensure_run(
+            run_id=run.run_id,
+            dag_id=run.dag_id,
+            workflow=error.workflow,
+            version=error.version,
+            params=dict(context.get("params") or {}),
+            trigger_kind=run.trigger_kind,
+            retry_of=run.retry_of,
+            conn=conn,
+        )
+        ledger.record_event(
+            run.run_id,
+            context["ti"].task_id,
+            "params_rejected",
+            {"error": str(error), "problems": [p.as_dict() for p in error.problems]},
+            conn=conn,
+        )
 
 
 class CompensationOperator(BaseOperator):
