@@ -120,6 +120,8 @@ def build_dag(
         from airflow.timetables.trigger import CronTriggerTimetable
 
         schedule = CronTriggerTimetable(spec.schedule, timezone=tz)
+    if spec.triggers.assets and not superseded:
+        schedule = _asset_schedule(spec, tz)
     _SPECS[spec.dag_id] = spec
     if yaml_path is not None:
         _SPEC_FILES[spec.dag_id] = yaml_path
@@ -178,6 +180,18 @@ def build_dag(
                 tail >> head
         _add_compensations(spec, tasks)
     return dag
+
+
+def _asset_schedule(spec: WorkflowSpec, tz: Any) -> Any:
+    """An event on any of ``triggers.assets`` starts a run; so does the cron schedule."""
+    from airflow.sdk import Asset, AssetAny, AssetOrTimeSchedule, CronTriggerTimetable
+
+    assets = AssetAny(*(Asset(uri) for uri in spec.triggers.assets))
+    if spec.schedule is None:
+        return assets
+    return AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(spec.schedule, timezone=tz), assets=assets
+    )
 
 
 def _kind_builder(kind: str) -> Any:

@@ -364,6 +364,33 @@ class LlmStep(_StepBase):
         return self.on_invalid
 
 
+class WebhookTrigger(_Model):
+    """``POST /ledgerflow/hooks/<name>`` starts a run; the body is the run's params."""
+
+    secret_conn_id: str = Field(min_length=1, max_length=250)
+    """The Airflow connection whose password (or ``extra.secret``) signs each request:
+    ``X-Ledgerflow-Signature: sha256=<hex HMAC-SHA256 of the body>``."""
+
+
+class TriggersSpec(_Model):
+    """Event triggers beside schedule, UI and REST (which every workflow has)."""
+
+    webhook: WebhookTrigger | None = None
+    assets: tuple[str, ...] = ()
+    """Airflow asset URIs: an event on any of them starts a run (with the params'
+    defaults), as well as the cron ``schedule`` if there is one."""
+
+    @field_validator("assets")
+    @classmethod
+    def _uris(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for uri in value:
+            if not uri or uri != uri.strip() or len(uri) > 1500:
+                raise ValueError(f"{uri!r} is not an asset URI")
+        if len(set(value)) != len(value):
+            raise ValueError("an asset is listed twice")
+        return value
+
+
 AnyStep = ToolStep | ApprovalStep | LlmStep | QualityStep
 Step = Annotated[AnyStep, Field(discriminator="kind")]
 
@@ -391,6 +418,7 @@ class WorkflowSpec(_Model):
     defaults: Defaults = Defaults()
     max_active_runs: int = Field(16, ge=1, le=100_000)
     """Runs of this version at once, parked ones included (raise it for approval workflows)."""
+    triggers: TriggersSpec = TriggersSpec()
     steps: tuple[Step, ...] = Field(min_length=1)
 
     @property
@@ -433,3 +461,17 @@ class WorkflowSpec(_Model):
             if not re.match(_ID, name):
                 raise ValueError(f"param name {name!r} must match {_ID}")
         return value
+
+    @model_validator(mode="after")
+    def _asset_triggers(self) -> WorkflowSpec:
+        # An asset-triggered run carries no conf: every required param needs a default.
+        if self.triggers.assets:
+            if self.schedule == "@once":
+                raise ValueError("triggers.assets: an asset schedule cannot be combined with @once")
+            missing = [n for n, p in self.params.items() if p.required and p.default is None]
+            if missing:
+                raise ValueError(
+                    f"triggers.assets: runs started by an asset event get the params' "
+                    f"defaults, but {', '.join(missing)} is required without a default"
+                )
+        return self
