@@ -114,12 +114,20 @@ def test_plugin_is_loaded_with_its_app_and_menu_entry(stack: AirflowStack) -> No
     )
 
 
+# Routes without an Airflow login, each on purpose: liveness, and signed webhooks (their
+# credential is an HMAC of the body with the workflow's secret: a request without one is 401,
+# a workflow without the webhook opt-in 404; tests/e2e/test_triggers_e2e.py covers both).
+NO_LOGIN = {("GET", "/health"), ("POST", "/hooks/{name}")}
+
+
 def test_every_route_but_health_answers_401_without_credentials(
     stack: AirflowStack, ledger: Ledger
 ) -> None:
     """Each route of create_app() (enumerated, not listed by hand) answers 401 to an
-    anonymous caller, GET or POST, and stores nothing; /health is the one open route; the
-    same routes answer an authenticated caller (so the 401 is auth, not a missing route)."""
+    anonymous caller, GET or POST, and stores nothing; /health is the one open route and
+    the signed webhook the one other route without a login (NO_LOGIN), which refuses an
+    unsigned request; the same routes answer an authenticated caller (so the 401 is auth,
+    not a missing route)."""
     approval = make_approval(ledger)
     found = routes()
     assert ("GET", "/health") in found and len(found) >= 8
@@ -135,6 +143,9 @@ def test_every_route_but_health_answers_401_without_credentials(
             resp = anon.request(method, url, **bodies.get(path, {}))
             if path == "/health":
                 assert resp.status_code == 200, (method, url)
+                continue
+            if (method, path) in NO_LOGIN:
+                assert resp.status_code in (401, 404), (method, url, resp.status_code)
                 continue
             assert resp.status_code == 401, (method, url, resp.status_code, resp.text)
             # A forged cookie is not a credential either.

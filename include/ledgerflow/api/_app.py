@@ -2,7 +2,9 @@
 
 Routes (relative to the mount point):
 
-- ``GET /health``: the one route without authentication.
+- ``GET /health``: liveness, without authentication; ``POST /hooks/{name}``: a signed
+  webhook, authenticated by the workflow's secret instead of a login (``_triggers.py``).
+- ``POST /api/workflows/{name}/runs``: start a run (``_triggers.py``).
 - REST: ``GET /api/approvals``, ``GET /api/approvals/{id}``,
   ``POST /api/approvals/{id}/decision``; ``POST /api/runs/{run_id}/retry``
   (``_retry.py``).
@@ -199,6 +201,11 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
     def post_decision(approval_id: int, body: DecisionBody, caller: CallerDep) -> dict[str, Any]:
         stored = _decide(source(), approval_id, caller, body.decision, body.comment, body.seen_hash)
         return _view(stored, caller)
+
+    # Starting runs: POST /api/workflows/{name}/runs and the signed POST /hooks/{name}.
+    from ledgerflow.api._triggers import triggers_router
+
+    app.include_router(triggers_router(source))
 
     app.include_router(api)
 

@@ -1,0 +1,172 @@
+"""Starting runs over HTTP: ``POST /api/workflows/{name}/runs`` and ``POST /hooks/{name}``.
+
+``/api/workflows/{name}/runs`` is authenticated by Airflow like every route of the app,
+and authorized like Airflow's own trigger endpoint: the caller must be allowed to create
+runs of the workflow's DAG (403 otherwise). Body: ``{"params": {...},
+"idempotency_key": "...", "version": N}`` (only ``params`` matters; the latest version
+unless ``version`` is named). 201 with the new run; 200 with the run an earlier request
+started under the same key; 409 when that key was used with other params; 422 naming each
+param that does not fit the workflow's params schema.
+
+``/hooks/{name}`` is the one route besides ``/health`` without an Airflow login: a
+workflow opts in with ``triggers: {webhook: {secret_conn_id: ...}}``, and each request
+must carry ``X-Ledgerflow-Signature: sha256=<hex HMAC-SHA256 of the raw body>`` keyed by
+that Airflow connection's password (401 otherwise; 404 for a workflow without the
+opt-in). The body (a JSON object) is the run's params; ``Idempotency-Key`` or
+``X-Ledgerflow-Delivery`` makes a redelivery return the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from airflow.api_fastapi.core_api.security import GetUserDep
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from ledgerflow.launch import KEY_PATTERN, SIGNATURE_HEADER, Launched, TriggerRefused
+from ledgerflow.ledger.store import Ledger
+from ledgerflow.spec.params import InvalidParams
+
+MAX_HOOK_BODY = 1_000_000
+HOOK_KEY_HEADERS = ("idempotency-key", "x-ledgerflow-delivery")
+
+
+class TriggerBody(BaseModel):
+    """``POST /api/workflows/{name}/runs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(default=None, pattern=KEY_PATTERN)
+    """The same key returns the same run instead of starting a second one."""
+    version: int | None = Field(default=None, ge=1)
+    """A published version of the workflow (default: the latest)."""
+
+
+def _may_trigger(user: Any) -> Callable[[str], bool]:
+    def check(dag_id: str) -> bool:
+        from airflow.api_fastapi.app import get_auth_manager
+        from airflow.api_fastapi.auth.managers.models.resource_details import (
+            DagAccessEntity,
+            DagDetails,
+        )
+
+        return bool(
+            get_auth_manager().is_authorized_dag(
+                method="POST",
+                access_entity=DagAccessEntity.RUN,
+                details=DagDetails(id=dag_id),
+                user=user,
+            )
+        )
+
+    return check
+
+
+def _answer(launched: Launched) -> JSONResponse:
+    return JSONResponse(launched.as_dict(), status_code=201 if launched.created else 200)
+
+
+def _params_error(exc: InvalidParams) -> HTTPException:
+    return HTTPException(
+        422,
+        [
+            {
+                "loc": ["body", "params", p.field],
+                "field": p.field,
+                "msg": p.message,
+                "type": "param_invalid",
+            }
+            for p in exc.problems
+        ],
+    )
+
+
+def triggers_router(source: Callable[[], Ledger]) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/api/workflows/{name}/runs", status_code=201)
+    def trigger_run(name: str, body: TriggerBody, user: GetUserDep) -> JSONResponse:
+        """Start a run of the workflow's latest (or named) version with validated params."""
+        from ledgerflow.launch import launch
+
+        try:
+            launched = launch(
+                name,
+                body.params,
+                idempotency_key=body.idempotency_key,
+                version=body.version,
+                user=str(user.get_name()),
+                via="rest_api",
+                may_trigger=_may_trigger(user),
+                ledger=source(),
+            )
+        except InvalidParams as exc:
+            raise _params_error(exc) from None
+        except TriggerRefused as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        return _answer(launched)
+
+    @router.post("/hooks/{name}", status_code=201)
+    async def webhook(name: str, request: Request) -> JSONResponse:
+        """Start a run from a signed webhook delivery (no Airflow login: the signature)."""
+        body = await request.body()
+        if len(body) > MAX_HOOK_BODY:
+            raise HTTPException(413, f"a webhook body is at most {MAX_HOOK_BODY} bytes")
+        key = next((request.headers[h] for h in HOOK_KEY_HEADERS if h in request.headers), None)
+        signature = request.headers.get(SIGNATURE_HEADER)
+        return await run_in_threadpool(_deliver, source, name, body, signature, key)
+
+    return router
+
+
+def _deliver(
+    source: Callable[[], Ledger], name: str, body: bytes, signature: str | None, key: str | None
+) -> JSONResponse:
+    import json
+    import re
+
+    from ledgerflow.launch import latest_spec, launch, signature_ok, webhook_secret
+
+    try:
+        spec = latest_spec(name)
+    except Exception:
+        spec = None
+    hook = spec.triggers.webhook if spec is not None else None
+    if spec is None or hook is None:
+        raise HTTPException(404, f"no workflow {name!r} with a webhook")
+    secret = webhook_secret(hook.secret_conn_id)
+    if secret is None:
+        raise HTTPException(503, f"the webhook of {name} has no secret configured")
+    if not signature_ok(secret, body, signature):
+        raise HTTPException(
+            401,
+            f"missing or bad {SIGNATURE_HEADER} (sha256=<hex HMAC-SHA256 of the body>)",
+            headers={"WWW-Authenticate": "Signature"},
+        )
+    if key is not None and not re.match(KEY_PATTERN, key):
+        raise HTTPException(400, "an idempotency key is 1-200 printable ASCII characters")
+    try:
+        params = json.loads(body) if body.strip() else {}
+    except ValueError:
+        raise HTTPException(400, "the body is not JSON") from None
+    if not isinstance(params, dict):
+        raise HTTPException(422, "the body must be a JSON object: the run's params")
+    try:
+        launched = launch(
+            name,
+            params,
+            idempotency_key=key,
+            user=f"webhook:{name}",
+            via="webhook",
+            ledger=source(),
+        )
+    except InvalidParams as exc:
+        raise _params_error(exc) from None
+    except TriggerRefused as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    return _answer(launched)
