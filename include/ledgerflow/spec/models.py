@@ -354,8 +354,8 @@ class LlmStep(_StepBase):
     """A step that needs this one, taken when the output is invalid or a check fails
     (other branches are skipped); without it that fails the step."""
     idempotency: KeyedIdempotency | None = None
-    """The cache key of the response (default: the run (its original for a retry run) and
-    the step)."""
+    """The cache key of the response (default: the run and the step; a retry run reuses
+    its lineage's completed checkpoint instead)."""
 
     branch_field: ClassVar[str] = "on_invalid"
 
