@@ -129,6 +129,14 @@ def test_every_route_but_health_answers_401_without_credentials(
     unsigned request; the same routes answer an authenticated caller (so the 401 is auth,
     not a missing route)."""
     approval = make_approval(ledger)
+    ledger.ensure_run(  # the run page and its JSON answer a run the ledger knows
+        run_id=approval.run_id,
+        dag_id=approval.dag_id,
+        workflow=approval.workflow,
+        version=1,
+        params={},
+        trigger_kind="manual",
+    )
     found = routes()
     assert ("GET", "/health") in found and len(found) >= 8
     before = snapshot(ledger, approval)
@@ -139,7 +147,9 @@ def test_every_route_but_health_answers_401_without_credentials(
     forger = httpx.Client(base_url=stack.base_url, cookies={"_token": "not-a-jwt"}, timeout=30)
     with client(stack) as anon, forger, client(stack, "viewer") as viewer:
         for method, path in found:
-            url = PREFIX + path.replace("{approval_id}", str(approval.id))
+            url = PREFIX + path.replace("{approval_id}", str(approval.id)).replace(
+                "{run_id:path}", approval.run_id
+            )
             resp = anon.request(method, url, **bodies.get(path, {}))
             if path == "/health":
                 assert resp.status_code == 200, (method, url)
@@ -265,20 +275,28 @@ def test_no_get_changes_state(stack: AirflowStack, ledger: Ledger) -> None:
     approval = make_approval(ledger)
     decided = make_approval(ledger)
     approvals.decide(ledger, decided.id, decision="approved", by="manager", comment="ok")
+    for a in (approval, decided):  # the runs pages read the run of each approval
+        ledger.ensure_run(
+            run_id=a.run_id,
+            dag_id=a.dag_id,
+            workflow=a.workflow,
+            version=1,
+            params={},
+            trigger_kind="manual",
+        )
     before = snapshot(ledger, approval, decided)
+    approval_queries = ("", "?status=all", "?status=decided&workflow=api_e2e", "?assignee=manager")
+    run_queries = ("", "?status=all", "?status=failed&workflow=api_e2e&version=1", "?since=1d")
     with client(stack, "manager") as c:
         for method, path in routes():
             if method != "GET":
                 continue
-            for query in (
-                "",
-                "?status=all",
-                "?status=decided&workflow=api_e2e",
-                "?assignee=manager",
-            ):
+            for query in run_queries if "/runs" in path else approval_queries:
                 for target in (approval, decided):
-                    url = PREFIX + path.replace("{approval_id}", str(target.id)) + query
-                    assert c.get(url).status_code == 200, url
+                    url = PREFIX + path.replace("{approval_id}", str(target.id)).replace(
+                        "{run_id:path}", target.run_id
+                    )
+                    assert c.get(url + query).status_code == 200, url + query
     assert snapshot(ledger, approval, decided) == before
 
 

@@ -257,9 +257,11 @@ def _filters(
         if not version.strip().lstrip("v").isdigit():
             raise HTTPException(422, f"version must be a number, got {version!r}")
         out["version"] = int(version.strip().lstrip("v"))
-    if status:
+    if status and status != "all":
         if status not in runview.RUN_STATUSES:
-            raise HTTPException(422, f"status must be one of {', '.join(runview.RUN_STATUSES)}")
+            raise HTTPException(
+                422, f"status must be all or one of {', '.join(runview.RUN_STATUSES)}"
+            )
         out["status"] = status
     try:
         out["since"] = runview.parse_since(since) if since else None
