@@ -14,6 +14,7 @@ from ledgerflow.testing.airflow_stack import AirflowStack
 from ledgerflow.testing.http_peer import IdempotentPeer
 from ledgerflow.testing.openai_peer import OpenAIPeer
 from ledgerflow.testing.postgres import fresh_database
+from ledgerflow.testing.statsd import StatsdListener
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,6 +122,14 @@ def llm_peer() -> Iterator[OpenAIPeer]:
 
 
 @pytest.fixture(scope="session")
+def statsd() -> Iterator[StatsdListener]:
+    """A real UDP StatsD server that the stack's Airflow sends its metrics to (only
+    Ledgerflow's are kept)."""
+    with StatsdListener(keep=("airflow.ledgerflow.",)) as listener:
+        yield listener
+
+
+@pytest.fixture(scope="session")
 def ledger_db() -> Iterator[str]:
     with fresh_database("lf_e2e_ledger") as url:
         yield url
@@ -139,6 +148,7 @@ def stack(
     ledger_db: str,
     peer: IdempotentPeer,
     llm_peer: OpenAIPeer,
+    statsd: StatsdListener,
 ) -> Iterator[AirflowStack]:
     base = tmp_path_factory.mktemp("stack")
     dags = base / "dags"
@@ -157,6 +167,10 @@ def stack(
         extra_env={
             "AIRFLOW_CONN_LEDGERFLOW_DB": ledger_db,
             "AIRFLOW_CONN_LEDGERFLOW_LLM": llm_peer.connection_uri(),
+            "AIRFLOW__METRICS__STATSD_ON": "True",
+            "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+            "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),
+            "AIRFLOW__METRICS__STATSD_PREFIX": "airflow",
         },
         plugins_folder=ROOT / "plugins",
         users=TEST_USERS,
