@@ -125,6 +125,7 @@ class _Version:
     version: int
     dag_id: str
     fileloc: str | None
+    import_errors: bool = False
 
 
 def workflow_versions(session: Session, name: str) -> dict[int, _Version]:
@@ -133,16 +134,16 @@ def workflow_versions(session: Session, name: str) -> dict[int, _Version]:
     from sqlalchemy import select
 
     rows = session.execute(
-        select(DagModel.dag_id, DagModel.fileloc)
+        select(DagModel.dag_id, DagModel.fileloc, DagModel.has_import_errors)
         .join(DagTag, DagTag.dag_id == DagModel.dag_id)
         .where(DagTag.name == f"workflow:{name}", ~DagModel.is_stale)
     ).all()
     found: dict[int, _Version] = {}
-    for dag_id, fileloc in rows:
+    for dag_id, fileloc, import_errors in rows:
         match = _DAG_VERSION.match(dag_id)
         if match and match["base"] == name.replace("-", "_"):
             number = int(match["version"])
-            found[number] = _Version(number, dag_id, fileloc)
+            found[number] = _Version(number, dag_id, fileloc, bool(import_errors))
     return found
 
 
@@ -294,6 +295,12 @@ def launch(
             target = versions[version if version is not None else max(versions)]
             if may_trigger is not None and not may_trigger(target.dag_id):
                 raise TriggerRefused(f"{user} may not trigger runs of {target.dag_id}", status=403)
+            if target.import_errors:
+                # As Airflow's own trigger route: the file no longer builds this DAG (e.g. a
+                # published version was edited), so its last parsed form is not run.
+                raise TriggerRefused(
+                    f"{target.dag_id} has import errors and cannot be triggered", status=409
+                )
             try:
                 spec = load_spec(_spec_file(name, target))
             except (OSError, LedgerflowError) as exc:
