@@ -1,0 +1,170 @@
+"""The run page in a real browser: headless Chromium (Debian's package) via Playwright.
+
+A checkout run with ``fail_shipment`` fails at create_shipment and its saga undoes the
+payment and the reservation; the run is then retried through
+``POST /ledgerflow/api/runs/{run_id}/retry``. The browser signs into Airflow's UI, opens
+Browse -> Runs (the plugin's menu entry), finds the run, opens its page, and also opens
+the "Ledgerflow" tab of Airflow's own page of that DAG run. A screenshot of the run page
+is saved under the test's tmp path and copied to test-output/ when that folder exists.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from ledgerflow.ledger.store import Ledger
+from ledgerflow.testing.airflow_stack import AirflowStack
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+KEEP = Path(__file__).resolve().parents[2] / "test-output"
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+DAG_ID = "checkout__v1"
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/test.sh installs Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def log_in(page: Any, stack: AirflowStack, user: str) -> None:
+    page.goto(stack.base_url + "/")
+    page.wait_for_url("**/auth/login**", timeout=TIMEOUT_MS)
+    page.fill("input[name=username]", user)
+    page.fill("input[name=password]", stack.password(user))
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/auth/login" not in url, timeout=TIMEOUT_MS)
+    page.get_by_role("button", name="Browse").wait_for(timeout=TIMEOUT_MS)
+
+
+def ledger_finished(ledger: Ledger, run_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    """The run's ledger row once the DAG callback recorded its end and the saga its outcome."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = ledger.run(run_id)
+        if row is not None and row["status"] != "running" and row["saga"] != "compensating":
+            return row
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{run_id} not finished in the ledger: {row}")
+        time.sleep(0.5)
+
+
+def test_run_page_of_a_compensated_run_with_its_retry(
+    stack: AirflowStack, ledger: Ledger, browser: Any, tmp_path: Path
+) -> None:
+    """The run page of a failed, compensated checkout run that was retried shows every step
+    with its attempts (create_shipment's failed tries with their error), the compensations
+    and the saga's outcome, the dead letter, a link to the retry and task-log links into
+    Airflow's UI; it is reachable from the plugin's Runs menu and from the
+    Ledgerflow tab of Airflow's own page of the run."""
+    order = f"web-{secrets.token_hex(4)}"
+    stack.unpause(DAG_ID)
+    airflow_run = stack.trigger(DAG_ID, {"order_id": order, "fail_shipment": True})
+    assert stack.wait_for_run(DAG_ID, airflow_run, timeout=300) == "failed"
+    run_id = f"{DAG_ID}/{airflow_run}"
+    assert ledger_finished(ledger, run_id)["saga"] == "compensated"
+
+    retry = stack.api("POST", f"/ledgerflow/api/runs/{run_id}/retry", json={})
+    assert retry["retry_of"] == run_id
+    retry_id = retry["run_id"]
+    stack.wait_for_run(DAG_ID, retry["dag_run_id"], timeout=300)
+    ledger_finished(ledger, retry_id)
+
+    # The JSON API answers the same document the page renders.
+    doc = stack.api("GET", f"/ledgerflow/api/runs/{run_id}")
+    assert [r["run_id"] for r in doc["retry_chain"]["retried_by"]] == [retry_id]
+    listed = stack.api(
+        "GET", "/ledgerflow/api/runs", params={"workflow": "checkout", "status": "compensated"}
+    )
+    assert run_id in [r["run_id"] for r in listed["runs"]]
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    log_in(page, stack, "admin")
+
+    # Browse -> Runs: the runs list inside Airflow's UI, filtered to compensated checkouts.
+    page.get_by_role("button", name="Browse").click()
+    page.get_by_role("menuitem", name="Runs").click()
+    page.wait_for_url("**/plugin/ledgerflow-runs**")
+    frame = page.frame_locator("iframe[title=Runs]")
+    frame.get_by_role("heading", name="Runs").wait_for()
+    frame.locator("select#workflow").select_option("checkout")
+    frame.locator("select#status").select_option("compensated")
+    frame.get_by_role("button", name="Filter").click()
+    # The run's own row (its retry's row links back to it in the "Retry of" column).
+    frame.locator("#runs tbody td:first-child").get_by_role(
+        "link", name=airflow_run, exact=True
+    ).click()
+
+    frame.locator("#saga-outcome").wait_for()  # near the end: the page is all there
+    assert frame.locator("#run-id").inner_text() == run_id
+    assert frame.locator("#run-status").inner_text() == "failed"
+    assert "compensated" in frame.locator("#saga").inner_text()
+    retry_link = frame.locator("#retry-chain").get_by_role("link", name=retry_id, exact=True)
+    retry_link.wait_for()
+    assert retry_link.count() == 1
+    ship = frame.locator("#steps tr.detail").filter(has_text="ShipmentUnavailable")
+    ship.wait_for()
+    assert ship.count() == 1
+    assert "carrier refused the shipment" in ship.inner_text()
+    compensations = frame.locator("#compensations").inner_text()
+    assert "charge_payment" in compensations and "reserve_inventory" in compensations
+    assert "create_shipment" in frame.locator("#dead-letters").inner_text()
+    log_link = frame.get_by_role("link", name="task log").first.get_attribute("href")
+    assert log_link is not None
+    assert log_link.startswith(f"/dags/{DAG_ID}/runs/{quote(airflow_run, safe='')}/tasks/")
+    assert "customer@example.com" in frame.locator("body").inner_text()  # params shown
+
+    shot = tmp_path / "run-page-compensated-retried.png"
+    page.screenshot(path=str(shot), full_page=True)
+    # The whole page (the frame scrolls inside Airflow's UI): the same URL at top level,
+    # signed in by the same cookie.
+    full = context.new_page()
+    full.goto(f"{stack.base_url}/ledgerflow/runs/{quote(run_id, safe='/')}")
+    full.locator("#compensations").wait_for()
+    frame_shot = tmp_path / "run-page-compensated-retried-full.png"
+    full.screenshot(path=str(frame_shot), full_page=True)
+    assert shot.stat().st_size > 0 and frame_shot.stat().st_size > 0
+    print(f"\nscreenshots: {shot} {frame_shot}")
+    if KEEP.is_dir():  # scripts/test.sh's output folder: the screenshots outlive pytest's tmp
+        for path in (shot, frame_shot):
+            shutil.copy(path, KEEP / path.name)
+            print(f"screenshot: {KEEP / path.name}")
+
+    # Airflow's own page of the run has a Ledgerflow tab showing this run page.
+    page.goto(
+        f"{stack.base_url}/dags/{DAG_ID}/runs/{quote(airflow_run, safe='')}/plugin/ledgerflow-run"
+    )
+    tab = page.frame_locator("iframe[title=Ledgerflow]")
+    tab.locator("#run-id").wait_for()
+    assert tab.locator("#run-id").inner_text() == run_id
+    context.close()
