@@ -331,14 +331,7 @@ def launch(
             except ValueError as exc:  # Airflow's own checks (ParamValidationError is one)
                 raise TriggerRefused(str(exc), status=400) from exc
             assert isinstance(dag_run, DagRun)
-            if ledger is not None:
-                ledger.record_event(
-                    f"{target.dag_id}/{airflow_run_id}",
-                    None,
-                    "triggered",
-                    {"via": via, "by": user, "idempotency_key": idempotency_key},
-                )
-            return Launched(
+            launched = Launched(
                 name, target.version, target.dag_id, airflow_run_id, True, idempotency_key
             )
     except IntegrityError:
@@ -351,6 +344,28 @@ def launch(
         if found is None:
             raise
         return _found(name, found, params, version, run_id, idempotency_key, may_trigger)
+    if ledger is not None:
+        _record_trigger(ledger, launched, via, user)
+    return launched
+
+
+def _record_trigger(ledger: Ledger, launched: Launched, via: str, user: str | None) -> None:
+    """The ``triggered`` event, once the run is committed (the scheduler never waits for the
+    ledger; a lost event loses who triggered it, not the run, which its first task
+    registers)."""
+    try:
+        ledger.record_event(
+            launched.ledger_run_id,
+            None,
+            "triggered",
+            {"via": via, "by": user, "idempotency_key": launched.idempotency_key},
+        )
+    except Exception:
+        import logging
+
+        logging.getLogger(__name__).exception(
+            "run %s started, but its triggered event is not in the ledger", launched.ledger_run_id
+        )
 
 
 def _found(
