@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pytest
 
 from ledgerflow.ledger.store import Ledger
@@ -97,6 +98,12 @@ def test_run_page_of_a_compensated_run_with_its_retry(
     retry_id = retry["run_id"]
     stack.wait_for_run(DAG_ID, retry["dag_run_id"], timeout=300)
     ledger_finished(ledger, retry_id)
+
+    # Without a login: a browser gets a 401 page linking to Airflow's login, not the run.
+    with httpx.Client(base_url=stack.base_url, timeout=30) as anon:
+        denied = anon.get(f"/ledgerflow/runs/{run_id}", headers={"Accept": "text/html"})
+    assert denied.status_code == 401 and "/auth/login" in denied.text
+    assert order not in denied.text
 
     # The JSON API answers the same document the page renders.
     doc = stack.api("GET", f"/ledgerflow/api/runs/{run_id}")

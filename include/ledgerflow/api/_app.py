@@ -223,7 +223,8 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
     async def errors(request: Request, exc: StarletteHTTPException) -> Response:
         """JSON for the REST API and other clients; a small page for a browser on a page
         (a 401 there links to Airflow's login page and back)."""
-        page = request.method == "GET" and request.url.path.startswith(f"{root(request)}/approvals")
+        pages = (f"{root(request)}/approvals", f"{root(request)}/runs")
+        page = request.method == "GET" and request.url.path.startswith(pages)
         if not page or "text/html" not in request.headers.get("accept", ""):
             return await http_exception_handler(request, exc)
         login = None
