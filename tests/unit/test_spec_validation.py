@@ -1073,3 +1073,25 @@ def test_mutated_checkout_files_only_ever_raise_spec_errors(tmp_path: Path) -> N
     # Both branches are exercised, so the test is not vacuous.
     assert outcomes["valid"] > 0
     assert outcomes["invalid"] > 0
+
+
+def test_scheduled_workflow_needs_defaults_for_required_params(tmp_path: Path) -> None:
+    """A scheduled workflow with a required param that has no default is refused at that
+    param's line (Airflow would refuse to import the DAG with a less direct message)."""
+    failure = fail(
+        tmp_path,
+        """
+        name: wf
+        version: 1
+        schedule: "@daily"
+        params:
+          order_id: {type: string, required: true}
+        steps:
+          - id: a
+            tool: demo.noop
+            idempotency: natural
+        """,
+    )
+    report = str(failure.error)
+    assert "params.order_id.required" in report
+    assert "scheduled runs get the params' defaults" in report

@@ -332,6 +332,14 @@ def _check_schedule(spec: WorkflowSpec, errors: _Collector) -> None:
         errors.add(("start_date",), f"{spec.start_date!r} is not a date (YYYY-MM-DD)")
     if spec.schedule is None:
         return
+    # Airflow refuses to import a scheduled DAG whose required params have no default.
+    for name, param in spec.params.items():
+        if param.required and param.default is None:
+            errors.add(
+                ("params", name, "required"),
+                f"param {name!r} is required without a default, but scheduled runs get the "
+                "params' defaults: give it a default or drop the schedule",
+            )
     if spec.schedule.startswith("@"):
         if spec.schedule not in CRON_PRESETS:
             errors.add(
