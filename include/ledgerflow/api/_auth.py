@@ -91,6 +91,16 @@ def csrf_ok(secret: bytes, user: str, approval_id: int, token: str) -> bool:
     return hmac.compare_digest(csrf_token(secret, user, approval_id), token or "")
 
 
+def form_token(secret: bytes, user: str, purpose: str) -> str:
+    """A form token bound to one user and one purpose, e.g. ``retry:<run id>``."""
+    msg = f"ledgerflow-form:{purpose}:{user}".encode()
+    return hmac.new(secret, msg, hashlib.sha256).hexdigest()
+
+
+def form_token_ok(secret: bytes, user: str, purpose: str, token: str) -> bool:
+    return hmac.compare_digest(form_token(secret, user, purpose), token or "")
+
+
 def server_secret() -> bytes:
     """Derived from Airflow's ``[api] secret_key`` (shared by all api-server workers), else
     from the JWT secret; a per-process random key as the last resort (forms then only

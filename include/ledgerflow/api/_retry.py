@@ -25,7 +25,7 @@ class RetryBody(BaseModel):
     from_step: str | None = Field(default=None, alias="from", min_length=1, max_length=100)
 
 
-def _may_trigger(user: Any, dag_id: str) -> bool:
+def may_trigger(user: Any, dag_id: str) -> bool:
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import (
         DagAccessEntity,
@@ -54,7 +54,7 @@ def retry_router(source: Callable[[], Ledger]) -> APIRouter:
         from_step = body.from_step if body is not None else None
         try:
             plan = plan_retry(ledger, run_id, from_step, state_of=airflow_state)
-            if not _may_trigger(user, plan.dag_id):
+            if not may_trigger(user, plan.dag_id):
                 raise HTTPException(403, f"{user.get_name()} may not trigger runs of {plan.dag_id}")
             started = start_retry(ledger, plan, user=str(user.get_name()), via="rest_api")
         except RetryRefused as exc:

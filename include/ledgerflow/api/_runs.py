@@ -2,28 +2,31 @@
 
 - ``GET /api/runs`` (filters ``workflow``, ``version``, ``status``, ``since``, ``until``,
   ``limit``) and ``GET /api/runs/{run_id}``: JSON.
-- ``GET /runs`` and ``GET /runs/{run_id}``: the same as pages.
+- ``GET /runs`` and ``GET /runs/{run_id}``: the same as pages; the run page's *Retry*
+  button posts ``POST /runs/{run_id}/retry`` (a form with a token bound to the user and
+  the run; the same retry as ``POST /api/runs/{run_id}/retry``), then shows the new run.
 
 The run id is the ledger's, ``<dag_id>/<airflow run id>`` (slash, ``:`` and ``+``
 included). Every route is authenticated by Airflow and shows only runs of DAGs the caller
 may read (Airflow's own rule for its run pages); other runs are 404, as if absent.
-Nothing here writes.
+No GET writes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import quote, urlsplit
 
 import jinja2
 from airflow.api_fastapi.core_api.security import GetUserDep
-from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
 from markupsafe import Markup
 
 from ledgerflow.api import _render
-from ledgerflow.api._auth import Caller, roles_of
+from ledgerflow.api._auth import Caller, form_token, form_token_ok, roles_of, server_secret
 from ledgerflow.ledger import runview
 from ledgerflow.ledger.store import Ledger
 
@@ -80,6 +83,14 @@ _RUN = """{% extends "layout" %}{% block content %}
 {% for x in d.retry_chain.retried_by %}<li><a href="{{ root }}/runs/{{ x.run_id | urlencode }}">{{ x.run_id }}</a> <span class="status-{{ x.status }}">{{ x.status }}</span> (retry of {{ short(x.retry_of) }}{% if x.retry_from %}, from {{ x.retry_from }}{% endif %})</li>
 {% endfor %}</ol>
 {% if not d.retry_chain.retries and not d.retry_chain.retried_by %}<p class="muted">Not a retry, and not retried.</p>{% endif %}
+{% if r.status != "running" %}<form method="post" action="{{ root }}/runs/{{ r.run_id | urlencode }}/retry" id="retry-form" class="filters">
+<input type="hidden" name="csrf_token" value="{{ csrf }}">
+<div><label for="from_step">Retry as a new run</label>
+<select id="from_step" name="from_step"><option value="">{% if r.status == "succeeded" %}choose a step to re-run from{% else %}from the first step that did not complete{% endif %}</option>
+{% for s in d.steps %}{% if "[" not in s.step_key %}<option value="{{ s.step_key }}">from {{ s.step_key }} (re-run it and all after it)</option>{% endif %}{% endfor %}
+</select></div>
+<div><button type="submit" id="retry-button">Retry</button></div>
+</form>{% endif %}
 
 <h2>Steps</h2>
 <table id="steps"><thead><tr><th>Step</th><th>Status</th><th>Tries</th><th>Idempotency key</th>
@@ -347,8 +358,13 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
             filtered=any((workflow, version, status, since, until)),
         )
 
-    @router.get("/runs/{run_id:path}", response_class=HTMLResponse)
-    def run_page(run_id: str, request: Request, user: GetUserDep) -> HTMLResponse:
+    def render_run(
+        run_id: str,
+        request: Request,
+        user: Any,
+        message: tuple[str, str] | None = None,
+        status_code: int = 200,
+    ) -> HTMLResponse:
         try:
             doc = document(user, run_id)
         except HTTPException as exc:
@@ -360,16 +376,68 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
                 detail=str(exc.detail),
             )
             return HTMLResponse(html, status_code=exc.status_code)
+        caller = _caller(user)
         html = _page(
             "run",
             title=f"{doc['run']['workflow']} {doc['run']['airflow_run_id']}",
             root=_root(request),
-            caller=_caller(user),
+            caller=caller,
             d=doc,
+            csrf=form_token(server_secret(), caller.name, f"retry:{run_id}"),
+            message=message or _RUN_MESSAGES.get(request.query_params.get("msg", "")),
         )
-        return HTMLResponse(html)
+        return HTMLResponse(html, status_code=status_code)
+
+    @router.get("/runs/{run_id:path}", response_class=HTMLResponse)
+    def run_page(run_id: str, request: Request, user: GetUserDep) -> HTMLResponse:
+        return render_run(run_id, request, user)
+
+    @router.post("/runs/{run_id:path}/retry", response_model=None)
+    def retry_button(
+        run_id: str,
+        request: Request,
+        user: GetUserDep,
+        csrf_token: Annotated[str, Form()],
+        from_step: Annotated[str, Form(max_length=100)] = "",
+    ) -> HTMLResponse | RedirectResponse:
+        """The run page's Retry button: the same retry as ``POST /api/runs/{id}/retry``."""
+        from ledgerflow.api._retry import may_trigger
+        from ledgerflow.retries import RetryRefused, airflow_state, plan_retry, start_retry
+
+        caller = _caller(user)
+        if not _same_origin(request) or not form_token_ok(
+            server_secret(), caller.name, f"retry:{run_id}", csrf_token
+        ):
+            raise HTTPException(
+                403, "the form expired or came from another site: reload the run page"
+            )
+        document(user, run_id)  # 404 for a run the caller may not read
+        ledger = source()
+        try:
+            plan = plan_retry(ledger, run_id, from_step or None, state_of=airflow_state)
+            if not may_trigger(user, plan.dag_id):
+                raise HTTPException(403, f"{caller.name} may not trigger runs of {plan.dag_id}")
+            started = start_retry(ledger, plan, user=caller.name, via="ui")
+        except RetryRefused as exc:
+            return render_run(
+                run_id, request, user, ("warn", f"Not retried: {exc}"), exc.http_status
+            )
+        return RedirectResponse(
+            f"{_root(request)}/runs/{quote(started.run_id, safe='/')}?msg=retried", 303
+        )
 
     return router
+
+
+_RUN_MESSAGES = {"retried": ("ok", "Started: this run retries the one it links to below.")}
+
+
+def _same_origin(request: Request) -> bool:
+    """A browser's ``Origin`` must be this server (a sandboxed frame sends ``null``)."""
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return True
+    return urlsplit(origin).netloc == request.headers.get("host")
 
 
 def _root(request: Request) -> str:
