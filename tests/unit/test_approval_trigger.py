@@ -232,14 +232,36 @@ def test_an_approve_ends_the_task_in_the_trigger(ledger: Ledger) -> None:
     assert kinds.count("approval_completed") == 1
 
 
-def test_a_reject_without_a_branch_resumes_on_a_worker(ledger: Ledger) -> None:
-    """A reject with no branch must fail the task (and its callbacks start the saga), so
-    the trigger does not end the task: it fires a plain event for the worker."""
+def test_a_reject_without_a_branch_fails_the_task_in_the_trigger(ledger: Ledger) -> None:
+    """A reject with no branch fails the step from the trigger: a TaskFailedEvent (no
+    worker resumes the task, so no retry of a final decision), the attempt and the step
+    failed in the ledger with the reason, and the saga started; a second copy of the
+    trigger records nothing more."""
+    from airflow.triggers.base import TaskFailedEvent
+
     approval_id = make_request(
         ledger, timedelta(hours=1), follow={"approved": ["next"], "rejected": None}
     )
-    approvals.decide(ledger, approval_id, decision="rejected", by="manager")
-    events = run_trigger(ApprovalTrigger(approval_id, ledger.url), FakeClock())
-    assert events == [{"approval_id": approval_id, "status": "rejected", "decided_by": "manager"}]
+    ledger.ensure_run(
+        run_id="wf__v1/run-1",
+        dag_id="wf__v1",
+        workflow="wf",
+        version=1,
+        params={},
+        trigger_kind="manual",
+    )
+    approvals.decide(ledger, approval_id, decision="rejected", by="manager", comment="no")
+    for _ in range(2):
+
+        async def first() -> Any:
+            async for event in ApprovalTrigger(approval_id, ledger.url).run():
+                return event
+            raise AssertionError("no event")
+
+        assert isinstance(asyncio.run(first()), TaskFailedEvent)
     checkpoint = ledger.checkpoint("wf__v1/run-1", "ask")
-    assert checkpoint is None or checkpoint.status != "completed"
+    assert checkpoint is not None and checkpoint.status == "failed"
+    assert checkpoint.error is not None and "rejected by manager: no" in checkpoint.error
+    kinds = [e["kind"] for e in ledger.events("wf__v1/run-1")]
+    assert kinds.count("approval_failed_step") == 1
+    assert kinds.count("saga_compensating") == 1

@@ -68,13 +68,23 @@ class Approval:
 
     @property
     def ends_without_worker(self) -> bool:
-        """The decision completes the step by itself: an approve, or a reject with a
-        declared branch (a reject without one, or an expiry, fails the task on a worker)."""
-        if self.follow is None:
-            return False
-        return self.status == "approved" or (
-            self.status == "rejected" and self.follow.get("rejected") is not None
+        """The decision can end the Airflow task by itself (the follow lists were recorded
+        with the request): an approve or a branched reject succeeds it, a reject without a
+        branch or an expiry with ``at_deadline: fail`` fails it."""
+        return self.follow is not None and not self.pending
+
+    @property
+    def fails_step(self) -> bool:
+        """A reject with no declared branch, or a deadline whose outcome is ``fail``."""
+        return self.status == "expired" or (
+            self.status == "rejected"
+            and (self.follow is None or self.follow.get("rejected") is None)
         )
+
+    def failure_reason(self) -> str:
+        if self.status == "expired":
+            return f"approval {self.id}: no decision before the deadline (at_deadline: fail)"
+        return f"approval {self.id} rejected by {self.decided_by}: {self.comment or ''}".rstrip()
 
     def output(self) -> dict[str, Any]:
         """The approval step's output (its checkpoint; ``steps.<id>.output`` in templates)."""
@@ -494,3 +504,66 @@ def complete(ledger: Ledger, approval_id: int, via: str) -> dict[str, Any]:
             {"approval_id": approval.id, "decision": approval.status, "via": via},
         )
         return output
+
+
+def fail(ledger: Ledger, approval_id: int, via: str) -> str:
+    """Record a decided approval that fails its step (once): the attempt and the step
+    failed, the saga started. Returns the reason. Like ``complete``, whoever comes first
+    records it; the others find the step failed."""
+    from ledgerflow.errors import NonRetryableError
+
+    with ledger.begin() as conn:
+        lock = select(t.approvals).where(t.approvals.c.id == approval_id)
+        if ledger.dialect == "postgresql":
+            lock = lock.with_for_update()
+        row = conn.execute(lock).mappings().first()
+        if row is None:
+            raise ApprovalNotFound(f"no approval {approval_id}")
+        approval = _row(row)
+        reason = approval.failure_reason()
+        status = conn.execute(
+            select(t.steps.c.status).where(
+                t.steps.c.run_id == approval.run_id, t.steps.c.step_key == approval.step_key
+            )
+        ).scalar()
+        if status == "failed":
+            return reason
+        attempt_id = conn.execute(
+            select(t.attempts.c.id)
+            .where(
+                t.attempts.c.run_id == approval.run_id,
+                t.attempts.c.step_key == approval.step_key,
+                t.attempts.c.status == "running",
+            )
+            .order_by(t.attempts.c.id.desc())
+            .limit(1)
+        ).scalar()
+        if attempt_id is None:
+            attempt_id = ledger.begin_attempt(
+                run_id=approval.run_id,
+                step_key=approval.step_key,
+                step_id=approval.step_key,
+                map_index=-1,
+                try_number=0,
+                args={"approval_id": approval.id, "payload_hash": approval.payload_hash},
+                idempotency_key=f"approval:{approval.id}",
+                conn=conn,
+            )
+        ledger.fail_attempt(
+            run_id=approval.run_id,
+            step_key=approval.step_key,
+            attempt_id=int(attempt_id),
+            error=NonRetryableError(reason),
+            final=True,
+            conn=conn,
+        )
+        ledger._event(
+            conn,
+            approval.run_id,
+            approval.step_key,
+            "approval_failed_step",
+            {"approval_id": approval.id, "decision": approval.status, "via": via},
+        )
+    # What the task's failure callback does, done here too: the saga must not wait for it.
+    ledger.start_saga(approval.run_id, approval.step_key)
+    return reason

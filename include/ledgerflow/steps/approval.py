@@ -10,6 +10,7 @@ failed run (which compensates) when there is none; a deadline -> its declared ou
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -24,14 +25,6 @@ POLL_POSTGRES_S = 30.0
 POLL_SQLITE_S = 2.0
 
 
-class ApprovalRejected(Exception):
-    """The approver rejected and the step declares no ``on_reject`` branch."""
-
-
-class ApprovalExpired(Exception):
-    """The deadline passed with ``at_deadline: fail``."""
-
-
 def build_task(spec: WorkflowSpec, step: ApprovalStep, trigger_rule: str) -> BaseOperator:
     from ledgerflow.steps.saga import step_failed
 
@@ -39,10 +32,10 @@ def build_task(spec: WorkflowSpec, step: ApprovalStep, trigger_rule: str) -> Bas
         task_id=step.id,
         step_id=step.id,
         trigger_rule=trigger_rule,
-        # A rejection or an expired deadline is final; a lost worker before the
-        # deferral is retried and finds the same request.
-        retries=spec.retry_for(step).max_attempts - 1,
-        retry_delay=spec.retry_for(step).backoff.initial,
+        # Not retried by Airflow: a decision is final, and the decision ends the task
+        # itself (a retry would ask the same request again). Clear the task, or retry
+        # the run, to go through it once more: the same request is found.
+        retries=0,
         # The deadline lives in the trigger: an execution timeout would cut a wait of days.
         execution_timeout=None,
         doc_md=step.description or f"Approval: {step.subject}",
@@ -185,41 +178,16 @@ class ApprovalOperator(BaseOperator, SkipMixin):
         }
 
     def _complete(self, context: Any, ledger: Any, approval: Any) -> Any:
+        """On a worker (the decision came before the task deferred, or a request of an
+        older release): the same outcomes as ``task_end_event``."""
         from airflow.sdk.exceptions import AirflowFailException
 
         from ledgerflow.ledger import approvals
 
         step = self._step()[1]
-        failure: Exception | None = None
-        if approval.status == "expired":
-            failure = ApprovalExpired(
-                f"approval {approval.id}: no decision before the deadline (at_deadline: fail)"
-            )
-        elif approval.status == "rejected" and step.on_reject is None:
-            failure = ApprovalRejected(
-                f"approval {approval.id} rejected by {approval.decided_by}: {approval.comment or ''}"
-            )
-        if failure is None:
-            return self._follow(context, step, approvals.complete(ledger, approval.id, "worker"))
-        attempt_id = _running_attempt(ledger, approval.run_id, step.id)
-        if attempt_id is None:  # e.g. the attempt was marked lost by a concurrent retry
-            attempt_id = ledger.begin_attempt(
-                run_id=approval.run_id,
-                step_key=step.id,
-                step_id=step.id,
-                map_index=-1,
-                try_number=context["ti"].try_number,
-                args={"approval_id": approval.id, "payload_hash": approval.payload_hash},
-                idempotency_key=f"approval:{approval.id}",
-            )
-        ledger.fail_attempt(
-            run_id=approval.run_id,
-            step_key=step.id,
-            attempt_id=attempt_id,
-            error=failure,
-            final=True,
-        )
-        raise AirflowFailException(str(failure))
+        if approval.fails_step or (approval.status == "rejected" and step.on_reject is None):
+            raise AirflowFailException(approvals.fail(ledger, approval.id, "worker"))
+        return self._follow(context, step, approvals.complete(ledger, approval.id, "worker"))
 
     def _follow(self, context: Any, step: ApprovalStep, output: dict[str, Any]) -> Any:
         from ledgerflow.steps.branching import follow
@@ -236,11 +204,6 @@ class ApprovalOperator(BaseOperator, SkipMixin):
         return output
 
 
-def _running_attempt(ledger: Any, run_id: str, step_key: str) -> int | None:
-    running = [a for a in ledger.attempts(run_id, step_key) if a["status"] == "running"]
-    return int(running[-1]["id"]) if running else None
-
-
 def task_end_xcoms(approval: Any, output: dict[str, Any]) -> dict[str, Any]:
     """The XComs a decided approval's task ends with when no worker resumes it: its
     output, and the scheduler's "followed" list for the branch it takes."""
@@ -252,21 +215,33 @@ def task_end_xcoms(approval: Any, output: dict[str, Any]) -> dict[str, Any]:
     return xcoms
 
 
+def task_end_event(ledger: Any, approval: Any, via: str) -> Any:
+    """The event that ends a decided approval's task without a worker, after recording
+    the outcome in the ledger: success with the step's output and the branch's XComs, or
+    failure (whose callbacks the dag-processor runs; the saga is already started)."""
+    from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent
+
+    from ledgerflow.ledger import approvals
+
+    if approval.fails_step:
+        reason = approvals.fail(ledger, approval.id, via)
+        logging.getLogger(__name__).warning("%s: the step fails", reason)
+        return TaskFailedEvent()
+    output = approvals.complete(ledger, approval.id, via)
+    return TaskSuccessEvent(xcoms=task_end_xcoms(approval, output))
+
+
 def end_task_now(ledger: Any, approval: Any) -> bool:
-    """From the api-server, right after a decision: complete the step in the ledger and
-    end its deferred Airflow task as Airflow's own approval route does (the task
-    instance row locked, then ``handle_event_submit``), so the next task is scheduled
+    """From the api-server, right after a decision: record the outcome and end the
+    deferred Airflow task as Airflow's own approval route does (the task instance row
+    locked, then ``handle_event_submit``), so the next task (or the saga) is scheduled
     without waiting for the triggerer or a worker. Returns False (and changes nothing in
-    Airflow) when the task is not deferred, or when the decision must fail the task; the
-    trigger then handles it as usual."""
+    Airflow) when the task is not deferred; the trigger then ends it as usual."""
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.trigger import handle_event_submit
-    from airflow.triggers.base import TaskSuccessEvent
     from airflow.utils.session import create_session
     from airflow.utils.state import TaskInstanceState
     from sqlalchemy import select
-
-    from ledgerflow.ledger import approvals
 
     if not approval.ends_without_worker:
         return False
@@ -283,10 +258,7 @@ def end_task_now(ledger: Any, approval: Any) -> bool:
         ).one_or_none()
         if ti is None or ti.state != TaskInstanceState.DEFERRED:
             return False
-        output = approvals.complete(ledger, approval.id, "api")
         handle_event_submit(
-            TaskSuccessEvent(xcoms=task_end_xcoms(approval, output)),
-            task_instance=ti,
-            session=session,
+            task_end_event(ledger, approval, "api"), task_instance=ti, session=session
         )
     return True

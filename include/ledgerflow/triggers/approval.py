@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 log = logging.getLogger(__name__)
 
@@ -163,15 +163,13 @@ class ApprovalTrigger(BaseTrigger):
                 listener.unregister(self.approval_id, wake)
 
     async def _event(self, ledger: Any, approval: Any) -> TriggerEvent:
-        """An approve, or a reject with a branch, ends the task right here (its checkpoint
-        completed, the branch's "followed" XCom set): no worker has to resume it. A
-        decision that fails the task resumes it on a worker, which raises there."""
-        from ledgerflow.ledger import approvals
-        from ledgerflow.steps.approval import task_end_xcoms
+        """The decision ends the task right here (its outcome recorded in the ledger; on
+        success the branch's "followed" XCom set): no worker has to resume it. Only a
+        request without follow lists (made by an older release) resumes on a worker."""
+        from ledgerflow.steps.approval import task_end_event
 
         if approval.ends_without_worker:
-            output = await asyncio.to_thread(approvals.complete, ledger, approval.id, "triggerer")
-            return TaskSuccessEvent(xcoms=task_end_xcoms(approval, output))
+            return await asyncio.to_thread(task_end_event, ledger, approval, "triggerer")
         return TriggerEvent(
             {
                 "approval_id": approval.id,
