@@ -170,9 +170,15 @@ def test_run_page_escapes_and_shows_no_secret(ledger: Ledger) -> None:
     ledger.record_event(RUN, "charge", "note", {"html": "<script>alert(1)</script>"})
     doc = runview.run_document(ledger, RUN)
     html = _runs._page(
-        "run", title="t", root="/ledgerflow", caller=Caller("admin", frozenset()), d=doc
+        "run",
+        title="t",
+        root="/ledgerflow",
+        caller=Caller("admin", frozenset()),
+        d=doc,
+        csrf="f" * 64,
     )
     assert "<script>alert(1)" not in html
+    assert 'id="retry-form"' in html and 'value="' + "f" * 64 + '"' in html
     assert "sk-live-123" not in html and "tok-secret" not in html
     assert 'id="retry-chain"' in html and "ledgerflow_retry__" in html
     assert "demo.refund_payment" in html and "compensated" in html
