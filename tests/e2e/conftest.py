@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,3 +193,12 @@ def stack(
             timeout=180,
         )
         yield stack
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """A Playwright browser on Debian's headless chromium (``ledgerflow.testing.browser``)."""
+    from ledgerflow.testing.browser import chromium
+
+    with chromium() as browser:
+        yield browser

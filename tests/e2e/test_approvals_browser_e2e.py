@@ -10,9 +10,7 @@ exists (scripts/test.sh makes it); the paths are printed.
 from __future__ import annotations
 
 import secrets
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,37 +19,13 @@ import pytest
 from ledgerflow.ledger import approvals
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.testing.airflow_stack import AirflowStack
+from ledgerflow.testing.browser import TIMEOUT_MS, keep, log_in
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = Path("/usr/bin/chromium")
-KEEP = Path(__file__).resolve().parents[2] / "test-output"
-LAUNCH_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+KEEP = Path(__file__).resolve().parents[2] / "test-output"  # scripts/test.sh makes it
+
 DAG_ID = "onboarding__v1"
-TIMEOUT_MS = 60_000
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: scripts/test.sh installs Debian's chromium package")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def wait_for_pending(ledger: Ledger, run_id: str, timeout: float = 180.0) -> approvals.Approval:
@@ -64,16 +38,6 @@ def wait_for_pending(ledger: Ledger, run_id: str, timeout: float = 180.0) -> app
         if time.monotonic() > deadline:
             raise TimeoutError(f"no approval request for {run_id} after {timeout:.0f}s")
         time.sleep(0.5)
-
-
-def log_in(page: Any, stack: AirflowStack, user: str) -> None:
-    page.goto(stack.base_url + "/")
-    page.wait_for_url("**/auth/login**", timeout=TIMEOUT_MS)
-    page.fill("input[name=username]", user)
-    page.fill("input[name=password]", stack.password(user))
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(lambda url: "/auth/login" not in url, timeout=TIMEOUT_MS)
-    page.get_by_role("button", name="Browse").wait_for(timeout=TIMEOUT_MS)
 
 
 def test_manager_approves_an_onboarding_run_in_the_browser(
@@ -114,10 +78,7 @@ def test_manager_approves_an_onboarding_run_in_the_browser(
     page.screenshot(path=str(shot), full_page=True)
     context.close()
     assert shot.stat().st_size > 0
-    print(f"\nscreenshot: {shot}")
-    if KEEP.is_dir():  # scripts/test.sh's output folder: the screenshot outlives pytest's tmp
-        shutil.copy(shot, KEEP / shot.name)
-        print(f"screenshot: {KEEP / shot.name}")
+    keep(shot, folder=KEEP)
 
     stored = approvals.get(ledger, approval.id)
     assert (stored.status, stored.decided_by, stored.comment) == ("approved", "manager", comment)

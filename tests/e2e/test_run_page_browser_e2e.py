@@ -11,9 +11,7 @@ is saved under the test's tmp path and copied to test-output/ when that folder e
 from __future__ import annotations
 
 import secrets
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,47 +21,13 @@ import pytest
 
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.testing.airflow_stack import AirflowStack
+from ledgerflow.testing.browser import TIMEOUT_MS, keep, log_in
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = Path("/usr/bin/chromium")
-KEEP = Path(__file__).resolve().parents[2] / "test-output"
-LAUNCH_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+KEEP = Path(__file__).resolve().parents[2] / "test-output"  # scripts/test.sh makes it
+
 DAG_ID = "checkout__v1"
-TIMEOUT_MS = 60_000
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: scripts/test.sh installs Debian's chromium package")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-def log_in(page: Any, stack: AirflowStack, user: str) -> None:
-    page.goto(stack.base_url + "/")
-    page.wait_for_url("**/auth/login**", timeout=TIMEOUT_MS)
-    page.fill("input[name=username]", user)
-    page.fill("input[name=password]", stack.password(user))
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(lambda url: "/auth/login" not in url, timeout=TIMEOUT_MS)
-    page.get_by_role("button", name="Browse").wait_for(timeout=TIMEOUT_MS)
 
 
 def ledger_finished(ledger: Ledger, run_id: str, timeout: float = 120.0) -> dict[str, Any]:
@@ -161,11 +125,7 @@ def test_run_page_of_a_compensated_run_with_its_retry(
     frame_shot = tmp_path / "run-page-compensated-retried-full.png"
     full.screenshot(path=str(frame_shot), full_page=True)
     assert shot.stat().st_size > 0 and frame_shot.stat().st_size > 0
-    print(f"\nscreenshots: {shot} {frame_shot}")
-    if KEEP.is_dir():  # scripts/test.sh's output folder: the screenshots outlive pytest's tmp
-        for path in (shot, frame_shot):
-            shutil.copy(path, KEEP / path.name)
-            print(f"screenshot: {KEEP / path.name}")
+    keep(shot, frame_shot, folder=KEEP)
 
     # Airflow's own page of the run has a Ledgerflow tab showing this run page.
     page.goto(
