@@ -115,3 +115,21 @@ def server_secret() -> bytes:
 
 
 _RANDOM = os.urandom(32)
+
+
+def may_create_runs(user: Any, dag_id: str) -> bool:
+    """Airflow's own rule for triggering a DAG (``POST`` on its runs) for this user."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import (
+        DagAccessEntity,
+        DagDetails,
+    )
+
+    return bool(
+        get_auth_manager().is_authorized_dag(
+            method="POST",
+            access_entity=DagAccessEntity.RUN,
+            details=DagDetails(id=dag_id),
+            user=user,
+        )
+    )

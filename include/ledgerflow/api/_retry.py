@@ -14,6 +14,7 @@ from airflow.api_fastapi.core_api.security import GetUserDep
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from ledgerflow.api._auth import may_create_runs
 from ledgerflow.ledger.store import Ledger
 
 
@@ -23,23 +24,6 @@ class RetryBody(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     from_step: str | None = Field(default=None, alias="from", min_length=1, max_length=100)
-
-
-def may_trigger(user: Any, dag_id: str) -> bool:
-    from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.models.resource_details import (
-        DagAccessEntity,
-        DagDetails,
-    )
-
-    return bool(
-        get_auth_manager().is_authorized_dag(
-            method="POST",
-            access_entity=DagAccessEntity.RUN,
-            details=DagDetails(id=dag_id),
-            user=user,
-        )
-    )
 
 
 def retry_router(source: Callable[[], Ledger]) -> APIRouter:
@@ -54,7 +38,7 @@ def retry_router(source: Callable[[], Ledger]) -> APIRouter:
         from_step = body.from_step if body is not None else None
         try:
             plan = plan_retry(ledger, run_id, from_step, state_of=airflow_state)
-            if not may_trigger(user, plan.dag_id):
+            if not may_create_runs(user, plan.dag_id):
                 raise HTTPException(403, f"{user.get_name()} may not trigger runs of {plan.dag_id}")
             started = start_retry(ledger, plan, user=str(user.get_name()), via="rest_api")
         except RetryRefused as exc:

@@ -26,7 +26,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from markupsafe import Markup
 
 from ledgerflow.api import _render
-from ledgerflow.api._auth import Caller, form_token, form_token_ok, roles_of, server_secret
+from ledgerflow.api._auth import (
+    Caller,
+    form_token,
+    form_token_ok,
+    may_create_runs,
+    roles_of,
+    server_secret,
+)
 from ledgerflow.ledger import runview
 from ledgerflow.ledger.store import Ledger
 
@@ -401,7 +408,6 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
         from_step: Annotated[str, Form(max_length=100)] = "",
     ) -> HTMLResponse | RedirectResponse:
         """The run page's Retry button: the same retry as ``POST /api/runs/{id}/retry``."""
-        from ledgerflow.api._retry import may_trigger
         from ledgerflow.retries import RetryRefused, airflow_state, plan_retry, start_retry
 
         caller = _caller(user)
@@ -415,7 +421,7 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
         ledger = source()
         try:
             plan = plan_retry(ledger, run_id, from_step or None, state_of=airflow_state)
-            if not may_trigger(user, plan.dag_id):
+            if not may_create_runs(user, plan.dag_id):
                 raise HTTPException(403, f"{caller.name} may not trigger runs of {plan.dag_id}")
             started = start_retry(ledger, plan, user=caller.name, via="ui")
         except RetryRefused as exc:

@@ -48,23 +48,9 @@ class TriggerBody(BaseModel):
 
 
 def _may_trigger(user: Any) -> Callable[[str], bool]:
-    def check(dag_id: str) -> bool:
-        from airflow.api_fastapi.app import get_auth_manager
-        from airflow.api_fastapi.auth.managers.models.resource_details import (
-            DagAccessEntity,
-            DagDetails,
-        )
+    from ledgerflow.api._auth import may_create_runs
 
-        return bool(
-            get_auth_manager().is_authorized_dag(
-                method="POST",
-                access_entity=DagAccessEntity.RUN,
-                details=DagDetails(id=dag_id),
-                user=user,
-            )
-        )
-
-    return check
+    return lambda dag_id: may_create_runs(user, dag_id)
 
 
 def _answer(launched: Launched) -> JSONResponse:
