@@ -11,7 +11,7 @@ failed run (which compensates) when there is none; a deadline -> its declared ou
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -215,7 +215,7 @@ def task_end_xcoms(approval: Any, output: dict[str, Any]) -> dict[str, Any]:
     return xcoms
 
 
-def task_end_event(ledger: Any, approval: Any, via: str) -> Any:
+def task_end_event(ledger: Any, approval: Any, via: str, *, xcoms: bool = True) -> Any:
     """The event that ends a decided approval's task without a worker, after recording
     the outcome in the ledger: success with the step's output and the branch's XComs, or
     failure (whose callbacks the dag-processor runs; the saga is already started)."""
@@ -228,7 +228,7 @@ def task_end_event(ledger: Any, approval: Any, via: str) -> Any:
         logging.getLogger(__name__).warning("%s: the step fails", reason)
         return TaskFailedEvent()
     output = approvals.complete(ledger, approval.id, via)
-    return TaskSuccessEvent(xcoms=task_end_xcoms(approval, output))
+    return TaskSuccessEvent(xcoms=task_end_xcoms(approval, output) if xcoms else None)
 
 
 def end_task_now(ledger: Any, approval: Any) -> bool:
@@ -258,7 +258,48 @@ def end_task_now(ledger: Any, approval: Any) -> bool:
         ).one_or_none()
         if ti is None or ti.state != TaskInstanceState.DEFERRED:
             return False
-        handle_event_submit(
-            task_end_event(ledger, approval, "api"), task_instance=ti, session=session
-        )
+        # No XComs from here: the trigger of this task may be firing at the same moment
+        # (its read of the task instance is not locked) and would insert the same XCom
+        # rows; a duplicate key there stops the whole triggerer. The branch not taken is
+        # skipped directly instead, as Airflow's own "skip downstream" route does.
+        event = task_end_event(ledger, approval, "api", xcoms=False)
+        handle_event_submit(event, task_instance=ti, session=session)
+        if not approval.fails_step:
+            _skip_branch_not_taken(session, ti, approval)
     return True
+
+
+def _skip_branch_not_taken(session: Any, ti: Any, approval: Any) -> None:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.state import TaskInstanceState
+    from sqlalchemy import or_, update
+
+    follow = approval.follow or {}
+    if follow.get("rejected") is None:
+        return  # no branch declared: everything downstream runs
+    downstream = set(follow.get("approved") or []) | set(follow["rejected"])
+    skip = downstream - set(follow.get(approval.status) or [])
+    if not skip:
+        return
+    now = datetime.now(timezone.utc)
+    session.execute(
+        update(TaskInstance)
+        .where(
+            TaskInstance.dag_id == ti.dag_id,
+            TaskInstance.run_id == ti.run_id,
+            TaskInstance.task_id.in_(sorted(skip)),
+            # Never overwrite a task that is running or done.
+            or_(
+                TaskInstance.state.is_(None),
+                TaskInstance.state.not_in(
+                    [
+                        TaskInstanceState.RUNNING,
+                        TaskInstanceState.SUCCESS,
+                        TaskInstanceState.FAILED,
+                    ]
+                ),
+            ),
+        )
+        .values(state=TaskInstanceState.SKIPPED, start_date=now, end_date=now)
+        .execution_options(synchronize_session=False)
+    )
