@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -40,7 +41,11 @@ class Listener:
     is set when that approval's NOTIFY arrives (and for everyone after a reconnect,
     since notifications sent while disconnected are lost)."""
 
-    _by_loop: dict[tuple[str, int], Listener] = {}
+    # Per event loop (weakly: a loop that is gone takes its listeners with it; keying by
+    # id(loop) would hand a new loop, which may reuse the id, a dead loop's listener).
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Listener]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
@@ -51,10 +56,10 @@ class Listener:
     @classmethod
     def shared(cls, sqlalchemy_url: str) -> Listener:
         dsn = "postgresql://" + sqlalchemy_url.split("://", 1)[1]
-        key = (dsn, id(asyncio.get_running_loop()))
-        listener = cls._by_loop.get(key)
+        listeners = cls._by_loop.setdefault(asyncio.get_running_loop(), {})
+        listener = listeners.get(dsn)
         if listener is None:
-            listener = cls._by_loop[key] = cls(dsn)
+            listener = listeners[dsn] = cls(dsn)
         return listener
 
     def register(self, approval_id: int) -> asyncio.Event:
