@@ -302,6 +302,7 @@ class LlmOperator(BaseOperator, SkipMixin):
 
     ui_color = "#eee6fb"
     template_fields = ()
+    inherits_from_skipmixin = True  # see steps.branching
 
     def __init__(self, *, step_id: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)

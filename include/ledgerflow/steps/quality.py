@@ -345,6 +345,7 @@ class QualityOperator(BaseOperator, SkipMixin):
 
     ui_color = "#e6f4ea"
     template_fields = ()
+    inherits_from_skipmixin = True  # see steps.branching
 
     def __init__(self, *, step_id: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
