@@ -1,0 +1,268 @@
+"""The lifecycle of every durable record, as data: statuses and their allowed transitions.
+
+Each record kind (run, step, attempt, effect, saga, compensation, approval, dead letter)
+has an enum of statuses and one ``Machine`` that says which status may follow which.
+The ledger writes a status only through ``Machine.check`` (or a guarded UPDATE built from
+``Machine.sources``), so an illegal transition is refused with ``IllegalTransition``
+instead of being stored. ``docs/lifecycle.md`` draws these machines; a unit test checks
+that the drawing and this module agree.
+
+The values are the strings stored in the ledger (``str`` enums compare equal to them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+from ledgerflow.errors import LedgerflowError
+
+
+class RunStatus(str, Enum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class StepStatus(str, Enum):
+    RUNNING = "running"
+    RETRYING = "retrying"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    # The saga undid the step's effect: its output describes something that no longer
+    # exists, so neither this run (after a clear) nor a retry run may reuse it.
+    COMPENSATED = "compensated"
+
+
+class AttemptStatus(str, Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    # A later attempt found this one still running: its process was killed or lost.
+    LOST = "lost"
+
+
+class EffectStatus(str, Enum):
+    PENDING = "pending"  # the key is claimed, the call's result not yet recorded
+    DONE = "done"
+    COMPENSATED = "compensated"  # undone by the saga: never reused under any key kind
+
+
+class SagaStatus(str, Enum):
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"  # at least one completed step was undone
+    COMPENSATION_FAILED = "compensation_failed"
+    NOTHING_TO_COMPENSATE = "nothing_to_compensate"  # failed, nothing was undone
+
+
+class CompensationStatus(str, Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    NOT_NEEDED = "not_needed"  # the step did not complete
+    NOT_COMPENSABLE = "not_compensable"  # completed, declares no compensate
+
+
+class ApprovalStatus(str, Enum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    # The run's task can no longer resume (its run ended while the approval waited).
+    ABANDONED = "abandoned"
+
+
+class DeadLetterStatus(str, Enum):
+    OPEN = "open"
+    RESOLVED = "resolved"
+
+
+class IllegalTransition(LedgerflowError):
+    """The ledger refused a status change its lifecycle does not allow."""
+
+    code = "illegal_transition"
+
+    def __init__(self, machine: str, current: str | None, new: str, subject: str = "") -> None:
+        self.machine = machine
+        self.current = current
+        self.new = new
+        self.subject = subject
+        where = f" of {subject}" if subject else ""
+        super().__init__(
+            f"{machine}{where}: {current or '(none)'} -> {new} is not an allowed transition"
+        )
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.machine, self.current, self.new, self.subject))
+
+
+# ``None`` stands for "no record yet".
+Transitions = Mapping[str | None, frozenset[str]]
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    statuses: tuple[str, ...]
+    transitions: Transitions
+    terminal: frozenset[str]
+
+    def allowed(self, current: str | None, new: str) -> bool:
+        return _value(new) in self.transitions.get(_value(current), frozenset())
+
+    def check(self, current: str | None, new: str, subject: str = "") -> None:
+        """Raise ``IllegalTransition`` unless ``current -> new`` is allowed."""
+        if not self.allowed(current, new):
+            raise IllegalTransition(self.name, _value(current), _value(new) or "", subject)
+
+    def sources(self, new: str) -> list[str]:
+        """The statuses from which ``new`` may be reached (for a guarded UPDATE)."""
+        value = _value(new)
+        return sorted(s for s, targets in self.transitions.items() if s and value in targets)
+
+    def edges(self) -> Iterable[tuple[str | None, str]]:
+        for source, targets in self.transitions.items():
+            for target in sorted(targets):
+                yield source, target
+
+
+def _value(status: str | Enum | None) -> str | None:
+    if status is None:
+        return None
+    return str(status.value) if isinstance(status, Enum) else str(status)
+
+
+def _machine(name: str, kind: type[Enum], edges: dict[str | None, Iterable[Enum]]) -> Machine:
+    transitions = {
+        _value(source): frozenset(str(t.value) for t in targets)
+        for source, targets in edges.items()
+    }
+    statuses = tuple(str(s.value) for s in kind)
+    terminal = frozenset(s for s in statuses if not transitions.get(s))
+    return Machine(name, statuses, transitions, terminal)
+
+
+R, S, A, E, G, C, P, D = (
+    RunStatus,
+    StepStatus,
+    AttemptStatus,
+    EffectStatus,
+    SagaStatus,
+    CompensationStatus,
+    ApprovalStatus,
+    DeadLetterStatus,
+)
+
+RUN = _machine(
+    "run",
+    RunStatus,
+    {
+        None: [R.RUNNING, R.FAILED],  # FAILED: a retry run that Airflow refused to create
+        R.RUNNING: [R.RUNNING, R.SUCCEEDED, R.FAILED],
+        # A task cleared in Airflow reopens a finished run.
+        R.SUCCEEDED: [R.SUCCEEDED, R.RUNNING],
+        R.FAILED: [R.FAILED, R.RUNNING],
+    },
+)
+
+STEP = _machine(
+    "step",
+    StepStatus,
+    {
+        # COMPLETED from nothing: a checkpoint adopted from the retry chain.
+        None: [S.RUNNING, S.SKIPPED, S.COMPLETED],
+        S.RUNNING: [S.RUNNING, S.COMPLETED, S.RETRYING, S.FAILED],
+        S.RETRYING: [S.RUNNING, S.FAILED],
+        S.FAILED: [S.RUNNING],  # a cleared task tries again
+        S.COMPLETED: [S.COMPENSATED],
+        S.COMPENSATED: [S.RUNNING],  # a cleared task performs it again, as a new effect
+        S.SKIPPED: [],
+    },
+)
+
+ATTEMPT = _machine(
+    "attempt",
+    AttemptStatus,
+    {
+        None: [A.RUNNING],
+        A.RUNNING: [A.COMPLETED, A.FAILED, A.LOST],
+    },
+)
+
+EFFECT = _machine(
+    "effect",
+    EffectStatus,
+    {
+        None: [E.PENDING, E.DONE],
+        E.PENDING: [E.DONE],
+        E.DONE: [E.COMPENSATED],
+        # Terminal: performing the step again is a new effect under a new key.
+        E.COMPENSATED: [],
+    },
+)
+
+SAGA = _machine(
+    "saga",
+    SagaStatus,
+    {
+        None: [G.COMPENSATING],
+        G.COMPENSATING: [G.COMPENSATED, G.COMPENSATION_FAILED, G.NOTHING_TO_COMPENSATE],
+        # A compensation task retried or cleared after the saga ended runs it again.
+        G.COMPENSATION_FAILED: [G.COMPENSATING],
+        G.COMPENSATED: [G.COMPENSATING],
+        G.NOTHING_TO_COMPENSATE: [G.COMPENSATING],
+    },
+)
+
+COMPENSATION = _machine(
+    "compensation",
+    CompensationStatus,
+    {
+        None: [C.RUNNING, C.NOT_NEEDED, C.NOT_COMPENSABLE],
+        C.RUNNING: [C.RUNNING, C.COMPLETED, C.FAILED],
+        C.FAILED: [C.RUNNING, C.FAILED],
+        C.NOT_NEEDED: [C.NOT_NEEDED, C.RUNNING],
+        C.NOT_COMPENSABLE: [C.NOT_COMPENSABLE],
+        C.COMPLETED: [C.COMPLETED],
+    },
+)
+
+APPROVAL = _machine(
+    "approval",
+    ApprovalStatus,
+    {
+        None: [P.PENDING],
+        P.PENDING: [P.APPROVED, P.REJECTED, P.EXPIRED, P.ABANDONED],
+    },
+)
+
+DEAD_LETTER = _machine(
+    "dead letter",
+    DeadLetterStatus,
+    {
+        None: [D.OPEN],
+        D.OPEN: [D.RESOLVED],
+    },
+)
+
+MACHINES: dict[str, Machine] = {
+    m.name: m for m in (RUN, STEP, ATTEMPT, EFFECT, SAGA, COMPENSATION, APPROVAL, DEAD_LETTER)
+}
+
+# A run "has ended" for the retry rules when Airflow's DagRun ended; these are the run
+# statuses a retry chain may continue from.
+RETRYABLE_RUN_STATUSES = frozenset({RunStatus.FAILED.value})
+
+
+def mermaid(machine: Machine) -> str:
+    """The machine as a Mermaid ``stateDiagram-v2`` (what ``docs/lifecycle.md`` shows)."""
+    lines = ["stateDiagram-v2"]
+    for source, target in machine.edges():
+        if source == target:
+            continue
+        lines.append(f"    {source or '[*]'} --> {target}")
+    for status in sorted(machine.terminal):
+        lines.append(f"    {status} --> [*]")
+    return "\n".join(lines)
