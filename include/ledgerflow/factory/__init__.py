@@ -17,25 +17,27 @@ from ledgerflow.spec.models import ParamSpec, ToolStep, WorkflowSpec
 if TYPE_CHECKING:
     from airflow.sdk import DAG
 
-_SPECS: dict[str, WorkflowSpec] = {}
-_SPEC_FILES: dict[str, Path] = {}
-# The SHA-256 of each DAG's workflow file, recorded with every run it starts.
-_SPEC_HASHES: dict[str, str] = {}
+# Re-exported: the registry of built specs lives in spec.loaded (no import cycle with steps).
+from ledgerflow.spec.loaded import (
+    _SPEC_FILES,
+    _SPEC_HASHES,
+    _SPECS,
+    spec_for_dag,
+    spec_hash,
+    topological_order,
+)
 
-
-def spec_for_dag(dag_id: str) -> WorkflowSpec:
-    """The spec a DAG was built from in this process."""
-    try:
-        return _SPECS[dag_id]
-    except KeyError:
-        from ledgerflow.errors import LedgerflowError
-
-        raise LedgerflowError(f"no Ledgerflow workflow is loaded for DAG {dag_id!r}") from None
-
-
-def spec_hash(dag_id: str) -> str | None:
-    """The content hash of the workflow file a DAG was built from in this process."""
-    return _SPEC_HASHES.get(dag_id)
+__all__ = [
+    "_SPECS",
+    "_SPEC_FILES",
+    "_SPEC_HASHES",
+    "build_dag",
+    "dag_for_spec_file",
+    "display_path",
+    "spec_for_dag",
+    "spec_hash",
+    "topological_order",
+]
 
 
 def display_path(yaml_path: Path) -> str:
@@ -200,21 +202,6 @@ def _kind_builder(kind: str) -> Any:
 
     module = {"approval": "approval", "llm": "llm", "quality": "quality"}[kind]
     return importlib.import_module(f"ledgerflow.steps.{module}").build_task
-
-
-def topological_order(spec: WorkflowSpec) -> list[str]:
-    """Step ids, each after everything it needs (ties in file order)."""
-    done: list[str] = []
-    placed: set[str] = set()
-    remaining = list(spec.steps)
-    while remaining:
-        for step in remaining:
-            if set(step.needs) <= placed:
-                done.append(step.id)
-                placed.add(step.id)
-                remaining.remove(step)
-                break
-    return done
 
 
 def _add_compensations(spec: WorkflowSpec, tasks: dict[str, Any]) -> None:

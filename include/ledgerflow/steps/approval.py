@@ -18,11 +18,31 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.bases.skipmixin import SkipMixin
 
 from ledgerflow.spec.models import ApprovalStep, WorkflowSpec
+from ledgerflow.steps.kernel import Rendered, StepKind, prologue
 
 # Safety-net poll of a parked approval: NOTIFY wakes it at once on Postgres; SQLite
 # has no NOTIFY, so there the poll is how a decision is seen.
 POLL_POSTGRES_S = 30.0
 POLL_SQLITE_S = 2.0
+
+
+class ApprovalKind(StepKind):
+    """An approval renders what the approver will see; its work is the wait itself,
+    parked in the triggerer (``ApprovalOperator``), and its commit is the decision
+    (``ledger.approvals.complete``), so it uses the kernel's prologue only."""
+
+    def __init__(self, step: ApprovalStep) -> None:
+        self.step = step
+
+    def render(self, context: dict[str, Any]) -> Rendered:
+        from ledgerflow.spec.templates import render_value
+
+        shown = {
+            "subject": render_value(self.step.subject, context),
+            "body": render_value(self.step.body, context),
+            "payload": render_value(self.step.payload, context),
+        }
+        return Rendered(args={}, extra=shown)
 
 
 def build_task(spec: WorkflowSpec, step: ApprovalStep, trigger_rule: str) -> BaseOperator:
@@ -55,7 +75,7 @@ class ApprovalOperator(BaseOperator, SkipMixin):
         self.step_id = step_id
 
     def _step(self) -> tuple[WorkflowSpec, ApprovalStep]:
-        from ledgerflow.factory import spec_for_dag
+        from ledgerflow.spec.loaded import spec_for_dag
 
         spec = spec_for_dag(self.dag_id)
         step = spec.step(self.step_id)
@@ -67,39 +87,43 @@ class ApprovalOperator(BaseOperator, SkipMixin):
 
         from ledgerflow.ledger import approvals
         from ledgerflow.ledger.store import Ledger, now
-        from ledgerflow.spec.templates import evaluate, render_value
-        from ledgerflow.spec.validate import referenced_steps
-        from ledgerflow.steps.operator import run_ref
-        from ledgerflow.steps.protocol import register_run, reuse_from_lineage, template_context
+        from ledgerflow.steps.kernel import Attempt, record_failure
+        from ledgerflow.steps.operator import run_params, run_ref
         from ledgerflow.triggers.approval import ApprovalTrigger
 
         spec, step = self._step()
         ledger = Ledger.from_airflow()
         ledger.migrate()
         run = run_ref(context)
-        params = dict(context["params"])
+        kind = ApprovalKind(step)
+        try_number = context["ti"].try_number
         with ledger.begin() as conn:
-            checkpoint, outputs = ledger.checkpoint_and_outputs(
-                run.run_id, step.id, referenced_steps(spec, step), conn
-            )
-            if checkpoint is None and not outputs:
-                register_run(ledger, spec, run, params, conn)
-            if checkpoint is None and run.retry_of is not None:
-                # A retry run: a decision taken in its lineage is not asked for again.
-                checkpoint = reuse_from_lineage(ledger, spec, run, step.id, step.id, conn)
-        if checkpoint is not None and checkpoint.status == "completed":
+            # The kernel's part: registration, reuse (this run, then the retry chain: a
+            # decision taken there is not asked for again), ``when``, rendering.
+            found = prologue(ledger, spec, step, run, kind, conn, params=run_params(spec, context))
+        if found.reused is not None:
             # Decided earlier (a cleared or retried task): the same decision, no new request.
-            ledger.record_event(run.run_id, step.id, "checkpoint_reused")
-            return self._follow(context, step, checkpoint.output)
-        ctx = template_context(ledger, spec, run, params, None, -1, outputs=outputs)
-        if step.when is not None and not evaluate(step.when, ctx):
-            ledger.mark_step(
-                run_id=run.run_id, step_key=step.id, step_id=step.id, map_index=-1, status="skipped"
-            )
+            return self._follow(context, step, found.reused.output)
+        if found.skipped:
             raise AirflowSkipException(f"`when: {step.when}` is false")
-        subject = render_value(step.subject, ctx)
-        body = render_value(step.body, ctx)
-        payload = render_value(step.payload, ctx)
+        if found.error is not None or found.rendered is None:
+            error = found.error or RuntimeError("approval step rendered nothing")
+            attempt = Attempt(
+                ledger, spec, step, run, found.key, -1, try_number, Rendered({}), {}, True
+            )
+            attempt.attempt_id = ledger.begin_attempt(
+                run_id=run.run_id,
+                step_key=step.id,
+                step_id=step.id,
+                map_index=-1,
+                try_number=try_number,
+                args={},
+                idempotency_key=None,
+                first=found.checkpoint is None,
+            )
+            record_failure(attempt, error, final=True)
+            raise error
+        shown = found.rendered.extra
         approval, created = approvals.request(
             ledger,
             run_id=run.run_id,
@@ -108,9 +132,9 @@ class ApprovalOperator(BaseOperator, SkipMixin):
             task_id=self.task_id,
             workflow=spec.name,
             version=spec.version,
-            subject=str(subject),
-            body=str(body),
-            payload=payload,
+            subject=str(shown["subject"]),
+            body=str(shown["body"]),
+            payload=shown["payload"],
             approvers={"users": list(step.approvers.users), "roles": list(step.approvers.roles)},
             deadline=now() + timedelta(seconds=step.deadline.total_seconds()),
             at_deadline=approvals.deadline_chain(step.at_deadline),
@@ -121,10 +145,10 @@ class ApprovalOperator(BaseOperator, SkipMixin):
             step_key=step.id,
             step_id=step.id,
             map_index=-1,
-            try_number=context["ti"].try_number,
+            try_number=try_number,
             args={"approval_id": approval.id, "payload_hash": approval.payload_hash},
             idempotency_key=f"approval:{approval.id}",
-            first=checkpoint is None,
+            first=found.checkpoint is None,
         )
         if created:
             approvals.notify(ledger, approval)

@@ -24,24 +24,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.bases.skipmixin import SkipMixin
-from jinja2 import TemplateError
+from sqlalchemy import Connection
 
-from ledgerflow import faults
-from ledgerflow.errors import InjectedFault, NonRetryableError, ToolError
-from ledgerflow.ledger.store import Ledger
+from ledgerflow.errors import NonRetryableError, ToolError
+from ledgerflow.ledger.store import Checkpoint, Ledger
 from ledgerflow.spec.models import LlmStep, WorkflowSpec
 from ledgerflow.spec.templates import evaluate, render_value
-from ledgerflow.spec.validate import referenced_steps
-from ledgerflow.steps.protocol import (
+from ledgerflow.steps.kernel import (
+    Attempt,
+    Committed,
+    Rendered,
     RunRef,
-    StepSkipped,
-    TemplateRenderError,
-    _record_failure,
-    register_run,
-    reuse_from_lineage,
-    template_context,
+    StepKind,
+    StepResult,
+    run_step,
 )
+from ledgerflow.steps.operator import LedgerflowOperator
+from ledgerflow.steps.retry import final_attempt
 
 
 class LlmOutputRejected(NonRetryableError):
@@ -66,9 +65,92 @@ class LlmResult:
 def call_key(spec: WorkflowSpec, step: LlmStep, run: RunRef, context: dict[str, Any]) -> str:
     if step.idempotency is not None:
         return f"{spec.name}:{step.id}:{render_value(step.idempotency.key, context)}"
-    # Run-scoped: a retry run reuses a completed answer through its lineage's checkpoint
-    # (protocol.reuse_from_lineage); a step it re-runs on purpose (--from) asks afresh.
+    # Run-scoped: a retry run reuses a completed answer through its retry chain's
+    # checkpoint (the kernel); a step it re-runs on purpose (--from) asks afresh.
     return f"llm:{run.run_id}:{step.id}"
+
+
+class LlmKind(StepKind):
+    """Ask the model (or find the answer recorded under the key); decide the path."""
+
+    tool_errors = (LlmOutputRejected,)
+
+    def __init__(self, spec: WorkflowSpec, step: LlmStep, run: RunRef, hook: Any = None) -> None:
+        self.spec = spec
+        self.step = step
+        self.run = run
+        self.hook = hook
+
+    def render(self, context: dict[str, Any]) -> Rendered:
+        system_prompt = str(render_value(self.step.system_prompt, context))
+        prompt = str(render_value(self.step.prompt, context))
+        return Rendered(
+            args={"conn_id": self.step.conn_id, "prompt": prompt},
+            idempotency_key=call_key(self.spec, self.step, self.run, context),
+            extra={"system_prompt": system_prompt, "prompt": prompt},
+            letter_args={},
+        )
+
+    def prepare(self, attempt: Attempt, conn: Connection) -> Any:
+        from ledgerflow.ledger import llm as calls
+
+        # A first attempt under the run-scoped default key cannot have an answer yet.
+        if attempt.first and self.step.idempotency is None:
+            return None
+        assert attempt.rendered.idempotency_key is not None
+        return calls.find(attempt.ledger, attempt.rendered.idempotency_key, conn)
+
+    def perform(self, attempt: Attempt, db: Connection | None) -> Any:
+        if attempt.prepared is not None:
+            return attempt.prepared
+        extra = attempt.rendered.extra
+        return _ask(self.step, self.hook, extra["system_prompt"], extra["prompt"])
+
+    def commit(self, attempt: Attempt, outcome: Any, conn: Connection) -> Committed:
+        """The answer (under its key) and the checkpoint commit together, so a retry finds
+        both or neither; a crash before the commit asks again, once."""
+        from ledgerflow.ledger import llm as calls
+
+        step, context = self.step, attempt.context
+        reused = attempt.prepared is not None
+        path, reason, output = decide(step, outcome.status, outcome.output, outcome.errors, context)
+        if not reused:
+            assert attempt.rendered.idempotency_key is not None
+            stored, inserted = calls.record(
+                attempt.ledger,
+                key=attempt.rendered.idempotency_key,
+                run_id=attempt.run.run_id,
+                step_key=attempt.key,
+                system_prompt=attempt.rendered.extra["system_prompt"],
+                prompt=attempt.rendered.extra["prompt"],
+                outcome=outcome,
+                path=path,
+                reason=reason,
+                conn=conn,
+            )
+            if not inserted:  # a concurrent twin recorded its answer first: follow it
+                reused = True
+                path, reason, output = decide(
+                    step, stored.status, stored.output, stored.errors, context
+                )
+        details = {"path": path, "reason": reason, "call_reused": reused}
+        if path == "fallback" and step.on_invalid is None:
+            return Committed(
+                rejection=LlmOutputRejected(f"step {attempt.key}: {reason}"),
+                letter_args={},
+                details=details,
+            )
+        return Committed(output=output, reused=reused, details=details)
+
+    def reused(self, checkpoint: Checkpoint) -> StepResult:
+        path, reason = _recorded_path(checkpoint.output)
+        return StepResult(
+            "reused",
+            checkpoint.output,
+            checkpoint.idempotency_key,
+            effect_reused=True,
+            details={"path": path, "reason": reason, "call_reused": True},
+        )
 
 
 def execute_llm_step(
@@ -81,134 +163,28 @@ def execute_llm_step(
     try_number: int = 1,
     max_attempts: int = 1,
     hook: Any = None,
+    is_final_attempt: Any = None,
 ) -> LlmResult:
-    """Run an LLM step under the protocol above; ``hook`` overrides the step's connection
-    (a ``LedgerflowAIHook``), else it is built from ``step.conn_id``."""
-    from ledgerflow.ledger import llm as calls
-
-    ledger.migrate()
-    key = step.id
-    render_error: TemplateRenderError | None = None
-    system_prompt = prompt = ""
-    idem_key: str | None = None
-    context: dict[str, Any] = {}
-    attempt_id = 0
-    cached = None
-    with ledger.begin() as conn:
-        checkpoint, outputs = ledger.checkpoint_and_outputs(
-            run.run_id, key, referenced_steps(spec, step), conn
-        )
-        if checkpoint is None and not outputs:
-            register_run(ledger, spec, run, params, conn)
-        if checkpoint is None and run.retry_of is not None:
-            checkpoint = reuse_from_lineage(ledger, spec, run, key, step.id, conn)
-        if checkpoint is not None and checkpoint.status == "completed":
-            path, reason = _recorded_path(checkpoint.output)
-            ledger.record_event(run.run_id, key, "checkpoint_reused", None, conn=conn)
-            return LlmResult(
-                "reused", path, checkpoint.output, reason, checkpoint.idempotency_key, True
-            )
-        if checkpoint is not None and checkpoint.status == "skipped":
-            raise StepSkipped(f"`when: {step.when}` is false")
-        context = template_context(ledger, spec, run, params, None, -1, outputs=outputs)
-        try:
-            if step.when is not None and not evaluate(step.when, context):
-                ledger.mark_step(
-                    run_id=run.run_id,
-                    step_key=key,
-                    step_id=step.id,
-                    map_index=-1,
-                    status="skipped",
-                    conn=conn,
-                )
-                skipped = True
-            else:
-                skipped = False
-                system_prompt = str(render_value(step.system_prompt, context))
-                prompt = str(render_value(step.prompt, context))
-                idem_key = call_key(spec, step, run, context)
-        except TemplateError as exc:
-            skipped = False
-            render_error = TemplateRenderError(f"step {key}: {type(exc).__name__}: {exc}")
-        if not skipped:
-            attempt_id = ledger.begin_attempt(
-                run_id=run.run_id,
-                step_key=key,
-                step_id=step.id,
-                map_index=-1,
-                try_number=try_number,
-                args={"conn_id": step.conn_id, "prompt": prompt},
-                idempotency_key=idem_key,
-                first=checkpoint is None,
-                conn=conn,
-            )
-            # A first attempt under the run-scoped default key cannot have an answer yet.
-            may_exist = checkpoint is not None or step.idempotency is not None
-            if idem_key is not None and may_exist:
-                cached = calls.find(ledger, idem_key, conn)
-    if skipped:
-        raise StepSkipped(f"`when: {step.when}` is false")
-    if render_error is not None:
-        _record_failure(
-            ledger, spec, run, key, attempt_id, render_error, try_number, {}, None, True
-        )
-        raise render_error
-    assert idem_key is not None
-    outcome: Any = cached
-    try:
-        if cached is None:
-            outcome = _ask(step, hook, system_prompt, prompt)
-        faults.hit("after_effect", key)
-    except BaseException as error:
-        # An injected crash or an exit is not a failed attempt: the next try marks it lost.
-        if isinstance(error, InjectedFault | KeyboardInterrupt | SystemExit | GeneratorExit):
-            raise
-        final = isinstance(error, NonRetryableError) or try_number >= max_attempts
-        _record_failure(ledger, spec, run, key, attempt_id, error, try_number, {}, idem_key, final)
-        raise
-    # One transaction: the answer (under its key) and the checkpoint commit together, so
-    # a retry finds both or neither; a crash before the commit asks again, once.
-    rejected: LlmOutputRejected | None = None
-    with ledger.begin() as conn:
-        reused = cached is not None
-        path, reason, output = decide(step, outcome.status, outcome.output, outcome.errors, context)
-        if not reused:
-            stored, inserted = calls.record(
-                ledger,
-                key=idem_key,
-                run_id=run.run_id,
-                step_key=key,
-                system_prompt=system_prompt,
-                prompt=prompt,
-                outcome=outcome,
-                path=path,
-                reason=reason,
-                conn=conn,
-            )
-            if not inserted:  # a concurrent twin recorded its answer first: follow it
-                reused = True
-                path, reason, output = decide(
-                    step, stored.status, stored.output, stored.errors, context
-                )
-        if path == "fallback" and step.on_invalid is None:
-            rejected = LlmOutputRejected(f"step {key}: {reason}")
-            _record_failure(
-                ledger, spec, run, key, attempt_id, rejected, try_number, {}, idem_key, True, conn
-            )
-        else:
-            ledger.complete_step(
-                conn,
-                run_id=run.run_id,
-                step_key=key,
-                attempt_id=attempt_id,
-                output=output,
-                reused=reused,
-            )
-        faults.hit("before_commit", key)
-    faults.hit("after_commit", key)
-    if rejected is not None:
-        raise rejected
-    return LlmResult("completed", path, output, reason, idem_key, reused)
+    """Run an LLM step under the kernel; ``hook`` overrides the step's connection (a
+    ``LedgerflowAIHook``), else it is built from ``step.conn_id``. Whether a failure is
+    the last attempt is Airflow's own rule (``steps.retry.final_attempt``), including
+    the error names the step's retry policy lists as non-retryable."""
+    kind = LlmKind(spec, step, run, hook)
+    final = is_final_attempt
+    if not callable(final):
+        final = final_attempt(try_number, max_attempts - 1, spec.retry_for(step), kind.tool_errors)
+    result = run_step(
+        ledger, spec, step, run, kind, params=params, final=final, try_number=try_number
+    )
+    details = result.details
+    return LlmResult(
+        result.status,
+        details.get("path", "main"),
+        result.output,
+        details.get("reason"),
+        result.idempotency_key,
+        bool(details.get("call_reused")),
+    )
 
 
 def _ask(step: LlmStep, hook: Any, system_prompt: str, prompt: str) -> Any:
@@ -290,54 +266,33 @@ def build_task(spec: WorkflowSpec, step: LlmStep, trigger_rule: str) -> BaseOper
         trigger_rule=trigger_rule,
         retries=policy.max_attempts - 1,
         retry_delay=policy.backoff.initial,
-        retry_policy=StepRetryPolicy(policy, (LlmOutputRejected,)),
+        retry_policy=StepRetryPolicy(policy, LlmKind.tool_errors),
         execution_timeout=spec.timeout_for(step),
         doc_md=step.description or f"LLM step (connection `{step.conn_id}`)",
         on_failure_callback=step_failed,
     )
 
 
-class LlmOperator(BaseOperator, SkipMixin):
+class LlmOperator(LedgerflowOperator):
     """Runs an LLM step and follows the main path or the ``on_invalid`` branch."""
 
     ui_color = "#eee6fb"
-    template_fields = ()
-    inherits_from_skipmixin = True  # see steps.branching
+    branch_point = True
 
-    def __init__(self, *, step_id: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.step_id = step_id
+    def kind(self, spec: WorkflowSpec, step: Any, run: RunRef) -> StepKind:
+        return LlmKind(spec, step, run)
 
-    def execute(self, context: Any) -> Any:
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        from ledgerflow.factory import spec_for_dag
-        from ledgerflow.steps.branching import follow
-        from ledgerflow.steps.operator import run_ref
-
-        spec = spec_for_dag(self.dag_id)
-        step = spec.step(self.step_id)
-        assert isinstance(step, LlmStep)
-        ti = context["ti"]
-        try:
-            result = execute_llm_step(
-                Ledger.from_airflow(),
-                spec,
-                step,
-                run_ref(context),
-                params=dict(context["params"]),
-                try_number=ti.try_number,
-                max_attempts=(self.retries or 0) + 1,
-            )
-        except StepSkipped as skipped:
-            raise AirflowSkipException(str(skipped)) from None
+    def report(self, step: Any, result: StepResult) -> None:
+        details = result.details
+        reason = details.get("reason")
         self.log.info(
             "LLM step %s: %s path%s (key %s%s)",
             self.step_id,
-            result.path,
-            f" ({result.reason})" if result.reason else "",
+            details.get("path", "main"),
+            f" ({reason})" if reason else "",
             result.idempotency_key,
-            ", recorded answer reused" if result.call_reused else "",
+            ", recorded answer reused" if details.get("call_reused") else "",
         )
-        follow(self, context, fallback=step.on_invalid, take_fallback=result.path == "fallback")
-        return result.output
+
+    def branch(self, step: Any, result: StepResult) -> tuple[str | None, bool]:
+        return step.on_invalid, result.details.get("path") == "fallback"

@@ -1,4 +1,4 @@
-"""The Airflow operators of a Ledgerflow DAG: thin adapters around the step protocol."""
+"""The Airflow operators of a Ledgerflow DAG: one base around the step kernel."""
 
 from __future__ import annotations
 
@@ -6,25 +6,41 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from ledgerflow.steps.protocol import RunRef
+from ledgerflow.spec.models import WorkflowSpec
+from ledgerflow.steps.kernel import RunRef, StepKind, StepResult
 
 
 def run_ref(context: Any) -> RunRef:
+    """The run of a task. Its retry chain is NOT read from the DagRun's conf: anyone who
+    may trigger the DAG can write conf, so a chain is established by the ledger alone
+    (``retries.start_retry`` writes the retry run's row before Airflow creates it)."""
     dag_run = context["dag_run"]
     logical = dag_run.logical_date or getattr(dag_run, "run_after", None)
-    conf = dag_run.conf or {}
     return RunRef(
         run_id=f"{dag_run.dag_id}/{dag_run.run_id}",
         dag_id=dag_run.dag_id,
         trigger_kind=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
         logical_date=logical.isoformat() if logical is not None else None,
-        retry_of=conf.get("ledgerflow_retry_of"),
-        retry_from=conf.get("ledgerflow_retry_from"),
     )
 
 
-class StepOperator(BaseOperator):
-    """Runs one workflow step (or one item of a for_each step) with its checkpoint."""
+def run_params(spec: WorkflowSpec, context: Any) -> dict[str, Any]:
+    """The params every step of the run sees: Airflow's, with an empty optional field
+    meaning its declared default (``spec.params.effective_params``)."""
+    from ledgerflow.spec import params as checks
+
+    params = dict(context["params"])
+    effective = getattr(checks, "effective_params", None)
+    return effective(spec.params, params) if effective is not None else params
+
+
+class LedgerflowOperator(BaseOperator):
+    """The one operator base of every step kind: the Airflow side of ``steps.kernel``.
+
+    A subclass names its kind (``kind``), and may say how it logs its result (``report``)
+    and which branch it follows (``branch``, for branch points that also mix in
+    ``SkipMixin``). Everything else (the spec and the run, the params, Airflow's
+    final-attempt rule, skipping, waiting for a breaker) is here, once."""
 
     ui_color = "#e8f1fb"
     template_fields = ()
@@ -34,37 +50,54 @@ class StepOperator(BaseOperator):
         self.step_id = step_id
         self.item = item
 
+    def kind(self, spec: WorkflowSpec, step: Any, run: RunRef) -> StepKind:
+        raise NotImplementedError
+
+    def report(self, step: Any, result: StepResult) -> None:
+        self.log.info(
+            "step %s %s (idempotency key %s%s)",
+            self.step_id,
+            result.status,
+            result.idempotency_key,
+            ", effect reused" if result.effect_reused else "",
+        )
+
+    def branch(self, step: Any, result: StepResult) -> tuple[str | None, bool]:
+        """(the fallback step, whether this result takes it); no fallback: no branch."""
+        return None, False
+
     def execute(self, context: Any) -> Any:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from ledgerflow.factory import spec_for_dag
         from ledgerflow.ledger.breakers import BreakerOpen
         from ledgerflow.ledger.store import Ledger
-        from ledgerflow.steps.protocol import StepSkipped, execute_step
+        from ledgerflow.spec.loaded import spec_for_dag
+        from ledgerflow.steps.branching import follow
+        from ledgerflow.steps.kernel import StepSkipped, run_step
         from ledgerflow.steps.retry import final_attempt
-        from ledgerflow.tools.registry import get_tool
 
         spec = spec_for_dag(self.dag_id)
-        step = spec.tool_step(self.step_id)
+        step = spec.step(self.step_id)
         ti = context["ti"]
-        retries = self.retries or 0
         ledger = Ledger.from_airflow()
         run = run_ref(context)
+        kind = self.kind(spec, step, run)
         try:
-            result = execute_step(
+            result = run_step(
                 ledger,
                 spec,
                 step,
                 run,
-                params=dict(context["params"]),
-                try_number=ti.try_number,
-                max_attempts=retries + 1,
-                # -1 unless this is one item of a for_each step (an item may itself be null).
-                map_index=ti.map_index if step.for_each is not None else -1,
-                item=self.item,
-                is_final_attempt=final_attempt(
-                    ti.try_number, retries, spec.retry_for(step), get_tool(step.tool).non_retryable
+                kind,
+                params=run_params(spec, context),
+                # Airflow's own rule: the retries are used up, or the policy fails it now.
+                final=final_attempt(
+                    ti.try_number, self.retries or 0, spec.retry_for(step), kind.tool_errors
                 ),
+                try_number=ti.try_number,
+                # -1 unless this is one item of a for_each step (an item may itself be null).
+                map_index=ti.map_index if getattr(step, "for_each", None) is not None else -1,
+                item=self.item,
             )
         except StepSkipped as skipped:
             raise AirflowSkipException(str(skipped)) from None
@@ -73,25 +106,30 @@ class StepOperator(BaseOperator):
             from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 
             ledger.record_event(
-                run.run_id,
-                self.step_id,
-                "waiting_for_breaker",
-                {"until": wait.until.isoformat()},
+                run.run_id, self.step_id, "waiting_for_breaker", {"until": wait.until.isoformat()}
             )
             self.log.info("%s; waiting (deferred)", wait)
             self.defer(trigger=DateTimeTrigger(moment=wait.until), method_name="resume")
-        self.log.info(
-            "step %s %s (idempotency key %s%s)",
-            self.step_id,
-            result.status,
-            result.idempotency_key,
-            ", effect reused" if result.effect_reused else "",
-        )
+        self.report(step, result)
+        fallback, take = self.branch(step, result)
+        if fallback is not None:
+            # The output goes to XCom before follow() ends the task by skipping a branch.
+            ti.xcom_push(key="return_value", value=result.output)
+            follow(self, context, fallback=fallback, take_fallback=take)
         return result.output
 
     def resume(self, context: Any, event: Any = None) -> Any:
         """Back from waiting for a circuit breaker: run the step again (same try)."""
         return self.execute(context)
+
+
+class StepOperator(LedgerflowOperator):
+    """Runs one tool step (or one item of a for_each step) with its checkpoint."""
+
+    def kind(self, spec: WorkflowSpec, step: Any, run: RunRef) -> StepKind:
+        from ledgerflow.steps.protocol import ToolKind
+
+        return ToolKind(spec, step, run)
 
 
 class ForEachItemsOperator(BaseOperator):
@@ -108,17 +146,18 @@ class ForEachItemsOperator(BaseOperator):
         from airflow.sdk.exceptions import AirflowSkipException
 
         from ledgerflow.errors import NonRetryableError
-        from ledgerflow.factory import spec_for_dag
         from ledgerflow.ledger.store import Ledger
+        from ledgerflow.spec.loaded import spec_for_dag
         from ledgerflow.spec.templates import evaluate
-        from ledgerflow.steps.protocol import referenced_steps, register_run, template_context
+        from ledgerflow.spec.validate import referenced_steps
+        from ledgerflow.steps.kernel import register_run, template_context
 
         spec = spec_for_dag(self.dag_id)
         step = spec.step(self.step_id)
         ledger = Ledger.from_airflow()
         ledger.migrate()
         run = run_ref(context)
-        params = dict(context["params"])
+        params = run_params(spec, context)
         register_run(ledger, spec, run, params)
         ctx = template_context(
             ledger, spec, run, params, None, -1, step_ids=referenced_steps(spec, step)

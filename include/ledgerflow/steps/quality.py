@@ -28,14 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.bases.skipmixin import SkipMixin
+from sqlalchemy import Connection
 
-from ledgerflow.errors import InjectedFault, NonRetryableError
+from ledgerflow.errors import NonRetryableError
+from ledgerflow.steps.kernel import Attempt, Committed, Rendered, RunRef, StepKind, StepResult
+from ledgerflow.steps.operator import LedgerflowOperator
 
 if TYPE_CHECKING:
     from ledgerflow.ledger.store import Ledger
     from ledgerflow.quality.runner import Dataset
     from ledgerflow.spec.models import QualityStep, WorkflowSpec
-    from ledgerflow.steps.protocol import RunRef
 
 
 class QualityCheckFailed(NonRetryableError):
@@ -123,6 +125,25 @@ def connection_url(conn_id: str) -> str:
     return resolve_url(conn_id)
 
 
+class QualityKind(StepKind):
+    """Validate the dataset; commit the result row with the outcome."""
+
+    def __init__(self, spec: WorkflowSpec, step: QualityStep) -> None:
+        self.spec = spec
+        self.step = step
+
+    def render(self, context: dict[str, Any]) -> Rendered:
+        label = describe_dataset(self.step)
+        dataset = resolve_dataset(self.step, context)
+        return Rendered({"dataset": label}, None, {"dataset": dataset}, letter_args=None)
+
+    def perform(self, attempt: Attempt, db: Connection | None) -> Any:
+        return _validate(self.spec, self.step, attempt.rendered.extra["dataset"])
+
+    def commit(self, attempt: Attempt, outcome: Any, conn: Connection) -> Committed:
+        return _finish(self.spec, self.step, attempt, outcome, conn)
+
+
 def run_quality(
     ledger: Ledger,
     spec: WorkflowSpec,
@@ -134,91 +155,24 @@ def run_quality(
     max_attempts: int = 1,
     is_final_attempt: Any = None,
 ) -> QualityOutcome:
-    """Run one quality step under the protocol above."""
-    from jinja2 import TemplateError
+    """Run one quality step under the kernel."""
+    from ledgerflow.steps.kernel import run_step
+    from ledgerflow.steps.retry import final_attempt
 
-    from ledgerflow.spec.templates import evaluate
-    from ledgerflow.spec.validate import referenced_steps
-    from ledgerflow.steps.protocol import (
-        StepSkipped,
-        TemplateRenderError,
-        _record_failure,
-        register_run,
-        reuse_from_lineage,
-        template_context,
+    final = is_final_attempt
+    if not callable(final):
+        final = final_attempt(try_number, max_attempts - 1, spec.retry_for(step))
+    result = run_step(
+        ledger,
+        spec,
+        step,
+        run,
+        QualityKind(spec, step),
+        params=params,
+        final=final,
+        try_number=try_number,
     )
-
-    ledger.migrate()
-    key = step.id
-    label = describe_dataset(step)
-    dataset: Dataset | None = None
-    error: BaseException | None = None
-    skipped = False
-    with ledger.begin() as conn:
-        checkpoint, outputs = ledger.checkpoint_and_outputs(
-            run.run_id, key, referenced_steps(spec, step), conn
-        )
-        if checkpoint is None and not outputs:
-            register_run(ledger, spec, run, params, conn)
-        if checkpoint is None and run.retry_of is not None:
-            checkpoint = reuse_from_lineage(ledger, spec, run, key, step.id, conn)
-        if checkpoint is not None and checkpoint.status == "completed":
-            ledger.record_event(run.run_id, key, "checkpoint_reused", None, conn=conn)
-            return QualityOutcome("reused", checkpoint.output)
-        skipped = checkpoint is not None and checkpoint.status == "skipped"
-        if not skipped:
-            context = template_context(ledger, spec, run, params, None, -1, outputs=outputs)
-            try:
-                if step.when is not None and not evaluate(step.when, context):
-                    ledger.mark_step(
-                        run_id=run.run_id,
-                        step_key=key,
-                        step_id=step.id,
-                        map_index=-1,
-                        status="skipped",
-                        conn=conn,
-                    )
-                    skipped = True
-                else:
-                    dataset = resolve_dataset(step, context)
-            except TemplateError as exc:
-                error = TemplateRenderError(f"step {key}: {type(exc).__name__}: {exc}")
-            except QualityDatasetError as exc:
-                error = exc
-        if not skipped:
-            attempt_id = ledger.begin_attempt(
-                run_id=run.run_id,
-                step_key=key,
-                step_id=step.id,
-                map_index=-1,
-                try_number=try_number,
-                args={"dataset": label},
-                idempotency_key=None,
-                first=checkpoint is None,
-                conn=conn,
-            )
-            if error is not None:
-                _record_failure(
-                    ledger, spec, run, key, attempt_id, error, try_number, None, None, True, conn
-                )
-    if skipped:
-        raise StepSkipped(f"`when: {step.when}` is false")
-    if error is not None:
-        raise error
-    assert dataset is not None
-    try:
-        report = _validate(spec, step, dataset)
-    except BaseException as failure:
-        if isinstance(failure, InjectedFault | KeyboardInterrupt | SystemExit | GeneratorExit):
-            raise
-        final = (
-            bool(is_final_attempt(failure))
-            if callable(is_final_attempt)
-            else try_number >= max_attempts
-        )
-        _record_failure(ledger, spec, run, key, attempt_id, failure, try_number, None, None, final)
-        raise
-    return _finish(ledger, spec, step, run, key, attempt_id, try_number, label, report)
+    return QualityOutcome(result.status, result.output)
 
 
 def _validate(spec: WorkflowSpec, step: QualityStep, dataset: Dataset) -> dict[str, Any]:
@@ -242,19 +196,19 @@ def _validate(spec: WorkflowSpec, step: QualityStep, dataset: Dataset) -> dict[s
 
 
 def _finish(
-    ledger: Ledger,
     spec: WorkflowSpec,
     step: QualityStep,
-    run: RunRef,
-    key: str,
-    attempt_id: int,
-    try_number: int,
-    label: str,
+    attempt: Attempt,
     report: dict[str, Any],
-) -> QualityOutcome:
+    conn: Connection,
+) -> Committed:
+    """The result row (``lf_quality_results``) and the outcome, in the commit's
+    transaction: the completed checkpoint (passed, warned, branched), or the final
+    failure (``on_failure: fail``)."""
     from ledgerflow.ledger.quality import record_result
-    from ledgerflow.steps.protocol import _record_failure
 
+    ledger, key = attempt.ledger, attempt.key
+    label = attempt.rendered.args["dataset"]
     if report["success"]:
         outcome = "passed"
     elif step.on_failure == "fail":
@@ -263,63 +217,41 @@ def _finish(
         outcome = "warned"
     else:
         outcome = "branched"
-    with ledger.begin() as conn:
-        result_id = record_result(
-            conn,
-            run_id=run.run_id,
-            step_key=key,
-            try_number=try_number,
-            workflow=spec.name,
-            version=spec.version,
-            dataset=label,
-            report=report,
-            outcome=outcome,
-        )
-        if outcome == "failed":
-            error = QualityCheckFailed(step.id, label, report["failed"])
-            _record_failure(
-                ledger,
-                spec,
-                run,
-                key,
-                attempt_id,
-                error,
-                try_number,
-                {"dataset": label, "result_id": result_id},
-                None,
-                True,
-                conn,
-            )
-        else:
-            output = {
-                "success": report["success"],
-                "outcome": outcome,
-                "path": "fallback" if outcome == "branched" else "main",
-                "dataset": label,
-                "row_count": report["row_count"],
-                "evaluated": report["statistics"]["evaluated_expectations"],
-                "failed": [f["expectation"] for f in report["failed"]],
-                "result_id": result_id,
-            }
-            if outcome != "passed":
-                ledger.record_event(
-                    run.run_id,
-                    key,
-                    f"quality_{outcome}",
-                    {"failed": output["failed"], "result_id": result_id},
-                    conn=conn,
-                )
-            ledger.complete_step(
-                conn,
-                run_id=run.run_id,
-                step_key=key,
-                attempt_id=attempt_id,
-                output=output,
-                reused=False,
-            )
+    result_id = record_result(
+        conn,
+        run_id=attempt.run.run_id,
+        step_key=key,
+        try_number=attempt.try_number,
+        workflow=spec.name,
+        version=spec.version,
+        dataset=label,
+        report=report,
+        outcome=outcome,
+    )
     if outcome == "failed":
-        raise error
-    return QualityOutcome("completed", output)
+        return Committed(
+            rejection=QualityCheckFailed(step.id, label, report["failed"]),
+            letter_args={"dataset": label, "result_id": result_id},
+        )
+    output = {
+        "success": report["success"],
+        "outcome": outcome,
+        "path": "fallback" if outcome == "branched" else "main",
+        "dataset": label,
+        "row_count": report["row_count"],
+        "evaluated": report["statistics"]["evaluated_expectations"],
+        "failed": [f["expectation"] for f in report["failed"]],
+        "result_id": result_id,
+    }
+    if outcome != "passed":
+        ledger.record_event(
+            attempt.run.run_id,
+            key,
+            f"quality_{outcome}",
+            {"failed": output["failed"], "result_id": result_id},
+            conn=conn,
+        )
+    return Committed(output=output)
 
 
 def build_task(spec: WorkflowSpec, step: QualityStep, trigger_rule: str) -> BaseOperator:
@@ -340,47 +272,17 @@ def build_task(spec: WorkflowSpec, step: QualityStep, trigger_rule: str) -> Base
     )
 
 
-class QualityOperator(BaseOperator, SkipMixin):
+class QualityOperator(LedgerflowOperator, SkipMixin):
     """Validates a dataset; on failure fails, warns, or takes the declared branch."""
 
     ui_color = "#e6f4ea"
-    template_fields = ()
     inherits_from_skipmixin = True  # see steps.branching
 
-    def __init__(self, *, step_id: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.step_id = step_id
+    def kind(self, spec: WorkflowSpec, step: Any, run: RunRef) -> StepKind:
+        return QualityKind(spec, step)
 
-    def execute(self, context: Any) -> Any:
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        from ledgerflow.factory import spec_for_dag
-        from ledgerflow.ledger.store import Ledger
-        from ledgerflow.spec.models import QualityStep
-        from ledgerflow.steps.branching import follow
-        from ledgerflow.steps.operator import run_ref
-        from ledgerflow.steps.protocol import StepSkipped
-        from ledgerflow.steps.retry import final_attempt
-
-        spec = spec_for_dag(self.dag_id)
-        step = spec.step(self.step_id)
-        assert isinstance(step, QualityStep)
-        ti = context["ti"]
-        retries = self.retries or 0
-        try:
-            outcome = run_quality(
-                Ledger.from_airflow(),
-                spec,
-                step,
-                run_ref(context),
-                params=dict(context["params"]),
-                try_number=ti.try_number,
-                max_attempts=retries + 1,
-                is_final_attempt=final_attempt(ti.try_number, retries, spec.retry_for(step)),
-            )
-        except StepSkipped as skipped:
-            raise AirflowSkipException(str(skipped)) from None
-        out = outcome.output
+    def report(self, step: Any, result: StepResult) -> None:
+        out = result.output
         self.log.info(
             "quality %s on %s: %s (%s rows, %s expectations%s)",
             self.step_id,
@@ -390,7 +292,6 @@ class QualityOperator(BaseOperator, SkipMixin):
             out["evaluated"],
             f"; failed: {', '.join(out['failed'])}" if out["failed"] else "",
         )
-        # The output goes to XCom before follow() ends the task by skipping a branch.
-        context["ti"].xcom_push(key="return_value", value=out)
-        follow(self, context, fallback=step.branch_target, take_fallback=outcome.take_branch)
-        return out
+
+    def branch(self, step: Any, result: StepResult) -> tuple[str | None, bool]:
+        return step.branch_target, result.output.get("path") == "fallback"

@@ -115,8 +115,8 @@ class CompensationOperator(BaseOperator):
     def execute(self, context: Any) -> Any:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from ledgerflow.factory import spec_for_dag
         from ledgerflow.ledger.store import Ledger
+        from ledgerflow.spec.loaded import spec_for_dag
         from ledgerflow.steps.operator import run_ref
         from ledgerflow.steps.protocol import execute_step
         from ledgerflow.steps.retry import final_attempt

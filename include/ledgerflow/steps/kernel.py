@@ -1,0 +1,602 @@
+"""The step kernel: everything a step does around its own work, written once.
+
+Every kind of step (tool, LLM, quality, approval, compensation) goes through
+``run_step`` (or, for a step that parks, through ``prologue``) and supplies only its own
+part as a ``StepKind``: ``render`` its inputs, ``claim`` its effect, ``perform`` the work,
+``commit`` what it produced, and how a reused checkpoint reads. The kernel does the rest,
+the same way for every kind:
+
+1. register the run (the first task to get there), or reopen it when Airflow cleared a
+   task of an ended run; the retry chain comes from the ledger's run row, never from
+   the DagRun's conf;
+2. a completed checkpoint of this run -> its output is reused, nothing runs; a skipped
+   one stays skipped; a *compensated* one runs again (as a new effect);
+3. ``when`` false -> recorded as skipped;
+4. the kind renders its inputs (a template error is a non-retryable failure with a dead
+   letter, on the first try);
+5. a retry run reuses the completed checkpoint of the same step in its chain when the
+   rendered inputs match (``ledger.lineage``);
+6. the breaker gate (tools with a breaker), the effect's claim, and the attempt record,
+   in the same transaction as 1-5;
+7. the work, at the named fault points ``before_effect``/``after_effect``, then one
+   transaction that commits what the kind produced with the checkpoint
+   (``before_commit``/``after_commit``); a transactional tool performs its effect inside
+   that transaction;
+8. on failure: the attempt is failed; whether it was the last one is decided by the one
+   predicate Airflow's retry policy also uses (``steps.retry.final_attempt``); the last
+   one writes the dead letter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from jinja2 import TemplateError
+from sqlalchemy import Connection, select
+
+from ledgerflow import faults
+from ledgerflow.errors import InjectedFault, NonRetryableError
+from ledgerflow.ledger import schema as t
+from ledgerflow.ledger.store import Checkpoint, Ledger
+from ledgerflow.lifecycle import RunStatus, StepStatus
+from ledgerflow.spec.models import WorkflowSpec
+from ledgerflow.spec.templates import evaluate
+from ledgerflow.spec.validate import referenced_steps
+
+# Not a failed attempt: a crash signal, an exit, an injected crash. The next attempt
+# finds this one still running and marks it lost.
+CRASHES = (InjectedFault, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Which run a step belongs to.
+
+    ``retry_of``/``retry_from`` are used only when this call registers the run (a caller
+    in Python, such as a test or a benchmark, that starts a retry run by hand); once the
+    run is in the ledger, its row decides. The Airflow adapter never fills them from a
+    DagRun's conf: a retry chain is established by the ledger alone."""
+
+    run_id: str
+    dag_id: str
+    trigger_kind: str = "manual"
+    logical_date: str | None = None
+    retry_of: str | None = None
+    # A retry run re-runs this step and everything downstream of it (``--from``).
+    retry_from: str | None = None
+
+
+@dataclass
+class StepResult:
+    status: str  # completed | reused | skipped
+    output: Any = None
+    idempotency_key: str | None = None
+    effect_reused: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class StepSkipped(Exception):
+    """``when`` was false; the adapter turns this into a skipped task."""
+
+
+class TemplateRenderError(NonRetryableError):
+    """A template could not be rendered with this run's params and outputs."""
+
+
+@dataclass
+class Rendered:
+    """A step's inputs for this attempt: what the attempt records (``args``), the
+    idempotency key, and whatever else the kind rendered for itself (``extra``)."""
+
+    args: Any
+    idempotency_key: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    # What a dead letter keeps of the inputs (default: ``args``).
+    letter_args: Any = ...
+
+    def __post_init__(self) -> None:
+        if self.letter_args is ...:
+            self.letter_args = self.args
+
+
+@dataclass
+class Attempt:
+    """One attempt of one step, as the kind sees it."""
+
+    ledger: Ledger
+    spec: WorkflowSpec
+    step: Any
+    run: RunRef
+    key: str
+    map_index: int
+    try_number: int
+    rendered: Rendered
+    context: dict[str, Any]
+    first: bool  # no checkpoint row existed before this attempt
+    attempt_id: int = 0
+    prepared: Any = None  # what ``prepare`` found (a recorded answer...)
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """A finished effect found under the step's key: its result is the output."""
+
+    result: Any
+
+
+@dataclass
+class Committed:
+    """What ``commit`` stored: the checkpoint's output, or a final rejection."""
+
+    output: Any = None
+    reused: bool = False
+    rejection: BaseException | None = None  # recorded as the final failure
+    letter_args: Any = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class StepKind:
+    """What one kind of step supplies to the kernel. Override what is yours."""
+
+    # Errors of this kind that Airflow's retry policy fails at once (with spec names).
+    tool_errors: tuple[type[BaseException], ...] = ()
+
+    def render(self, attempt_context: dict[str, Any]) -> Rendered:
+        raise NotImplementedError
+
+    def claim(
+        self, ledger: Ledger, run: RunRef, key: str, rendered: Rendered, conn: Connection
+    ) -> Reuse | None:
+        """Inside the attempt's transaction, before the attempt row: claim the effect's
+        key (it may change: a compensated effect is redone under a new key). Returns a
+        finished effect to reuse, or ``None``."""
+        return None
+
+    def gate(self, ledger: Ledger, conn: Connection) -> None:
+        """Inside the attempt's transaction: raise to wait (a circuit breaker)."""
+
+    def prepare(self, attempt: Attempt, conn: Connection) -> Any:
+        """Inside the attempt's transaction, after the attempt row."""
+        return None
+
+    def transactional(self, attempt: Attempt) -> bool:
+        """Perform inside the commit's transaction (a tool writing through ``ctx.db``)."""
+        return False
+
+    def perform(self, attempt: Attempt, db: Connection | None) -> Any:
+        raise NotImplementedError
+
+    def commit(self, attempt: Attempt, outcome: Any, conn: Connection) -> Committed:
+        return Committed(output=outcome)
+
+    def reused(self, checkpoint: Checkpoint) -> StepResult:
+        return StepResult("reused", checkpoint.output, checkpoint.idempotency_key)
+
+    def finished(self, ledger: Ledger, error: BaseException | None) -> None:
+        """After the work: success (``None``) or the error (a breaker counts them)."""
+
+
+def step_key(step_id: str, map_index: int) -> str:
+    return step_id if map_index < 0 else f"{step_id}[{map_index}]"
+
+
+def template_context(
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    run: RunRef,
+    params: dict[str, Any],
+    item: Any,
+    map_index: int,
+    *,
+    step_ids: Iterable[str] | None = None,
+    conn: Connection | None = None,
+    outputs: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    local_date = None
+    if run.logical_date:
+        import pendulum
+
+        local_date = pendulum.parse(run.logical_date).in_tz(spec.timezone)  # type: ignore[union-attr]
+    context: dict[str, Any] = {
+        "params": params,
+        "steps": outputs
+        if outputs is not None
+        else ledger.outputs(run.run_id, step_ids, conn=conn),
+        "run": {
+            "id": run.run_id,
+            "workflow": spec.name,
+            "version": spec.version,
+            # In the workflow's time zone: a 02:30 Amsterdam run is that day's run.
+            "logical_date": local_date.isoformat() if local_date else None,
+            "date": local_date.date().isoformat() if local_date else None,
+        },
+    }
+    if map_index >= 0:
+        context["item"] = item
+        context["index"] = map_index
+    return context
+
+
+def register_run(
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    run: RunRef,
+    params: dict[str, Any],
+    conn: Connection | None = None,
+) -> bool:
+    """Record the run in the ledger once (whichever task gets there first).
+
+    Raises InvalidParams (non-retryable, naming each field) when the params do not fit
+    the workflow's params schema, whichever way the run was triggered."""
+    from ledgerflow.spec.loaded import spec_hash
+    from ledgerflow.spec.params import check_params
+
+    check_params(spec.name, spec.version, spec.params, params, engine_keys=True)
+    return ledger.ensure_run(
+        run_id=run.run_id,
+        dag_id=run.dag_id,
+        workflow=spec.name,
+        version=spec.version,
+        params=params,
+        trigger_kind=run.trigger_kind,
+        retry_of=run.retry_of,
+        retry_from=run.retry_from,
+        spec_hash=spec_hash(run.dag_id),
+        conn=conn,
+    )
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Where a run sits in its retry chain, as the ledger says."""
+
+    retry_of: str | None
+    retry_from: str | None
+
+
+def join_run(
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    run: RunRef,
+    params: dict[str, Any],
+    conn: Connection,
+    *,
+    forward: bool = True,
+) -> Chain:
+    """Register the run if it is new; reopen it if it had ended (a task cleared in
+    Airflow runs again). Returns the run's retry chain from its ledger row."""
+    row = conn.execute(
+        select(t.runs.c.status, t.runs.c.retry_of, t.runs.c.retry_from).where(
+            t.runs.c.run_id == run.run_id
+        )
+    ).first()
+    if row is None:
+        register_run(ledger, spec, run, params, conn)
+        return Chain(run.retry_of, run.retry_from)
+    if forward and row.status != RunStatus.RUNNING.value:
+        reopen = getattr(ledger, "reopen_run", None)
+        if reopen is not None:
+            reopen(run.run_id, conn=conn)
+    return Chain(row.retry_of, row.retry_from)
+
+
+@dataclass
+class Prologue:
+    """Steps 1-5 of the kernel: what a step finds before it does anything."""
+
+    key: str
+    checkpoint: Checkpoint | None
+    context: dict[str, Any]
+    rendered: Rendered | None = None
+    error: BaseException | None = None  # a render error: recorded as the final failure
+    reused: StepResult | None = None
+    skipped: bool = False
+
+
+def prologue(
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    step: Any,
+    run: RunRef,
+    kind: StepKind,
+    conn: Connection,
+    *,
+    params: dict[str, Any],
+    map_index: int = -1,
+    item: Any = None,
+    forward: bool = True,
+) -> Prologue:
+    """Run registration, checkpoint reuse (this run, then the retry chain), ``when`` and
+    rendering, in the caller's transaction. ``forward=False`` (compensation steps):
+    no reopening and no reuse from the chain (a retry run undoes its own effects)."""
+    key = step_key(step.id, map_index)
+    checkpoint, outputs = ledger.checkpoint_and_outputs(
+        run.run_id, key, referenced_steps(spec, step), conn
+    )
+    chain = Chain(None, None)
+    if checkpoint is None or checkpoint.status != StepStatus.COMPLETED.value:
+        chain = join_run(ledger, spec, run, params, conn, forward=forward)
+    status = checkpoint.status if checkpoint is not None else None
+    if checkpoint is not None and status == StepStatus.COMPLETED.value:
+        ledger.record_event(run.run_id, key, "checkpoint_reused", None, conn=conn)
+        return Prologue(key, checkpoint, {}, reused=kind.reused(checkpoint))
+    if status == StepStatus.SKIPPED.value:
+        return Prologue(key, checkpoint, {}, skipped=True)
+    context = template_context(ledger, spec, run, params, item, map_index, outputs=outputs)
+    found = Prologue(key, checkpoint, context)
+    try:
+        if step.when is not None and not evaluate(step.when, context):
+            ledger.mark_step(
+                run_id=run.run_id,
+                step_key=key,
+                step_id=step.id,
+                map_index=map_index,
+                status=StepStatus.SKIPPED.value,
+                conn=conn,
+            )
+            found.skipped = True
+            return found
+        found.rendered = kind.render(context)
+    except TemplateError as exc:
+        found.error = TemplateRenderError(f"step {key}: {type(exc).__name__}: {exc}")
+    except NonRetryableError as exc:  # an input that cannot work (e.g. no such dataset)
+        found.error = exc
+    if forward and checkpoint is None and chain.retry_of is not None:
+        adopted = reuse_from_chain(
+            ledger,
+            spec,
+            run.run_id,
+            chain,
+            key,
+            step.id,
+            None if found.rendered is None else found.rendered.args,
+            conn,
+        )
+        if adopted is not None:
+            return Prologue(key, adopted, context, reused=kind.reused(adopted))
+    return found
+
+
+def reuse_from_chain(
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    run_id: str,
+    chain: Chain,
+    key: str,
+    step_id: str,
+    args: Any,
+    conn: Connection,
+) -> Checkpoint | None:
+    """A retry run's step: the completed checkpoint of the same step in its chain (with
+    the same inputs), copied into this run; None when there is none."""
+    from ledgerflow.ledger import lineage
+
+    assert chain.retry_of is not None
+    try:
+        found = lineage.find_reusable(
+            conn,
+            spec,
+            retry_of=chain.retry_of,
+            retry_from=chain.retry_from,
+            step_key=key,
+            step_id=step_id,
+            args=args,
+        )
+    except TypeError:  # a lineage module without the inputs check
+        found = lineage.find_reusable(
+            conn,
+            spec,
+            retry_of=chain.retry_of,
+            retry_from=chain.retry_from,
+            step_key=key,
+            step_id=step_id,
+        )
+    return None if found is None else lineage.adopt(ledger, conn, run_id, found)
+
+
+def run_step(
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    step: Any,
+    run: RunRef,
+    kind: StepKind,
+    *,
+    params: dict[str, Any],
+    final: Callable[[BaseException], bool],
+    try_number: int = 1,
+    map_index: int = -1,
+    item: Any = None,
+    forward: bool = True,
+) -> StepResult:
+    """Run one step (or one item of a for_each step) under the kernel above.
+
+    Raises ``StepSkipped`` when ``when`` is false, the step's error when it fails (the
+    attempt and, on the last one, the dead letter recorded), and whatever the kind's
+    ``gate`` raises before any attempt is recorded."""
+    ledger.migrate()
+    with ledger.begin() as conn:
+        found = prologue(
+            ledger,
+            spec,
+            step,
+            run,
+            kind,
+            conn,
+            params=params,
+            map_index=map_index,
+            item=item,
+            forward=forward,
+        )
+        if found.reused is not None:
+            return found.reused
+        if found.skipped:
+            attempt = None
+        else:
+            attempt, early = _begin_attempt(
+                kind, found, ledger, spec, step, run, map_index, try_number, conn
+            )
+            if early is not None:
+                return early
+    if attempt is None:
+        raise StepSkipped(f"`when: {step.when}` is false")
+    if found.error is not None:
+        raise found.error
+    try:
+        committed = _perform_and_commit(kind, attempt)
+    except BaseException as error:
+        if isinstance(error, CRASHES):
+            raise
+        kind.finished(ledger, error)
+        record_failure(attempt, error, final=bool(final(error)))
+        raise
+    kind.finished(ledger, None)
+    if committed.rejection is not None:
+        raise committed.rejection
+    return StepResult(
+        "completed",
+        committed.output,
+        attempt.rendered.idempotency_key,
+        effect_reused=committed.reused,
+        details=committed.details,
+    )
+
+
+def _begin_attempt(
+    kind: StepKind,
+    found: Prologue,
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    step: Any,
+    run: RunRef,
+    map_index: int,
+    try_number: int,
+    conn: Connection,
+) -> tuple[Attempt, StepResult | None]:
+    """Step 6: the breaker gate, the effect's claim and the attempt row (a render error
+    is recorded as the final failure at once). Returns a finished effect's result when
+    the claim found one."""
+    rendered = found.rendered or Rendered(args={})
+    early = None
+    if found.error is None:
+        kind.gate(ledger, conn)
+        early = kind.claim(ledger, run, found.key, rendered, conn)
+    attempt = Attempt(
+        ledger=ledger,
+        spec=spec,
+        step=step,
+        run=run,
+        key=found.key,
+        map_index=map_index,
+        try_number=try_number,
+        rendered=rendered,
+        context=found.context,
+        first=found.checkpoint is None,
+    )
+    attempt.attempt_id = ledger.begin_attempt(
+        run_id=run.run_id,
+        step_key=found.key,
+        step_id=step.id,
+        map_index=map_index,
+        try_number=try_number,
+        args=rendered.args,
+        idempotency_key=rendered.idempotency_key,
+        first=attempt.first,
+        conn=conn,
+    )
+    if found.error is not None:
+        record_failure(attempt, found.error, final=True, conn=conn)
+    elif early is not None:
+        ledger.complete_step(
+            conn,
+            run_id=run.run_id,
+            step_key=found.key,
+            attempt_id=attempt.attempt_id,
+            output=early.result,
+            reused=True,
+        )
+        reused = StepResult("completed", early.result, rendered.idempotency_key, effect_reused=True)
+        return attempt, reused
+    else:
+        attempt.prepared = kind.prepare(attempt, conn)
+    return attempt, None
+
+
+def _perform_and_commit(kind: StepKind, attempt: Attempt) -> Committed:
+    ledger, key = attempt.ledger, attempt.key
+    if kind.transactional(attempt):
+        with ledger.begin() as conn:
+            faults.hit("before_effect", key)
+            outcome = kind.perform(attempt, conn)
+            faults.hit("after_effect", key)
+            committed = _commit(kind, attempt, outcome, conn)
+            faults.hit("before_commit", key)
+    else:
+        faults.hit("before_effect", key)
+        outcome = kind.perform(attempt, None)
+        faults.hit("after_effect", key)
+        with ledger.begin() as conn:
+            committed = _commit(kind, attempt, outcome, conn)
+            faults.hit("before_commit", key)
+    faults.hit("after_commit", key)
+    return committed
+
+
+def _commit(kind: StepKind, attempt: Attempt, outcome: Any, conn: Connection) -> Committed:
+    committed = kind.commit(attempt, outcome, conn)
+    if committed.rejection is not None:
+        # The work ended, and its answer is final (invalid output, failed expectations).
+        record_failure(
+            attempt, committed.rejection, final=True, conn=conn, letter_args=committed.letter_args
+        )
+    else:
+        attempt.ledger.complete_step(
+            conn,
+            run_id=attempt.run.run_id,
+            step_key=attempt.key,
+            attempt_id=attempt.attempt_id,
+            output=committed.output,
+            reused=committed.reused,
+        )
+    return committed
+
+
+def record_failure(
+    attempt: Attempt,
+    error: BaseException,
+    *,
+    final: bool,
+    conn: Connection | None = None,
+    letter_args: Any = None,
+) -> None:
+    """The failed attempt; on the last one, the dead letter with the step's inputs."""
+    ledger, spec, run = attempt.ledger, attempt.spec, attempt.run
+    with ledger.begin(conn) as conn:
+        ledger.fail_attempt(
+            run_id=run.run_id,
+            step_key=attempt.key,
+            attempt_id=attempt.attempt_id,
+            error=error,
+            final=final,
+            conn=conn,
+        )
+        if final:
+            ledger.dead_letter(
+                workflow=spec.name,
+                version=spec.version,
+                run_id=run.run_id,
+                step_key=attempt.key,
+                attempts=attempt.try_number,
+                error=error,
+                args=letter_args if letter_args is not None else attempt.rendered.letter_args,
+                idempotency_key=attempt.rendered.idempotency_key,
+                conn=conn,
+            )
+
+
+def jsonable(value: Any) -> Any:
+    """The value as the ledger stores and returns it (JSON round trip)."""
+    from ledgerflow.ledger.store import dumps, loads
+
+    return loads(dumps(value))
