@@ -159,6 +159,7 @@ class CompensationOperator(BaseOperator):
                 try_number=ti.try_number,
                 max_attempts=retries + 1,
                 is_final_attempt=final,
+                forward=False,  # a compensation neither reopens the run nor reuses the chain
             )
         except BaseException as error:
             if isinstance(error, Exception) and final(error):
