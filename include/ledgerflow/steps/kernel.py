@@ -29,43 +29,53 @@ the same way for every kind:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import TemplateError
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
 from ledgerflow import faults
 from ledgerflow.errors import InjectedFault, NonRetryableError
-from ledgerflow.ledger import schema as t
 from ledgerflow.ledger.store import Checkpoint, Ledger
-from ledgerflow.lifecycle import RunStatus, StepStatus
+from ledgerflow.lifecycle import StepStatus
 from ledgerflow.spec.models import WorkflowSpec
 from ledgerflow.spec.templates import evaluate
 from ledgerflow.spec.validate import referenced_steps
+from ledgerflow.steps.run import (
+    Chain,
+    RunRef,
+    join_run,
+    register_run,
+    step_key,
+    template_context,
+)
+
+__all__ = [
+    "Attempt",
+    "Chain",
+    "Committed",
+    "Prologue",
+    "Rendered",
+    "Reuse",
+    "RunRef",
+    "StepKind",
+    "StepResult",
+    "StepSkipped",
+    "TemplateRenderError",
+    "join_run",
+    "prologue",
+    "record_failure",
+    "register_run",
+    "run_step",
+    "step_key",
+    "template_context",
+]
 
 # Not a failed attempt: a crash signal, an exit, an injected crash. The next attempt
 # finds this one still running and marks it lost.
 CRASHES = (InjectedFault, KeyboardInterrupt, SystemExit, GeneratorExit)
-
-
-@dataclass(frozen=True)
-class RunRef:
-    """Which run a step belongs to.
-
-    ``retry_of``/``retry_from`` are used only when this call registers the run (a caller
-    in Python, such as a test or a benchmark, that starts a retry run by hand); once the
-    run is in the ledger, its row decides. The Airflow adapter never fills them from a
-    DagRun's conf: a retry chain is established by the ledger alone."""
-
-    run_id: str
-    dag_id: str
-    trigger_kind: str = "manual"
-    logical_date: str | None = None
-    retry_of: str | None = None
-    # A retry run re-runs this step and everything downstream of it (``--from``).
-    retry_from: str | None = None
 
 
 @dataclass
@@ -176,110 +186,6 @@ class StepKind:
 
     def finished(self, ledger: Ledger, error: BaseException | None) -> None:
         """After the work: success (``None``) or the error (a breaker counts them)."""
-
-
-def step_key(step_id: str, map_index: int) -> str:
-    return step_id if map_index < 0 else f"{step_id}[{map_index}]"
-
-
-def template_context(
-    ledger: Ledger,
-    spec: WorkflowSpec,
-    run: RunRef,
-    params: dict[str, Any],
-    item: Any,
-    map_index: int,
-    *,
-    step_ids: Iterable[str] | None = None,
-    conn: Connection | None = None,
-    outputs: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    local_date = None
-    if run.logical_date:
-        import pendulum
-
-        local_date = pendulum.parse(run.logical_date).in_tz(spec.timezone)  # type: ignore[union-attr]
-    context: dict[str, Any] = {
-        "params": params,
-        "steps": outputs
-        if outputs is not None
-        else ledger.outputs(run.run_id, step_ids, conn=conn),
-        "run": {
-            "id": run.run_id,
-            "workflow": spec.name,
-            "version": spec.version,
-            # In the workflow's time zone: a 02:30 Amsterdam run is that day's run.
-            "logical_date": local_date.isoformat() if local_date else None,
-            "date": local_date.date().isoformat() if local_date else None,
-        },
-    }
-    if map_index >= 0:
-        context["item"] = item
-        context["index"] = map_index
-    return context
-
-
-def register_run(
-    ledger: Ledger,
-    spec: WorkflowSpec,
-    run: RunRef,
-    params: dict[str, Any],
-    conn: Connection | None = None,
-) -> bool:
-    """Record the run in the ledger once (whichever task gets there first).
-
-    Raises InvalidParams (non-retryable, naming each field) when the params do not fit
-    the workflow's params schema, whichever way the run was triggered."""
-    from ledgerflow.spec.loaded import spec_hash
-    from ledgerflow.spec.params import check_params
-
-    check_params(spec.name, spec.version, spec.params, params, engine_keys=True)
-    return ledger.ensure_run(
-        run_id=run.run_id,
-        dag_id=run.dag_id,
-        workflow=spec.name,
-        version=spec.version,
-        params=params,
-        trigger_kind=run.trigger_kind,
-        retry_of=run.retry_of,
-        retry_from=run.retry_from,
-        spec_hash=spec_hash(run.dag_id),
-        conn=conn,
-    )
-
-
-@dataclass(frozen=True)
-class Chain:
-    """Where a run sits in its retry chain, as the ledger says."""
-
-    retry_of: str | None
-    retry_from: str | None
-
-
-def join_run(
-    ledger: Ledger,
-    spec: WorkflowSpec,
-    run: RunRef,
-    params: dict[str, Any],
-    conn: Connection,
-    *,
-    forward: bool = True,
-) -> Chain:
-    """Register the run if it is new; reopen it if it had ended (a task cleared in
-    Airflow runs again). Returns the run's retry chain from its ledger row."""
-    row = conn.execute(
-        select(t.runs.c.status, t.runs.c.retry_of, t.runs.c.retry_from).where(
-            t.runs.c.run_id == run.run_id
-        )
-    ).first()
-    if row is None:
-        register_run(ledger, spec, run, params, conn)
-        return Chain(run.retry_of, run.retry_from)
-    if forward and row.status != RunStatus.RUNNING.value:
-        reopen = getattr(ledger, "reopen_run", None)
-        if reopen is not None:
-            reopen(run.run_id, conn=conn)
-    return Chain(row.retry_of, row.retry_from)
 
 
 @dataclass
