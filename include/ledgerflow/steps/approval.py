@@ -19,6 +19,7 @@ from airflow.sdk.bases.skipmixin import SkipMixin
 
 from ledgerflow.spec.models import ApprovalStep, WorkflowSpec
 from ledgerflow.steps.kernel import Rendered, StepKind, prologue
+from ledgerflow.steps.operator import LedgerflowOperator
 
 # Safety-net poll of a parked approval: NOTIFY wakes it at once on Postgres; SQLite
 # has no NOTIFY, so there the poll is how a decision is seen.
@@ -63,16 +64,12 @@ def build_task(spec: WorkflowSpec, step: ApprovalStep, trigger_rule: str) -> Bas
     )
 
 
-class ApprovalOperator(BaseOperator, SkipMixin):
+class ApprovalOperator(LedgerflowOperator, SkipMixin):
     """Asks for a decision and waits for it without holding a worker slot."""
 
     ui_color = "#fff4d6"
     template_fields = ()
     inherits_from_skipmixin = True
-
-    def __init__(self, *, step_id: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.step_id = step_id
 
     def _step(self) -> tuple[WorkflowSpec, ApprovalStep]:
         from ledgerflow.spec.loaded import spec_for_dag

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.bases.skipmixin import SkipMixin
 from sqlalchemy import Connection
 
 from ledgerflow.errors import NonRetryableError, ToolError
@@ -273,11 +274,11 @@ def build_task(spec: WorkflowSpec, step: LlmStep, trigger_rule: str) -> BaseOper
     )
 
 
-class LlmOperator(LedgerflowOperator):
+class LlmOperator(LedgerflowOperator, SkipMixin):
     """Runs an LLM step and follows the main path or the ``on_invalid`` branch."""
 
     ui_color = "#eee6fb"
-    branch_point = True
+    inherits_from_skipmixin = True  # see steps.branching
 
     def kind(self, spec: WorkflowSpec, step: Any, run: RunRef) -> StepKind:
         return LlmKind(spec, step, run)
