@@ -247,10 +247,27 @@ def _add_compensations(spec: WorkflowSpec, tasks: dict[str, Any]) -> None:
 
 
 def _finish_run(context: Any) -> None:
-    """DAG-level callback: the run's final state in the ledger."""
+    """DAG-level callback: the run's final state in the ledger. A failed run of a
+    workflow with nothing to undo ends its saga (``nothing_to_compensate``) if a failure
+    callback did not; approvals still pending can no longer resume (``abandoned``)."""
     from ledgerflow.ledger.store import Ledger
+    from ledgerflow.spec.loaded import spec_for_dag
+    from ledgerflow.steps.saga import has_compensations
 
     dag_run = context["dag_run"]
     state = str(getattr(dag_run.state, "value", dag_run.state))
     status = "succeeded" if state == "success" else "failed"
-    Ledger.from_airflow().finish_run(f"{dag_run.dag_id}/{dag_run.run_id}", status)
+    run_id = f"{dag_run.dag_id}/{dag_run.run_id}"
+    ledger = Ledger.from_airflow()
+    ledger.finish_run(run_id, status)
+    if status == "failed":
+        run = ledger.run(run_id) or {}
+        spec = spec_for_dag(dag_run.dag_id)
+        if not has_compensations(spec) and run.get("saga") in (None, "compensating"):
+            ledger.start_saga(run_id, run.get("failed_step"))
+            ledger.finish_saga(run_id)
+    from ledgerflow.ledger import approvals
+
+    abandon = getattr(approvals, "abandon_for_run", None)
+    if abandon is not None:
+        abandon(ledger, run_id, f"the run ended ({state})")

@@ -109,6 +109,18 @@ def param_problems(
     return problems
 
 
+def effective_params(specs: Mapping[str, ParamSpec], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The params a run's steps see: an empty (``null``) optional field means its declared
+    default, as a field left out does. Airflow's Trigger form sends ``null`` for a
+    cleared optional field, which both Airflow's param schema and ``check_params``
+    accept; without this, the step would get ``None`` where its tool wants a number."""
+    out = dict(given)
+    for name, spec in specs.items():
+        if out.get(name, ...) is None and spec.default is not None:
+            out[name] = spec.default
+    return out
+
+
 def resolved_params(specs: Mapping[str, ParamSpec], given: Mapping[str, Any]) -> dict[str, Any]:
     """The params a run sees: each declared param's default, overridden by ``given``."""
     return {**{name: spec.default for name, spec in specs.items()}, **given}
@@ -123,6 +135,6 @@ def check_params(
     engine_keys: bool = False,
 ) -> None:
     """Raise :class:`InvalidParams` naming every field that does not fit."""
-    problems = param_problems(specs, given, engine_keys=engine_keys)
+    problems = param_problems(specs, effective_params(specs, given), engine_keys=engine_keys)
     if problems:
         raise InvalidParams(workflow, version, problems)

@@ -27,11 +27,9 @@ def run_ref(context: Any) -> RunRef:
 def run_params(spec: WorkflowSpec, context: Any) -> dict[str, Any]:
     """The params every step of the run sees: Airflow's, with an empty optional field
     meaning its declared default (``spec.params.effective_params``)."""
-    from ledgerflow.spec import params as checks
+    from ledgerflow.spec.params import effective_params
 
-    params = dict(context["params"])
-    effective = getattr(checks, "effective_params", None)
-    return effective(spec.params, params) if effective is not None else params
+    return effective_params(spec.params, dict(context["params"]))
 
 
 class LedgerflowOperator(BaseOperator):
@@ -72,6 +70,7 @@ class LedgerflowOperator(BaseOperator):
         from ledgerflow.ledger.breakers import BreakerOpen
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.spec.loaded import spec_for_dag
+        from ledgerflow.spec.params import InvalidParams
         from ledgerflow.steps.branching import follow
         from ledgerflow.steps.kernel import StepSkipped, run_step
         from ledgerflow.steps.retry import final_attempt
@@ -101,6 +100,10 @@ class LedgerflowOperator(BaseOperator):
             )
         except StepSkipped as skipped:
             raise AirflowSkipException(str(skipped)) from None
+        except InvalidParams as bad:
+            # The one-line reason, naming each field; the kernel's frames add nothing.
+            self.log.error("params rejected: %s", bad)
+            raise bad.with_traceback(None) from None
         except BreakerOpen as wait:
             # Not a failed attempt and no worker slot held: wait in the triggerer.
             from airflow.providers.standard.triggers.temporal import DateTimeTrigger

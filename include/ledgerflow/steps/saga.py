@@ -60,9 +60,24 @@ def run_failed(context: Any, forward_task_ids: list[str]) -> list[str]:
     return sorted(failed)
 
 
+def has_compensations(spec: WorkflowSpec) -> bool:
+    """Whether the workflow's DAG has compensation tasks (a step declaring ``compensate``)."""
+    return any(isinstance(s, ToolStep) and s.compensate is not None for s in spec.steps)
+
+
+def saga_started(ledger: Any, spec: WorkflowSpec, run_id: str, failed_step: str | None) -> None:
+    """A forward step failed for good: the saga starts. A workflow with nothing it could
+    undo (no compensation tasks) ends its saga at once, ``nothing_to_compensate``:
+    nothing else would ever finish it."""
+    ledger.start_saga(run_id, failed_step)
+    if not has_compensations(spec):
+        ledger.finish_saga(run_id)
+
+
 def step_failed(context: Any) -> None:
     """Failure callback of every forward step: record the failure, start the saga."""
     from ledgerflow.ledger.store import Ledger
+    from ledgerflow.spec.loaded import spec_for_dag
     from ledgerflow.steps.operator import run_ref
 
     run = run_ref(context)
@@ -72,7 +87,7 @@ def step_failed(context: Any) -> None:
     if isinstance(context.get("exception"), InvalidParams):
         _record_rejected_params(ledger, run, context, context["exception"])
     ledger.record_event(run.run_id, ti.task_id, "step_failed_final", {"try_number": ti.try_number})
-    ledger.start_saga(run.run_id, ti.task_id)
+    saga_started(ledger, spec_for_dag(run.dag_id), run.run_id, ti.task_id)
 
 
 def _record_rejected_params(ledger: Any, run: Any, context: Any, error: InvalidParams) -> None:
@@ -98,6 +113,78 @@ def _record_rejected_params(ledger: Any, run: Any, context: Any, error: InvalidP
         )
 
 
+class NothingToUndo(Exception):
+    """The step did not complete in this run (or the run did not fail): nothing to undo."""
+
+
+def compensate_step(
+    ledger: Any,
+    spec: WorkflowSpec,
+    run: Any,
+    step_id: str,
+    *,
+    params: dict[str, Any],
+    try_number: int = 1,
+    retries: int = 0,
+    first: bool = False,
+) -> Any:
+    """Undo one completed step of a failed run (what a compensation task does), under
+    the kernel with ``forward=False``; the compensation record says how it went. Raises
+    ``NothingToUndo`` when the step did not complete, and the undo's error on failure
+    (recorded ``failed`` when it was the last attempt)."""
+    from ledgerflow.steps.protocol import execute_step
+    from ledgerflow.steps.retry import final_attempt
+    from ledgerflow.tools.registry import get_tool
+
+    step = spec.tool_step(step_id)
+    if first:
+        _record_not_compensable(ledger, spec, run.run_id)
+    checkpoint = ledger.checkpoint(run.run_id, step.id)
+    if checkpoint is None or checkpoint.status != "completed":
+        ledger.record_compensation(
+            run.run_id, step.id, "not_needed", detail="the step did not complete"
+        )
+        raise NothingToUndo(f"step {step.id} did not complete: nothing to undo")
+    undo = compensation_step(spec, step, checkpoint.idempotency_key)
+    final = final_attempt(
+        try_number, retries, spec.retry_for(undo), get_tool(undo.tool).non_retryable
+    )
+    ledger.record_compensation(run.run_id, step.id, "running", tool=undo.tool)
+    try:
+        result = execute_step(
+            ledger,
+            spec,
+            undo,
+            run,
+            params=params,
+            try_number=try_number,
+            max_attempts=retries + 1,
+            is_final_attempt=final,
+            forward=False,  # a compensation neither reopens the run nor reuses the chain
+        )
+    except BaseException as error:
+        if isinstance(error, Exception) and final(error):
+            ledger.record_compensation(
+                run.run_id,
+                step.id,
+                "failed",
+                tool=undo.tool,
+                detail=f"{type(error).__name__}: {error}",
+            )
+        raise
+    ledger.record_compensation(run.run_id, step.id, "completed", tool=undo.tool)
+    return result.output
+
+
+def _record_not_compensable(ledger: Any, spec: WorkflowSpec, run_id: str) -> None:
+    done = {c.step_id for c in ledger.checkpoints(run_id) if c.status == "completed"}
+    for step in spec.steps:
+        if getattr(step, "compensate", None) is None and step.id in done:
+            ledger.record_compensation(
+                run_id, step.id, "not_compensable", detail="completed, declares no compensate"
+            )
+
+
 class CompensationOperator(BaseOperator):
     """Undoes one completed step of a failed run (a teardown task)."""
 
@@ -117,13 +204,9 @@ class CompensationOperator(BaseOperator):
 
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.spec.loaded import spec_for_dag
-        from ledgerflow.steps.operator import run_ref
-        from ledgerflow.steps.protocol import execute_step
-        from ledgerflow.steps.retry import final_attempt
-        from ledgerflow.tools.registry import get_tool
+        from ledgerflow.steps.operator import run_params, run_ref
 
         spec = spec_for_dag(self.dag_id)
-        step = spec.tool_step(self.step_id)
         run = run_ref(context)
         ledger = Ledger.from_airflow()
         ledger.migrate()
@@ -133,54 +216,26 @@ class CompensationOperator(BaseOperator):
             if not failed:
                 raise AirflowSkipException("the run did not fail: nothing to undo")
             ledger.start_saga(run.run_id, failed[0])
-        if self.first:
-            self._record_not_compensable(ledger, spec, run.run_id)
-        checkpoint = ledger.checkpoint(run.run_id, step.id)
-        if checkpoint is None or checkpoint.status != "completed":
-            ledger.record_compensation(
-                run.run_id, step.id, "not_needed", detail="the step did not complete"
-            )
-            raise AirflowSkipException(f"step {step.id} did not complete: nothing to undo")
-        undo = compensation_step(spec, step, checkpoint.idempotency_key)
-        ti = context["ti"]
-        retries = self.retries or 0
-        final = final_attempt(
-            ti.try_number, retries, spec.retry_for(undo), get_tool(undo.tool).non_retryable
-        )
-
-        ledger.record_compensation(run.run_id, step.id, "running", tool=undo.tool)
         try:
-            result = execute_step(
+            output = compensate_step(
                 ledger,
                 spec,
-                undo,
                 run,
-                params=dict(context["params"]),
-                try_number=ti.try_number,
-                max_attempts=retries + 1,
-                is_final_attempt=final,
-                forward=False,  # a compensation neither reopens the run nor reuses the chain
+                self.step_id,
+                params=run_params(spec, context),
+                try_number=context["ti"].try_number,
+                retries=self.retries or 0,
+                first=self.first,
             )
-        except BaseException as error:
-            if isinstance(error, Exception) and final(error):
-                ledger.record_compensation(
-                    run.run_id,
-                    step.id,
-                    "failed",
-                    tool=undo.tool,
-                    detail=f"{type(error).__name__}: {error}",
-                )
-            raise
-        ledger.record_compensation(run.run_id, step.id, "completed", tool=undo.tool)
-        return result.output
+        except NothingToUndo as nothing:
+            raise AirflowSkipException(str(nothing)) from None
+        self.log.info("compensated %s: %s", self.step_id, output)
+        return output
 
-    def _record_not_compensable(self, ledger: Any, spec: WorkflowSpec, run_id: str) -> None:
-        done = {c.step_id for c in ledger.checkpoints(run_id) if c.status == "completed"}
-        for step in spec.steps:
-            if getattr(step, "compensate", None) is None and step.id in done:
-                ledger.record_compensation(
-                    run_id, step.id, "not_compensable", detail="completed, declares no compensate"
-                )
+
+def finish_saga(ledger: Any, run_id: str) -> str | None:
+    """The saga's outcome, once every compensation is done (``None``: no saga)."""
+    return ledger.finish_saga(run_id)  # type: ignore[no-any-return]
 
 
 class SagaFinishOperator(BaseOperator):
@@ -197,7 +252,7 @@ class SagaFinishOperator(BaseOperator):
 
         ledger = Ledger.from_airflow()
         ledger.migrate()
-        outcome = ledger.finish_saga(run_ref(context).run_id)
+        outcome = finish_saga(ledger, run_ref(context).run_id)
         if outcome is None:
             raise AirflowSkipException("no saga: the run did not fail")
         self.log.info("saga %s", outcome)
