@@ -220,7 +220,8 @@ COMPENSATION = _machine(
     "compensation",
     CompensationStatus,
     {
-        None: [C.RUNNING, C.NOT_NEEDED, C.NOT_COMPENSABLE],
+        # COMPLETED/FAILED from nothing: an outcome recorded without its start (by hand).
+        None: [C.RUNNING, C.NOT_NEEDED, C.NOT_COMPENSABLE, C.COMPLETED, C.FAILED],
         C.RUNNING: [C.RUNNING, C.COMPLETED, C.FAILED],
         C.FAILED: [C.RUNNING, C.FAILED],
         C.NOT_NEEDED: [C.NOT_NEEDED, C.RUNNING],

@@ -90,7 +90,7 @@ def test_retry_after_compensation_performs_undone_steps_again(ledger: Ledger) ->
         assert result.status == "completed", step_id
 
     payments = rows(ledger, "SELECT status, idempotency_key FROM demo_payments ORDER BY id")
-    assert [p.status for p in payments] == ["refunded", "charged"]
+    assert [p.status for p in payments] == ["refunded", "captured"]
     assert payments[1].idempotency_key != payments[0].idempotency_key  # a new effect
     reservations = rows(ledger, "SELECT status FROM demo_reservations ORDER BY id")
     assert [r.status for r in reservations] == ["released", "reserved"]
@@ -116,7 +116,7 @@ def test_same_business_key_in_a_new_run_after_compensation_is_a_new_effect(
     result = execute_step(ledger, spec, spec.tool_step("charge_payment"), again, params=params)
     assert not result.effect_reused
     statuses = [r.status for r in rows(ledger, "SELECT status FROM demo_payments ORDER BY id")]
-    assert statuses == ["refunded", "charged"]
+    assert statuses == ["refunded", "captured"]
     # Running the new run's step again reuses ITS effect (the new generation), once.
     again2 = RunRef(run_id="checkout__v1/c", dag_id="checkout__v1")
     reused = execute_step(ledger, spec, spec.tool_step("charge_payment"), again2, params=params)

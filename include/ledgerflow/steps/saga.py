@@ -140,6 +140,9 @@ def compensate_step(
     if first:
         _record_not_compensable(ledger, spec, run.run_id)
     checkpoint = ledger.checkpoint(run.run_id, step.id)
+    if checkpoint is not None and checkpoint.status == "compensated":
+        # Undone already (this task retried or cleared after it succeeded).
+        raise NothingToUndo(f"step {step.id} was compensated already")
     if checkpoint is None or checkpoint.status != "completed":
         ledger.record_compensation(
             run.run_id, step.id, "not_needed", detail="the step did not complete"

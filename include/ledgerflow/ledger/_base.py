@@ -1,0 +1,94 @@
+"""What every part of the ``Ledger`` shares: its engine, transactions and the event log.
+
+One rule for transactions: a method that writes takes ``conn: Connection | None``.
+Given a connection, it joins that transaction and never commits it (the caller's
+``with ledger.begin()`` does); given none, it runs in a short transaction of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ledgerflow.ledger import schema as t
+from ledgerflow.ledger._engine import dumps, now
+from ledgerflow.lifecycle import IllegalTransition, Machine
+
+_INSERT_EVENT = t.events.insert()
+
+
+class LedgerBase:
+    url: str
+    engine: Engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def begin(self, conn: Connection | None = None) -> Iterator[Connection]:
+        """A transaction; inside an open one (``conn`` given), just that connection."""
+        if conn is not None:
+            yield conn
+            return
+        with self.engine.begin() as own:
+            yield own
+
+    @contextmanager
+    def _read(self, conn: Connection | None) -> Iterator[Connection]:
+        if conn is not None:
+            yield conn
+            return
+        with self.engine.connect() as own:
+            yield own
+
+    def _insert(self, table: Any) -> Any:
+        return (postgresql if self.dialect == "postgresql" else sqlite).insert(table)
+
+    def events(self, run_id: str) -> list[dict[str, Any]]:
+        from sqlalchemy import select
+
+        from ledgerflow.ledger._engine import loads
+
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.events).where(t.events.c.run_id == run_id).order_by(t.events.c.id)
+            ).mappings()
+            return [{**r, "data": loads(r["data"])} for r in rows]
+
+    def record_event(
+        self,
+        run_id: str,
+        step_key: str | None,
+        kind: str,
+        data: Any = None,
+        conn: Connection | None = None,
+    ) -> None:
+        with self.begin(conn) as conn:
+            self._event(conn, run_id, step_key, kind, data)
+
+    def _event(
+        self, conn: Connection, run_id: str, step_key: str | None, kind: str, data: Any
+    ) -> None:
+        conn.execute(
+            _INSERT_EVENT,
+            {
+                "run_id": run_id,
+                "step_key": step_key,
+                "kind": kind,
+                "data": None if data is None else dumps(data),
+                "at": now(),
+            },
+        )
+
+
+def refuse(machine: Machine, current: str | None, new: str, subject: str) -> None:
+    """After a guarded UPDATE changed nothing: a repeat the machine allows is a no-op,
+    anything else is refused."""
+    if current == new and machine.allowed(current, new):
+        return
+    raise IllegalTransition(machine.name, current, new, subject)

@@ -1,0 +1,169 @@
+"""Effects (one row per idempotency key) and dead letters in the ledger.
+
+An effect is claimed (``pending``), then ``done``; the saga may mark it ``compensated``,
+after which it is never reused (``lifecycle.EFFECT``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, select, update
+
+from ledgerflow import observability
+from ledgerflow.ledger import schema as t
+from ledgerflow.ledger._base import LedgerBase, refuse
+from ledgerflow.ledger._engine import dumps, loads, now
+from ledgerflow.ledger._records import Effect, _error_text, _error_type
+from ledgerflow.lifecycle import EFFECT, DeadLetterStatus, EffectStatus
+
+
+class EffectsMixin(LedgerBase):
+    def effect(self, key: str, conn: Connection | None = None) -> Effect | None:
+        query = select(t.effects).where(t.effects.c.idempotency_key == key)
+        with self._read(conn) as conn:
+            row = conn.execute(query).mappings().first()
+        if row is None:
+            return None
+        return Effect(
+            idempotency_key=row["idempotency_key"],
+            tool=row["tool"],
+            status=row["status"],
+            result=loads(row["result"]),
+            run_id=row["run_id"],
+            step_key=row["step_key"],
+        )
+
+    def claim_effect(
+        self, conn: Connection, *, key: str, tool: str, run_id: str, step_key: str
+    ) -> bool:
+        """Insert a pending effect row; False when the key is already claimed."""
+        result = conn.execute(
+            self._insert(t.effects)
+            .values(
+                idempotency_key=key,
+                tool=tool,
+                run_id=run_id,
+                step_key=step_key,
+                status="pending",
+                created_at=now(),
+            )
+            .on_conflict_do_nothing()
+        )
+        return bool(result.rowcount)
+
+    def insert_effect(
+        self, conn: Connection, *, key: str, tool: str, run_id: str, step_key: str, result: Any
+    ) -> None:
+        """Record a finished effect. A plain INSERT: a concurrent twin with the same key fails
+        on the unique key and its transaction (with its effect) rolls back."""
+        stamp = now()
+        conn.execute(
+            t.effects.insert().values(
+                idempotency_key=key,
+                tool=tool,
+                run_id=run_id,
+                step_key=step_key,
+                status="done",
+                result=dumps(result),
+                created_at=stamp,
+                completed_at=stamp,
+            )
+        )
+
+    def finish_effect(self, conn: Connection, *, key: str, result: Any) -> None:
+        """The claimed (pending) effect is done. A compensated one is refused: its key
+        was undone, and the step must be performed again under a new one."""
+        finished = conn.execute(
+            _FINISH_EFFECT, {"b_key": key, "result": dumps(result), "stamp": now()}
+        ).rowcount
+        if not finished:
+            current = conn.execute(
+                select(t.effects.c.status).where(t.effects.c.idempotency_key == key)
+            ).scalar()
+            refuse(EFFECT, current, EffectStatus.DONE.value, key)
+
+    def effects(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        query = select(t.effects).order_by(t.effects.c.id)
+        if run_id is not None:
+            query = query.where(t.effects.c.run_id == run_id)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    # -- dead letters -----------------------------------------------------------
+
+    def dead_letter(
+        self,
+        *,
+        workflow: str,
+        version: int,
+        run_id: str,
+        step_key: str,
+        attempts: int,
+        error: BaseException,
+        args: Any,
+        idempotency_key: str | None,
+        conn: Connection | None = None,
+    ) -> None:
+        with self.begin(conn) as conn:
+            conn.execute(
+                self._insert(t.dead_letters)
+                .values(
+                    workflow=workflow,
+                    version=version,
+                    run_id=run_id,
+                    step_key=step_key,
+                    attempts=attempts,
+                    error_type=_error_type(error),
+                    error=_error_text(error),
+                    args=dumps(args),
+                    idempotency_key=idempotency_key,
+                    created_at=now(),
+                )
+                .on_conflict_do_nothing()
+            )
+            self._event(conn, run_id, step_key, "dead_lettered", {"attempts": attempts})
+        observability.dead_lettered(workflow, step_key)
+
+    def dead_letters(self, status: str | None = "open") -> list[dict[str, Any]]:
+        query = select(t.dead_letters).order_by(t.dead_letters.c.id)
+        if status:
+            query = query.where(t.dead_letters.c.status == status)
+        with self.engine.connect() as conn:
+            return [{**r, "args": loads(r["args"])} for r in conn.execute(query).mappings()]
+
+    def dead_letter_by_id(self, letter_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(select(t.dead_letters).where(t.dead_letters.c.id == letter_id))
+                .mappings()
+                .first()
+            )
+        return None if row is None else {**row, "args": loads(row["args"])}
+
+    def resolve_dead_letter(self, letter_id: int, how: str) -> None:
+        with self.begin() as conn:
+            row = conn.execute(
+                select(t.dead_letters.c.run_id, t.dead_letters.c.step_key).where(
+                    t.dead_letters.c.id == letter_id
+                )
+            ).first()
+            changed = conn.execute(
+                update(t.dead_letters)
+                .where(
+                    t.dead_letters.c.id == letter_id,
+                    t.dead_letters.c.status == DeadLetterStatus.OPEN.value,
+                )
+                .values(status=DeadLetterStatus.RESOLVED.value)
+            ).rowcount
+            if row is not None and changed:
+                self._event(conn, row[0], row[1], "dead_letter_resolved", {"how": how})
+
+
+_FINISH_EFFECT = (
+    update(t.effects)
+    .where(
+        t.effects.c.idempotency_key == bindparam("b_key"),
+        t.effects.c.status == EffectStatus.PENDING.value,
+    )
+    .values(status="done", result=bindparam("result"), completed_at=bindparam("stamp"))
+)

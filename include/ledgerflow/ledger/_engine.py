@@ -1,0 +1,147 @@
+"""How the ledger is reached: its URL from Airflow's connection (or the embedded SQLite
+file), one engine per URL per process, and the JSON encoding of stored values."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+
+from ledgerflow.errors import LedgerError
+
+DEFAULT_CONN_ID = "ledgerflow_db"
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True, separators=(",", ":"))
+
+
+def loads(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+def default_sqlite_path() -> Path:
+    home = Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
+    return home / "ledgerflow.db"
+
+
+def resolve_url(conn_id: str = DEFAULT_CONN_ID) -> str:
+    """The SQLAlchemy URL of the ledger.
+
+    Order: the Airflow connection ``conn_id`` (environment variable, secrets backend or
+    the metadata database, whatever Airflow is configured with), else the SQLite file
+    ``$AIRFLOW_HOME/ledgerflow.db``.
+    """
+    uri = _airflow_connection_uri(conn_id)
+    if uri is None:
+        return f"sqlite:///{default_sqlite_path()}"
+    if uri.startswith(("postgres://", "postgresql://", "postgresql+")):  # any driver: psycopg2
+        rest = uri.split("://", 1)[1]
+        return f"postgresql+psycopg2://{rest}"
+    if uri.startswith("sqlite"):
+        return uri if uri.startswith("sqlite:///") else "sqlite:///" + uri.split("://", 1)[1]
+    raise LedgerError(
+        f"connection {conn_id!r} must be postgres or sqlite, got {uri.split('://', 1)[0]!r}"
+    )
+
+
+def _airflow_connection_uri(conn_id: str) -> str | None:
+    env = os.environ.get(f"AIRFLOW_CONN_{conn_id.upper()}")
+    if env:
+        if env.lstrip().startswith("{"):
+            return _uri_from_json(json.loads(env))
+        return env
+    conn = _airflow_connection(conn_id)
+    if conn is None:
+        return None
+    if conn.conn_type in ("postgres", "postgresql"):
+        from sqlalchemy.engine import URL
+
+        query = conn.extra_dejson.get("sqlalchemy_query") or {}  # as PostgresHook reads it
+        return URL.create(
+            "postgresql+psycopg2",
+            username=conn.login or None,
+            password=conn.password or None,
+            host=conn.host or None,
+            port=int(conn.port) if conn.port else None,
+            database=conn.schema or None,
+            query=query if isinstance(query, dict) else {},
+        ).render_as_string(hide_password=False)
+    if conn.conn_type == "sqlite":
+        return f"sqlite:///{conn.host}"
+    return str(conn.get_uri())
+
+
+def _airflow_connection(conn_id: str) -> Any | None:
+    """The connection from Airflow's secrets chain, in a task or in a server process.
+
+    The Task SDK's lookup serves tasks and triggers; a process without a task supervisor
+    and without ``_AIRFLOW_PROCESS_CONTEXT=server`` (a plugin imported by a CLI, a
+    scheduler helper) only sees environment variables there, so the metadata database is
+    asked through Airflow core instead of silently falling back to SQLite.
+    """
+    try:
+        from airflow.sdk import BaseHook
+
+        return BaseHook.get_connection(conn_id)
+    except Exception:
+        pass
+    try:
+        from airflow.models.connection import Connection
+
+        return Connection.get_connection_from_secrets(conn_id)
+    except Exception:
+        return None
+
+
+def _uri_from_json(data: dict[str, Any]) -> str:
+    kind = data.get("conn_type", "postgres")
+    if kind == "sqlite":
+        return f"sqlite:///{data['host']}"
+    auth = data.get("login") or ""
+    if data.get("password"):
+        auth += f":{data['password']}"
+    host = data.get("host", "localhost")
+    port = f":{data['port']}" if data.get("port") else ""
+    return f"postgresql://{auth}{'@' if auth else ''}{host}{port}/{data.get('schema', '')}"
+
+
+_ENGINES: dict[str, Engine] = {}
+_ENGINE_LOCK = threading.Lock()
+
+
+def _engine(url: str) -> Engine:
+    with _ENGINE_LOCK:
+        engine = _ENGINES.get(url)
+        if engine is None:
+            if url.startswith("sqlite"):
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+                engine = create_engine(url, connect_args={"timeout": 60})
+                event.listen(engine, "connect", _sqlite_pragmas)
+                event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+            else:
+                # No pre-ping: a task is a fresh process with a fresh pool; long-lived
+                # processes recycle connections instead of paying a round trip per checkout.
+                engine = create_engine(url, pool_recycle=300, pool_size=2, max_overflow=2)
+            _ENGINES[url] = engine
+        return engine
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # The driver's own transaction handling is turned off: BEGIN IMMEDIATE takes the
+    # write lock up front, so two writers queue instead of failing mid-transaction.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.close()

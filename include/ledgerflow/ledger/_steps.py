@@ -1,0 +1,316 @@
+"""Steps and their attempts in the ledger: checkpoints, attempts, outputs.
+
+Only a running step completes; a completed or skipped step is never attempted again
+(``lifecycle.STEP``). A step that completes resolves the open dead letters of the same
+step in its run and up its retry chain."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, select, update
+
+from ledgerflow import observability
+from ledgerflow.ledger import schema as t
+from ledgerflow.ledger._base import LedgerBase
+from ledgerflow.ledger._engine import dumps, now
+from ledgerflow.ledger._records import Checkpoint, _checkpoint, _error_text, _error_type, _outputs
+from ledgerflow.lifecycle import STEP, DeadLetterStatus, IllegalTransition, StepStatus
+
+_HOSTNAME = socket.gethostname()
+# A retry chain longer than this is a loop in the data, not a history of retries.
+MAX_CHAIN = 1000
+
+
+class StepsMixin(LedgerBase):
+    def checkpoint(
+        self, run_id: str, step_key: str, conn: Connection | None = None
+    ) -> Checkpoint | None:
+        with self._read(conn) as conn:
+            row = (
+                conn.execute(
+                    select(t.steps).where(
+                        t.steps.c.run_id == run_id, t.steps.c.step_key == step_key
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        return None if row is None else _checkpoint(row)
+
+    def checkpoint_and_outputs(
+        self, run_id: str, step_key: str, step_ids: Iterable[str], conn: Connection
+    ) -> tuple[Checkpoint | None, dict[str, dict[str, Any]]]:
+        """A step's own checkpoint and the outputs of ``step_ids``, in one query."""
+        wanted = sorted(step_ids)
+        condition = t.steps.c.step_key == step_key
+        if wanted:
+            condition = condition | t.steps.c.step_id.in_(wanted)
+        rows = conn.execute(
+            select(t.steps)
+            .where(t.steps.c.run_id == run_id, condition)
+            .order_by(t.steps.c.step_id, t.steps.c.map_index)
+        ).mappings()
+        found = [_checkpoint(r) for r in rows]
+        own = next((c for c in found if c.step_key == step_key), None)
+        return own, _outputs(c for c in found if c.step_id in wanted)
+
+    def checkpoints(self, run_id: str) -> list[Checkpoint]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.steps)
+                .where(t.steps.c.run_id == run_id)
+                .order_by(t.steps.c.step_id, t.steps.c.map_index)
+            ).mappings()
+            return [_checkpoint(r) for r in rows]
+
+    def begin_attempt(
+        self,
+        *,
+        run_id: str,
+        step_key: str,
+        step_id: str,
+        map_index: int,
+        try_number: int,
+        args: Any,
+        idempotency_key: str | None,
+        first: bool = False,
+        conn: Connection | None = None,
+    ) -> int:
+        """Record an attempt; ``first``: no checkpoint row existed (skips the lost-attempt sweep)."""
+        stamp = now()
+        with self.begin(conn) as conn:
+            insert = self._insert(t.steps).values(
+                run_id=run_id,
+                step_key=step_key,
+                step_id=step_id,
+                map_index=map_index,
+                status="running",
+                attempts=1,
+                idempotency_key=idempotency_key,
+                args=dumps(args),
+                started_at=stamp,
+            )
+            written = conn.execute(
+                insert.on_conflict_do_update(
+                    index_elements=[t.steps.c.run_id, t.steps.c.step_key],
+                    set_={
+                        "status": "running",
+                        "attempts": t.steps.c.attempts + 1,
+                        "idempotency_key": idempotency_key,
+                        "args": insert.excluded.args,
+                        "error": None,
+                    },
+                    # A completed or skipped step is never attempted again.
+                    where=t.steps.c.status.in_(STEP.sources(StepStatus.RUNNING)),
+                )
+            ).rowcount
+            if not written:
+                current = self._step_status(conn, run_id, step_key)
+                raise IllegalTransition("step", current, "running", f"{run_id}/{step_key}")
+            if not first:
+                # A new attempt proves that an earlier one still marked running is gone
+                # (its process was killed or lost); say so instead of leaving it running.
+                conn.execute(
+                    update(t.attempts)
+                    .where(
+                        t.attempts.c.run_id == run_id,
+                        t.attempts.c.step_key == step_key,
+                        t.attempts.c.status == "running",
+                    )
+                    .values(status="lost", ended_at=stamp)
+                )
+            attempt_id = conn.execute(
+                _INSERT_ATTEMPT,
+                {
+                    "run_id": run_id,
+                    "step_key": step_key,
+                    "try_number": try_number,
+                    "status": "running",
+                    "pid": os.getpid(),
+                    "hostname": _HOSTNAME,
+                    "started_at": stamp,
+                },
+            ).scalar_one()
+        observability.attempt_started(run_id, step_key, try_number, int(attempt_id))
+        return int(attempt_id)
+
+    def complete_step(
+        self,
+        conn: Connection,
+        *,
+        run_id: str,
+        step_key: str,
+        attempt_id: int,
+        output: Any,
+        reused: bool,
+    ) -> None:
+        """Mark the step completed; call inside the transaction that holds the effect."""
+        stamp = now()
+        done = conn.execute(
+            _COMPLETE_STEP,
+            {"b_run": run_id, "b_key": step_key, "output": dumps(output), "stamp": stamp},
+        ).rowcount
+        if not done:  # only a running step completes (a twin may have finished it)
+            current = self._step_status(conn, run_id, step_key)
+            raise IllegalTransition("step", current, "completed", f"{run_id}/{step_key}")
+        conn.execute(_COMPLETE_ATTEMPT, {"b_id": attempt_id, "stamp": stamp})
+        self._event(conn, run_id, step_key, "step_completed", {"reused_effect": reused})
+        self._resolve_dead_letters(conn, run_id, step_key)
+        observability.attempt_ended(attempt_id)
+
+    def mark_step(
+        self,
+        *,
+        run_id: str,
+        step_key: str,
+        step_id: str,
+        map_index: int,
+        status: str,
+        conn: Connection | None = None,
+    ) -> None:
+        """Record a step that ended without an attempt (``skipped``)."""
+        with self.begin(conn) as conn:
+            conn.execute(
+                self._insert(t.steps)
+                .values(
+                    run_id=run_id,
+                    step_key=step_key,
+                    step_id=step_id,
+                    map_index=map_index,
+                    status=status,
+                    attempts=0,
+                    completed_at=now(),
+                )
+                .on_conflict_do_nothing()
+            )
+            self._event(conn, run_id, step_key, f"step_{status}", None)
+
+    def fail_attempt(
+        self,
+        *,
+        run_id: str,
+        step_key: str,
+        attempt_id: int,
+        error: BaseException,
+        final: bool,
+        conn: Connection | None = None,
+    ) -> None:
+        stamp = now()
+        message = _error_text(error)
+        with self.begin(conn) as conn:
+            conn.execute(
+                update(t.attempts)
+                .where(t.attempts.c.id == attempt_id)
+                .values(
+                    status="failed", error_type=_error_type(error), error=message, ended_at=stamp
+                )
+            )
+            # A twin that completed the step meanwhile keeps it completed.
+            conn.execute(
+                update(t.steps)
+                .where(
+                    t.steps.c.run_id == run_id,
+                    t.steps.c.step_key == step_key,
+                    t.steps.c.status.in_(STEP.sources(StepStatus.FAILED)),
+                )
+                .values(status="failed" if final else "retrying", error=message)
+            )
+            self._event(
+                conn,
+                run_id,
+                step_key,
+                "step_failed" if final else "attempt_failed",
+                {"error_type": _error_type(error), "error": message[:500]},
+            )
+        observability.attempt_ended(attempt_id, error)
+
+    def attempts(self, run_id: str, step_key: str | None = None) -> list[dict[str, Any]]:
+        query = select(t.attempts).where(t.attempts.c.run_id == run_id).order_by(t.attempts.c.id)
+        if step_key is not None:
+            query = query.where(t.attempts.c.step_key == step_key)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def outputs(
+        self, run_id: str, step_ids: Iterable[str] | None = None, conn: Connection | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """``{step_id: {"status", "output"}}`` of the run's steps (or only ``step_ids``).
+
+        A for_each step's output is the list of its items' outputs, in item order.
+        """
+        query = select(t.steps).where(t.steps.c.run_id == run_id)
+        if step_ids is not None:
+            wanted = sorted(step_ids)
+            if not wanted:
+                return {}
+            query = query.where(t.steps.c.step_id.in_(wanted))
+        with self._read(conn) as conn:
+            rows = conn.execute(query.order_by(t.steps.c.step_id, t.steps.c.map_index)).mappings()
+            return _outputs(_checkpoint(r) for r in rows)
+
+    def _step_status(self, conn: Connection, run_id: str, step_key: str) -> str | None:
+        return conn.execute(  # type: ignore[no-any-return]
+            select(t.steps.c.status).where(
+                t.steps.c.run_id == run_id, t.steps.c.step_key == step_key
+            )
+        ).scalar()
+
+    def _resolve_dead_letters(self, conn: Connection, run_id: str, step_key: str) -> None:
+        """The step completed: its open dead letters in this run and up the retry chain
+        are resolved (one indexed read when there are none, the common case)."""
+        open_in = [r[0] for r in conn.execute(_OPEN_LETTERS, {"b_key": step_key, "b_open": "open"})]
+        if not open_in:
+            return
+        chain: set[str] = set()
+        current: str | None = run_id
+        while current is not None and current not in chain and len(chain) < MAX_CHAIN:
+            chain.add(current)
+            current = conn.execute(
+                select(t.runs.c.retry_of).where(t.runs.c.run_id == current)
+            ).scalar()
+        for letter_run in sorted(chain.intersection(open_in)):
+            conn.execute(
+                update(t.dead_letters)
+                .where(
+                    t.dead_letters.c.run_id == letter_run,
+                    t.dead_letters.c.step_key == step_key,
+                    t.dead_letters.c.status == DeadLetterStatus.OPEN.value,
+                )
+                .values(status=DeadLetterStatus.RESOLVED.value)
+            )
+            self._event(
+                conn,
+                letter_run,
+                step_key,
+                "dead_letter_resolved",
+                {"how": "completed_by", "run_id": run_id},
+            )
+
+
+# The statements of every step, built once: building a Core statement per call costs
+# more Python than the database needs to run it.
+_COMPLETE_STEP = (
+    update(t.steps)
+    .where(
+        t.steps.c.run_id == bindparam("b_run"),
+        t.steps.c.step_key == bindparam("b_key"),
+        t.steps.c.status == StepStatus.RUNNING.value,
+    )
+    .values(
+        status="completed", output=bindparam("output"), completed_at=bindparam("stamp"), error=None
+    )
+)
+_COMPLETE_ATTEMPT = (
+    update(t.attempts)
+    .where(t.attempts.c.id == bindparam("b_id"))
+    .values(status="completed", ended_at=bindparam("stamp"))
+)
+_INSERT_ATTEMPT = t.attempts.insert().returning(t.attempts.c.id)
+_OPEN_LETTERS = select(t.dead_letters.c.run_id).where(
+    t.dead_letters.c.step_key == bindparam("b_key"),
+    t.dead_letters.c.status == bindparam("b_open"),
+)
