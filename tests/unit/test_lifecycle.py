@@ -1,0 +1,66 @@
+"""The lifecycle as data: the drawing in docs/lifecycle.md is the table in code."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+
+from ledgerflow import lifecycle
+from ledgerflow.lifecycle import IllegalTransition
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "lifecycle.md"
+
+
+def test_every_machine_is_drawn_as_it_is() -> None:
+    """Each machine's Mermaid diagram in docs/lifecycle.md equals the one generated from
+    lifecycle.py, so the page a new engineer reads cannot drift from what the ledger
+    enforces."""
+    text = DOC.read_text()
+    for machine in lifecycle.MACHINES.values():
+        section = re.search(
+            rf"## {re.escape(machine.name.capitalize())}\n.*?```mermaid\n(.*?)\n```",
+            text,
+            re.S,
+        )
+        assert section is not None, f"no diagram for {machine.name}"
+        assert section.group(1) == lifecycle.mermaid(machine), machine.name
+
+
+def test_terminal_statuses_have_no_way_out() -> None:
+    """A terminal status (no outgoing transition) is terminal for check() too."""
+    for machine in lifecycle.MACHINES.values():
+        for status in machine.terminal:
+            for target in machine.statuses:
+                assert not machine.allowed(status, target), (machine.name, status, target)
+
+
+def test_illegal_transitions_are_refused_with_a_typed_error() -> None:
+    """check() refuses what the table does not list, naming the machine and both ends."""
+    lifecycle.STEP.check("running", "completed")
+    with pytest.raises(IllegalTransition) as info:
+        lifecycle.STEP.check("completed", "running", "r/s")
+    assert (info.value.machine, info.value.current, info.value.new) == (
+        "step",
+        "completed",
+        "running",
+    )
+    with pytest.raises(IllegalTransition):
+        lifecycle.EFFECT.check("compensated", "done")
+    assert lifecycle.STEP.sources("running") == ["compensated", "failed", "retrying", "running"]
+
+
+def test_illegal_transition_survives_pickle() -> None:
+    """Errors cross process boundaries (Airflow's task runner): a pickle round trip
+    keeps the type and every attribute."""
+    error = IllegalTransition("saga", "compensated", "compensated", "r")
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is IllegalTransition and str(back) == str(error)
+    assert (back.machine, back.current, back.new, back.subject) == (
+        "saga",
+        "compensated",
+        "compensated",
+        "r",
+    )
