@@ -4,18 +4,37 @@
 what the new run reuses; ``start_retry`` creates it through Airflow's own Python API
 (``airflow.api.common.trigger_dag``, what ``airflow dags trigger`` and the REST trigger
 use), in the process that asks: the ``ledgerflow retry`` CLI, or the api-server for
-``POST /ledgerflow/api/runs/{run_id}/retry``.
+``POST /ledgerflow/api/runs/{run_id}/retry`` and the run page's Retry form.
 
-The new run carries ``ledgerflow_retry_of`` (and ``ledgerflow_retry_from``) in its conf
-beside the original params; the original run is left as it was. Each step of the new run
-reuses the newest completed checkpoint of the same step in its lineage
-(``ledger.lineage``), so no effect, LLM call or approval happens twice. Steps whose
-reuse is known before the run starts (completed in the lineage, not a branch point, not
-``for_each``, and everything they need reused too) are copied into the new run's ledger
-and their task instances are created already ``success``, in the same metadata
-transaction that creates the DagRun: the scheduler never starts a task for them, so the
-retry costs only the steps that remain. Every other step runs as a task and still looks
-up the lineage itself (a branch point reuses its decision and follows the same branch).
+The rules of a retry chain (a run, the runs it retries through ``retry_of``, and every
+retry of any of them):
+
+* at most one live continuation: a chain with a run still running (or queued), or with
+  a retry that succeeded, is not retried again (``continued``), naming that run;
+* only the newest failed run of a chain is retried: an older one is refused
+  (``not_newest``), naming the run to retry instead;
+* a succeeded run is retried only with ``--from STEP`` (``succeeded``);
+* the check is made again under a lock on the chain's oldest run, in the transaction
+  that writes the new run's row, so two requests racing create one retry.
+
+A retry may override params (``params``): the merged params are checked against the
+workflow's params schema (``InvalidParams``, naming each field), stored as the new run's
+params and recorded in the ``retried_by`` and ``run_started`` events. A completed step
+whose rendered inputs change under them runs again, and so does each step downstream
+whose inputs then change (``ledger.lineage.find_reusable``).
+
+The ledger alone establishes the chain: the new run's row (with ``retry_of``) is written
+before Airflow creates the DagRun. Its conf carries ``ledgerflow_retry_of`` (and
+``ledgerflow_retry_from``) for people reading it in Airflow's UI only: nothing trusts it.
+The original run is left as it was. Each step of the new run reuses the newest completed
+checkpoint of the same step in its lineage (``ledger.lineage``), so no effect, LLM call or
+approval happens twice. Steps whose reuse is known before the run starts (completed in
+the lineage with the same inputs, not a branch point, not ``for_each``, and everything
+they need reused too) are copied into the new run's ledger and their task instances are
+created already ``success``, in the same metadata transaction that creates the DagRun:
+the scheduler never starts a task for them, so the retry costs only the steps that
+remain. Every other step runs as a task and still looks up the lineage itself (a branch
+point reuses its decision and follows the same branch).
 """
 
 from __future__ import annotations
@@ -26,6 +45,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Connection
+
 from ledgerflow.errors import LedgerflowError
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import WorkflowSpec
@@ -33,9 +54,13 @@ from ledgerflow.spec.models import WorkflowSpec
 CONF_RETRY_OF = "ledgerflow_retry_of"
 CONF_RETRY_FROM = "ledgerflow_retry_from"
 
+StateOf = Callable[[str, str], str | None]
+
 
 class RetryRefused(LedgerflowError):
-    """A retry that must not start; ``reason`` says why (and maps to an HTTP status)."""
+    """A retry that must not start; ``reason`` says why (and maps to an HTTP status),
+    ``run_id`` names the run the refusal points to (the run that continues the chain, or
+    the one to retry instead), when there is one."""
 
     code = "retry_refused"
     HTTP_STATUS = {
@@ -43,16 +68,26 @@ class RetryRefused(LedgerflowError):
         "unknown_step": 422,
         "running": 409,
         "succeeded": 409,
+        "continued": 409,
+        "not_newest": 409,
         "workflow_file": 409,
     }
 
-    def __init__(self, message: str, *, reason: str) -> None:
+    def __init__(self, message: str, *, reason: str, run_id: str | None = None) -> None:
         self.reason = reason
+        self.run_id = run_id
         super().__init__(message)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_refused, (str(self), self.reason, self.run_id))
 
     @property
     def http_status(self) -> int:
         return self.HTTP_STATUS.get(self.reason, 409)
+
+
+def _refused(message: str, reason: str, run_id: str | None) -> RetryRefused:
+    return RetryRefused(message, reason=reason, run_id=run_id)
 
 
 @dataclass(frozen=True)
@@ -66,14 +101,23 @@ class RetryPlan:
     lineage: list[dict[str, Any]]
     # step id -> the run whose completed checkpoint it reuses, before the run starts
     reused: dict[str, str] = field(default_factory=dict)
-    # steps reused inside their own task (branch points, for_each, after a branch point)
+    # steps reused inside their own task (branch points, for_each, after a branch point,
+    # after a step that runs again: their task reuses them if their inputs still match)
     reused_in_task: dict[str, str] = field(default_factory=dict)
     # steps that run
     rerun: list[str] = field(default_factory=list)
+    # the new run's params (the original's, engine keys dropped, with the overrides)
+    params: dict[str, Any] = field(default_factory=dict)
+    # the params the retry overrides, as asked
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dag_id(self) -> str:
         return str(self.run["dag_id"])
+
+    @property
+    def run_id(self) -> str:
+        return str(self.run["run_id"])
 
 
 @dataclass(frozen=True)
@@ -85,6 +129,7 @@ class RetryStarted:
     from_step: str | None
     reused: dict[str, str]
     rerun: list[str]
+    params: dict[str, Any] = field(default_factory=dict)  # the overridden params
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +140,7 @@ class RetryStarted:
             "from": self.from_step,
             "reused": self.reused,
             "rerun": self.rerun,
+            "params": self.params,
         }
 
 
@@ -139,20 +185,111 @@ def airflow_state(dag_id: str, dag_run_id: str) -> str | None:
 _STATUS_OF_STATE = {"queued": "running", "running": "running", "success": "succeeded"}
 
 
+@dataclass(frozen=True)
+class Standing:
+    """Where a run stands in its retry chain (statuses as Airflow says, when it knows)."""
+
+    run_id: str
+    status: str  # running | succeeded | failed
+    # Another run of the chain that is live (running or queued), or a retry that
+    # succeeded: the chain is continued, this run is not retried again.
+    continued_by: dict[str, Any] | None = None
+    # The newest failed run of the chain when it is newer than this run: retry that one.
+    newest_failed: dict[str, Any] | None = None
+    chain: list[dict[str, Any]] = field(default_factory=list)  # oldest first, with status
+
+    def refusal(self, from_step: str | None) -> RetryRefused | None:
+        """Why this run may not be retried (``from_step``: ``--from``), or None."""
+        run_id = self.run_id
+        if self.status == "running":
+            return RetryRefused(
+                f"run {run_id} is still running; retry it once it has failed", reason="running"
+            )
+        other = self.continued_by
+        if other is not None:
+            return RetryRefused(
+                f"run {run_id} is already continued by {other['run_id']} ({other['status']}): "
+                "a retry chain has at most one live continuation",
+                reason="continued",
+                run_id=other["run_id"],
+            )
+        if self.status == "succeeded" and from_step is None:
+            return RetryRefused(
+                f"run {run_id} succeeded: nothing to resume. To run steps again, name the "
+                f"first one: ledgerflow retry {run_id} --from STEP",
+                reason="succeeded",
+            )
+        newest = self.newest_failed
+        if newest is not None:
+            return RetryRefused(
+                f"run {run_id} is not the newest failed run of its retry chain: "
+                f"retry {newest['run_id']} instead",
+                reason="not_newest",
+                run_id=newest["run_id"],
+            )
+        return None
+
+
+def standing(
+    ledger: Ledger,
+    run_id: str,
+    *,
+    state_of: StateOf | None = None,
+    conn: Connection | None = None,
+) -> Standing:
+    """Where ``run_id`` stands in its retry chain: the ledger's rows give the chain,
+    ``state_of(dag_id, dag_run_id)`` (``airflow_state``) each run's status when it knows
+    it, else the ledger's. Raises RetryRefused for a run not in the ledger."""
+    from ledgerflow.ledger import lineage
+
+    members = lineage.family(ledger, run_id, conn)
+    if not any(r["run_id"] == run_id for r in members):
+        raise RetryRefused(
+            f"no run {run_id!r} in the ledger (ids look like <dag_id>/<airflow run id>; "
+            "`ledgerflow runs` lists them)",
+            reason="unknown_run",
+        )
+    chain = [{**r, "status": _status(r, state_of)} for r in members]
+    position = next(i for i, r in enumerate(chain) if r["run_id"] == run_id)
+    me = chain[position]
+    others = chain[:position] + chain[position + 1 :]
+    # A live run anywhere in the chain, else the newest retry that succeeded.
+    live = [r for r in others if r["status"] == "running"]
+    done = [r for r in others if r["status"] == "succeeded" and r["retry_of"] is not None]
+    continuing = live or done[::-1]
+    newer_failed = [r for r in chain[position + 1 :] if r["status"] == "failed"]
+    return Standing(
+        run_id=run_id,
+        status=me["status"],
+        continued_by=continuing[0] if continuing else None,
+        newest_failed=newer_failed[-1] if newer_failed else None,
+        chain=chain,
+    )
+
+
+def _status(row: dict[str, Any], state_of: StateOf | None) -> str:
+    state = state_of(row["dag_id"], str(row["run_id"]).split("/", 1)[-1]) if state_of else None
+    if state is None:
+        return str(row["status"])
+    return _STATUS_OF_STATE.get(state, "failed")
+
+
 def plan_retry(
     ledger: Ledger,
     run_id: str,
     from_step: str | None = None,
     dags_folder: Path | None = None,
-    state_of: Callable[[str, str], str | None] | None = None,
+    state_of: StateOf | None = None,
+    *,
+    params: dict[str, Any] | None = None,
 ) -> RetryPlan:
-    """Check a retry request and work out what the new run reuses. Raises RetryRefused.
+    """Check a retry request and work out what the new run reuses. Raises RetryRefused,
+    or InvalidParams when the params with ``params`` overriding them do not fit the
+    workflow's params schema.
 
-    ``state_of(dag_id, dag_run_id)`` gives Airflow's state of the run (``airflow_state``);
+    ``state_of(dag_id, dag_run_id)`` gives Airflow's state of a run (``airflow_state``);
     without it, or when it knows nothing, the ledger's status decides."""
     from ledgerflow import versions
-    from ledgerflow.factory import topological_order
-    from ledgerflow.ledger import lineage
     from ledgerflow.spec.validate import load_workflow
 
     ledger.migrate()
@@ -187,21 +324,83 @@ def plan_retry(
             f"{spec.name} v{spec.version} has no step {from_step!r}; its steps: {', '.join(ids)}",
             reason="unknown_step",
         )
-    status = run["status"]
-    state = state_of(run["dag_id"], run_id.split("/", 1)[-1]) if state_of else None
-    if state is not None:
-        status = _STATUS_OF_STATE.get(state, "failed")
-    if status == "running":
-        raise RetryRefused(
-            f"run {run_id} is still running; retry it once it has failed",
-            reason="running",
-        )
-    if status == "succeeded" and from_step is None:
-        raise RetryRefused(
-            f"run {run_id} succeeded: nothing to resume. To run steps again, name the "
-            f"first one: ledgerflow retry {run_id} --from STEP (steps: {', '.join(ids)})",
-            reason="succeeded",
-        )
+    refused = standing(ledger, run_id, state_of=state_of).refusal(from_step)
+    if refused is not None:
+        if refused.reason == "succeeded":
+            refused = RetryRefused(
+                f"{refused} (steps: {', '.join(ids)})", reason="succeeded", run_id=None
+            )
+        raise refused
+    overrides = dict(params or {})
+    new_params = retry_params(spec, run.get("params") or {}, overrides)
+    reused, in_task, rerun = _reuse(ledger, spec, run, from_step, new_params)
+    return RetryPlan(
+        run=run,
+        spec=spec,
+        spec_hash=digest,
+        from_step=from_step,
+        lineage=_lineage(ledger, run_id),
+        reused=reused,
+        reused_in_task=in_task,
+        rerun=rerun,
+        params=new_params,
+        overrides=overrides,
+    )
+
+
+def _lineage(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
+    from ledgerflow.ledger import lineage
+
+    return lineage.chain(ledger, run_id)
+
+
+def retry_params(
+    spec: WorkflowSpec, original: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The retry run's params: the original run's (without the engine's ``ledgerflow_*``
+    keys), ``overrides`` on top, checked against the workflow's params schema like a
+    trigger request (raises ``InvalidParams`` naming each field; an override may not set
+    an engine key)."""
+    from ledgerflow.spec.params import ENGINE_PREFIX, check_params
+
+    merged = {k: v for k, v in original.items() if not str(k).startswith(ENGINE_PREFIX)}
+    merged.update(overrides)
+    check_params(spec.name, spec.version, spec.params, merged)
+    return merged
+
+
+def _reuse(
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    run: dict[str, Any],
+    from_step: str | None,
+    params: dict[str, Any],
+) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """Which steps the retry reuses before it starts, which its tasks may reuse, which
+    run. A tool step's args are rendered with the retry's params and the reused upstream
+    outputs and must match the checkpoint's recorded args; another kind of step runs
+    again when a param its templates read changed."""
+    from ledgerflow.factory import topological_order
+    from ledgerflow.ledger import lineage
+    from ledgerflow.spec.models import ToolStep
+    from ledgerflow.spec.params import effective_params
+    from ledgerflow.spec.templates import render_value
+
+    run_id = str(run["run_id"])
+    before = effective_params(spec.params, run.get("params") or {})
+    seen = effective_params(spec.params, params)
+    changed = {k for k in set(before) | set(seen) if before.get(k) != seen.get(k)}
+    context: dict[str, Any] = {
+        "params": seen,
+        "steps": {},
+        "run": {
+            "id": run_id,
+            "workflow": spec.name,
+            "version": spec.version,
+            "logical_date": None,
+            "date": None,
+        },
+    }
     rerun_set = lineage.rerun_steps(spec, from_step)
     reused: dict[str, str] = {}
     in_task: dict[str, str] = {}
@@ -209,9 +408,23 @@ def plan_retry(
     with ledger.engine.connect() as conn:
         for step_id in topological_order(spec):
             step = spec.step(step_id)
+            if step_id in rerun_set:
+                rerun.append(step_id)
+                continue
+            if step.for_each is not None:
+                in_task[step_id] = "(per item)"
+                continue
+            args: Any = None
+            if isinstance(step, ToolStep):
+                try:
+                    args = render_value(step.args, context)
+                except Exception:  # reads an output not known yet: its task compares
+                    args = None
+            compared = isinstance(step, ToolStep) and args is not None
+            stale = _params_read(step, args_rendered=compared) & changed
             found = (
                 None
-                if step_id in rerun_set or step.for_each is not None
+                if stale
                 else lineage.find_reusable(
                     conn,
                     spec,
@@ -219,27 +432,97 @@ def plan_retry(
                     retry_from=from_step,
                     step_key=step_id,
                     step_id=step_id,
+                    args=args,
                 )
             )
             if found is None:
-                if step.for_each is not None and step_id not in rerun_set:
-                    in_task[step_id] = "(per item)"
-                else:
-                    rerun.append(step_id)
-            elif getattr(step, "branch_target", None) is None and set(step.needs) <= set(reused):
+                rerun.append(step_id)
+                continue
+            context["steps"][step_id] = {"status": "completed", "output": found.output}
+            if getattr(step, "branch_target", None) is None and set(step.needs) <= set(reused):
                 reused[step_id] = found.run_id
             else:
                 in_task[step_id] = found.run_id
-    return RetryPlan(
-        run=run,
-        spec=spec,
-        spec_hash=digest,
-        from_step=from_step,
-        lineage=lineage.chain(ledger, run_id),
-        reused=reused,
-        reused_in_task=in_task,
-        rerun=rerun,
-    )
+    return reused, in_task, rerun
+
+
+def _params_read(step: Any, *, args_rendered: bool) -> set[str]:
+    """The params a step's templates read (``args`` left out when they are compared
+    rendered)."""
+    from ledgerflow.spec.templates import analyse_expression, analyse_template, is_template
+    from ledgerflow.spec.validate import template_fields
+
+    names: set[str] = set()
+    for path, source, expression in template_fields(step):
+        if args_rendered and path and path[0] == "args":
+            continue
+        if expression:
+            names |= analyse_expression(source).params
+        elif is_template(source):
+            names |= analyse_template(source).params
+    return names
+
+
+def record_retry(
+    ledger: Ledger,
+    plan: RetryPlan,
+    new_run_id: str,
+    *,
+    user: str | None = None,
+    via: str = "cli",
+    state_of: StateOf | None = None,
+) -> None:
+    """Write the retry run's row (``retry_of``, the params), the checkpoints it reuses
+    and the events, after checking the chain again under a lock on its oldest run: of
+    two requests racing to retry one chain, the second finds the first's run and is
+    refused (RetryRefused ``continued``)."""
+    from sqlalchemy import select
+
+    from ledgerflow.ledger import lineage
+    from ledgerflow.ledger import schema as t
+    from ledgerflow.ledger.store import Checkpoint, dumps, loads
+
+    original = plan.run_id
+    with ledger.begin() as conn:
+        # SQLite: every ledger transaction holds the write lock (BEGIN IMMEDIATE).
+        # Postgres: the chain's oldest run's row, locked until commit.
+        oldest = lineage.chain(ledger, original, conn)[-1]["run_id"]
+        conn.execute(select(t.runs.c.run_id).where(t.runs.c.run_id == oldest).with_for_update())
+        refused = standing(ledger, original, state_of=state_of, conn=conn).refusal(plan.from_step)
+        if refused is not None:
+            raise refused
+        ledger.ensure_run(
+            run_id=new_run_id,
+            dag_id=plan.dag_id,
+            workflow=plan.spec.name,
+            version=plan.spec.version,
+            params=plan.params,
+            trigger_kind="retry",
+            retry_of=original,
+            retry_from=plan.from_step,
+            spec_hash=plan.spec_hash,
+            conn=conn,
+        )
+        if plan.overrides:
+            # The run_started event this transaction just wrote also names the params
+            # the retry overrides (nobody has read it yet: it is not committed).
+            event = (t.events.c.run_id == new_run_id) & (t.events.c.kind == "run_started")
+            data = conn.execute(select(t.events.c.data).where(event)).scalar()
+            started = {**(loads(data) or {}), "params": plan.overrides}
+            conn.execute(t.events.update().where(event).values(data=dumps(started)))
+        for step_id, source in plan.reused.items():
+            found = ledger.checkpoint(source, step_id, conn)
+            assert isinstance(found, Checkpoint)
+            lineage.adopt(ledger, conn, new_run_id, found)
+        retried: dict[str, Any] = {
+            "run_id": new_run_id,
+            "from": plan.from_step,
+            "by": user,
+            "via": via,
+        }
+        if plan.overrides:
+            retried["params"] = plan.overrides
+        ledger.record_event(original, None, "retried_by", retried, conn=conn)
 
 
 def start_retry(
@@ -248,65 +531,28 @@ def start_retry(
     *,
     user: str | None = None,
     via: str = "cli",
+    state_of: StateOf | None = airflow_state,
 ) -> RetryStarted:
-    """Create the new DagRun (``via``: ``cli`` or ``rest_api``). Raises RetryRefused when
-    Airflow says the run is still active, LedgerflowError when Airflow refuses."""
+    """Create the new run (``via``: ``cli``, ``rest_api`` or ``ui``): its ledger row first
+    (``record_retry``, which refuses a chain continued meanwhile), then the DagRun.
+    Raises RetryRefused, or LedgerflowError when Airflow refuses."""
     from airflow.api.common.trigger_dag import trigger_dag
-    from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
-    from airflow.utils.state import DagRunState, TaskInstanceState
+    from airflow.utils.state import TaskInstanceState
     from airflow.utils.types import DagRunTriggeredByType
-    from sqlalchemy import select
 
-    from ledgerflow.ledger import lineage
-    from ledgerflow.ledger.store import Checkpoint
-
-    original = str(plan.run["run_id"])
+    original = plan.run_id
     dag_id = plan.dag_id
     airflow_run_id = original.split("/", 1)[1] if "/" in original else original
     stamp = datetime.now(timezone.utc)
     new_dag_run_id = f"retry__{stamp.isoformat()}"
     new_run_id = f"{dag_id}/{new_dag_run_id}"
-    conf: dict[str, Any] = {**(plan.run.get("params") or {}), CONF_RETRY_OF: original}
+    # For people reading the DagRun in Airflow's UI; the chain is the ledger's row.
+    conf: dict[str, Any] = {**plan.params, CONF_RETRY_OF: original}
     if plan.from_step is not None:
         conf[CONF_RETRY_FROM] = plan.from_step
+    record_retry(ledger, plan, new_run_id, user=user, via=via, state_of=state_of)
     with create_session() as session:
-        state = session.scalar(
-            select(DagRun.state).where(DagRun.dag_id == dag_id, DagRun.run_id == airflow_run_id)
-        )
-        if state in (DagRunState.QUEUED, DagRunState.RUNNING):
-            raise RetryRefused(
-                f"run {original} is still {state}; retry it once it has failed", reason="running"
-            )
-        if state == DagRunState.SUCCESS and plan.from_step is None:
-            raise RetryRefused(
-                f"run {original} succeeded: nothing to resume (name a step with --from)",
-                reason="succeeded",
-            )
-        with ledger.begin() as conn:
-            ledger.ensure_run(
-                run_id=new_run_id,
-                dag_id=dag_id,
-                workflow=plan.spec.name,
-                version=plan.spec.version,
-                params=plan.run.get("params") or {},
-                trigger_kind="retry",
-                retry_of=original,
-                retry_from=plan.from_step,
-                spec_hash=plan.spec_hash,
-                conn=conn,
-            )
-            for step_id, source in plan.reused.items():
-                found = ledger.checkpoint(source, step_id, conn)
-                assert isinstance(found, Checkpoint)
-                lineage.adopt(ledger, conn, new_run_id, found)
-            ledger.record_event(
-                original,
-                None,
-                "retried_by",
-                {"run_id": new_run_id, "from": plan.from_step, "by": user, "via": via},
-                conn=conn,
-            )
         try:
             dag_run = trigger_dag(
                 dag_id,
@@ -341,4 +587,5 @@ def start_retry(
         from_step=plan.from_step,
         reused=dict(plan.reused),
         rerun=list(plan.rerun) + list(plan.reused_in_task),
+        params=dict(plan.overrides),
     )

@@ -64,12 +64,13 @@ def run_steps(
         retry_of=retry_of,
         retry_from=retry_from,
     )
+    params = {"ref": name, "flag": str(flag)}
+    if retry_of is not None:  # a retry run has the params of the run it retries
+        params = {**(ledger.run(retry_of) or {})["params"], "flag": str(flag)}
     statuses: dict[str, str] = {}
     for step_id in STEPS:
         try:
-            result = execute_step(
-                ledger, spec, spec.tool_step(step_id), run, params={"ref": name, "flag": str(flag)}
-            )
+            result = execute_step(ledger, spec, spec.tool_step(step_id), run, params=params)
         except BlockedByFlag:
             statuses[step_id] = "failed"
             ledger.finish_run(run.run_id, "failed")
