@@ -229,15 +229,32 @@ def _print_retry_chain(ledger: Any, run: dict[str, Any]) -> None:
         print(f"  {row['run_id']}  {row['status']}  (retry of {row['retry_of']}{start})")
 
 
+def parse_param(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--param``: the value as JSON when it parses (``5``, ``true``,
+    ``["a"]``, ``"5"``), else the text as it is."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     from ledgerflow.errors import LedgerflowError
     from ledgerflow.retries import RetryRefused, airflow_state, plan_retry, start_retry
+    from ledgerflow.spec.params import InvalidParams
 
     ledger = _ledger(args)
     folder = Path(args.dags_folder) if args.dags_folder else None
+    overrides = dict(args.params or [])
     try:
-        plan = plan_retry(ledger, args.run_id, args.from_step, folder, airflow_state)
-    except RetryRefused as exc:
+        plan = plan_retry(
+            ledger, args.run_id, args.from_step, folder, airflow_state, params=overrides
+        )
+    except (RetryRefused, InvalidParams) as exc:
         print(f"cannot retry: {exc}", file=sys.stderr)
         return 2
     run = plan.run
@@ -245,6 +262,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
     say(f"run {run['run_id']}: {plan.spec.name} v{plan.spec.version}, {run['status']}")
     if len(plan.lineage) > 1:
         say("lineage: " + " <- ".join(f"{r['run_id']} ({r['status']})" for r in plan.lineage))
+    if plan.overrides:
+        say("params: " + json.dumps(plan.overrides, sort_keys=True, default=str))
     for step_id, source in plan.reused.items():
         say(f"  reuse  {step_id}  (completed in {source}; no task runs)")
     for step_id, source in plan.reused_in_task.items():
@@ -443,13 +462,17 @@ def build_parser() -> argparse.ArgumentParser:
         "retry",
         help="retry a run as a NEW run that reuses every completed step",
         description="Start a new run of the same workflow version (same DAG) with the "
-        "original params. Every step completed anywhere in the run's lineage (the run, the "
-        "run it retried, ...) is reused with its recorded output: no effect, LLM call or "
-        "approval happens twice. The new run starts at the first step that did not "
-        "complete, or at --from STEP (that step and everything downstream run again). The "
-        "original run stays as it was. Refused for a run that is still running, for an "
-        "unknown run or step, and for a run that succeeded unless --from is given. Needs "
-        "Airflow's metadata database (like `airflow dags trigger`).",
+        "original params, or with some overridden (--param). Every step completed anywhere "
+        "in the run's lineage (the run, the run it retried, ...) with the same inputs is "
+        "reused with its recorded output: no effect, LLM call or approval happens twice. The "
+        "new run starts at the first step that did not complete, or at --from STEP (that "
+        "step and everything downstream run again); a step whose inputs change under the "
+        "new params runs again too. The original run stays as it was. Refused (exit 2) for "
+        "a run that is still running, for an unknown run or step, for params that do not "
+        "fit the workflow's schema, for a run that succeeded unless --from is given, for a "
+        "run whose retry chain is already continued (a retry running or succeeded), and for "
+        "a run that is not the newest failed run of its chain. Needs Airflow's metadata "
+        "database (like `airflow dags trigger`).",
     )
     ledger_args(p)
     p.add_argument("run_id", help="ledger run id (<dag_id>/<airflow run id>)")
@@ -462,6 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dags-folder",
         help="where workflows/<name>/v<N>.yaml live (default: Airflow's [core] dags_folder)",
+    )
+    p.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        type=parse_param,
+        metavar="KEY=VALUE",
+        help="override a param (repeatable); VALUE is JSON when it parses, else text",
     )
     p.add_argument("--user", help="recorded as the user who asked for the retry")
     p.add_argument(

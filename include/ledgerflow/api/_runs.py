@@ -81,6 +81,7 @@ _RUN = """{% extends "layout" %}{% block content %}
 <tr><th>Updated</th><td>{{ r.updated_at | at }} {% if r.duration_s is not none %}({{ r.duration_s | secs }}){% endif %}</td></tr>
 {% if r.failed_step %}<tr><th>Failed at</th><td>{{ r.failed_step }}</td></tr>{% endif %}
 <tr><th>Params</th><td><pre class="small">{{ js(r.params) }}</pre></td></tr>
+{% for e in d.events if e.kind == "run_started" and e.data is mapping and e.data.get("params") %}<tr><th>Overridden</th><td id="params-overridden">this retry set <code>{{ js1(e.data.params) }}</code></td></tr>{% endfor %}
 </table>
 
 <h2>Retry chain</h2>
@@ -90,12 +91,17 @@ _RUN = """{% extends "layout" %}{% block content %}
 {% for x in d.retry_chain.retried_by %}<li><a href="{{ root }}/runs/{{ x.run_id | urlencode }}">{{ x.run_id }}</a> <span class="status-{{ x.status }}">{{ x.status }}</span> (retry of {{ short(x.retry_of) }}{% if x.retry_from %}, from {{ x.retry_from }}{% endif %})</li>
 {% endfor %}</ol>
 {% if not d.retry_chain.retries and not d.retry_chain.retried_by %}<p class="muted">Not a retry, and not retried.</p>{% endif %}
-{% if r.status != "running" %}<form method="post" action="{{ root }}/runs/{{ r.run_id | urlencode }}/retry" id="retry-form" class="filters">
+{% set st = retry if retry is defined else none %}
+{% if st and st.continued_by %}<p id="retry-continued" class="muted">Continued by <a href="{{ root }}/runs/{{ st.continued_by.run_id | urlencode }}">{{ st.continued_by.run_id }}</a> <span class="status-{{ st.continued_by.status }}">{{ st.continued_by.status }}</span>: a retry chain has at most one live continuation.</p>
+{% elif st and st.newest_failed %}<p id="retry-continued" class="muted">Not the newest failed run of its retry chain: retry <a href="{{ root }}/runs/{{ st.newest_failed.run_id | urlencode }}">{{ st.newest_failed.run_id }}</a> instead.</p>
+{% elif (st.status if st else r.status) != "running" %}<form method="post" action="{{ root }}/runs/{{ r.run_id | urlencode }}/retry" id="retry-form" class="filters">
 <input type="hidden" name="csrf_token" value="{{ csrf }}">
 <div><label for="from_step">Retry as a new run</label>
 <select id="from_step" name="from_step"><option value="">{% if r.status == "succeeded" %}choose a step to re-run from{% else %}from the first step that did not complete{% endif %}</option>
 {% for s in d.steps %}{% if "[" not in s.step_key %}<option value="{{ s.step_key }}">from {{ s.step_key }} (re-run it and all after it)</option>{% endif %}{% endfor %}
 </select></div>
+<div><label for="retry-params">with params (JSON; change a value to override it)</label>
+<textarea id="retry-params" name="params" rows="3" cols="40">{{ js(retry_params(r.params)) }}</textarea></div>
 <div><button type="submit" id="retry-button">Retry</button></div>
 </form>{% endif %}
 
@@ -205,6 +211,31 @@ def _render_short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def _retry_params(params: Any) -> dict[str, Any]:
+    """What the Retry form offers to edit: the run's params without the engine's keys."""
+    from ledgerflow.spec.params import ENGINE_PREFIX
+
+    items = params.items() if isinstance(params, dict) else ()
+    return {k: v for k, v in items if not str(k).startswith(ENGINE_PREFIX)}
+
+
+def form_overrides(text: str, original: dict[str, Any]) -> dict[str, Any]:
+    """The params the Retry form overrides: each key of the JSON object ``text`` whose
+    value differs from ``original`` (the run's params as the form showed them; a key
+    left out keeps its value). ValueError when the text is not a JSON object."""
+    import json
+
+    if not text.strip():
+        return {}
+    try:
+        given = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"params: not JSON ({exc})") from None
+    if not isinstance(given, dict):
+        raise ValueError("params: expected a JSON object of param names and values")
+    return {k: v for k, v in given.items() if k not in original or original[k] != v}
+
+
 def _short(run_id: str | None) -> str:
     return "" if not run_id else run_id.split("/", 1)[-1]
 
@@ -222,6 +253,7 @@ def _env() -> jinja2.Environment:
     )
     env.filters.update(at=_at, secs=_secs)
     env.globals.update(
+        retry_params=_retry_params,
         js=_js,
         js1=_js1,
         short=_short,
@@ -390,6 +422,7 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
             root=_root(request),
             caller=caller,
             d=doc,
+            retry=_standing(source(), run_id),
             csrf=form_token(server_secret(), caller.name, f"retry:{run_id}"),
             message=message or _RUN_MESSAGES.get(request.query_params.get("msg", "")),
         )
@@ -406,9 +439,11 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
         user: GetUserDep,
         csrf_token: Annotated[str, Form()],
         from_step: Annotated[str, Form(max_length=100)] = "",
+        params: Annotated[str, Form(max_length=100_000)] = "",
     ) -> HTMLResponse | RedirectResponse:
         """The run page's Retry button: the same retry as ``POST /api/runs/{id}/retry``."""
         from ledgerflow.retries import RetryRefused, airflow_state, plan_retry, start_retry
+        from ledgerflow.spec.params import InvalidParams
 
         caller = _caller(user)
         if not _same_origin(request) or not form_token_ok(
@@ -417,10 +452,15 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
             raise HTTPException(
                 403, "the form expired or came from another site: reload the run page"
             )
-        document(user, run_id)  # 404 for a run the caller may not read
+        doc = document(user, run_id)  # 404 for a run the caller may not read
         ledger = source()
         try:
-            plan = plan_retry(ledger, run_id, from_step or None, state_of=airflow_state)
+            # Compared with the params as the form showed them (secrets masked): a value
+            # left as shown is not an override.
+            overrides = form_overrides(params, _retry_params(doc["run"]["params"]))
+            plan = plan_retry(
+                ledger, run_id, from_step or None, state_of=airflow_state, params=overrides
+            )
             if not may_create_runs(user, plan.dag_id):
                 raise HTTPException(403, f"{caller.name} may not trigger runs of {plan.dag_id}")
             started = start_retry(ledger, plan, user=caller.name, via="ui")
@@ -428,11 +468,23 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
             return render_run(
                 run_id, request, user, ("warn", f"Not retried: {exc}"), exc.http_status
             )
+        except (InvalidParams, ValueError) as exc:
+            return render_run(run_id, request, user, ("warn", f"Not retried: {exc}"), 422)
         return RedirectResponse(
             f"{_root(request)}/runs/{quote(started.run_id, safe='/')}?msg=retried", 303
         )
 
     return router
+
+
+def _standing(ledger: Ledger, run_id: str) -> Any:
+    """Where the run stands in its retry chain (None: cannot tell; the form is shown)."""
+    from ledgerflow.retries import airflow_state, standing
+
+    try:
+        return standing(ledger, run_id, state_of=airflow_state)
+    except Exception:
+        return None
 
 
 _RUN_MESSAGES = {"retried": ("ok", "Started: this run retries the one it links to below.")}
