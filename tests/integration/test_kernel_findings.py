@@ -197,3 +197,33 @@ def test_conf_cannot_claim_a_retry_chain(ledger: Ledger) -> None:
     orders = [r.order_id for r in rows(ledger, "SELECT order_id FROM demo_payments ORDER BY id")]
     assert orders == ["o-victim", "o-attacker"]
     assert json.dumps(result.output)  # a real, recorded output
+
+
+def test_a_task_cleared_after_the_saga_does_not_run_on_undone_effects(ledger: Ledger) -> None:
+    """Found by the lifecycle model: a checkout failed at the shipment and its saga
+    refunded the payment; an operator clears only the failed task in Airflow. The task
+    must not book the shipment and let the run succeed on a refunded payment: it fails
+    at once, naming the undone steps, and no shipment exists."""
+    from ledgerflow.steps.kernel import UpstreamUndone
+
+    spec = load_workflow(CHECKOUT)
+    run = RunRef(run_id="checkout__v1/cleared", dag_id="checkout__v1")
+    failing = checkout_params(spec, order_id="o-cleared", fail_shipment=True)
+    for step_id in ("reserve_inventory", "charge_payment"):
+        execute_step(ledger, spec, spec.tool_step(step_id), run, params=failing)
+    with pytest.raises(Exception, match="carrier"):
+        execute_step(
+            ledger, spec, spec.tool_step("create_shipment"), run, params=failing, max_attempts=1
+        )
+    ledger.start_saga(run.run_id, "create_shipment")
+    compensate(ledger, spec, run, "charge_payment")
+    compensate(ledger, spec, run, "reserve_inventory")
+    ledger.finish_saga(run.run_id)
+    ledger.finish_run(run.run_id, "failed")
+
+    fixed = checkout_params(spec, order_id="o-cleared")
+    with pytest.raises(UpstreamUndone, match="charge_payment, reserve_inventory"):
+        execute_step(
+            ledger, spec, spec.tool_step("create_shipment"), run, params=fixed, try_number=2
+        )
+    assert rows(ledger, "SELECT id FROM demo_shipments WHERE order_id = 'o-cleared'") == []

@@ -50,6 +50,7 @@ from ledgerflow.steps.run import (
     register_run,
     step_key,
     template_context,
+    undone_upstream,
 )
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "StepResult",
     "StepSkipped",
     "TemplateRenderError",
+    "UpstreamUndone",
     "join_run",
     "prologue",
     "record_failure",
@@ -93,6 +95,11 @@ class StepSkipped(Exception):
 
 class TemplateRenderError(NonRetryableError):
     """A template could not be rendered with this run's params and outputs."""
+
+
+class UpstreamUndone(NonRetryableError):
+    """A step of a run whose saga undid a step it depends on (a task cleared after the
+    compensation): it refuses to run on effects that no longer exist."""
 
 
 @dataclass
@@ -232,6 +239,15 @@ def prologue(
         return Prologue(key, checkpoint, {}, skipped=True)
     context = template_context(ledger, spec, run, params, item, map_index, outputs=outputs)
     found = Prologue(key, checkpoint, context)
+    if forward and chain.had_saga:
+        undone = undone_upstream(spec, run.run_id, step.id, conn)
+        if undone:
+            # A task cleared after the saga: running on would build on undone effects.
+            found.error = UpstreamUndone(
+                f"step {key}: {', '.join(undone)} of this run was undone by its saga; "
+                "clear those steps too (Airflow's clear with upstream), or retry the run"
+            )
+            return found
     try:
         if step.when is not None and not evaluate(step.when, context):
             ledger.mark_step(

@@ -11,7 +11,7 @@ from sqlalchemy import Connection, select
 
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger.store import Ledger
-from ledgerflow.lifecycle import RunStatus
+from ledgerflow.lifecycle import RunStatus, StepStatus
 from ledgerflow.spec.models import WorkflowSpec
 
 
@@ -109,6 +109,9 @@ class Chain:
 
     retry_of: str | None
     retry_from: str | None
+    # A saga has run in this run (it failed, and a task of it was cleared since): its
+    # completed steps may have been undone.
+    had_saga: bool = False
 
 
 def join_run(
@@ -123,7 +126,7 @@ def join_run(
     """Register the run if it is new; reopen it if it had ended (a task cleared in
     Airflow runs again). Returns the run's retry chain from its ledger row."""
     row = conn.execute(
-        select(t.runs.c.status, t.runs.c.retry_of, t.runs.c.retry_from).where(
+        select(t.runs.c.status, t.runs.c.retry_of, t.runs.c.retry_from, t.runs.c.saga).where(
             t.runs.c.run_id == run.run_id
         )
     ).first()
@@ -131,7 +134,26 @@ def join_run(
         register_run(ledger, spec, run, params, conn)
         return Chain(run.retry_of, run.retry_from)
     if forward and row.status != RunStatus.RUNNING.value:
-        reopen = getattr(ledger, "reopen_run", None)
-        if reopen is not None:
-            reopen(run.run_id, conn=conn)
-    return Chain(row.retry_of, row.retry_from)
+        ledger.reopen_run(run.run_id, conn=conn)
+    return Chain(row.retry_of, row.retry_from, had_saga=row.saga is not None)
+
+
+def undone_upstream(spec: WorkflowSpec, run_id: str, step_id: str, conn: Connection) -> list[str]:
+    """The steps this one depends on (transitively) that the run's saga undid."""
+    wanted: set[str] = set()
+    todo = list(spec.step(step_id).needs)
+    while todo:
+        need = todo.pop()
+        if need not in wanted:
+            wanted.add(need)
+            todo.extend(spec.step(need).needs)
+    if not wanted:
+        return []
+    rows = conn.execute(
+        select(t.steps.c.step_id).where(
+            t.steps.c.run_id == run_id,
+            t.steps.c.step_id.in_(sorted(wanted)),
+            t.steps.c.status == StepStatus.COMPENSATED.value,
+        )
+    )
+    return sorted({r[0] for r in rows})

@@ -148,6 +148,17 @@ def compensate_step(
             run.run_id, step.id, "not_needed", detail="the step did not complete"
         )
         raise NothingToUndo(f"step {step.id} did not complete: nothing to undo")
+    owner = _effect_owner(ledger, run.run_id, checkpoint.idempotency_key)
+    if owner is not None:
+        # Another run's effect, reused under the same business key: undoing it would
+        # take a live payment from a run that may have succeeded with it.
+        ledger.record_compensation(
+            run.run_id,
+            step.id,
+            "not_needed",
+            detail=f"the effect belongs to run {owner}, which this run reused",
+        )
+        raise NothingToUndo(f"step {step.id} reused the effect of run {owner}: not undone")
     undo = compensation_step(spec, step, checkpoint.idempotency_key)
     final = final_attempt(
         try_number, retries, spec.retry_for(undo), get_tool(undo.tool).non_retryable
@@ -177,6 +188,18 @@ def compensate_step(
         raise
     ledger.record_compensation(run.run_id, step.id, "completed", tool=undo.tool)
     return result.output
+
+
+def _effect_owner(ledger: Any, run_id: str, key: str | None) -> str | None:
+    """The run outside ``run_id``'s retry chain whose effect the step reused, if any: a
+    saga undoes only what its own chain did."""
+    from ledgerflow.ledger import lineage
+
+    effect = ledger.effect(key) if key else None
+    if effect is None or effect.run_id == run_id:
+        return None
+    chain = {row["run_id"] for row in lineage.chain(ledger, run_id)}
+    return None if effect.run_id in chain else str(effect.run_id)
 
 
 def _record_not_compensable(ledger: Any, spec: WorkflowSpec, run_id: str) -> None:
