@@ -242,7 +242,12 @@ def standing(
     it, else the ledger's. Raises RetryRefused for a run not in the ledger."""
     from ledgerflow.ledger import lineage
 
-    members = lineage.family(ledger, run_id, conn)
+    with ledger._read(conn) as conn:
+        members = lineage.family(ledger, run_id, conn)
+        unborn = _never_started(conn, [r["run_id"] for r in members])
+    # A retry Airflow refused to create never ran: it neither continues the chain nor
+    # stands in the way of retrying the run it was meant to retry.
+    members = [r for r in members if r["run_id"] == run_id or r["run_id"] not in unborn]
     if not any(r["run_id"] == run_id for r in members):
         raise RetryRefused(
             f"no run {run_id!r} in the ledger (ids look like <dag_id>/<airflow run id>; "
@@ -265,6 +270,17 @@ def standing(
         newest_failed=newer_failed[-1] if newer_failed else None,
         chain=chain,
     )
+
+
+def _never_started(conn: Connection, run_ids: list[str]) -> set[str]:
+    from sqlalchemy import select
+
+    from ledgerflow.ledger import schema as t
+
+    query = select(t.events.c.run_id).where(
+        t.events.c.run_id.in_(run_ids), t.events.c.kind == "retry_not_started"
+    )
+    return {r[0] for r in conn.execute(query)}
 
 
 def _status(row: dict[str, Any], state_of: StateOf | None) -> str:

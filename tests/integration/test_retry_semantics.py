@@ -221,6 +221,20 @@ def test_only_the_newest_failed_run_of_a_chain_is_retried(
     assert again.reused == {"greet": b, "charge": b, "notify": b}
 
 
+def test_a_retry_airflow_refused_to_create_does_not_stand_in_the_way(
+    ledger: Ledger, spec: WorkflowSpec, dags: Path, flag: Path
+) -> None:
+    """When Airflow refuses to create the DagRun of a recorded retry, ``start_retry``
+    marks that run failed with a ``retry_not_started`` event: it never ran, so the
+    original may be retried again (it is not "not the newest failed run")."""
+    a = failed_run(ledger, spec, "a", flag)
+    _plan, b = retry(ledger, dags, a, "b")
+    ledger.finish_run(b, "failed")
+    ledger.record_event(b, None, "retry_not_started", {"error": "no such DAG"})
+    again = plan_retry(ledger, a, dags_folder=dags)
+    assert again.reused == {"greet": a, "charge": a, "notify": a}
+
+
 def test_two_racing_retries_of_one_run_create_one(
     ledger: Ledger, spec: WorkflowSpec, dags: Path, flag: Path
 ) -> None:
