@@ -23,7 +23,7 @@ from ledgerflow.spec.models import LlmStep, WorkflowSpec
 from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.operator import run_ref
 from ledgerflow.steps.protocol import RunRef, execute_step
-from ledgerflow.steps.saga import compensation_step
+from ledgerflow.steps.saga import NothingToUndo, compensate_step, compensation_step
 from ledgerflow.testing.openai_peer import OpenAIPeer
 
 pytestmark = pytest.mark.integration
@@ -227,3 +227,37 @@ def test_a_task_cleared_after_the_saga_does_not_run_on_undone_effects(ledger: Le
             ledger, spec, spec.tool_step("create_shipment"), run, params=fixed, try_number=2
         )
     assert rows(ledger, "SELECT id FROM demo_shipments WHERE order_id = 'o-cleared'") == []
+
+
+def test_a_saga_leaves_an_effect_another_run_stands_on(ledger: Ledger) -> None:
+    """Found by the lifecycle model: two runs of the same order share the payment (the
+    second reused it under the business key). When the first fails at the shipment, its
+    saga must not refund the payment the second run goes on to succeed with; once every
+    run standing on it has failed, the last saga does refund it."""
+    spec = load_workflow(CHECKOUT)
+    a = RunRef(run_id="checkout__v1/shared-a", dag_id="checkout__v1")
+    b = RunRef(run_id="checkout__v1/shared-b", dag_id="checkout__v1")
+    failing = checkout_params(spec, order_id="o-shared", fail_shipment=True)
+    for step_id in ("reserve_inventory", "charge_payment"):
+        execute_step(ledger, spec, spec.tool_step(step_id), a, params=failing)
+        execute_step(ledger, spec, spec.tool_step(step_id), b, params=failing)
+    with pytest.raises(Exception, match="carrier"):
+        execute_step(
+            ledger, spec, spec.tool_step("create_shipment"), a, params=failing, max_attempts=1
+        )
+    ledger.start_saga(a.run_id, "create_shipment")
+    for step_id in ("charge_payment", "reserve_inventory"):
+        with pytest.raises(NothingToUndo, match="shared-b"):
+            compensate_step(ledger, spec, a, step_id, params=failing)
+    assert ledger.finish_saga(a.run_id) == "nothing_to_compensate"
+    assert [r.status for r in rows(ledger, "SELECT status FROM demo_payments")] == ["captured"]
+
+    with pytest.raises(Exception, match="carrier"):
+        execute_step(
+            ledger, spec, spec.tool_step("create_shipment"), b, params=failing, max_attempts=1
+        )
+    ledger.finish_run(a.run_id, "failed")
+    ledger.finish_run(b.run_id, "failed")
+    ledger.start_saga(b.run_id, "create_shipment")
+    compensate_step(ledger, spec, b, "charge_payment", params=failing)
+    assert [r.status for r in rows(ledger, "SELECT status FROM demo_payments")] == ["refunded"]

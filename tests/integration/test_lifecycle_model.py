@@ -204,6 +204,14 @@ class Lifecycle(RuleBasedStateMachine):
                 assert n <= 1, f"{n} live rows in {table} for {order}"
 
     @invariant()
+    def no_payment_is_left_captured_by_failed_runs_only(self) -> None:
+        """Never lost the other way: a captured payment has a run standing on it
+        (running or succeeded); once every run of its order failed, it was refunded."""
+        for (order,) in self._rows("SELECT order_id FROM demo_payments WHERE status = 'captured'"):
+            mine = [r for r in self.runs.values() if r.order == order]
+            assert any(r.status != "failed" for r in mine), f"{order}: captured, all failed"
+
+    @invariant()
     def a_succeeded_run_has_its_effects_live(self) -> None:
         for run in self.runs.values():
             if run.status != "succeeded":

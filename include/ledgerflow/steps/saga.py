@@ -156,9 +156,9 @@ def compensate_step(
             run.run_id,
             step.id,
             "not_needed",
-            detail=f"the effect belongs to run {owner}, which this run reused",
+            detail=f"the effect is also run {owner}'s (the same key): not undone",
         )
-        raise NothingToUndo(f"step {step.id} reused the effect of run {owner}: not undone")
+        raise NothingToUndo(f"step {step.id}: the effect is also run {owner}'s: not undone")
     undo = compensation_step(spec, step, checkpoint.idempotency_key)
     final = final_attempt(
         try_number, retries, spec.retry_for(undo), get_tool(undo.tool).non_retryable
@@ -191,15 +191,39 @@ def compensate_step(
 
 
 def _effect_owner(ledger: Any, run_id: str, key: str | None) -> str | None:
-    """The run outside ``run_id``'s retry chain whose effect the step reused, if any: a
-    saga undoes only what its own chain did."""
-    from ledgerflow.ledger import lineage
+    """Another run that still stands on the step's effect, if any: one outside
+    ``run_id``'s retry chain, running or succeeded, that made the effect or completed a
+    step on it (the same business key). Its effect is not this saga's to undo; the last
+    failing run that stood on it undoes it."""
+    from sqlalchemy import select
 
-    effect = ledger.effect(key) if key else None
-    if effect is None or effect.run_id == run_id:
+    from ledgerflow.ledger import lineage
+    from ledgerflow.ledger import schema as t
+
+    if not key:
         return None
     chain = {row["run_id"] for row in lineage.chain(ledger, run_id)}
-    return None if effect.run_id in chain else str(effect.run_id)
+    effect = ledger.effect(key)
+    with ledger.engine.connect() as conn:
+        users = set(
+            conn.execute(
+                select(t.steps.c.run_id).where(
+                    t.steps.c.idempotency_key == key, t.steps.c.status == "completed"
+                )
+            ).scalars()
+        )
+        if effect is not None:
+            users.add(effect.run_id)
+        others = sorted(users - chain)
+        if not others:
+            return None
+        live = conn.execute(
+            select(t.runs.c.run_id).where(
+                t.runs.c.run_id.in_(others), t.runs.c.status.in_(["running", "succeeded"])
+            )
+        ).scalars()
+        standing = sorted(live)
+    return standing[0] if standing else None
 
 
 def _record_not_compensable(ledger: Any, spec: WorkflowSpec, run_id: str) -> None:

@@ -151,13 +151,13 @@ class ApprovalTrigger(BaseTrigger):
         try:
             while True:
                 wake.clear()  # before reading: a NOTIFY after the read sets it again
-                approval = await asyncio.to_thread(approvals.get, ledger, self.approval_id)
+                approval = await self._db(ledger, approvals.get, ledger, self.approval_id)
                 if not approval.pending:
                     yield await self._event(ledger, approval)
                     return
                 now = self._now()
                 if now >= approval.deadline:
-                    await asyncio.to_thread(self._at_deadline, ledger, approval, now)
+                    await self._db(ledger, self._at_deadline, ledger, approval, now)
                     continue
                 remaining = (approval.deadline - now).total_seconds()
                 # Jitter spreads the safety-net polls of many parked approvals.
@@ -167,6 +167,27 @@ class ApprovalTrigger(BaseTrigger):
             if listener is not None:
                 listener.unregister(self.approval_id, wake)
 
+    async def _db(self, ledger: Any, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` in a thread, riding out a ledger that is unreachable for a
+        while (a Postgres restart, a failover): the wait goes on, with a bounded backoff,
+        instead of the trigger ending without an event and failing its task."""
+        delay = RECONNECT_FIRST_S
+        while True:
+            try:
+                return await asyncio.to_thread(call, *args)
+            except Exception as exc:
+                if not lost_connection(exc):
+                    raise
+                log.warning(
+                    "approval %s: the ledger is unreachable (%s); retrying in %.1f s",
+                    self.approval_id,
+                    type(exc).__name__,
+                    delay,
+                )
+                ledger.engine.dispose()  # pooled connections died with the server
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, RECONNECT_MAX_S)
+
     async def _event(self, ledger: Any, approval: Any) -> TriggerEvent:
         """The decision ends the task right here (its outcome recorded in the ledger; on
         success the branch's "followed" XCom set): no worker has to resume it. Only a
@@ -174,7 +195,7 @@ class ApprovalTrigger(BaseTrigger):
         from ledgerflow.steps.approval import task_end_event
 
         if approval.ends_without_worker:
-            return await asyncio.to_thread(task_end_event, ledger, approval, "triggerer")
+            return await self._db(ledger, task_end_event, ledger, approval, "triggerer")  # type: ignore[no-any-return]
         return TriggerEvent(
             {
                 "approval_id": approval.id,
@@ -208,6 +229,19 @@ class ApprovalTrigger(BaseTrigger):
                 by=DEADLINE_USER,
                 comment=f"no decision before the deadline; declared outcome: {outcome}",
             )
+
+
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MAX_S = 10.0
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """An error that says the database went away (not that a statement was wrong)."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    return isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    )
 
 
 async def _wait_for(event: asyncio.Event, seconds: float) -> None:
