@@ -156,3 +156,37 @@ def test_finishing_a_saga_twice_and_a_compensation_after_completion(ledger: Ledg
     with pytest.raises(IllegalTransition):
         ledger.record_compensation("w/s", "x", "not_needed")
     assert ledger.compensations("w/s")["x"]["status"] == "completed"
+
+
+def test_an_ended_runs_pending_approval_is_abandoned(ledger: Ledger) -> None:
+    """A run that ended while its approval waited (its trigger failed, an operator marked
+    it failed): the approval becomes `abandoned` once, with an event, leaves the pending
+    list, and a decision on it is refused instead of being recorded for a dead task."""
+    from datetime import timedelta
+
+    from ledgerflow.ledger import approvals
+    from ledgerflow.ledger.store import now
+
+    approval, _ = approvals.request(
+        ledger,
+        run_id="wf__v1/ended",
+        step_key="ask",
+        dag_id="wf__v1",
+        task_id="ask",
+        workflow="wf",
+        version=1,
+        subject="Approve?",
+        body="",
+        payload={},
+        approvers={"users": ["manager"], "roles": []},
+        deadline=now() + timedelta(hours=1),
+        at_deadline="reject",
+    )
+    assert approvals.abandon_for_run(ledger, "wf__v1/ended", "the run ended (failed)") == 1
+    assert approvals.abandon_for_run(ledger, "wf__v1/ended", "again") == 0
+    assert approvals.get(ledger, approval.id).status == "abandoned"
+    assert all(a.id != approval.id for a in approvals.listing(ledger))
+    with pytest.raises(approvals.ApprovalConflict):
+        approvals.decide(ledger, approval.id, decision="approved", by="manager")
+    kinds = [e["kind"] for e in ledger.events("wf__v1/ended")]
+    assert kinds.count("approval_abandoned") == 1

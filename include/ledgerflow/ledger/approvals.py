@@ -436,115 +436,31 @@ def deadline_chain(at_deadline: Any) -> Any:
     }
 
 
-def _locked_outcome(
-    ledger: Ledger, conn: Connection, approval_id: int
-) -> tuple[Approval, Any, int | None]:
-    """In ``conn``: the decided approval (its row locked, so two processes never record
-    its outcome twice), its step's checkpoint row, and the step's running attempt."""
-    lock = select(t.approvals).where(t.approvals.c.id == approval_id)
-    if ledger.dialect == "postgresql":
-        lock = lock.with_for_update()
-    row = conn.execute(lock).mappings().first()
-    if row is None:
-        raise ApprovalNotFound(f"no approval {approval_id}")
-    approval = _row(row)
-    if approval.pending:
-        raise ApprovalConflict(f"approval {approval_id} is not decided yet")
-    step = (
-        conn.execute(
-            select(t.steps).where(
-                t.steps.c.run_id == approval.run_id, t.steps.c.step_key == approval.step_key
-            )
-        )
-        .mappings()
-        .first()
-    )
-    attempt_id = conn.execute(
-        select(t.attempts.c.id)
-        .where(
-            t.attempts.c.run_id == approval.run_id,
-            t.attempts.c.step_key == approval.step_key,
-            t.attempts.c.status == "running",
-        )
-        .order_by(t.attempts.c.id.desc())
-        .limit(1)
-    ).scalar()
-    return approval, step, attempt_id
+# What a decision does to its step lives in approval_outcomes; reached from here too.
+_OUTCOMES = ("abandon_for_run", "complete", "fail")
 
 
-def _attempt(ledger: Ledger, conn: Connection, approval: Approval, attempt_id: int | None) -> int:
-    """The running attempt, or a new one when none is (e.g. marked lost by a retry)."""
-    if attempt_id is not None:
-        return int(attempt_id)
-    return ledger.begin_attempt(
-        run_id=approval.run_id,
-        step_key=approval.step_key,
-        step_id=approval.step_key,
-        map_index=-1,
-        try_number=0,
-        args={"approval_id": approval.id, "payload_hash": approval.payload_hash},
-        idempotency_key=f"approval:{approval.id}",
-        conn=conn,
-    )
+def __getattr__(name: str) -> Any:
+    if name in _OUTCOMES:
+        from ledgerflow.ledger import approval_outcomes
+
+        return getattr(approval_outcomes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def complete(ledger: Ledger, approval_id: int, via: str) -> dict[str, Any]:
-    """Complete a decided approval's step checkpoint once; return the step's output.
-
-    Whoever gets here first (the api-server that took the decision, the trigger, or the
-    worker) records it; the others find it completed and return the same output.
-    """
-    from ledgerflow.ledger.store import _checkpoint
-
-    with ledger.begin() as conn:
-        approval, step, attempt_id = _locked_outcome(ledger, conn, approval_id)
-        if step is not None and step["status"] == "completed":
-            return dict(_checkpoint(step).output or {})
-        output = approval.output()
-        ledger.complete_step(
-            conn,
-            run_id=approval.run_id,
-            step_key=approval.step_key,
-            attempt_id=_attempt(ledger, conn, approval, attempt_id),
-            output=output,
-            reused=False,
-        )
-        ledger._event(
-            conn,
-            approval.run_id,
-            approval.step_key,
-            "approval_completed",
-            {"approval_id": approval.id, "decision": approval.status, "via": via},
-        )
-        return output
-
-
-def fail(ledger: Ledger, approval_id: int, via: str) -> str:
-    """Record a decided approval that fails its step (once): the attempt and the step
-    failed, the saga started. Returns the reason. Like ``complete``, whoever comes first
-    records it; the others find the step failed."""
-    from ledgerflow.errors import NonRetryableError
-
-    with ledger.begin() as conn:
-        approval, step, attempt_id = _locked_outcome(ledger, conn, approval_id)
-        reason = approval.failure_reason()
-        if step is not None and step["status"] == "failed":
-            return reason
-        ledger.fail_attempt(
-            run_id=approval.run_id,
-            step_key=approval.step_key,
-            attempt_id=_attempt(ledger, conn, approval, attempt_id),
-            error=NonRetryableError(reason),
-            final=True,
-            conn=conn,
-        )
-        ledger._event(
-            conn,
-            approval.run_id,
-            approval.step_key,
-            "approval_failed_step",
-            {"approval_id": approval.id, "decision": approval.status, "via": via},
-        )
-    # What the task's failure callback does, done here too: the saga must not wait for it.
-    ledger.start_saga(approval.run_id, approval.step_key)
-    return reason
+__all__ = [
+    "CHANNEL",
+    "Approval",
+    "ApprovalConflict",
+    "ApprovalNotFound",
+    "deadline_chain",
+    "decide",
+    "escalate",
+    "for_step",
+    "get",
+    "listing",
+    "notify",
+    "payload_hash",
+    "request",
+    "statuses",
+]

@@ -296,25 +296,15 @@ def reuse_from_chain(
     from ledgerflow.ledger import lineage
 
     assert chain.retry_of is not None
-    try:
-        found = lineage.find_reusable(
-            conn,
-            spec,
-            retry_of=chain.retry_of,
-            retry_from=chain.retry_from,
-            step_key=key,
-            step_id=step_id,
-            args=args,
-        )
-    except TypeError:  # a lineage module without the inputs check
-        found = lineage.find_reusable(
-            conn,
-            spec,
-            retry_of=chain.retry_of,
-            retry_from=chain.retry_from,
-            step_key=key,
-            step_id=step_id,
-        )
+    found = lineage.find_reusable(
+        conn,
+        spec,
+        retry_of=chain.retry_of,
+        retry_from=chain.retry_from,
+        step_key=key,
+        step_id=step_id,
+        args=args,
+    )
     return None if found is None else lineage.adopt(ledger, conn, run_id, found)
 
 
