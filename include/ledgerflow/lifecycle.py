@@ -140,7 +140,9 @@ def _machine(name: str, kind: type[Enum], edges: dict[str | None, Iterable[Enum]
         for source, targets in edges.items()
     }
     statuses = tuple(str(s.value) for s in kind)
-    terminal = frozenset(s for s in statuses if not transitions.get(s))
+    # A self-loop is a repeat the ledger accepts as a no-op, not a way out: a status is
+    # terminal when no transition leads to another status.
+    terminal = frozenset(s for s in statuses if not transitions.get(s, frozenset()) - {s})
     return Machine(name, statuses, transitions, terminal)
 
 
@@ -178,7 +180,7 @@ STEP = _machine(
         S.FAILED: [S.RUNNING],  # a cleared task tries again
         S.COMPLETED: [S.COMPENSATED],
         S.COMPENSATED: [S.RUNNING],  # a cleared task performs it again, as a new effect
-        S.SKIPPED: [],
+        S.SKIPPED: [S.SKIPPED],  # a twin task that skipped it too
     },
 )
 
@@ -208,7 +210,14 @@ SAGA = _machine(
     SagaStatus,
     {
         None: [G.COMPENSATING],
-        G.COMPENSATING: [G.COMPENSATED, G.COMPENSATION_FAILED, G.NOTHING_TO_COMPENSATE],
+        # COMPENSATING again: a second failure (a parallel branch, an approval's own
+        # report and its task's callback) joins the saga already started.
+        G.COMPENSATING: [
+            G.COMPENSATING,
+            G.COMPENSATED,
+            G.COMPENSATION_FAILED,
+            G.NOTHING_TO_COMPENSATE,
+        ],
         # A compensation task retried or cleared after the saga ended runs it again.
         G.COMPENSATION_FAILED: [G.COMPENSATING],
         G.COMPENSATED: [G.COMPENSATING],
@@ -244,7 +253,13 @@ DEAD_LETTER = _machine(
     DeadLetterStatus,
     {
         None: [D.OPEN],
-        D.OPEN: [D.RESOLVED],
+        # OPEN again: the same step failed for good once more (a cleared task); the
+        # letter carries the newest error.
+        D.OPEN: [D.OPEN, D.RESOLVED],
+        # RESOLVED again: a re-run from the CLI completes the step, which resolves the
+        # letter, then the CLI resolves it too. OPEN: a step that completed was undone
+        # and, performed again, exhausted its retries (a cleared task).
+        D.RESOLVED: [D.RESOLVED, D.OPEN],
     },
 )
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ledgerflow import lifecycle
+from ledgerflow.errors import LedgerflowError
 from ledgerflow.lifecycle import IllegalTransition
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "lifecycle.md"
@@ -30,11 +31,36 @@ def test_every_machine_is_drawn_as_it_is() -> None:
 
 
 def test_terminal_statuses_have_no_way_out() -> None:
-    """A terminal status (no outgoing transition) is terminal for check() too."""
+    """A terminal status has no edge to another status (check() refuses every one), and
+    the drawing ends it (``--> [*]``) and draws nothing out of it; a repeat of the same
+    status (a self-loop, accepted as a no-op) is not a way out."""
     for machine in lifecycle.MACHINES.values():
+        drawing = lifecycle.mermaid(machine).splitlines()
         for status in machine.terminal:
             for target in machine.statuses:
-                assert not machine.allowed(status, target), (machine.name, status, target)
+                if target != status:
+                    assert not machine.allowed(status, target), (machine.name, status, target)
+            assert f"    {status} --> [*]" in drawing, (machine.name, status)
+            out = [line for line in drawing if line.startswith(f"    {status} --> ")]
+            assert out == [f"    {status} --> [*]"], (machine.name, status)
+        for status in set(machine.statuses) - machine.terminal:
+            assert any(machine.allowed(status, t) for t in machine.statuses if t != status)
+
+
+def test_final_outcomes_are_terminal() -> None:
+    """The outcomes nothing may change are terminal: a finished attempt, a compensated
+    effect, a decided approval, a completed compensation, a skipped step."""
+    expected = {
+        "attempt": {"completed", "failed", "lost"},
+        "effect": {"compensated"},
+        "approval": {"approved", "rejected", "expired", "abandoned"},
+        "compensation": {"completed", "not_compensable"},
+        "step": {"skipped"},
+        "run": set(),
+        "saga": set(),
+        "dead letter": set(),
+    }
+    assert {name: set(m.terminal) for name, m in lifecycle.MACHINES.items()} == expected
 
 
 def test_illegal_transitions_are_refused_with_a_typed_error() -> None:
@@ -47,6 +73,7 @@ def test_illegal_transitions_are_refused_with_a_typed_error() -> None:
         "completed",
         "running",
     )
+    assert isinstance(info.value, LedgerflowError)
     with pytest.raises(IllegalTransition):
         lifecycle.EFFECT.check("compensated", "done")
     assert lifecycle.STEP.sources("running") == ["compensated", "failed", "retrying", "running"]
