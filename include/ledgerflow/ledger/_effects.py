@@ -14,7 +14,7 @@ from ledgerflow.ledger import schema as t
 from ledgerflow.ledger._base import LedgerBase, refuse
 from ledgerflow.ledger._engine import dumps, loads, now
 from ledgerflow.ledger._records import Effect, _error_text, _error_type
-from ledgerflow.lifecycle import EFFECT, DeadLetterStatus, EffectStatus
+from ledgerflow.lifecycle import DEAD_LETTER, EFFECT, DeadLetterStatus, EffectStatus
 
 
 class EffectsMixin(LedgerBase):
@@ -34,53 +34,70 @@ class EffectsMixin(LedgerBase):
         )
 
     def claim_effect(
-        self, conn: Connection, *, key: str, tool: str, run_id: str, step_key: str
+        self,
+        conn: Connection | None = None,
+        *,
+        key: str,
+        tool: str,
+        run_id: str,
+        step_key: str,
     ) -> bool:
-        """Insert a pending effect row; False when the key is already claimed."""
-        result = conn.execute(
-            self._insert(t.effects)
-            .values(
-                idempotency_key=key,
-                tool=tool,
-                run_id=run_id,
-                step_key=step_key,
-                status="pending",
-                created_at=now(),
+        """Insert a pending effect row; False when the key is already claimed (the caller
+        reads ``effect(key)``: a ``compensated`` one is never reused)."""
+        with self.begin(conn) as conn:
+            result = conn.execute(
+                self._insert(t.effects)
+                .values(
+                    idempotency_key=key,
+                    tool=tool,
+                    run_id=run_id,
+                    step_key=step_key,
+                    status=EffectStatus.PENDING.value,
+                    created_at=now(),
+                )
+                .on_conflict_do_nothing()
             )
-            .on_conflict_do_nothing()
-        )
         return bool(result.rowcount)
 
     def insert_effect(
-        self, conn: Connection, *, key: str, tool: str, run_id: str, step_key: str, result: Any
+        self,
+        conn: Connection | None = None,
+        *,
+        key: str,
+        tool: str,
+        run_id: str,
+        step_key: str,
+        result: Any,
     ) -> None:
         """Record a finished effect. A plain INSERT: a concurrent twin with the same key fails
         on the unique key and its transaction (with its effect) rolls back."""
         stamp = now()
-        conn.execute(
-            t.effects.insert().values(
-                idempotency_key=key,
-                tool=tool,
-                run_id=run_id,
-                step_key=step_key,
-                status="done",
-                result=dumps(result),
-                created_at=stamp,
-                completed_at=stamp,
+        with self.begin(conn) as conn:
+            conn.execute(
+                t.effects.insert().values(
+                    idempotency_key=key,
+                    tool=tool,
+                    run_id=run_id,
+                    step_key=step_key,
+                    status=EffectStatus.DONE.value,
+                    result=dumps(result),
+                    created_at=stamp,
+                    completed_at=stamp,
+                )
             )
-        )
 
-    def finish_effect(self, conn: Connection, *, key: str, result: Any) -> None:
+    def finish_effect(self, conn: Connection | None = None, *, key: str, result: Any) -> None:
         """The claimed (pending) effect is done. A compensated one is refused: its key
         was undone, and the step must be performed again under a new one."""
-        finished = conn.execute(
-            _FINISH_EFFECT, {"b_key": key, "result": dumps(result), "stamp": now()}
-        ).rowcount
-        if not finished:
-            current = conn.execute(
-                select(t.effects.c.status).where(t.effects.c.idempotency_key == key)
-            ).scalar()
-            refuse(EFFECT, current, EffectStatus.DONE.value, key)
+        with self.begin(conn) as conn:
+            finished = conn.execute(
+                _FINISH_EFFECT, {"b_key": key, "result": dumps(result), "stamp": now()}
+            ).rowcount
+            if not finished:
+                current = conn.execute(
+                    select(t.effects.c.status).where(t.effects.c.idempotency_key == key)
+                ).scalar()
+                refuse(EFFECT, current, EffectStatus.DONE.value, key)
 
     def effects(self, run_id: str | None = None) -> list[dict[str, Any]]:
         query = select(t.effects).order_by(t.effects.c.id)
@@ -104,23 +121,37 @@ class EffectsMixin(LedgerBase):
         idempotency_key: str | None,
         conn: Connection | None = None,
     ) -> None:
+        """The step failed for good: its letter (one per run and step) is ``open`` with
+        this failure. A letter already there is opened again with the newest error (the
+        step, cleared or undone and performed again, failed for good once more)."""
+        values = {
+            "workflow": workflow,
+            "version": version,
+            "attempts": attempts,
+            "error_type": _error_type(error),
+            "error": _error_text(error),
+            "args": dumps(args),
+            "idempotency_key": idempotency_key,
+            "status": DeadLetterStatus.OPEN.value,
+        }
         with self.begin(conn) as conn:
-            conn.execute(
-                self._insert(t.dead_letters)
-                .values(
-                    workflow=workflow,
-                    version=version,
-                    run_id=run_id,
-                    step_key=step_key,
-                    attempts=attempts,
-                    error_type=_error_type(error),
-                    error=_error_text(error),
-                    args=dumps(args),
-                    idempotency_key=idempotency_key,
-                    created_at=now(),
-                )
-                .on_conflict_do_nothing()
+            insert = self._insert(t.dead_letters).values(
+                run_id=run_id, step_key=step_key, created_at=now(), **values
             )
+            written = conn.execute(
+                insert.on_conflict_do_update(
+                    index_elements=[t.dead_letters.c.run_id, t.dead_letters.c.step_key],
+                    set_=values,
+                    where=t.dead_letters.c.status.in_(DEAD_LETTER.sources(DeadLetterStatus.OPEN)),
+                )
+            ).rowcount
+            if not written:
+                current = conn.execute(
+                    select(t.dead_letters.c.status).where(
+                        t.dead_letters.c.run_id == run_id, t.dead_letters.c.step_key == step_key
+                    )
+                ).scalar()
+                refuse(DEAD_LETTER, current, DeadLetterStatus.OPEN.value, f"{run_id}/{step_key}")
             self._event(conn, run_id, step_key, "dead_lettered", {"attempts": attempts})
         observability.dead_lettered(workflow, step_key)
 
@@ -140,23 +171,37 @@ class EffectsMixin(LedgerBase):
             )
         return None if row is None else {**row, "args": loads(row["args"])}
 
-    def resolve_dead_letter(self, letter_id: int, how: str) -> None:
-        with self.begin() as conn:
-            row = conn.execute(
-                select(t.dead_letters.c.run_id, t.dead_letters.c.step_key).where(
-                    t.dead_letters.c.id == letter_id
-                )
-            ).first()
+    def resolve_dead_letter(self, letter_id: int, how: str, conn: Connection | None = None) -> bool:
+        """Resolve an open letter; True when this call did. A letter already resolved
+        (e.g. by the completion of its step) stays as it is; an unknown one is refused."""
+        with self.begin(conn) as conn:
             changed = conn.execute(
                 update(t.dead_letters)
                 .where(
                     t.dead_letters.c.id == letter_id,
-                    t.dead_letters.c.status == DeadLetterStatus.OPEN.value,
+                    t.dead_letters.c.status.in_(
+                        [
+                            s
+                            for s in DEAD_LETTER.sources(DeadLetterStatus.RESOLVED)
+                            if s != DeadLetterStatus.RESOLVED.value
+                        ]
+                    ),
                 )
                 .values(status=DeadLetterStatus.RESOLVED.value)
             ).rowcount
-            if row is not None and changed:
-                self._event(conn, row[0], row[1], "dead_letter_resolved", {"how": how})
+            if not changed:
+                current = conn.execute(
+                    select(t.dead_letters.c.status).where(t.dead_letters.c.id == letter_id)
+                ).scalar()
+                refuse(DEAD_LETTER, current, DeadLetterStatus.RESOLVED.value, f"#{letter_id}")
+                return False
+            row = conn.execute(
+                select(t.dead_letters.c.run_id, t.dead_letters.c.step_key).where(
+                    t.dead_letters.c.id == letter_id
+                )
+            ).one()
+            self._event(conn, row[0], row[1], "dead_letter_resolved", {"how": how})
+        return True
 
 
 _FINISH_EFFECT = (

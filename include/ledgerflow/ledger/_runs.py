@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from ledgerflow import observability
 from ledgerflow.ledger import schema as t
@@ -14,6 +14,7 @@ from ledgerflow.ledger._engine import dumps, now
 from ledgerflow.lifecycle import (
     COMPENSATION,
     RUN,
+    SAGA,
     CompensationStatus,
     EffectStatus,
     IllegalTransition,
@@ -69,32 +70,34 @@ class RunsMixin(LedgerBase):
         return created
 
     def finish_run(self, run_id: str, status: str, conn: Connection | None = None) -> None:
-        """The run's end as Airflow reports it. Airflow is the truth about a run's state:
-        a run that ended one way and now ends the other (a task was cleared and ran
-        again) is reopened first, so the change is recorded, not overwritten."""
+        """The run's end as Airflow reports it (``succeeded`` or ``failed``). Airflow is the
+        truth about a run's state: a run that ended one way and now ends the other (a task
+        was cleared and ran again) is reopened first, so the change is recorded, not
+        overwritten. The same end reported twice is a no-op."""
+        if status not in _ENDS:
+            raise IllegalTransition(RUN.name, None, status, run_id)
         with self.begin(conn) as conn:
-            current = conn.execute(
-                select(t.runs.c.status).where(t.runs.c.run_id == run_id)
-            ).scalar()
-            if current is None:
-                return
-            if not RUN.allowed(current, status):
-                self.reopen_run(run_id, conn=conn)
-                current = RunStatus.RUNNING.value
-            RUN.check(current, status, run_id)
-            conn.execute(
-                update(t.runs)
-                .where(t.runs.c.run_id == run_id)
-                .values(status=status, updated_at=now())
-            )
-            if current != status:
+            changed = conn.execute(_end_run(status), {"b_run": run_id, "stamp": now()}).rowcount
+            if not changed:
+                current = self._run_status(conn, run_id)
+                if current is None:
+                    return  # never registered: no task of it ran
+                if current != status:  # the other end: Airflow ran it again meanwhile
+                    self.reopen_run(run_id, conn=conn)
+                    changed = conn.execute(
+                        _end_run(status), {"b_run": run_id, "stamp": now()}
+                    ).rowcount
+                    if not changed:
+                        refuse(RUN, self._run_status(conn, run_id), status, run_id)
+            if changed:
                 self._event(conn, run_id, None, f"run_{status}", None)
         observability.run_finished(run_id, status)
 
     def reopen_run(self, run_id: str, conn: Connection | None = None) -> bool:
         """An ended run runs again (a task cleared in Airflow): ``running``, and its saga
         is reset so that a new failure starts a new one (the old outcome is in the
-        ``run_reopened`` event). True when this call reopened it."""
+        ``run_reopened`` event). True when this call reopened it; a running run (or one
+        not registered) is left as it is."""
         with self.begin(conn) as conn:
             row = conn.execute(
                 select(t.runs.c.status, t.runs.c.saga).where(t.runs.c.run_id == run_id)
@@ -102,15 +105,22 @@ class RunsMixin(LedgerBase):
             if row is None or row.status == RunStatus.RUNNING.value:
                 return False
             RUN.check(row.status, RunStatus.RUNNING.value, run_id)
-            conn.execute(
+            changed = conn.execute(
                 update(t.runs)
                 .where(t.runs.c.run_id == run_id, t.runs.c.status == row.status)
                 .values(status=RunStatus.RUNNING.value, saga=None, updated_at=now())
-            )
+            ).rowcount
+            if not changed:
+                return False  # a concurrent writer reopened (or ended) it first
             self._event(
                 conn, run_id, None, "run_reopened", {"status": row.status, "saga": row.saga}
             )
         return True
+
+    def _run_status(self, conn: Connection, run_id: str) -> str | None:
+        return conn.execute(  # type: ignore[no-any-return]
+            select(t.runs.c.status).where(t.runs.c.run_id == run_id)
+        ).scalar()
 
     def run(self, run_id: str) -> dict[str, Any] | None:
         from ledgerflow.ledger._engine import loads
@@ -150,9 +160,16 @@ class RunsMixin(LedgerBase):
 
     # -- the saga ---------------------------------------------------------------
 
-    def start_saga(self, run_id: str, failed_step: str | None) -> bool:
-        """Mark the run's saga ``compensating`` (once); True when this call did it."""
-        with self.begin() as conn:
+    def start_saga(
+        self, run_id: str, failed_step: str | None, conn: Connection | None = None
+    ) -> bool:
+        """Mark the run's saga ``compensating`` (once); True when this call did it.
+
+        A failure reported to a run whose saga has started joins it (a no-op). The saga
+        of an ended one is not restarted here: only ``reopen_run`` (a cleared task) gives
+        the run a new saga, so a late report cannot leave an ended saga compensating with
+        nothing left to finish it."""
+        with self.begin(conn) as conn:
             changed = conn.execute(
                 update(t.runs)
                 .where(t.runs.c.run_id == run_id, t.runs.c.saga.is_(None))
@@ -162,13 +179,19 @@ class RunsMixin(LedgerBase):
             ).rowcount
             if changed:
                 self._event(conn, run_id, failed_step, "saga_compensating", None)
+            else:
+                row = conn.execute(select(t.runs.c.saga).where(t.runs.c.run_id == run_id)).first()
+                if row is not None:  # not registered: it failed before any step ran
+                    SAGA.check(row.saga, SagaStatus.COMPENSATING.value, run_id)
         return bool(changed)
 
-    def finish_saga(self, run_id: str) -> str | None:
+    def finish_saga(self, run_id: str, conn: Connection | None = None) -> str | None:
         """The saga's outcome from the compensation records: ``compensation_failed`` if
-        one failed, ``compensated`` if something was undone, else
-        ``nothing_to_compensate`` (the run failed with nothing to undo)."""
-        with self.begin() as conn:
+        one failed, ``compensated`` if something was undone (a compensation
+        ``completed``), else ``nothing_to_compensate`` (the run failed with nothing to
+        undo). An ended saga keeps its outcome (finishing twice is a no-op); ``None``:
+        the run has no saga."""
+        with self.begin(conn) as conn:
             saga = conn.execute(select(t.runs.c.saga).where(t.runs.c.run_id == run_id)).scalar()
             if saga != SagaStatus.COMPENSATING.value:
                 return saga  # type: ignore[no-any-return]
@@ -184,11 +207,15 @@ class RunsMixin(LedgerBase):
                 outcome = SagaStatus.COMPENSATED.value
             else:
                 outcome = SagaStatus.NOTHING_TO_COMPENSATE.value
-            conn.execute(
+            changed = conn.execute(
                 update(t.runs)
                 .where(t.runs.c.run_id == run_id, t.runs.c.saga == saga)
                 .values(saga=outcome, updated_at=now())
-            )
+            ).rowcount
+            if not changed:  # a concurrent finish_saga decided first: its outcome stands
+                return conn.execute(  # type: ignore[no-any-return]
+                    select(t.runs.c.saga).where(t.runs.c.run_id == run_id)
+                ).scalar()
             self._event(conn, run_id, None, f"saga_{outcome}", None)
         observability.run_finished(run_id, outcome)
         return outcome
@@ -205,26 +232,41 @@ class RunsMixin(LedgerBase):
         """A compensation's status. ``completed`` also marks, in the same transaction, the
         step's checkpoint and its effect ``compensated``: undone is a state, not a
         deletion, and neither a retry nor a later run may reuse it."""
+        subject = f"{run_id}/{step_key}"
         with self.begin(conn) as conn:
             current = conn.execute(
                 select(t.compensations.c.status).where(
                     t.compensations.c.run_id == run_id, t.compensations.c.step_key == step_key
                 )
             ).scalar()
-            COMPENSATION.check(current, status, f"{run_id}/{step_key}")
+            COMPENSATION.check(current, status, subject)
             values = {"tool": tool, "status": status, "detail": detail, "updated_at": now()}
             insert = self._insert(t.compensations).values(
                 run_id=run_id, step_key=step_key, **values
             )
-            conn.execute(
+            written = conn.execute(
                 insert.on_conflict_do_update(
                     index_elements=[t.compensations.c.run_id, t.compensations.c.step_key],
                     set_=values,
+                    # Guarded: a concurrent writer may have moved it since the read.
+                    where=t.compensations.c.status.in_(COMPENSATION.sources(status)),
                 )
-            )
+            ).rowcount
+            if not written:
+                refuse(
+                    COMPENSATION, self._compensation_status(conn, run_id, step_key), status, subject
+                )
+                return
             self._event(conn, run_id, step_key, f"compensation_{status}", None)
             if status == CompensationStatus.COMPLETED.value and current != status:
                 self._mark_compensated(conn, run_id, step_key)
+
+    def _compensation_status(self, conn: Connection, run_id: str, step_key: str) -> str | None:
+        return conn.execute(  # type: ignore[no-any-return]
+            select(t.compensations.c.status).where(
+                t.compensations.c.run_id == run_id, t.compensations.c.step_key == step_key
+            )
+        ).scalar()
 
     def _mark_compensated(self, conn: Connection, run_id: str, step_key: str) -> None:
         key = conn.execute(
@@ -271,4 +313,18 @@ class RunsMixin(LedgerBase):
             return {r["step_key"]: dict(r) for r in rows}
 
 
-__all__ = ["RunsMixin", "refuse"]
+_ENDS = frozenset({RunStatus.SUCCEEDED.value, RunStatus.FAILED.value})
+
+
+def _end_run(status: str) -> Any:
+    """The guarded UPDATE that ends a run: only from a status that may move to ``status``
+    (a repeat of the same end changes nothing)."""
+    sources = [s for s in RUN.sources(status) if s != status]
+    return (
+        update(t.runs)
+        .where(t.runs.c.run_id == bindparam("b_run"), t.runs.c.status.in_(sources))
+        .values(status=status, updated_at=bindparam("stamp"))
+    )
+
+
+__all__ = ["RunsMixin"]

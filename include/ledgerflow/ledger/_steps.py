@@ -15,10 +15,17 @@ from sqlalchemy import Connection, bindparam, select, update
 
 from ledgerflow import observability
 from ledgerflow.ledger import schema as t
-from ledgerflow.ledger._base import LedgerBase
+from ledgerflow.ledger._base import LedgerBase, refuse
 from ledgerflow.ledger._engine import dumps, now
 from ledgerflow.ledger._records import Checkpoint, _checkpoint, _error_text, _error_type, _outputs
-from ledgerflow.lifecycle import STEP, DeadLetterStatus, IllegalTransition, StepStatus
+from ledgerflow.lifecycle import (
+    ATTEMPT,
+    STEP,
+    AttemptStatus,
+    DeadLetterStatus,
+    IllegalTransition,
+    StepStatus,
+)
 
 _HOSTNAME = socket.gethostname()
 # A retry chain longer than this is a loop in the data, not a history of retries.
@@ -140,7 +147,7 @@ class StepsMixin(LedgerBase):
 
     def complete_step(
         self,
-        conn: Connection,
+        conn: Connection | None = None,
         *,
         run_id: str,
         step_key: str,
@@ -148,18 +155,26 @@ class StepsMixin(LedgerBase):
         output: Any,
         reused: bool,
     ) -> None:
-        """Mark the step completed; call inside the transaction that holds the effect."""
+        """Mark the step completed; call inside the transaction that holds the effect.
+
+        Only a running step completes, and only through a running attempt: a twin that
+        finished the step first, or an attempt a later one found lost, is refused
+        (``IllegalTransition``) and its transaction, effect included, rolls back."""
         stamp = now()
-        done = conn.execute(
-            _COMPLETE_STEP,
-            {"b_run": run_id, "b_key": step_key, "output": dumps(output), "stamp": stamp},
-        ).rowcount
-        if not done:  # only a running step completes (a twin may have finished it)
-            current = self._step_status(conn, run_id, step_key)
-            raise IllegalTransition("step", current, "completed", f"{run_id}/{step_key}")
-        conn.execute(_COMPLETE_ATTEMPT, {"b_id": attempt_id, "stamp": stamp})
-        self._event(conn, run_id, step_key, "step_completed", {"reused_effect": reused})
-        self._resolve_dead_letters(conn, run_id, step_key)
+        subject = f"{run_id}/{step_key}"
+        with self.begin(conn) as conn:
+            done = conn.execute(
+                _COMPLETE_STEP,
+                {"b_run": run_id, "b_key": step_key, "output": dumps(output), "stamp": stamp},
+            ).rowcount
+            if not done:
+                current = self._step_status(conn, run_id, step_key)
+                raise IllegalTransition(STEP.name, current, StepStatus.COMPLETED, subject)
+            ended = conn.execute(_COMPLETE_ATTEMPT, {"b_id": attempt_id, "stamp": stamp}).rowcount
+            if not ended:
+                refuse(ATTEMPT, self._attempt_status(conn, attempt_id), "completed", subject)
+            self._event(conn, run_id, step_key, "step_completed", {"reused_effect": reused})
+            self._resolve_dead_letters(conn, run_id, step_key)
         observability.attempt_ended(attempt_id)
 
     def mark_step(
@@ -172,9 +187,11 @@ class StepsMixin(LedgerBase):
         status: str,
         conn: Connection | None = None,
     ) -> None:
-        """Record a step that ended without an attempt (``skipped``)."""
+        """Record a step that ended without an attempt (``skipped``): only a step with no
+        checkpoint yet; the same status written again (a twin) is a no-op."""
         with self.begin(conn) as conn:
-            conn.execute(
+            STEP.check(None, status, f"{run_id}/{step_key}")
+            written = conn.execute(
                 self._insert(t.steps)
                 .values(
                     run_id=run_id,
@@ -186,7 +203,11 @@ class StepsMixin(LedgerBase):
                     completed_at=now(),
                 )
                 .on_conflict_do_nothing()
-            )
+            ).rowcount
+            if not written:
+                current = self._step_status(conn, run_id, step_key)
+                refuse(STEP, current, status, f"{run_id}/{step_key}")
+                return
             self._event(conn, run_id, step_key, f"step_{status}", None)
 
     def fail_attempt(
@@ -199,31 +220,44 @@ class StepsMixin(LedgerBase):
         final: bool,
         conn: Connection | None = None,
     ) -> None:
+        """The running attempt failed; its step is ``failed`` (``final``) or ``retrying``.
+        A step that a twin completed meanwhile stays completed (the attempt still
+        failed); an attempt no longer running (found lost) is refused."""
         stamp = now()
         message = _error_text(error)
+        subject = f"{run_id}/{step_key}"
+        new = StepStatus.FAILED.value if final else StepStatus.RETRYING.value
         with self.begin(conn) as conn:
-            conn.execute(
+            ended = conn.execute(
                 update(t.attempts)
-                .where(t.attempts.c.id == attempt_id)
+                .where(
+                    t.attempts.c.id == attempt_id,
+                    t.attempts.c.status.in_(ATTEMPT.sources(AttemptStatus.FAILED)),
+                )
                 .values(
                     status="failed", error_type=_error_type(error), error=message, ended_at=stamp
                 )
-            )
-            # A twin that completed the step meanwhile keeps it completed.
-            conn.execute(
+            ).rowcount
+            if not ended:
+                refuse(ATTEMPT, self._attempt_status(conn, attempt_id), "failed", subject)
+            changed = conn.execute(
                 update(t.steps)
                 .where(
                     t.steps.c.run_id == run_id,
                     t.steps.c.step_key == step_key,
-                    t.steps.c.status.in_(STEP.sources(StepStatus.FAILED)),
+                    t.steps.c.status.in_(STEP.sources(new)),
                 )
-                .values(status="failed" if final else "retrying", error=message)
-            )
+                .values(status=new, error=message)
+            ).rowcount
+            if not changed:
+                current = self._step_status(conn, run_id, step_key)
+                if current != StepStatus.COMPLETED.value:
+                    refuse(STEP, current, new, subject)
             self._event(
                 conn,
                 run_id,
                 step_key,
-                "step_failed" if final else "attempt_failed",
+                "step_failed" if final and changed else "attempt_failed",
                 {"error_type": _error_type(error), "error": message[:500]},
             )
         observability.attempt_ended(attempt_id, error)
@@ -257,6 +291,11 @@ class StepsMixin(LedgerBase):
             select(t.steps.c.status).where(
                 t.steps.c.run_id == run_id, t.steps.c.step_key == step_key
             )
+        ).scalar()
+
+    def _attempt_status(self, conn: Connection, attempt_id: int) -> str | None:
+        return conn.execute(  # type: ignore[no-any-return]
+            select(t.attempts.c.status).where(t.attempts.c.id == attempt_id)
         ).scalar()
 
     def _resolve_dead_letters(self, conn: Connection, run_id: str, step_key: str) -> None:
@@ -306,7 +345,7 @@ _COMPLETE_STEP = (
 )
 _COMPLETE_ATTEMPT = (
     update(t.attempts)
-    .where(t.attempts.c.id == bindparam("b_id"))
+    .where(t.attempts.c.id == bindparam("b_id"), t.attempts.c.status == AttemptStatus.RUNNING.value)
     .values(status="completed", ended_at=bindparam("stamp"))
 )
 _INSERT_ATTEMPT = t.attempts.insert().returning(t.attempts.c.id)

@@ -11,9 +11,16 @@ not defined (the embedded default).
 transactions, events); ``_engine`` finds the database. Every status it writes follows
 ``ledgerflow.lifecycle``: an illegal transition raises ``IllegalTransition``.
 
-One rule for transactions: a method that writes takes ``conn: Connection | None``.
-Given a connection, it joins that transaction and never commits it (the caller's
-``with ledger.begin()`` does); given none, it runs in a short transaction of its own.
+One rule for transactions: every method that writes takes ``conn: Connection | None =
+None`` and opens ``self.begin(conn)``. Given a connection, it joins that transaction and
+never commits it (the caller's ``with ledger.begin()`` does); given none, it runs in a
+short transaction of its own.
+
+One rule for statuses: a status is written by a guarded statement (``WHERE status IN
+machine.sources(new)``), so concurrent writers stay correct without locks. When the
+statement changed nothing, the current status is read: a same-status repeat the machine
+lists is a no-op, anything else raises ``IllegalTransition`` (and the caller's
+transaction rolls back).
 """
 
 from __future__ import annotations
