@@ -112,7 +112,7 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
         self._migrated = True
         return t.LATEST
 
-    def schema_version(self) -> int:
+    def schema_version(self, _again: bool = False) -> int:
         """The applied schema version: the highest N with 1..N all applied (0 for an empty
         database). One query: every task is a new process that asks this once."""
         from sqlalchemy.exc import DBAPIError
@@ -126,6 +126,10 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
                 return version
         except DBAPIError:
             with self.engine.connect() as conn:
-                if self.engine.dialect.has_table(conn, "lf_schema_version"):
-                    raise
+                exists = self.engine.dialect.has_table(conn, "lf_schema_version")
+            if exists and not _again:
+                # Another process's migration created the table since our read: read again.
+                return self.schema_version(_again=True)
+            if exists:
+                raise
             return 0
