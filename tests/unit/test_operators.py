@@ -8,12 +8,19 @@ from ledgerflow.steps.approval import ApprovalOperator
 from ledgerflow.steps.llm import LlmOperator
 from ledgerflow.steps.operator import LedgerflowOperator, StepOperator
 from ledgerflow.steps.quality import QualityOperator
+from ledgerflow.steps.saga import CompensationOperator
 
 
 def test_every_step_kind_has_the_one_operator_base() -> None:
-    """Tool, LLM, quality and approval steps run through LedgerflowOperator (the kernel's
+    """Tool, LLM, quality, approval and compensation steps run through LedgerflowOperator (the kernel's
     Airflow side), so the lifecycle around each kind's own work is written once."""
-    for kind in (StepOperator, LlmOperator, QualityOperator, ApprovalOperator):
+    for kind in (
+        StepOperator,
+        LlmOperator,
+        QualityOperator,
+        ApprovalOperator,
+        CompensationOperator,
+    ):
         assert issubclass(kind, LedgerflowOperator), kind
 
 

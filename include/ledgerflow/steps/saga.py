@@ -20,6 +20,7 @@ from airflow.sdk import BaseOperator
 
 from ledgerflow.spec.models import KeyedIdempotency, ToolStep, WorkflowSpec
 from ledgerflow.spec.params import InvalidParams
+from ledgerflow.steps.operator import LedgerflowOperator
 
 FAILED_STATES = frozenset({"failed", "upstream_failed"})
 
@@ -235,17 +236,16 @@ def _record_not_compensable(ledger: Any, spec: WorkflowSpec, run_id: str) -> Non
             )
 
 
-class CompensationOperator(BaseOperator):
-    """Undoes one completed step of a failed run (a teardown task)."""
+class CompensationOperator(LedgerflowOperator):
+    """Undoes one completed step of a failed run (a teardown task): the compensation kind
+    of the one operator base, its work done by ``compensate_step`` under the kernel."""
 
     ui_color = "#fbe9e7"
-    template_fields = ()
 
     def __init__(
         self, *, step_id: str, forward_task_ids: list[str], first: bool, **kwargs: Any
     ) -> None:
-        super().__init__(**kwargs)
-        self.step_id = step_id
+        super().__init__(step_id=step_id, **kwargs)
         self.forward_task_ids = forward_task_ids
         self.first = first
 
