@@ -1,0 +1,223 @@
+"""The kernel's contract, the same for every kind of step that runs in a worker (a keyed
+tool, an LLM step, a quality step), on SQLite and Postgres: a completed checkpoint is
+reused; `when` false skips and stays skipped; a retry run reuses its chain's checkpoint;
+a render error is final on the first try with a dead letter; a crash at any fault point
+followed by the next try leaves exactly one effect (one shipment, one model request,
+one quality result)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from ledgerflow.errors import InjectedFault
+from ledgerflow.ledger.store import Ledger
+from ledgerflow.spec.models import WorkflowSpec
+from ledgerflow.spec.validate import load_workflow
+from ledgerflow.steps.kernel import StepSkipped, TemplateRenderError
+from ledgerflow.steps.llm import execute_llm_step
+from ledgerflow.steps.protocol import RunRef, execute_step
+from ledgerflow.steps.quality import run_quality
+from ledgerflow.testing.openai_peer import OpenAIPeer
+
+pytestmark = pytest.mark.integration
+
+POINTS = ["before_effect", "after_effect", "before_commit", "after_commit"]
+GOOD = json.dumps({"label": "ok"})
+
+STEPS = {
+    "tool": """
+  - id: s
+    when: params.go
+    tool: demo.create_shipment
+    args: {order_id: "{{ params.order }}", address: "{{ params.address }}"}
+    idempotency: {key: "{{ params.order }}"}
+""",
+    "llm": """
+  - id: s
+    kind: llm
+    when: params.go
+    conn_id: ledgerflow_llm
+    prompt: "Label {{ params.order }} at {{ params.address }}."
+    output_schema:
+      type: object
+      properties: {label: {type: string}}
+      required: [label]
+""",
+    "quality": """
+  - id: s
+    kind: quality
+    when: params.go
+    dataset: {expression: "params.rows if params.order else []"}
+    expectations:
+      - row_count_between: {min: 1}
+    on_failure: warn
+""",
+}
+
+
+@dataclass
+class Kind:
+    name: str
+    spec: WorkflowSpec
+    run: Callable[..., Any]
+    effects: Callable[[Ledger, str, str], int]  # (ledger, run id, order) -> effect count
+
+
+@pytest.fixture
+def peer() -> Iterator[OpenAIPeer]:
+    with OpenAIPeer() as peer:
+        yield peer
+
+
+@pytest.fixture
+def ledger(ledger_url: str) -> Ledger:
+    ledger = Ledger(ledger_url)
+    ledger.migrate()
+    return ledger
+
+
+def make_kind(name: str, tmp_path: Path, peer: OpenAIPeer, monkeypatch: pytest.MonkeyPatch) -> Kind:
+    path = tmp_path / "workflows" / f"c_{name}" / "v1.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(
+        f"name: c_{name}\nversion: 1\nparams:\n"
+        "  go: {type: boolean, default: true}\n"
+        "  order: {type: string, default: o}\n"
+        "  address: {type: string, default: here}\n"
+        "  rows: {type: array, default: [{a: 1}]}\n"
+        "steps:" + STEPS[name]
+    )
+    spec = load_workflow(path)
+    step = spec.step("s")
+
+    def count(ledger: Ledger, sql: str, **binds: Any) -> int:
+        with ledger.engine.connect() as conn:
+            return int(conn.execute(text(sql), binds).scalar_one())
+
+    if name == "tool":
+
+        def run(ledger: Ledger, ref: RunRef, params: dict[str, Any], **kw: Any) -> Any:
+            return execute_step(ledger, spec, step, ref, params=params, **kw)
+
+        def effects(ledger: Ledger, run_id: str, order: str) -> int:
+            return count(ledger, "SELECT count(*) FROM demo_shipments WHERE order_id=:o", o=order)
+
+    elif name == "llm":
+        monkeypatch.setenv("AIRFLOW_CONN_LEDGERFLOW_LLM", peer.connection_uri())
+
+        def run(ledger: Ledger, ref: RunRef, params: dict[str, Any], **kw: Any) -> Any:
+            peer.script(f"Label {params.get('order')}", GOOD)
+            return execute_llm_step(ledger, spec, step, ref, params=params, **kw)
+
+        def effects(ledger: Ledger, run_id: str, order: str) -> int:
+            # The recorded answer: a crash before the commit may ask the model again
+            # (an answer is not a side effect), but only one answer is ever recorded.
+            return count(ledger, "SELECT count(*) FROM lf_llm_calls WHERE run_id = :r", r=run_id)
+
+    else:
+
+        def run(ledger: Ledger, ref: RunRef, params: dict[str, Any], **kw: Any) -> Any:
+            return run_quality(ledger, spec, step, ref, params=params, **kw)
+
+        def effects(ledger: Ledger, run_id: str, order: str) -> int:
+            return count(
+                ledger, "SELECT count(*) FROM lf_quality_results WHERE run_id = :r", r=run_id
+            )
+
+    return Kind(name, spec, run, effects)
+
+
+@pytest.fixture(params=["tool", "llm", "quality"])
+def kind(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    peer: OpenAIPeer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Kind:
+    return make_kind(request.param, tmp_path, peer, monkeypatch)
+
+
+def ref(kind: Kind, name: str, retry_of: str | None = None) -> RunRef:
+    dag = f"c_{kind.name}__v1"
+    return RunRef(run_id=f"{dag}/{name}", dag_id=dag, retry_of=retry_of)
+
+
+def params(order: str, **kw: Any) -> dict[str, Any]:
+    return {"go": True, "order": order, "address": "here", "rows": [{"a": 1}], **kw}
+
+
+def test_a_completed_checkpoint_is_reused(ledger: Ledger, kind: Kind) -> None:
+    """The same step of the same run twice: the second returns the recorded output and
+    performs nothing."""
+    r = ref(kind, "reuse")
+    first = kind.run(ledger, r, params("o-reuse"))
+    second = kind.run(ledger, r, params("o-reuse"))
+    assert second.output == first.output
+    assert kind.effects(ledger, r.run_id, "o-reuse") == 1
+
+
+def test_when_false_skips_and_stays_skipped(ledger: Ledger, kind: Kind) -> None:
+    """`when` false records a skip; the next try of the task (even with `when` now true)
+    finds the skip and performs nothing."""
+    r = ref(kind, "skip")
+    with pytest.raises(StepSkipped):
+        kind.run(ledger, r, params("o-skip", go=False))
+    with pytest.raises(StepSkipped):
+        kind.run(ledger, r, params("o-skip"), try_number=2)
+    assert ledger.checkpoint(r.run_id, "s").status == "skipped"  # type: ignore[union-attr]
+    assert kind.effects(ledger, r.run_id, "o-skip") == 0
+
+
+def test_a_retry_run_reuses_its_chains_checkpoint(ledger: Ledger, kind: Kind) -> None:
+    """A retry run (its chain recorded in the ledger) reuses the completed checkpoint of
+    the run it retries, with the same inputs: the same output, no second effect."""
+    first = ref(kind, "orig")
+    done = kind.run(ledger, first, params("o-chain"))
+    retry = ref(kind, "retry", retry_of=first.run_id)
+    again = kind.run(ledger, retry, params("o-chain"))
+    assert again.output == done.output
+    total = kind.effects(ledger, first.run_id, "o-chain")
+    if kind.name == "quality":  # counted per run; the others per order
+        total += kind.effects(ledger, retry.run_id, "o-chain")
+    assert total == 1
+
+
+def test_a_render_error_is_final_with_a_dead_letter(ledger: Ledger, kind: Kind) -> None:
+    """An input that cannot be rendered (a param its templates read is missing) fails on
+    try 1 of 3 as the last attempt: the step is `failed`, a dead letter holds it, and
+    nothing was performed."""
+    r = ref(kind, "render")
+    bad = params("o-render")
+    bad.pop("order")  # `params.order` is undefined: every kind's template reads it
+    with pytest.raises(TemplateRenderError, match="order"):
+        kind.run(ledger, r, bad, try_number=1, max_attempts=3)
+    assert ledger.checkpoint(r.run_id, "s").status == "failed"  # type: ignore[union-attr]
+    assert [d["step_key"] for d in ledger.dead_letters() if d["run_id"] == r.run_id] == ["s"]
+    assert kind.effects(ledger, r.run_id, "o-render") == 0
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_a_crash_at_any_fault_point_leaves_one_effect(
+    ledger: Ledger, kind: Kind, point: str
+) -> None:
+    """A crash at each named fault point, then the next try of the task: exactly one
+    effect, and a completed checkpoint."""
+    r = ref(kind, f"crash-{point}")
+    order = f"o-crash-{point}"
+    os.environ["LEDGERFLOW_FAULT"] = f"{point}:raise"
+    try:
+        with pytest.raises(InjectedFault):
+            kind.run(ledger, r, params(order), try_number=1, max_attempts=3)
+    finally:
+        del os.environ["LEDGERFLOW_FAULT"]
+    kind.run(ledger, r, params(order), try_number=2, max_attempts=3)
+    assert ledger.checkpoint(r.run_id, "s").status == "completed"  # type: ignore[union-attr]
+    assert kind.effects(ledger, r.run_id, order) == 1
