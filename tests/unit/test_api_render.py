@@ -109,3 +109,41 @@ def test_any_postgres_driver_becomes_psycopg2(monkeypatch: pytest.MonkeyPatch, u
     """The ledger speaks psycopg2 whatever driver the Airflow connection's URI names."""
     monkeypatch.setenv("AIRFLOW_CONN_LF_URL_PROBE", uri)
     assert resolve_url("lf_url_probe") == "postgresql+psycopg2://u:p@db:5432/ledger"
+
+
+def test_an_abandoned_approval_says_so_and_offers_no_decision(tmp_path: Path) -> None:
+    """An approval whose run ended while it waited shows `abandoned`, says why, and offers
+    no decision form."""
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    ledger.migrate()
+    approval, _ = approvals.request(
+        ledger,
+        run_id="w__v1/gone",
+        step_key="s",
+        dag_id="w__v1",
+        task_id="s",
+        workflow="w",
+        version=1,
+        subject="Approve?",
+        body="",
+        payload={},
+        approvers={"users": ["m"], "roles": []},
+        deadline=datetime.now(timezone.utc) + timedelta(hours=1),
+        at_deadline="reject",
+    )
+    approvals.abandon_for_run(ledger, "w__v1/gone", "the run ended (failed)")
+    approval = approvals.get(ledger, approval.id)
+    html = _render.page(
+        "detail",
+        title=approval.subject,
+        root="/ledgerflow",
+        caller=SimpleNamespace(name="m", roles=frozenset()),
+        a=approval,
+        body_html="",
+        payload_json="{}",
+        may_decide=approval.pending,
+        csrf="t",
+        message_code=None,
+    )
+    assert 'class="status-abandoned"' in html and "can no longer resume" in html
+    assert "<form" not in html

@@ -64,6 +64,7 @@ button.reject{background:#b3261e;color:#fff;border-color:#b3261e}
 .status-pending{color:#8a5a00;font-weight:600}
 .status-approved{color:#1f7a3d;font-weight:600}
 .status-rejected,.status-expired{color:#b3261e;font-weight:600}
+.status-abandoned{color:#6b6b6b;font-weight:600}
 .muted{color:#7b8794}
 """
 
@@ -147,7 +148,9 @@ _DETAIL = """{% extends "layout" %}{% block content %}
 <tr><th>Approvers</th><td>{{ approvers(a) }}{% if a.level %} (escalation level {{ a.level }}){% endif %}</td></tr>
 <tr><th>Deadline</th><td>{{ a.deadline | when }}</td></tr>
 <tr><th>Requested</th><td>{{ a.created_at | when }}</td></tr>
-{% if not a.pending %}
+{% if a.status == "abandoned" %}
+<tr><th>Decided by</th><td id="decided-by">nobody: the run ended while this approval waited, so its task can no longer resume (retry the run to ask again)</td></tr>
+{% elif not a.pending %}
 <tr><th>Decided by</th><td id="decided-by">{{ a.decided_by or '(deadline)' }}</td></tr>
 <tr><th>Decided at</th><td>{{ a.decided_at | when }}</td></tr>
 <tr><th>Comment</th><td id="comment">{{ a.comment or '' }}</td></tr>
