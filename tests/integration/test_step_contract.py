@@ -37,14 +37,16 @@ STEPS = {
   - id: s
     when: params.go
     tool: demo.create_shipment
-    args: {order_id: "{{ params.order }}", address: "{{ params.address }}"}
+    args: {order_id: "{{ params.order }}", address: "{{ params.address }}", fail: "{{ params.fail }}"}
     idempotency: {key: "{{ params.order }}"}
+    retry: {max_attempts: 3, non_retryable: [ShipmentUnavailable]}
 """,
     "llm": """
   - id: s
     kind: llm
     when: params.go
     conn_id: ledgerflow_llm
+    retry: {max_attempts: 3, non_retryable: [LlmCallFailed]}
     prompt: "Label {{ params.order }} at {{ params.address }}."
     output_schema:
       type: object
@@ -93,6 +95,7 @@ def make_kind(name: str, tmp_path: Path, peer: OpenAIPeer, monkeypatch: pytest.M
         "  order: {type: string, default: o}\n"
         "  address: {type: string, default: here}\n"
         "  rows: {type: array, default: [{a: 1}]}\n"
+        "  fail: {type: boolean, default: false}\n"
         "steps:" + STEPS[name]
     )
     spec = load_workflow(path)
@@ -114,7 +117,10 @@ def make_kind(name: str, tmp_path: Path, peer: OpenAIPeer, monkeypatch: pytest.M
         monkeypatch.setenv("AIRFLOW_CONN_LEDGERFLOW_LLM", peer.connection_uri())
 
         def run(ledger: Ledger, ref: RunRef, params: dict[str, Any], **kw: Any) -> Any:
-            peer.script(f"Label {params.get('order')}", GOOD)
+            reply: Any = GOOD
+            if params.get("fail"):  # the provider refuses: LlmCallFailed
+                reply = (400, {"error": {"message": "refused", "type": "x"}})
+            peer.script(f"Label {params.get('order')}", reply)
             return execute_llm_step(ledger, spec, step, ref, params=params, **kw)
 
         def effects(ledger: Ledger, run_id: str, order: str) -> int:
@@ -151,7 +157,7 @@ def ref(kind: Kind, name: str, retry_of: str | None = None) -> RunRef:
 
 
 def params(order: str, **kw: Any) -> dict[str, Any]:
-    return {"go": True, "order": order, "address": "here", "rows": [{"a": 1}], **kw}
+    return {"go": True, "order": order, "address": "here", "rows": [{"a": 1}], "fail": False, **kw}
 
 
 def test_a_completed_checkpoint_is_reused(ledger: Ledger, kind: Kind) -> None:
@@ -221,3 +227,16 @@ def test_a_crash_at_any_fault_point_leaves_one_effect(
     kind.run(ledger, r, params(order), try_number=2, max_attempts=3)
     assert ledger.checkpoint(r.run_id, "s").status == "completed"  # type: ignore[union-attr]
     assert kind.effects(ledger, r.run_id, order) == 1
+
+
+def test_an_error_named_non_retryable_is_final_at_once(ledger: Ledger, kind: Kind) -> None:
+    """Finding 4, for every kind with a retryable error of its own: an error class that
+    the step's `retry.non_retryable` names is the last attempt on try 1 of 3, exactly as
+    Airflow's retry policy decides: the step is `failed` and a dead letter holds it."""
+    if kind.name == "quality":
+        pytest.skip("a quality step has no retryable error of its own to name")
+    r = ref(kind, "named")
+    with pytest.raises(Exception, match=r"refused|carrier"):
+        kind.run(ledger, r, params("o-named", fail=True), try_number=1, max_attempts=3)
+    assert ledger.checkpoint(r.run_id, "s").status == "failed"  # type: ignore[union-attr]
+    assert [d["step_key"] for d in ledger.dead_letters() if d["run_id"] == r.run_id] == ["s"]
