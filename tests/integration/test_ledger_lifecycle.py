@@ -436,6 +436,26 @@ def test_a_dead_letter_resolves_once_and_reopens_on_a_new_final_failure(
     assert (again["id"], again["attempts"], again["error"]) == (row["id"], 2, "boom 2")
 
 
+def test_a_final_failure_in_a_run_whose_retry_completed_the_step_stays_resolved(
+    ledger: Ledger,
+) -> None:
+    """Found by the model test: run A failed at ``s``, its retry B completed ``s``
+    (resolving A's letter); then a task of A was cleared and failed for good again. The
+    business step is done (by B): A's letter is recorded resolved at once, naming B,
+    not opened again for someone to fix what is fixed."""
+    a = start(ledger, "w/late-a")
+    fail(ledger, a, "s", attempt(ledger, a, "s"))
+    letter(ledger, a, "s", attempts=1)
+    b = start(ledger, "w/late-b", retry_of=a)
+    complete(ledger, b, "s", attempt(ledger, b, "s"))
+    assert ledger.dead_letters() == []
+    fail(ledger, a, "s", attempt(ledger, a, "s", tries=2))  # A's task cleared, fails
+    letter(ledger, a, "s", attempts=2)
+    assert ledger.dead_letters() == []
+    resolved = [e["data"] for e in ledger.events(a) if e["kind"] == "dead_letter_resolved"]
+    assert resolved[-1] == {"how": "completed_by", "run_id": b}
+
+
 def test_runs_end_once_and_reopen_when_cleared(ledger: Ledger) -> None:
     """finish_run: the same end twice is a no-op (one event); reopen_run moves an ended
     run back to running with ``run_reopened`` (old status and saga) and resets its

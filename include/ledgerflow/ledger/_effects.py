@@ -123,7 +123,9 @@ class EffectsMixin(LedgerBase):
     ) -> None:
         """The step failed for good: its letter (one per run and step) is ``open`` with
         this failure. A letter already there is opened again with the newest error (the
-        step, cleared or undone and performed again, failed for good once more)."""
+        step, cleared or undone and performed again, failed for good once more) - unless
+        a retry of this run has completed the step since: the business step is done, and
+        the letter is resolved at once, naming that run."""
         values = {
             "workflow": workflow,
             "version": version,
@@ -153,7 +155,37 @@ class EffectsMixin(LedgerBase):
                 ).scalar()
                 refuse(DEAD_LETTER, current, DeadLetterStatus.OPEN.value, f"{run_id}/{step_key}")
             self._event(conn, run_id, step_key, "dead_lettered", {"attempts": attempts})
+            done_by = self._completed_by_a_retry(conn, run_id, step_key)
+            if done_by is not None:
+                conn.execute(
+                    update(t.dead_letters)
+                    .where(t.dead_letters.c.run_id == run_id, t.dead_letters.c.step_key == step_key)
+                    .values(status=DeadLetterStatus.RESOLVED.value)
+                )
+                self._event(
+                    conn,
+                    run_id,
+                    step_key,
+                    "dead_letter_resolved",
+                    {"how": "completed_by", "run_id": done_by},
+                )
         observability.dead_lettered(workflow, step_key)
+
+    def _completed_by_a_retry(self, conn: Connection, run_id: str, step_key: str) -> str | None:
+        """A retry of ``run_id`` (at any depth) in which ``step_key`` completed, if any."""
+        from ledgerflow.ledger import lineage
+
+        retries = [r["run_id"] for r in lineage.descendants(self, run_id, conn)]  # type: ignore[arg-type]
+        if not retries:
+            return None
+        done = conn.execute(
+            select(t.steps.c.run_id).where(
+                t.steps.c.run_id.in_(retries),
+                t.steps.c.step_key == step_key,
+                t.steps.c.status.in_(["completed", "compensated"]),
+            )
+        ).scalars()
+        return min(done, default=None)
 
     def dead_letters(self, status: str | None = "open") -> list[dict[str, Any]]:
         query = select(t.dead_letters).order_by(t.dead_letters.c.id)
