@@ -1,10 +1,12 @@
 """Model-based test of the run lifecycle where features meet (SQLite and Postgres).
 
 Hypothesis drives random sequences of what happens to checkout runs — start a run,
-run its next step, crash in the middle of a step, fail late and compensate, retry a
-failed run (any run of a chain, with the cause fixed or not), clear a task of an ended
-run — through the same kernel functions the Airflow tasks call, against a small
-reference model. After every operation it checks the promises:
+run its next step, crash in the middle of a step, fail late and compensate, retry any
+run of a chain through the retry route (plain, ``--from`` a step, with new params that
+fix the cause or change a step's inputs, again and again, an older run of the chain),
+clear a task of an ended run — through the same functions the Airflow tasks and the
+retry route call, against a small reference model. After every operation it checks the
+promises:
 
 * each business effect is live at most once per order (one captured payment, one
   reserved reservation, one booked shipment);
@@ -14,7 +16,10 @@ reference model. After every operation it checks the promises:
   no saga;
 * the ledger and "Airflow" (the model's run states) agree on every run's status;
 * a dead letter is open exactly when its step has not completed since, in its run or a
-  retry of it.
+  retry of it;
+* the retry route accepts a request exactly when the model says so (the run ended, no
+  other run of its chain is live or a succeeded retry, none newer failed; a succeeded
+  run only ``--from`` a step), and the retry run gets the params the model expects.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from sqlalchemy import text
 
 from ledgerflow.errors import InjectedFault
 from ledgerflow.ledger.store import Ledger
+from ledgerflow.retries import RetryRefused, plan_retry, record_retry
 from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, execute_step
 from ledgerflow.steps.saga import NothingToUndo, compensate_step, finish_saga, saga_started
@@ -40,7 +46,8 @@ from ledgerflow.steps.saga import NothingToUndo, compensate_step, finish_saga, s
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = load_workflow(ROOT / "dags" / "workflows" / "checkout" / "v1.yaml")
+DAGS = ROOT / "dags"
+SPEC = load_workflow(DAGS / "workflows" / "checkout" / "v1.yaml")
 FORWARD = ["reserve_inventory", "charge_payment", "create_shipment", "send_confirmation"]
 COMPENSABLE = ["create_shipment", "charge_payment", "reserve_inventory"]
 ORDERS = ["o-1", "o-2"]
@@ -51,10 +58,19 @@ _fresh = itertools.count()
 class Run:
     """The model of one run: what Airflow would know about it."""
 
-    def __init__(self, run_id: str, order: str, fail: bool, retry_of: str | None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        order: str,
+        fail: bool,
+        retry_of: str | None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.ref = RunRef(run_id=run_id, dag_id="checkout__v1", retry_of=retry_of)
         self.order = order
         self.fail = fail
+        self.overrides = dict(overrides or {})  # params other than the defaults
+        self.cleared = False  # the carrier accepts now (a failed task was cleared)
         self.next = 0  # index into FORWARD
         self.status = "running"
         self.tries: dict[str, int] = {}
@@ -63,8 +79,9 @@ class Run:
     def params(self) -> dict[str, Any]:
         return {
             **{n: p.default for n, p in SPEC.params.items()},
+            **self.overrides,
             "order_id": self.order,
-            "fail_shipment": self.fail,
+            "fail_shipment": self.fail and not self.cleared,
         }
 
 
@@ -87,8 +104,14 @@ class Lifecycle(RuleBasedStateMachine):
 
     # -- operations ----------------------------------------------------------------
 
-    def _new(self, order: str, fail: bool, retry_of: str | None = None) -> Run:
-        run = Run(f"checkout__v1/m{next(_fresh)}", order, fail, retry_of)
+    def _new(
+        self,
+        order: str,
+        fail: bool,
+        retry_of: str | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> Run:
+        run = Run(f"checkout__v1/m{next(_fresh)}", order, fail, retry_of, overrides)
         self.runs[run.ref.run_id] = run
         return run
 
@@ -155,22 +178,77 @@ class Lifecycle(RuleBasedStateMachine):
     def _failed(self) -> list[Run]:
         return [r for r in self.runs.values() if r.status == "failed"]
 
-    @precondition(lambda self: self._failed())
-    @rule(data=st.data(), fixed=st.booleans())
-    def retry(self, data: st.DataObject, fixed: bool) -> None:
-        """A retry run of any failed run (the cause fixed or not), through the ledger's
-        own record of the chain, as the retry route writes it."""
-        source = data.draw(st.sampled_from(self._failed()))
-        run = self._new(source.order, source.fail and not fixed, retry_of=source.ref.run_id)
-        self.ledger.ensure_run(
-            run_id=run.ref.run_id,
-            dag_id=run.ref.dag_id,
-            workflow=SPEC.name,
-            version=SPEC.version,
-            params=run.params,
-            trigger_kind="retry",
-            retry_of=source.ref.run_id,
+    def _ended(self) -> list[Run]:
+        return [r for r in self.runs.values() if r.status != "running"]
+
+    def _family(self, run: Run) -> list[Run]:
+        """The runs linked to ``run`` through retries, oldest first."""
+        root = run
+        while root.ref.retry_of is not None:
+            root = self.runs[root.ref.retry_of]
+        family, todo = [], [root]
+        while todo:
+            member = todo.pop()
+            family.append(member)
+            todo += [r for r in self.runs.values() if r.ref.retry_of == member.ref.run_id]
+        return sorted(family, key=lambda r: int(r.ref.run_id.rsplit("m", 1)[1]))
+
+    def _may_retry(self, source: Run, from_step: str | None) -> bool:
+        """The retry rules, as the model states them."""
+        family = self._family(source)
+        others = [r for r in family if r is not source]
+        newer = family[family.index(source) + 1 :]
+        return (
+            source.status != "running"
+            and not any(r.status == "running" for r in others)
+            and not any(r.status == "succeeded" and r.ref.retry_of for r in others)
+            and (source.status == "failed" or from_step is not None)
+            and not any(r.status == "failed" for r in newer)
         )
+
+    @precondition(lambda self: self._ended())
+    @rule(
+        data=st.data(),
+        from_step=st.sampled_from([None, *FORWARD]),
+        fix=st.booleans(),
+        amount=st.sampled_from([None, 25.0, 40.0]),
+        address=st.sampled_from([None, "2 Side Street"]),
+    )
+    def retry(
+        self,
+        data: st.DataObject,
+        from_step: str | None,
+        fix: bool,
+        amount: float | None,
+        address: str | None,
+    ) -> None:
+        """A retry request for any ended run, through the retry route's own functions
+        (``plan_retry`` then ``record_retry``): plain or ``--from`` a step, with params
+        that fix the cause (``fail_shipment=false``) or change a step's inputs (the
+        amount charged, the address shipped to)."""
+        source = data.draw(st.sampled_from(self._ended()))
+        overrides: dict[str, Any] = {}
+        if fix:
+            overrides["fail_shipment"] = False
+        if amount is not None:
+            overrides["amount"] = amount
+        if address is not None:
+            overrides["address"] = address
+        allowed = self._may_retry(source, from_step)
+        try:
+            plan = plan_retry(self.ledger, source.ref.run_id, from_step, DAGS, params=overrides)
+            run = self._new(
+                source.order,
+                bool(overrides.get("fail_shipment", source.fail)),
+                retry_of=source.ref.run_id,
+                overrides={**source.overrides, **overrides},
+            )
+            record_retry(self.ledger, plan, run.ref.run_id, user="model", via="cli")
+        except RetryRefused as refused:
+            assert not allowed, f"refused {source.ref.run_id} --from {from_step}: {refused}"
+            return
+        assert allowed, f"accepted {source.ref.run_id} --from {from_step}"
+        assert plan.params == run.params, (plan.params, run.params)
 
     @precondition(lambda self: self._failed())
     @rule(data=st.data())
@@ -179,7 +257,7 @@ class Lifecycle(RuleBasedStateMachine):
         accepts now): the run runs on from that step."""
         run = data.draw(st.sampled_from(self._failed()))
         run.status = "running"
-        run.fail = False
+        run.cleared = True
         self._step(run)
 
     # -- invariants ----------------------------------------------------------------
