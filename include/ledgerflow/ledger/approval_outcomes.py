@@ -58,7 +58,8 @@ def _attempt(ledger: Ledger, conn: Connection, approval: Approval, attempt_id: i
         step_id=approval.step_key,
         map_index=-1,
         try_number=0,
-        args={"approval_id": approval.id, "payload_hash": approval.payload_hash},
+        # The step's inputs: what the approver was shown (as ``ApprovalKind`` renders it).
+        args={"subject": approval.subject, "body": approval.body, "payload": approval.payload},
         idempotency_key=f"approval:{approval.id}",
         conn=conn,
     )

@@ -312,6 +312,21 @@ def notify(ledger: Ledger, approval: Approval) -> None:
     )
 
 
+def notify_once(ledger: Ledger, approval: Approval) -> None:
+    """Send the request's notice unless it was recorded as sent (at this escalation
+    level): a task that crashed after writing the request sends it on its next try, a
+    cleared or resumed one does not send it again."""
+    sent = [
+        e["data"] or {}
+        for e in ledger.events(approval.run_id)
+        if e["kind"] == "approval_notified" and e["step_key"] == approval.step_key
+    ]
+    if not any(
+        d.get("approval_id") == approval.id and d.get("level") == approval.level for d in sent
+    ):
+        notify(ledger, approval)
+
+
 def decide(
     ledger: Ledger,
     approval_id: int,

@@ -11,6 +11,7 @@ failed run (which compensates) when there is none; a deadline -> its declared ou
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -39,11 +40,107 @@ class ApprovalKind(StepKind):
         from ledgerflow.spec.templates import render_value
 
         shown = {
-            "subject": render_value(self.step.subject, context),
-            "body": render_value(self.step.body, context),
+            "subject": str(render_value(self.step.subject, context)),
+            "body": str(render_value(self.step.body, context)),
             "payload": render_value(self.step.payload, context),
         }
-        return Rendered(args={}, extra=shown)
+        # The inputs of the step are what the approver is shown: a retry reuses a
+        # decision only on the same subject, body and payload.
+        return Rendered(args=shown, extra=shown)
+
+
+@dataclass
+class Asked:
+    """What asking for a decision found: the decision taken earlier (``reused``: this run
+    or its retry chain, with the same inputs), a skip (``when`` false), or the request,
+    pending or decided (``approval``)."""
+
+    reused: dict[str, Any] | None = None
+    skipped: bool = False
+    approval: Any = None
+
+
+def ask(
+    ledger: Any,
+    spec: WorkflowSpec,
+    step: ApprovalStep,
+    run: Any,
+    *,
+    params: dict[str, Any],
+    try_number: int = 1,
+    task_id: str | None = None,
+    follow: dict[str, list[str] | None] | None = None,
+) -> Asked:
+    """The approval step's part of a task, under the kernel's prologue: registration,
+    reuse (this run, then the retry chain: a decision taken there on the same subject,
+    body and payload is not asked for again), ``when``, rendering; then the request,
+    once per (run, step), its attempt, and its notice. A render error is the final
+    failure (approvals are not retried) with a dead letter, and is raised.
+
+    Every point may crash (the named fault points): the next try finds the same request
+    and sends the notice if it was not sent (at least once, never lost)."""
+    from ledgerflow import faults
+    from ledgerflow.ledger import approvals
+    from ledgerflow.ledger.store import now
+    from ledgerflow.steps.kernel import Attempt, record_failure
+
+    kind = ApprovalKind(step)
+    with ledger.begin() as conn:
+        found = prologue(ledger, spec, step, run, kind, conn, params=params)
+    if found.reused is not None:
+        return Asked(reused=dict(found.reused.output or {}))
+    if found.skipped:
+        return Asked(skipped=True)
+    if found.error is not None or found.rendered is None:
+        error = found.error or RuntimeError("approval step rendered nothing")
+        attempt = Attempt(
+            ledger, spec, step, run, found.key, -1, try_number, Rendered({}), {}, True
+        )
+        attempt.attempt_id = ledger.begin_attempt(
+            run_id=run.run_id,
+            step_key=step.id,
+            step_id=step.id,
+            map_index=-1,
+            try_number=try_number,
+            args={},
+            idempotency_key=None,
+            first=found.checkpoint is None,
+        )
+        record_failure(attempt, error, final=True)
+        raise error
+    shown = found.rendered.extra
+    faults.hit("before_effect", found.key)
+    approval, _ = approvals.request(
+        ledger,
+        run_id=run.run_id,
+        step_key=step.id,
+        dag_id=run.dag_id,
+        task_id=task_id or step.id,
+        workflow=spec.name,
+        version=spec.version,
+        subject=str(shown["subject"]),
+        body=str(shown["body"]),
+        payload=shown["payload"],
+        approvers={"users": list(step.approvers.users), "roles": list(step.approvers.roles)},
+        deadline=now() + timedelta(seconds=step.deadline.total_seconds()),
+        at_deadline=approvals.deadline_chain(step.at_deadline),
+        follow=follow,
+    )
+    faults.hit("after_effect", found.key)
+    ledger.begin_attempt(
+        run_id=run.run_id,
+        step_key=step.id,
+        step_id=step.id,
+        map_index=-1,
+        try_number=try_number,
+        args=found.rendered.args,
+        idempotency_key=f"approval:{approval.id}",
+        first=found.checkpoint is None,
+    )
+    faults.hit("before_commit", found.key)
+    approvals.notify_once(ledger, approval)
+    faults.hit("after_commit", found.key)
+    return Asked(approval=approval)
 
 
 def build_task(spec: WorkflowSpec, step: ApprovalStep, trigger_rule: str) -> BaseOperator:
@@ -82,73 +179,29 @@ class ApprovalOperator(LedgerflowOperator, SkipMixin):
     def execute(self, context: Any) -> Any:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from ledgerflow.ledger import approvals
-        from ledgerflow.ledger.store import Ledger, now
-        from ledgerflow.steps.kernel import Attempt, record_failure
+        from ledgerflow.ledger.store import Ledger
         from ledgerflow.steps.operator import run_params, run_ref
         from ledgerflow.triggers.approval import ApprovalTrigger
 
         spec, step = self._step()
         ledger = Ledger.from_airflow()
         ledger.migrate()
-        run = run_ref(context)
-        kind = ApprovalKind(step)
-        try_number = context["ti"].try_number
-        with ledger.begin() as conn:
-            # The kernel's part: registration, reuse (this run, then the retry chain: a
-            # decision taken there is not asked for again), ``when``, rendering.
-            found = prologue(ledger, spec, step, run, kind, conn, params=run_params(spec, context))
-        if found.reused is not None:
-            # Decided earlier (a cleared or retried task): the same decision, no new request.
-            return self._follow(context, step, found.reused.output)
-        if found.skipped:
-            raise AirflowSkipException(f"`when: {step.when}` is false")
-        if found.error is not None or found.rendered is None:
-            error = found.error or RuntimeError("approval step rendered nothing")
-            attempt = Attempt(
-                ledger, spec, step, run, found.key, -1, try_number, Rendered({}), {}, True
-            )
-            attempt.attempt_id = ledger.begin_attempt(
-                run_id=run.run_id,
-                step_key=step.id,
-                step_id=step.id,
-                map_index=-1,
-                try_number=try_number,
-                args={},
-                idempotency_key=None,
-                first=found.checkpoint is None,
-            )
-            record_failure(attempt, error, final=True)
-            raise error
-        shown = found.rendered.extra
-        approval, created = approvals.request(
+        asked = ask(
             ledger,
-            run_id=run.run_id,
-            step_key=step.id,
-            dag_id=run.dag_id,
+            spec,
+            step,
+            run_ref(context),
+            params=run_params(spec, context),
+            try_number=context["ti"].try_number,
             task_id=self.task_id,
-            workflow=spec.name,
-            version=spec.version,
-            subject=str(shown["subject"]),
-            body=str(shown["body"]),
-            payload=shown["payload"],
-            approvers={"users": list(step.approvers.users), "roles": list(step.approvers.roles)},
-            deadline=now() + timedelta(seconds=step.deadline.total_seconds()),
-            at_deadline=approvals.deadline_chain(step.at_deadline),
             follow=self._follow_lists(step),
         )
-        ledger.begin_attempt(
-            run_id=run.run_id,
-            step_key=step.id,
-            step_id=step.id,
-            map_index=-1,
-            try_number=try_number,
-            args={"approval_id": approval.id, "payload_hash": approval.payload_hash},
-            idempotency_key=f"approval:{approval.id}",
-            first=found.checkpoint is None,
-        )
-        if created:
-            approvals.notify(ledger, approval)
+        if asked.reused is not None:
+            # Decided earlier (a cleared or retried task): the same decision, no new request.
+            return self._follow(context, step, asked.reused)
+        if asked.skipped:
+            raise AirflowSkipException(f"`when: {step.when}` is false")
+        approval = asked.approval
         if not approval.pending:
             return self._complete(context, ledger, approval)
         self.log.info(
