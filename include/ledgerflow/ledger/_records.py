@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ledgerflow.ledger._engine import loads
 
@@ -43,6 +43,15 @@ def _outputs(checkpoints: Iterable[Checkpoint]) -> dict[str, dict[str, Any]]:
             if cp.status != "completed":
                 entry["status"] = cp.status
     return result
+
+
+class RunRow(NamedTuple):
+    """What a step needs of its run's row: whether it ended, its retry chain, its saga."""
+
+    status: str
+    retry_of: str | None
+    retry_from: str | None
+    saga: str | None
 
 
 def _checkpoint(row: Any) -> Checkpoint:

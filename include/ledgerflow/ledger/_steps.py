@@ -17,7 +17,14 @@ from ledgerflow import observability
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger._base import LedgerBase, refuse
 from ledgerflow.ledger._engine import dumps, now
-from ledgerflow.ledger._records import Checkpoint, _checkpoint, _error_text, _error_type, _outputs
+from ledgerflow.ledger._records import (
+    Checkpoint,
+    RunRow,
+    _checkpoint,
+    _error_text,
+    _error_type,
+    _outputs,
+)
 from ledgerflow.lifecycle import (
     ATTEMPT,
     STEP,
@@ -48,22 +55,41 @@ class StepsMixin(LedgerBase):
             )
         return None if row is None else _checkpoint(row)
 
-    def checkpoint_and_outputs(
+    def run_and_steps(
         self, run_id: str, step_key: str, step_ids: Iterable[str], conn: Connection
-    ) -> tuple[Checkpoint | None, dict[str, dict[str, Any]]]:
-        """A step's own checkpoint and the outputs of ``step_ids``, in one query."""
+    ) -> tuple[RunRow | None, Checkpoint | None, dict[str, dict[str, Any]]]:
+        """What a step reads before it runs, in one round trip: its run's row (``None``:
+        not registered yet, so no step of it exists either), its own checkpoint and the
+        outputs of ``step_ids``."""
         wanted = sorted(step_ids)
         condition = t.steps.c.step_key == step_key
         if wanted:
             condition = condition | t.steps.c.step_id.in_(wanted)
-        rows = conn.execute(
-            select(t.steps)
-            .where(t.steps.c.run_id == run_id, condition)
-            .order_by(t.steps.c.step_id, t.steps.c.map_index)
-        ).mappings()
-        found = [_checkpoint(r) for r in rows]
+        rows = list(
+            conn.execute(
+                select(
+                    t.runs.c.status.label("run_status"),
+                    t.runs.c.retry_of.label("run_retry_of"),
+                    t.runs.c.retry_from.label("run_retry_from"),
+                    t.runs.c.saga.label("run_saga"),
+                    t.steps,
+                )
+                .select_from(
+                    t.runs.outerjoin(t.steps, (t.steps.c.run_id == t.runs.c.run_id) & condition)
+                )
+                .where(t.runs.c.run_id == run_id)
+                .order_by(t.steps.c.step_id, t.steps.c.map_index)
+            ).mappings()
+        )
+        if not rows:
+            return None, None, {}
+        head = rows[0]
+        run = RunRow(
+            head["run_status"], head["run_retry_of"], head["run_retry_from"], head["run_saga"]
+        )
+        found = [_checkpoint(r) for r in rows if r["step_key"] is not None]
         own = next((c for c in found if c.step_key == step_key), None)
-        return own, _outputs(c for c in found if c.step_id in wanted)
+        return run, own, _outputs(c for c in found if c.step_id in wanted)
 
     def checkpoints(self, run_id: str) -> list[Checkpoint]:
         with self.engine.connect() as conn:
@@ -154,12 +180,15 @@ class StepsMixin(LedgerBase):
         attempt_id: int,
         output: Any,
         reused: bool,
+        letters: bool = True,
     ) -> None:
         """Mark the step completed; call inside the transaction that holds the effect.
 
         Only a running step completes, and only through a running attempt: a twin that
         finished the step first, or an attempt a later one found lost, is refused
-        (``IllegalTransition``) and its transaction, effect included, rolls back."""
+        (``IllegalTransition``) and its transaction, effect included, rolls back.
+        ``letters=False``: the caller knows no dead letter can be open for the step (its
+        first attempt, in a run that retries none): the read for them is skipped."""
         stamp = now()
         subject = f"{run_id}/{step_key}"
         with self.begin(conn) as conn:
@@ -174,7 +203,8 @@ class StepsMixin(LedgerBase):
             if not ended:
                 refuse(ATTEMPT, self._attempt_status(conn, attempt_id), "completed", subject)
             self._event(conn, run_id, step_key, "step_completed", {"reused_effect": reused})
-            self._resolve_dead_letters(conn, run_id, step_key)
+            if letters:
+                self._resolve_dead_letters(conn, run_id, step_key)
         observability.attempt_ended(attempt_id)
 
     def mark_step(

@@ -133,6 +133,9 @@ class Attempt:
     context: dict[str, Any]
     first: bool  # no checkpoint row existed before this attempt
     attempt_id: int = 0
+    # A dead letter may be open for this step (an earlier failure in this run, or a run
+    # it retries): completing it looks for them.
+    letters: bool = True
     prepared: Any = None  # what ``prepare`` found (a recorded answer...)
 
 
@@ -206,6 +209,7 @@ class Prologue:
     error: BaseException | None = None  # a render error: recorded as the final failure
     reused: StepResult | None = None
     skipped: bool = False
+    chain: Chain = field(default_factory=lambda: Chain(None, None))
 
 
 def prologue(
@@ -225,12 +229,12 @@ def prologue(
     rendering, in the caller's transaction. ``forward=False`` (compensation steps):
     no reopening and no reuse from the chain (a retry run undoes its own effects)."""
     key = step_key(step.id, map_index)
-    checkpoint, outputs = ledger.checkpoint_and_outputs(
+    row, checkpoint, outputs = ledger.run_and_steps(
         run.run_id, key, referenced_steps(spec, step), conn
     )
     chain = Chain(None, None)
     if checkpoint is None or checkpoint.status != StepStatus.COMPLETED.value:
-        chain = join_run(ledger, spec, run, params, conn, forward=forward)
+        chain = join_run(ledger, spec, run, params, conn, forward=forward, row=row)
     status = checkpoint.status if checkpoint is not None else None
     if checkpoint is not None and status == StepStatus.COMPLETED.value:
         ledger.record_event(run.run_id, key, "checkpoint_reused", None, conn=conn)
@@ -238,7 +242,7 @@ def prologue(
     if status == StepStatus.SKIPPED.value:
         return Prologue(key, checkpoint, {}, skipped=True)
     context = template_context(ledger, spec, run, params, item, map_index, outputs=outputs)
-    found = Prologue(key, checkpoint, context)
+    found = Prologue(key, checkpoint, context, chain=chain)
     if forward and chain.had_saga:
         undone = undone_upstream(spec, run.run_id, step.id, conn)
         if undone:
@@ -405,6 +409,7 @@ def _begin_attempt(
         rendered=rendered,
         context=found.context,
         first=found.checkpoint is None,
+        letters=found.checkpoint is not None or found.chain.retry_of is not None,
     )
     attempt.attempt_id = ledger.begin_attempt(
         run_id=run.run_id,
@@ -427,6 +432,7 @@ def _begin_attempt(
             attempt_id=attempt.attempt_id,
             output=early.result,
             reused=True,
+            letters=attempt.letters,
         )
         reused = StepResult("completed", early.result, rendered.idempotency_key, effect_reused=True)
         return attempt, reused
@@ -470,6 +476,7 @@ def _commit(kind: StepKind, attempt: Attempt, outcome: Any, conn: Connection) ->
             attempt_id=attempt.attempt_id,
             output=committed.output,
             reused=committed.reused,
+            letters=attempt.letters,
         )
     return committed
 

@@ -103,6 +103,9 @@ def register_run(
     )
 
 
+_UNREAD: Any = object()
+
+
 @dataclass(frozen=True)
 class Chain:
     """Where a run sits in its retry chain, as the ledger says."""
@@ -122,14 +125,17 @@ def join_run(
     conn: Connection,
     *,
     forward: bool = True,
+    row: Any = _UNREAD,
 ) -> Chain:
     """Register the run if it is new; reopen it if it had ended (a task cleared in
-    Airflow runs again). Returns the run's retry chain from its ledger row."""
-    row = conn.execute(
-        select(t.runs.c.status, t.runs.c.retry_of, t.runs.c.retry_from, t.runs.c.saga).where(
-            t.runs.c.run_id == run.run_id
-        )
-    ).first()
+    Airflow runs again). Returns the run's retry chain from its ledger row (``row``:
+    the row as the caller read it in this transaction, ``None`` when there is none)."""
+    if row is _UNREAD:
+        row = conn.execute(
+            select(t.runs.c.status, t.runs.c.retry_of, t.runs.c.retry_from, t.runs.c.saga).where(
+                t.runs.c.run_id == run.run_id
+            )
+        ).first()
     if row is None:
         register_run(ledger, spec, run, params, conn)
         return Chain(run.retry_of, run.retry_from)
