@@ -446,3 +446,61 @@ def test_a_compensated_checkpoint_is_never_reused(
             )
             is None
         )
+
+
+APPROVAL = """\
+name: approve_params
+version: 1
+params:
+  amount: {type: integer, default: 10}
+  flag: {type: string, default: ""}
+steps:
+  - id: ok
+    kind: approval
+    subject: "Refund {{ params.amount }} EUR?"
+    approvers: {users: [manager]}
+    deadline: 1h
+  - id: gate
+    needs: [ok]
+    tool: demo.fail_while
+    args: {flag: "{{ params.flag }}"}
+    retry: {max_attempts: 1}
+"""
+
+
+@pytest.mark.parametrize(("amount", "asked_again"), [(10, False), (99, True)])
+def test_a_retry_asks_an_approval_again_only_when_what_it_shows_changes(
+    ledger: Ledger, tmp_path: Path, flag: Path, amount: int, asked_again: bool
+) -> None:
+    """An approval's inputs are what the approver is shown: a retry whose params render
+    the same subject reuses the decision; one that changes the amount the approver
+    agreed to asks again (a new, pending request in the retry run)."""
+    from ledgerflow.ledger import approvals
+    from ledgerflow.steps.approval import ask
+
+    folder = tmp_path / "adags" / "workflows" / "approve_params"
+    folder.mkdir(parents=True)
+    (folder / "v1.yaml").write_text(APPROVAL, encoding="utf-8")
+    spec = load_workflow(folder / "v1.yaml")
+    step = spec.step("ok")
+    first = RunRef(run_id="approve_params__v1/a", dag_id="approve_params__v1")
+    params = {"amount": 10, "flag": str(flag)}
+    request = ask(ledger, spec, step, first, params=params).approval
+    approvals.decide(ledger, request.id, decision="approved", by="manager")
+    approvals.complete(ledger, request.id, "test")
+    with pytest.raises(BlockedByFlag):
+        execute_step(ledger, spec, spec.tool_step("gate"), first, params=params, max_attempts=1)
+    ledger.finish_run(first.run_id, "failed")
+
+    plan = plan_retry(
+        ledger, first.run_id, dags_folder=tmp_path / "adags", params={"amount": amount}
+    )
+    record_retry(ledger, plan, "approve_params__v1/b", user="tester", via="cli")
+    again = RunRef(run_id="approve_params__v1/b", dag_id="approve_params__v1")
+    asked = ask(ledger, spec, step, again, params={**params, "amount": amount})
+    if asked_again:
+        assert asked.reused is None and asked.approval.pending
+        assert asked.approval.subject == "Refund 99 EUR?"
+    else:
+        assert asked.approval is None and asked.reused is not None
+        assert asked.reused["decision"] == "approved"
