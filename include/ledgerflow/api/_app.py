@@ -127,7 +127,7 @@ def _end_task_now(ledger: Ledger, approval: approvals.Approval) -> None:
     still stands and the trigger (woken by NOTIFY, or its poll) ends the task instead."""
     import logging
 
-    from ledgerflow.steps.approval import end_task_now
+    from ledgerflow.triggers.approval_end import end_task_now
 
     try:
         end_task_now(ledger, approval)

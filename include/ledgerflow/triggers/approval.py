@@ -192,7 +192,7 @@ class ApprovalTrigger(BaseTrigger):
         """The decision ends the task right here (its outcome recorded in the ledger; on
         success the branch's "followed" XCom set): no worker has to resume it. Only a
         request without follow lists (made by an older release) resumes on a worker."""
-        from ledgerflow.steps.approval import task_end_event
+        from ledgerflow.triggers.approval_end import task_end_event
 
         if approval.ends_without_worker:
             return await self._db(ledger, task_end_event, ledger, approval, "triggerer")  # type: ignore[no-any-return]
