@@ -23,12 +23,13 @@ def parse_param(text: str) -> tuple[str, Any]:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from ledgerflow.cli import _ledger
     from ledgerflow.errors import LedgerflowError
+    from ledgerflow.ledger.store import Ledger
     from ledgerflow.retries import RetryRefused, airflow_state, plan_retry, start_retry
     from ledgerflow.spec.params import InvalidParams
 
-    ledger = _ledger(args)
+    ledger = Ledger(args.url) if args.url else Ledger.from_airflow(args.conn_id)
+    ledger.migrate()
     folder = Path(args.dags_folder) if args.dags_folder else None
     overrides = dict(args.params or [])
     try:
