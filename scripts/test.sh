@@ -24,4 +24,5 @@ echo "== mypy" >&2
 mypy
 echo "== pytest: unit, integration, e2e" >&2
 mkdir -p test-output
-python -m pytest tests -p no:cacheprovider --junitxml=test-output/junit.xml "$@"
+# --durations=10: the ten slowest tests at the end of the run.
+python -m pytest tests -p no:cacheprovider --durations=10 --junitxml=test-output/junit.xml "$@"

@@ -306,10 +306,32 @@ def cmd_breakers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """Ledgerflow's installed version, and Airflow's (read from package metadata:
+    importing Airflow would cost a second)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mine = version("ledgerflow")
+    except PackageNotFoundError:
+        mine = "(not installed)"
+    try:
+        airflow = version("apache-airflow")
+    except PackageNotFoundError:
+        airflow = "(not installed)"
+    return f"{mine} (Apache Airflow {airflow})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ledgerflow",
         description="Durable workflows on Apache Airflow 3: validate workflow files and read the ledger.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {_version()}",
+        help="print Ledgerflow's version and Apache Airflow's, then exit",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

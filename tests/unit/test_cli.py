@@ -160,3 +160,14 @@ def test_other_ledger_commands_on_an_empty_ledger(
     assert capsys.readouterr().out.strip() == "(none)"
     assert main(["show", "--url", url, "wf__v1/none"]) == 1
     assert "no run 'wf__v1/none' in the ledger" in capsys.readouterr().err
+
+
+def test_version_names_ledgerflow_and_airflow(capsys: pytest.CaptureFixture[str]) -> None:
+    """`ledgerflow --version` prints both versions (from package metadata) and exits 0."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as ended:
+        main(["--version"])
+    assert ended.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"ledgerflow {version('ledgerflow')} (Apache Airflow {version('apache-airflow')})"
