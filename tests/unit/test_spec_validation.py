@@ -994,12 +994,6 @@ def test_overflowing_duration_is_a_spec_error(tmp_path: Path, duration: str) -> 
         load_workflow(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG loader.py:35-41: the line map is keyed by the key's source text ('1') but "
-    "pydantic reports the int key 1, so the error falls back to line 1",
-)
 def test_non_string_key_is_reported_at_its_line(tmp_path: Path) -> None:
     """A non-string top-level key is reported at its own line, not at line 1."""
     failure = fail(

@@ -36,7 +36,7 @@ def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), lines: LineMap | None
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            key = key_node.value
+            key = _key(key_node)
             lines[(*path, key)] = key_node.start_mark.line + 1
             _line_map(value_node, (*path, key), lines)
     elif isinstance(node, yaml.SequenceNode):
@@ -44,6 +44,22 @@ def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), lines: LineMap | None
             lines[(*path, index)] = item.start_mark.line + 1
             _line_map(item, (*path, index), lines)
     return lines
+
+
+def _key(node: yaml.Node) -> Any:
+    """A mapping key as the loaded document (and so pydantic's error locations) has it:
+    ``1`` is the int 1, ``true`` the bool True; a quoted or plain word stays text."""
+    if isinstance(node, yaml.ScalarNode) and node.tag != "tag:yaml.org,2002:str":
+        try:
+            value = yaml.safe_load(node.value)
+        except yaml.YAMLError:
+            return node.value
+        try:
+            hash(value)
+        except TypeError:
+            return node.value
+        return value
+    return node.value
 
 
 def line_for(lines: LineMap, loc: tuple[Any, ...]) -> int | None:
