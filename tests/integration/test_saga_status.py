@@ -100,3 +100,28 @@ def test_workflow_without_compensations_ends_its_saga(ledger: Ledger, tmp_path: 
         execute_step(ledger, spec, spec.tool_step("b"), run, params={})
     saga_started(ledger, spec, run.run_id, "b")
     assert ledger.run(run.run_id)["saga"] == "nothing_to_compensate"  # type: ignore[index]
+
+
+def test_the_logs_say_what_the_saga_undid(ledger: Ledger) -> None:
+    """A compensation task's log line names the step, the undo tool, the effect's key and
+    the tool's answer; saga__finish's line names the outcome and each step by what
+    happened to it (issue 11: Airflow's own views tell the story)."""
+    from ledgerflow.steps.saga import saga_summary, undone_line
+
+    spec = load_workflow(CHECKOUT)
+    run = RunRef(run_id="checkout__v1/told", dag_id="checkout__v1")
+    params = params_for(spec, order_id="o-told", fail_shipment=True)
+    for step_id in ("reserve_inventory", "charge_payment"):
+        execute_step(ledger, spec, spec.tool_step(step_id), run, params=params)
+    with pytest.raises(Exception, match="carrier"):
+        execute_step(ledger, spec, spec.tool_step("create_shipment"), run, params=params)
+    saga_started(ledger, spec, run.run_id, "create_shipment")
+    outcome = run_saga(ledger, spec, run, params)
+    assert undone_line(ledger, run.run_id, "charge_payment", {"refunded": True}) == (
+        "undid charge_payment with demo.refund_payment "
+        "(effect key checkout:charge_payment:o-told): {'refunded': True}"
+    )
+    assert saga_summary(ledger, run.run_id, outcome) == (
+        "saga compensated - undone: charge_payment, reserve_inventory; "
+        "nothing to undo: create_shipment"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from airflow.sdk.bases.skipmixin import SkipMixin
 
 from ledgerflow.steps.approval import ApprovalOperator
@@ -31,3 +32,14 @@ def test_branch_points_are_skip_mixins() -> None:
     for kind in (LlmOperator, QualityOperator, ApprovalOperator):
         assert issubclass(kind, SkipMixin) and kind.inherits_from_skipmixin is True, kind
     assert not issubclass(StepOperator, SkipMixin)
+
+
+def test_a_parked_approval_logs_a_full_link_to_its_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log line of a parked approval carries a clickable link: Airflow's
+    ``[api] base_url`` (as Airflow's own links use it) + the approval's page."""
+    from ledgerflow.steps.approval import approval_page
+
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/")
+    assert approval_page(42) == "https://airflow.example.com/ledgerflow/approvals/42"
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "")
+    assert approval_page(42) == "/ledgerflow/approvals/42"

@@ -48,6 +48,19 @@ class ApprovalKind(StepKind):
         return Rendered(args=shown, extra=shown)
 
 
+def approval_page(approval_id: int) -> str:
+    """The approval's page as a full link (Airflow's ``[api] base_url``, which Airflow's
+    own links use), or its path when no base URL is configured."""
+    path = f"/ledgerflow/approvals/{approval_id}"
+    try:
+        from airflow.configuration import conf
+
+        base = str(conf.get("api", "base_url", fallback="") or "").rstrip("/")
+    except Exception:  # no Airflow configuration here: the path alone
+        base = ""
+    return f"{base}{path}"
+
+
 @dataclass
 class Asked:
     """What asking for a decision found: the decision taken earlier (``reused``: this run
@@ -204,11 +217,11 @@ class ApprovalOperator(LedgerflowOperator, SkipMixin):
         if not approval.pending:
             return self._complete(context, ledger, approval)
         self.log.info(
-            "waiting for approval %s (%s) until %s; decide at /ledgerflow/approvals/%s",
+            "waiting for approval %s (%s) until %s; decide at %s",
             approval.id,
             approval.subject,
             approval.deadline.isoformat(),
-            approval.id,
+            approval_page(approval.id),
         )
         poll = POLL_POSTGRES_S if ledger.dialect == "postgresql" else POLL_SQLITE_S
         self.defer(

@@ -279,7 +279,7 @@ class CompensationOperator(LedgerflowOperator):
             )
         except NothingToUndo as nothing:
             raise AirflowSkipException(str(nothing)) from None
-        self.log.info("compensated %s: %s", self.step_id, output)
+        self.log.info("%s", undone_line(ledger, run.run_id, self.step_id, output))
         return output
 
 
@@ -302,8 +302,38 @@ class SagaFinishOperator(BaseOperator):
 
         ledger = Ledger.from_airflow()
         ledger.migrate()
-        outcome = finish_saga(ledger, run_ref(context).run_id)
+        run_id = run_ref(context).run_id
+        outcome = finish_saga(ledger, run_id)
         if outcome is None:
             raise AirflowSkipException("no saga: the run did not fail")
-        self.log.info("saga %s", outcome)
+        self.log.info("%s", saga_summary(ledger, run_id, outcome))
         return outcome
+
+
+def undone_line(ledger: Any, run_id: str, step_id: str, output: Any) -> str:
+    """What a compensation task says in its log: the step, the undo tool, the effect's
+    key and the tool's answer (e.g. ``undid charge_payment with demo.refund_payment
+    (effect key checkout:charge_payment:o-1): {'refunded': True}``)."""
+    record = ledger.compensations(run_id).get(step_id) or {}
+    checkpoint = ledger.checkpoint(run_id, step_id)
+    key = checkpoint.idempotency_key if checkpoint is not None else None
+    where = f" (effect key {key})" if key else ""
+    return f"undid {step_id} with {record.get('tool') or 'its compensate tool'}{where}: {output}"
+
+
+def saga_summary(ledger: Any, run_id: str, outcome: str) -> str:
+    """What ``saga__finish`` says in its log: the outcome, then each step by what
+    happened to it (undone, failed to undo, not needed, not compensable)."""
+    by_status: dict[str, list[str]] = {}
+    for step, record in sorted(ledger.compensations(run_id).items()):
+        by_status.setdefault(str(record["status"]), []).append(step)
+    words = {
+        "completed": "undone",
+        "failed": "FAILED to undo (dead-lettered)",
+        "not_needed": "nothing to undo",
+        "not_compensable": "completed, declares no compensate",
+    }
+    parts = [
+        f"{words.get(status, status)}: {', '.join(steps)}" for status, steps in by_status.items()
+    ]
+    return f"saga {outcome}" + (f" - {'; '.join(parts)}" if parts else "")
