@@ -9,83 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SHIM = '''"""Airflow DAG of the Ledgerflow workflow file beside this one (written by `ledgerflow sync`)."""
-
-from ledgerflow import dag_for_spec_file
-
-dag = dag_for_spec_file(__file__)
-'''
-
-
-def _workflow_files(paths: Sequence[str]) -> list[Path]:
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*.y*ml") if p.suffix in (".yaml", ".yml")))
-        else:
-            files.append(path)
-    return files
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    from ledgerflow.errors import SpecError
-    from ledgerflow.factory import display_path
-    from ledgerflow.spec.validate import load_workflow
-
-    files = _workflow_files(args.paths)
-    if not files:
-        print("no workflow files found", file=sys.stderr)
-        return 2
-    bad = 0
-    for file in files:
-        try:
-            spec = load_workflow(file, display_path=str(file))
-        except SpecError as exc:
-            bad += 1
-            print(f"FAIL {exc}", file=sys.stderr)
-            continue
-        shim = file.with_suffix(".py")
-        note = (
-            "" if shim.exists() else f"  (no DAG file: run `ledgerflow sync {display_path(file)}`)"
-        )
-        print(f"ok   {file}: {spec.dag_id}, {len(spec.steps)} steps{note}")
-    print(f"{len(files) - bad} valid, {bad} invalid", file=sys.stderr)
-    return 1 if bad else 0
-
-
-def cmd_sync(args: argparse.Namespace) -> int:
-    """Publish: write the two-line DAG file beside each workflow file that has none, and
-    record each file's hash in ``v<N>.lock`` (a published version is immutable)."""
-    from ledgerflow import versions
-
-    written = changed = 0
-    for file in _workflow_files(args.paths):
-        shim = file.with_suffix(".py")
-        if shim.exists() and shim.read_text() == SHIM:
-            pass
-        elif shim.exists() and not args.force:
-            print(f"skip {shim}: exists with other content (use --force)", file=sys.stderr)
-        else:
-            shim.write_text(SHIM)
-            written += 1
-            print(f"wrote {shim}")
-        if versions.version_of(file) is None:
-            continue
-        recorded = versions.recorded_hash(file)
-        if recorded is None or (args.rehash and recorded != versions.content_hash(file)):
-            digest = versions.write_lock(file)
-            print(f"published {file} (sha256 {digest[:12]} in {versions.lock_path(file).name})")
-        elif recorded != versions.content_hash(file):
-            changed += 1
-            number = versions.version_of(file) or 0
-            print(
-                f"FAIL {file}: published version changed; publish a new version "
-                f"v{number + 1} (or, for a version that never ran, --rehash)",
-                file=sys.stderr,
-            )
-    print(f"{written} DAG file(s) written", file=sys.stderr)
-    return 1 if changed else 0
+from ledgerflow.cli_publish import SHIM as SHIM  # re-exported: `from ledgerflow.cli import SHIM`
+from ledgerflow.cli_publish import cmd_sync, cmd_validate
 
 
 def _ledger(args: argparse.Namespace) -> Any:
@@ -475,8 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ledgerflow.errors import LedgerflowError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (LedgerflowError, OSError) as exc:
+        # A clear line, never a traceback, for what the user can fix (a path, a file, a
+        # ledger that cannot be reached).
+        print(f"ledgerflow {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -35,9 +35,12 @@ BAD_LINE = 7
 SUBCOMMANDS = ["validate", "sync", "migrate", "runs", "show", "effects", "dead-letters"]
 
 
-def workflows(tmp_path: Path) -> Path:
+def workflows(tmp_path: Path, *, valid_only: bool = False) -> Path:
+    """``workflows/good/v1.yaml`` and ``workflows/bad/v1.yaml`` (invalid at BAD_LINE; with
+    ``valid_only``, a valid workflow named bad: `sync` publishes only valid files)."""
     root = tmp_path / "workflows"
-    for name, text in {"good": GOOD, "bad": BAD}.items():
+    bad = GOOD.replace("name: good", "name: bad") if valid_only else BAD
+    for name, text in {"good": GOOD, "bad": bad}.items():
         (root / name).mkdir(parents=True)
         (root / name / "v1.yaml").write_text(text, encoding="utf-8")
     return root
@@ -61,7 +64,8 @@ def test_validate_single_good_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["validate", str(good)]) == 0
     out = capsys.readouterr().out
     assert "good__v1" in out
-    assert "no DAG file: run `ledgerflow sync workflows/good/v1.yaml`" in out
+    # The hint names the file as it was given: run as printed, it works from here.
+    assert f"no DAG file: run `ledgerflow sync {good}`" in out
 
 
 def test_validate_nothing_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,7 +85,7 @@ def test_sync_writes_missing_shims_and_is_idempotent(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``sync`` writes ``vN.py`` == SHIM beside each ``vN.yaml``; a second run writes nothing."""
-    root = workflows(tmp_path)
+    root = workflows(tmp_path, valid_only=True)
     assert main(["sync", str(root)]) == 0
     first = capsys.readouterr()
     shims = sorted(root.rglob("v1.py"))
@@ -101,7 +105,7 @@ def test_sync_keeps_foreign_dag_files_unless_forced(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A ``vN.py`` with other content is kept (and reported) unless ``--force`` is given."""
-    root = workflows(tmp_path)
+    root = workflows(tmp_path, valid_only=True)
     custom = root / "good" / "v1.py"
     custom.write_text("# hand written\n", encoding="utf-8")
     assert main(["sync", str(root)]) == 0
@@ -171,3 +175,48 @@ def test_version_names_ledgerflow_and_airflow(capsys: pytest.CaptureFixture[str]
     assert ended.value.code == 0
     out = capsys.readouterr().out.strip()
     assert out == f"ledgerflow {version('ledgerflow')} (Apache Airflow {version('apache-airflow')})"
+
+
+def test_sync_refuses_an_invalid_file_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sync` of a file `validate` rejects publishes nothing (no DAG file, no lock),
+    names the file and line, and exits 1; a good file beside it is published."""
+    root = workflows(tmp_path)
+    assert main(["sync", str(root)]) == 1
+    err = capsys.readouterr().err
+    bad = root / "bad" / "v1.yaml"
+    assert f"FAIL {bad}:{BAD_LINE}: steps[0].timeout: " in err
+    assert "not published: nothing written" in err
+    assert not bad.with_suffix(".py").exists()
+    assert not bad.with_suffix(".lock").exists()
+    assert (root / "good" / "v1.py").read_text() == SHIM
+    assert (root / "good" / "v1.lock").exists()
+
+
+def test_validate_reports_a_published_file_that_no_longer_matches_its_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After `sync` locked v1, an edit makes `validate` fail (exit 1) with what to do:
+    publish the change as v2, with the command to run; `sync` agrees (exit 1)."""
+    good = workflows(tmp_path) / "good" / "v1.yaml"
+    assert main(["sync", str(good)]) == 0
+    good.write_text(GOOD.replace("tool: demo.noop", "tool: demo.noop  # edited"), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["validate", str(good)]) == 1
+    err = capsys.readouterr().err
+    assert f"FAIL {good}: published version changed (v1 is locked in v1.lock)" in err
+    assert f"`ledgerflow sync {good.with_name('v2.yaml')}`" in err
+    assert main(["sync", str(good)]) == 1
+
+
+def test_a_path_that_does_not_exist_is_a_clear_error_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hint of an older release, run from the wrong folder: `sync` of a path that is
+    not there exits 2 with one line naming it (it ended in a FileNotFoundError traceback)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["sync", "workflows/good/v1.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "FAIL workflows/good/v1.yaml: no such file or folder" in err
+    assert not (tmp_path / "workflows").exists()
