@@ -247,6 +247,18 @@ def _version() -> str:
     return f"{mine} (Apache Airflow {airflow})"
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from ledgerflow.spec.jsonschema import render
+
+    text = render()
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ledgerflow",
@@ -286,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--url", help="SQLAlchemy URL of the ledger (overrides --conn-id)")
         p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser(
+        "schema",
+        help="print the JSON Schema of workflow files (for editors; generated from the models)",
+    )
+    p.add_argument("-o", "--output", help="write it to this file instead of stdout")
+    p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("migrate", help="create or upgrade the ledger's tables")
     ledger_args(p)
