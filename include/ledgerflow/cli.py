@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ledgerflow.cli_output import FORMATS, default_format
 from ledgerflow.cli_publish import SHIM as SHIM  # re-exported: `from ledgerflow.cli import SHIM`
 from ledgerflow.cli_publish import cmd_sync, cmd_validate
 
@@ -21,17 +22,10 @@ def _ledger(args: argparse.Namespace) -> Any:
     return ledger
 
 
-def _print(rows: list[dict[str, Any]], as_json: bool, columns: Sequence[str]) -> None:
-    if as_json:
-        print(json.dumps(rows, default=str, indent=2))
-        return
-    if not rows:
-        print("(none)")
-        return
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))[:60]) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for row in rows:
-        print("  ".join(str(row.get(c, ""))[:60].ljust(widths[c]) for c in columns))
+def _print(rows: list[dict[str, Any]], fmt: str, columns: Sequence[str]) -> None:
+    from ledgerflow.cli_output import print_rows
+
+    print_rows(rows, fmt, columns)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -59,11 +53,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     columns = ["run_id", "workflow", "version", "status", "saga", "trigger_kind", "retry_of"]
-    _print(rows, args.json, [*columns, "created_at", "duration_s"])
+    _print(rows, args.fmt, [*columns, "created_at", "duration_s"])
     return 0
 
 
-def _print_view(view: dict[str, Any]) -> None:
+def _print_view(view: dict[str, Any], fmt: str = "plain") -> None:
     """The run view (``ledger.runview``) as text: steps with their attempts, effects,
     approvals, LLM calls, quality results, compensations, dead letters. Secrets masked."""
     print(f"grid: {view['links']['grid']}")
@@ -95,7 +89,7 @@ def _print_view(view: dict[str, Any]) -> None:
     for name, columns in sections:
         if view[name]:
             print(f"\n{name.replace('_', ' ')}:")
-            _print(view[name], False, columns)
+            _print(view[name], fmt, columns)
     if view["saga"]["outcome"]:
         print(f"\nsaga: {view['saga']['outcome']} (failed at {view['saga']['failed_step']})")
 
@@ -109,18 +103,25 @@ def cmd_show(args: argparse.Namespace) -> int:
     from ledgerflow.ledger import runview
 
     view = runview.run_document(ledger, args.run_id) or {}
-    if args.json:
+    if args.fmt in ("json", "yaml"):
         document = {
             **view,
             "retry_chain": _retry_chain(ledger, args.run_id),
         }
-        print(json.dumps(document, default=str, indent=2))
+        if args.fmt == "yaml":
+            import yaml
+
+            from ledgerflow.cli_output import jsonable
+
+            print(yaml.safe_dump(jsonable(document), sort_keys=False).rstrip())
+        else:
+            print(json.dumps(document, default=str, indent=2))
         return 0
     saga = f"  saga={run['saga']} (failed at {run['failed_step']})" if run.get("saga") else ""
     print(f"{run['run_id']}  {run['workflow']} v{run['version']}  {run['status']}{saga}")
     print(f"params={json.dumps(view['run']['params'])}")
     _print_retry_chain(ledger, run)
-    _print_view(view)
+    _print_view(view, args.fmt)
     return 0
 
 
@@ -180,7 +181,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
         }
         for i in infos
     ]
-    _print(rows, args.json, list(rows[0]) if rows else ["workflow"])
+    _print(rows, args.fmt, list(rows[0]) if rows else ["workflow"])
     return 1 if any(i.published and not i.intact for i in infos) else 0
 
 
@@ -226,7 +227,7 @@ def cmd_breakers(args: argparse.Namespace) -> int:
     from ledgerflow.ledger.breakers import states
 
     _print(
-        states(_ledger(args)), args.json, ["name", "state", "failures", "open_until", "updated_at"]
+        states(_ledger(args)), args.fmt, ["name", "state", "failures", "open_until", "updated_at"]
     )
     return 0
 
@@ -297,7 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
             "--conn-id", default="ledgerflow_db", help="Airflow connection of the ledger"
         )
         p.add_argument("--url", help="SQLAlchemy URL of the ledger (overrides --conn-id)")
-        p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument(
+            "-o",
+            "--output",
+            dest="fmt",
+            choices=FORMATS,
+            help="table (the default on a terminal), json, yaml, or plain (the default when "
+            "piped: padded columns)",
+        )
+        p.add_argument("--json", action="store_true", help="the same as -o json")
 
     p = sub.add_parser(
         "schema",
@@ -422,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ledgerflow.errors import LedgerflowError
 
     args = build_parser().parse_args(argv)
+    if hasattr(args, "fmt"):  # the ledger commands: one output format, --json its alias
+        args.fmt = "json" if args.json else (args.fmt or default_format())
+        args.json = args.fmt == "json"
     try:
         return int(args.func(args))
     except (LedgerflowError, OSError) as exc:

@@ -220,3 +220,40 @@ def test_a_path_that_does_not_exist_is_a_clear_error_not_a_traceback(
     err = capsys.readouterr().err
     assert "FAIL workflows/good/v1.yaml: no such file or folder" in err
     assert not (tmp_path / "workflows").exists()
+
+
+def test_output_formats_of_the_ledger_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`-o json|yaml|plain|table` (Airflow's convention) print the same rows; `--json` is
+    `-o json`; piped, the default is plain (padded columns)."""
+    import yaml
+
+    from ledgerflow.ledger.store import Ledger
+
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    ledger = Ledger(url)
+    ledger.migrate()
+    ledger.ensure_run(
+        run_id="wf__v1/r-1",
+        dag_id="wf__v1",
+        workflow="wf",
+        version=1,
+        params={},
+        trigger_kind="manual",
+    )
+    assert main(["runs", "--url", url, "-o", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run_id"] for r in rows] == ["wf__v1/r-1"]
+    assert main(["runs", "--url", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == rows
+    assert main(["runs", "--url", url, "-o", "yaml"]) == 0
+    assert [r["run_id"] for r in yaml.safe_load(capsys.readouterr().out)] == ["wf__v1/r-1"]
+    assert main(["runs", "--url", url]) == 0  # piped: plain
+    plain = capsys.readouterr().out.splitlines()
+    assert plain[0].split()[:2] == ["run_id", "workflow"] and plain[1].startswith("wf__v1/r-1 ")
+    assert main(["runs", "--url", url, "-o", "table"]) == 0
+    table = capsys.readouterr().out
+    assert "run_id" in table and "wf__v1/r-1" in table and "running" in table
+    assert main(["show", "--url", url, "-o", "yaml", "wf__v1/r-1"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["run"]["run_id"] == "wf__v1/r-1"
