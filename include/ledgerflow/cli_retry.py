@@ -69,19 +69,31 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def _wait_for(ledger: Any, run_id: str, timeout: float, say: Any) -> int:
+    """Follow the run until it ends: one line per step as it ends, and on a terminal a
+    live status line (steps ended, seconds waited) instead of silence."""
+    import contextlib
     import time
 
-    deadline = time.monotonic() + timeout
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    started = time.monotonic()
+    deadline = started + timeout
     seen: set[str] = set()
-    while time.monotonic() < deadline:
-        for cp in ledger.checkpoints(run_id):
-            if cp.status in ("completed", "skipped", "failed") and cp.step_key not in seen:
-                seen.add(cp.step_key)
-                say(f"  {cp.status:9}  {cp.step_key}")
-        run = ledger.run(run_id)
-        if run is not None and run["status"] != "running":
-            say(f"{run_id}: {run['status']}")
-            return 0 if run["status"] == "succeeded" else 1
-        time.sleep(1.0)
+    live = console.status(f"waiting for {run_id}") if console.is_terminal else None
+    with live if live is not None else contextlib.nullcontext():
+        while time.monotonic() < deadline:
+            for cp in ledger.checkpoints(run_id):
+                if cp.status in ("completed", "skipped", "failed") and cp.step_key not in seen:
+                    seen.add(cp.step_key)
+                    say(f"  {cp.status:9}  {cp.step_key}")
+            run = ledger.run(run_id)
+            if run is not None and run["status"] != "running":
+                say(f"{run_id}: {run['status']}")
+                return 0 if run["status"] == "succeeded" else 1
+            if live is not None:
+                waited = time.monotonic() - started
+                live.update(f"waiting for {run_id}: {len(seen)} step(s) ended, {waited:.0f} s")
+            time.sleep(1.0)
     say(f"{run_id}: still running after {timeout:.0f} s")
     return 1

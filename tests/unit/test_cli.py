@@ -257,3 +257,32 @@ def test_output_formats_of_the_ledger_commands(
     assert "run_id" in table and "wf__v1/r-1" in table and "running" in table
     assert main(["show", "--url", url, "-o", "yaml", "wf__v1/r-1"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["run"]["run_id"] == "wf__v1/r-1"
+
+
+def test_retry_wait_follows_the_run_to_its_end(tmp_path: Path) -> None:
+    """`retry --wait`'s loop: a line per ended step and the run's end (exit 0 when it
+    succeeded); a run still running at the deadline says so (exit 1)."""
+    from ledgerflow.cli_retry import _wait_for
+    from ledgerflow.ledger.store import Ledger
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    ledger.migrate()
+    for run_id in ("wf__v1/done", "wf__v1/busy"):
+        ledger.ensure_run(
+            run_id=run_id,
+            dag_id="wf__v1",
+            workflow="wf",
+            version=1,
+            params={},
+            trigger_kind="manual",
+        )
+    ledger.mark_step(
+        run_id="wf__v1/done", step_key="a", step_id="a", map_index=-1, status="skipped"
+    )
+    ledger.finish_run("wf__v1/done", "succeeded")
+    said: list[str] = []
+    assert _wait_for(ledger, "wf__v1/done", 5, said.append) == 0
+    assert said == ["  skipped    a", "wf__v1/done: succeeded"]
+    said.clear()
+    assert _wait_for(ledger, "wf__v1/busy", 0, said.append) == 1
+    assert said == ["wf__v1/busy: still running after 0 s"]
