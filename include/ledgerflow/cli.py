@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """``ledgerflow``: validate workflow files, write their DAG files, read the ledger."""
 
 from __future__ import annotations
@@ -430,7 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from ledgerflow.errors import LedgerflowError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv is None:
+        import argcomplete
+
+        # Completing (the shell set _ARGCOMPLETE): print the candidates and exit; else a
+        # no-op. Enable with: eval "$(register-python-argcomplete ledgerflow)"
+        argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
     if hasattr(args, "fmt"):  # the ledger commands: one output format, --json its alias
         args.fmt = "json" if args.json else (args.fmt or default_format())
         args.json = args.fmt == "json"

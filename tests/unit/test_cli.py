@@ -286,3 +286,24 @@ def test_retry_wait_follows_the_run_to_its_end(tmp_path: Path) -> None:
     said.clear()
     assert _wait_for(ledger, "wf__v1/busy", 0, said.append) == 1
     assert said == ["wf__v1/busy: still running after 0 s"]
+
+
+def test_shell_completion_completes_commands(tmp_path: Path) -> None:
+    """The installed `ledgerflow` completes through argcomplete (as the shell calls it
+    after `eval "$(register-python-argcomplete ledgerflow)"`)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "completions"
+    env = {
+        **os.environ,
+        "_ARGCOMPLETE": "1",
+        "COMP_LINE": "ledgerflow va",
+        "COMP_POINT": "13",
+        "_ARGCOMPLETE_STDOUT_FILENAME": str(out),
+    }
+    program = Path(sys.executable).with_name("ledgerflow")
+    done = subprocess.run([str(program)], env=env, cwd=tmp_path, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().split() == ["validate"]
