@@ -103,9 +103,6 @@ def register_run(
     )
 
 
-_UNREAD: Any = object()
-
-
 @dataclass(frozen=True)
 class Chain:
     """Where a run sits in its retry chain, as the ledger says."""
@@ -124,18 +121,13 @@ def join_run(
     params: dict[str, Any],
     conn: Connection,
     *,
+    row: Any,
     forward: bool = True,
-    row: Any = _UNREAD,
 ) -> Chain:
     """Register the run if it is new; reopen it if it had ended (a task cleared in
     Airflow runs again). Returns the run's retry chain from its ledger row (``row``:
-    the row as the caller read it in this transaction, ``None`` when there is none)."""
-    if row is _UNREAD:
-        row = conn.execute(
-            select(t.runs.c.status, t.runs.c.retry_of, t.runs.c.retry_from, t.runs.c.saga).where(
-                t.runs.c.run_id == run.run_id
-            )
-        ).first()
+    as ``Ledger.run_and_steps`` read it in this transaction, ``None`` when there is
+    none)."""
     if row is None:
         register_run(ledger, spec, run, params, conn)
         return Chain(run.retry_of, run.retry_from)
