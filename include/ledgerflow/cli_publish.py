@@ -47,8 +47,13 @@ def _published_changed(file: Path) -> str | None:
     from ledgerflow import versions
 
     number = versions.version_of(file)
-    recorded = versions.recorded_hash(file) if number is not None else None
-    if number is None or recorded is None or recorded == versions.content_hash(file):
+    if number is None:
+        return None
+    try:
+        versions.check_published(file)  # the loader's own check: the lock, if any
+    except versions.PublishedVersionChanged:
+        pass
+    else:
         return None
     newer = file.with_name(f"v{number + 1}{file.suffix}")
     return (
