@@ -44,6 +44,17 @@ def run_saga(ledger: Ledger, spec: WorkflowSpec, run: RunRef, params: dict[str, 
     return outcome
 
 
+def fail_at_the_shipment(
+    ledger: Ledger, spec: WorkflowSpec, run: RunRef, params: dict[str, Any]
+) -> None:
+    """Reserve and charge, then the carrier refuses the shipment: the saga starts."""
+    for step_id in ("reserve_inventory", "charge_payment"):
+        execute_step(ledger, spec, spec.tool_step(step_id), run, params=params)
+    with pytest.raises(Exception, match="carrier"):
+        execute_step(ledger, spec, spec.tool_step("create_shipment"), run, params=params)
+    saga_started(ledger, spec, run.run_id, "create_shipment")
+
+
 def test_failed_first_step_has_nothing_to_compensate(ledger: Ledger) -> None:
     """A checkout whose first step fails completed nothing: every compensation is
     `not_needed`, and the saga says `nothing_to_compensate`, not `compensated`."""
@@ -65,11 +76,7 @@ def test_failed_after_charging_is_compensated(ledger: Ledger) -> None:
     spec = load_workflow(CHECKOUT)
     run = RunRef(run_id="checkout__v1/undo", dag_id="checkout__v1")
     params = params_for(spec, order_id="o-undo", fail_shipment=True)
-    for step_id in ("reserve_inventory", "charge_payment"):
-        execute_step(ledger, spec, spec.tool_step(step_id), run, params=params)
-    with pytest.raises(Exception, match="carrier"):
-        execute_step(ledger, spec, spec.tool_step("create_shipment"), run, params=params)
-    saga_started(ledger, spec, run.run_id, "create_shipment")
+    fail_at_the_shipment(ledger, spec, run, params)
     assert run_saga(ledger, spec, run, params) == "compensated"
     statuses = {k: v["status"] for k, v in ledger.compensations(run.run_id).items()}
     assert statuses == {
@@ -111,11 +118,7 @@ def test_the_logs_say_what_the_saga_undid(ledger: Ledger) -> None:
     spec = load_workflow(CHECKOUT)
     run = RunRef(run_id="checkout__v1/told", dag_id="checkout__v1")
     params = params_for(spec, order_id="o-told", fail_shipment=True)
-    for step_id in ("reserve_inventory", "charge_payment"):
-        execute_step(ledger, spec, spec.tool_step(step_id), run, params=params)
-    with pytest.raises(Exception, match="carrier"):
-        execute_step(ledger, spec, spec.tool_step("create_shipment"), run, params=params)
-    saga_started(ledger, spec, run.run_id, "create_shipment")
+    fail_at_the_shipment(ledger, spec, run, params)
     outcome = run_saga(ledger, spec, run, params)
     assert undone_line(ledger, run.run_id, "charge_payment", {"refunded": True}) == (
         "undid charge_payment with demo.refund_payment "
