@@ -466,7 +466,7 @@ def profile_pass(ledger: Any, shape: str, variant: str, steps: int, dump: Path) 
                 )
         return sorted(rows, key=lambda r: -r["cum_ms_per_step"])
 
-    ledger_fns = pick(r"ledgerflow/(ledger/store|steps/protocol|spec/templates)\.py:")
+    ledger_fns = pick(r"ledgerflow/(ledger/\w+|steps/\w+|spec/templates)\.py:")
     hot = pick(
         r"(psycopg2|extensions|sqlalchemy/engine/(base|default)\.py:(_execute_context|do_commit|do_rollback|do_ping|_commit_impl|_rollback_impl)"
         r"|jinja2/environment\.py:(from_string|compile_expression|compile)|pydantic.*validate"

@@ -5,9 +5,11 @@ after which it is never reused (``lifecycle.EFFECT``)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ledgerflow import observability
 from ledgerflow.ledger import schema as t
@@ -46,16 +48,14 @@ class EffectsMixin(LedgerBase):
         reads ``effect(key)``: a ``compensated`` one is never reused)."""
         with self.begin(conn) as conn:
             result = conn.execute(
-                self._insert(t.effects)
-                .values(
-                    idempotency_key=key,
-                    tool=tool,
-                    run_id=run_id,
-                    step_key=step_key,
-                    status=EffectStatus.PENDING.value,
-                    created_at=now(),
-                )
-                .on_conflict_do_nothing()
+                _claim_effect(self.dialect),
+                {
+                    "b_key": key,
+                    "b_tool": tool,
+                    "b_run": run_id,
+                    "b_step": step_key,
+                    "b_stamp": now(),
+                },
             )
         return bool(result.rowcount)
 
@@ -234,6 +234,19 @@ class EffectsMixin(LedgerBase):
             ).one()
             self._event(conn, row[0], row[1], "dead_letter_resolved", {"how": how})
         return True
+
+
+@functools.cache
+def _claim_effect(dialect: str) -> Any:
+    insert = (postgresql if dialect == "postgresql" else sqlite).insert(t.effects)
+    return insert.values(
+        idempotency_key=bindparam("b_key"),
+        tool=bindparam("b_tool"),
+        run_id=bindparam("b_run"),
+        step_key=bindparam("b_step"),
+        status=EffectStatus.PENDING.value,
+        created_at=bindparam("b_stamp"),
+    ).on_conflict_do_nothing()
 
 
 _FINISH_EFFECT = (

@@ -6,12 +6,14 @@ step in its run and up its retry chain."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ledgerflow import observability
 from ledgerflow.ledger import schema as t
@@ -62,23 +64,9 @@ class StepsMixin(LedgerBase):
         not registered yet, so no step of it exists either), its own checkpoint and the
         outputs of ``step_ids``."""
         wanted = sorted(step_ids)
-        condition = t.steps.c.step_key == step_key
-        if wanted:
-            condition = condition | t.steps.c.step_id.in_(wanted)
         rows = list(
             conn.execute(
-                select(
-                    t.runs.c.status.label("run_status"),
-                    t.runs.c.retry_of.label("run_retry_of"),
-                    t.runs.c.retry_from.label("run_retry_from"),
-                    t.runs.c.saga.label("run_saga"),
-                    t.steps,
-                )
-                .select_from(
-                    t.runs.outerjoin(t.steps, (t.steps.c.run_id == t.runs.c.run_id) & condition)
-                )
-                .where(t.runs.c.run_id == run_id)
-                .order_by(t.steps.c.step_id, t.steps.c.map_index)
+                _RUN_AND_STEPS, {"b_run": run_id, "b_key": step_key, "b_wanted": wanted}
             ).mappings()
         )
         if not rows:
@@ -116,30 +104,17 @@ class StepsMixin(LedgerBase):
         """Record an attempt; ``first``: no checkpoint row existed (skips the lost-attempt sweep)."""
         stamp = now()
         with self.begin(conn) as conn:
-            insert = self._insert(t.steps).values(
-                run_id=run_id,
-                step_key=step_key,
-                step_id=step_id,
-                map_index=map_index,
-                status="running",
-                attempts=1,
-                idempotency_key=idempotency_key,
-                args=dumps(args),
-                started_at=stamp,
-            )
             written = conn.execute(
-                insert.on_conflict_do_update(
-                    index_elements=[t.steps.c.run_id, t.steps.c.step_key],
-                    set_={
-                        "status": "running",
-                        "attempts": t.steps.c.attempts + 1,
-                        "idempotency_key": idempotency_key,
-                        "args": insert.excluded.args,
-                        "error": None,
-                    },
-                    # A completed or skipped step is never attempted again.
-                    where=t.steps.c.status.in_(STEP.sources(StepStatus.RUNNING)),
-                )
+                _begin_step(self.dialect),
+                {
+                    "b_run": run_id,
+                    "b_key": step_key,
+                    "b_step": step_id,
+                    "b_map": map_index,
+                    "b_idem": idempotency_key,
+                    "b_args": dumps(args),
+                    "b_stamp": stamp,
+                },
             ).rowcount
             if not written:
                 current = self._step_status(conn, run_id, step_key)
@@ -379,6 +354,62 @@ _COMPLETE_ATTEMPT = (
     .values(status="completed", ended_at=bindparam("stamp"))
 )
 _INSERT_ATTEMPT = t.attempts.insert().returning(t.attempts.c.id)
+# What a step reads before it runs: its run's row joined with its own checkpoint and the
+# steps it reads outputs of. The step side is bound to the run id itself, not to the join
+# column: the planner then needs no join filter (a third of the planning time).
+_RUN_AND_STEPS = (
+    select(
+        t.runs.c.status.label("run_status"),
+        t.runs.c.retry_of.label("run_retry_of"),
+        t.runs.c.retry_from.label("run_retry_from"),
+        t.runs.c.saga.label("run_saga"),
+        t.steps,
+    )
+    .select_from(
+        t.runs.outerjoin(
+            t.steps,
+            (t.steps.c.run_id == bindparam("b_run"))
+            & (
+                (t.steps.c.step_key == bindparam("b_key"))
+                | t.steps.c.step_id.in_(bindparam("b_wanted", expanding=True))
+            ),
+        )
+    )
+    .where(t.runs.c.run_id == bindparam("b_run"))
+    .order_by(t.steps.c.step_id, t.steps.c.map_index)
+)
+
+
+@functools.cache
+def _begin_step(dialect: str) -> Any:
+    """The step's row as its attempt begins: inserted, or moved to running again from
+    a status that allows it (a completed or skipped step is never attempted again)."""
+    insert = (postgresql if dialect == "postgresql" else sqlite).insert(t.steps)
+    insert = insert.values(
+        run_id=bindparam("b_run"),
+        step_key=bindparam("b_key"),
+        step_id=bindparam("b_step"),
+        map_index=bindparam("b_map"),
+        status=StepStatus.RUNNING.value,
+        attempts=1,
+        idempotency_key=bindparam("b_idem"),
+        args=bindparam("b_args"),
+        started_at=bindparam("b_stamp"),
+    )
+    return insert.on_conflict_do_update(
+        index_elements=[t.steps.c.run_id, t.steps.c.step_key],
+        set_={
+            "status": StepStatus.RUNNING.value,
+            "attempts": t.steps.c.attempts + 1,
+            "idempotency_key": insert.excluded.idempotency_key,
+            "args": insert.excluded.args,
+            "error": None,
+        },
+        # A fixed list of literals, not an expanding IN: compiled once, not per call.
+        where=t.steps.c.status.in_([literal(s) for s in STEP.sources(StepStatus.RUNNING)]),
+    )
+
+
 _OPEN_LETTERS = select(t.dead_letters.c.run_id).where(
     t.dead_letters.c.step_key == bindparam("b_key"),
     t.dead_letters.c.status == bindparam("b_open"),
