@@ -17,7 +17,11 @@ from ledgerflow.spec.jsonschema import SHIPPED, render, workflow_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted(
-    [*ROOT.glob("dags/workflows/*/v*.yaml"), *ROOT.glob("tests/e2e/workflows/*.yaml")]
+    [
+        *ROOT.glob("dags/workflows/*/v*.yaml"),
+        *ROOT.glob("tests/e2e/workflows/*.yaml"),
+        *ROOT.glob("tests/integration/dags/workflows/*/v*.yaml"),
+    ]
 )
 MODELINE = "# yaml-language-server: $schema="
 
