@@ -270,3 +270,28 @@ def test_step_references_recorded_at_validation_match_the_templates() -> None:
             "send_confirmation": frozenset({"charge_payment", "create_shipment"}),
         }
     )
+
+
+def test_parsing_a_dag_of_tool_steps_does_not_load_the_ledger_or_the_kernel() -> None:
+    """DAG-file parse time (every task process and the dag-processor pay it): building
+    the checkout's DAG (tool steps and their saga) imports neither the ledger's store
+    (its tables, the lifecycle machines) nor the step kernel; they load when a step runs.
+    (The llm, quality and approval operators still live beside their kinds, which
+    subclass the kernel's StepKind: their workflows load the kernel at parse time.)"""
+    import subprocess
+    import sys
+
+    shims = [str(DAGS / "workflows" / "checkout" / "v1.py")]
+    heavy = ("ledgerflow.ledger.store", "ledgerflow.ledger.schema", "ledgerflow.lifecycle",
+             "ledgerflow.steps.kernel", "ledgerflow.steps.run")  # fmt: skip
+    code = (
+        "import sys\n"
+        "from ledgerflow.factory import dag_for_spec_file\n"
+        f"dags = [dag_for_spec_file(p) for p in {shims!r}]\n"
+        "assert all(d.task_ids for d in dags)\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]"

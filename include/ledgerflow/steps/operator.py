@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
 from ledgerflow.spec.models import WorkflowSpec
-from ledgerflow.steps.kernel import RunRef, StepKind, StepResult
+
+if TYPE_CHECKING:  # the kernel (and the ledger) load when a task runs, not at parse time
+    from ledgerflow.steps.kernel import RunRef, StepKind, StepResult
 
 
 def run_ref(context: Any) -> RunRef:
     """The run of a task. Its retry chain is NOT read from the DagRun's conf: anyone who
     may trigger the DAG can write conf, so a chain is established by the ledger alone
     (``retries.start_retry`` writes the retry run's row before Airflow creates it)."""
+    from ledgerflow.steps.kernel import RunRef
+
     dag_run = context["dag_run"]
     logical = dag_run.logical_date or getattr(dag_run, "run_after", None)
     return RunRef(

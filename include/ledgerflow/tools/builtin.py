@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ledgerflow.errors import NonRetryableError, ToolError
-from ledgerflow.ledger.store import DEFAULT_CONN_ID
+from ledgerflow.ledger._engine import DEFAULT_CONN_ID  # not store: parsed with every DAG
 from ledgerflow.tools.context import ToolContext
 from ledgerflow.tools.registry import tool
 
