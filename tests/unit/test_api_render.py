@@ -147,3 +147,49 @@ def test_an_abandoned_approval_says_so_and_offers_no_decision(tmp_path: Path) ->
     )
     assert 'class="status-abandoned"' in html and "can no longer resume" in html
     assert "<form" not in html
+
+
+def test_approval_pages_link_the_run_to_its_run_page(tmp_path: Path) -> None:
+    """The pending list, the decided list and an approval's page show its run id as a
+    link to the run page (``/runs/<dag_id>/<run id>``), not as plain text."""
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    ledger.migrate()
+    approval, _ = approvals.request(
+        ledger,
+        run_id="w__v1/manual__2026-12-04T10:00:00+00:00",
+        step_key="s",
+        dag_id="w__v1",
+        task_id="s",
+        workflow="w",
+        version=1,
+        subject="Approve?",
+        body="",
+        payload={},
+        approvers={"users": ["m"], "roles": []},
+        deadline=datetime.now(timezone.utc) + timedelta(hours=1),
+        at_deadline="reject",
+    )
+    caller = SimpleNamespace(name="m", roles=frozenset())
+    link = (
+        '<a href="/ledgerflow/runs/w__v1/manual__2026-12-04T10%3A00%3A00%2B00%3A00">'
+        "manual__2026-12-04T10:00:00+00:00</a>"
+    )
+    listed = dict(root="/ledgerflow", caller=caller, approvals=[approval], workflows=["w"])
+    pages = {
+        "pending": _render.page("pending", title="p", workflow=None, assignee=None, **listed),
+        "decided": _render.page("decided", title="d", workflow=None, **listed),
+        "detail": _render.page(
+            "detail",
+            title="a",
+            root="/ledgerflow",
+            caller=caller,
+            a=approval,
+            body_html="",
+            payload_json="{}",
+            may_decide=False,
+            csrf="t",
+            message_code=None,
+        ),
+    }
+    for name, html in pages.items():
+        assert link in html, name

@@ -113,7 +113,7 @@ _PENDING = """{% extends "layout" %}{% block content %}
 {% for a in approvals %}<tr>
 <td>{{ a.id }}</td>
 <td><a href="{{ root }}/approvals/{{ a.id }}">{{ a.subject }}</a></td>
-<td>{{ a.workflow }} v{{ a.version }}</td><td>{{ a.airflow_run_id }}</td><td>{{ a.step_key }}</td>
+<td>{{ a.workflow }} v{{ a.version }}</td><td><a href="{{ root }}/runs/{{ a.run_id | urlencode }}">{{ a.airflow_run_id }}</a></td><td>{{ a.step_key }}</td>
 <td>{{ approvers(a) }}{% if a.level %} <span class="muted">(escalation level {{ a.level }})</span>{% endif %}</td>
 <td>{{ a.deadline | when }}</td><td>{{ a.created_at | when }}</td></tr>
 {% endfor %}</tbody></table>
@@ -132,7 +132,7 @@ _DECIDED = """{% extends "layout" %}{% block content %}
 <th>By</th><th>When</th><th>Comment</th></tr></thead><tbody>
 {% for a in approvals %}<tr>
 <td>{{ a.id }}</td><td><a href="{{ root }}/approvals/{{ a.id }}">{{ a.subject }}</a></td>
-<td>{{ a.workflow }} v{{ a.version }}</td><td>{{ a.airflow_run_id }}</td>
+<td>{{ a.workflow }} v{{ a.version }}</td><td><a href="{{ root }}/runs/{{ a.run_id | urlencode }}">{{ a.airflow_run_id }}</a></td>
 <td class="status-{{ a.status }}">{{ a.status }}</td><td>{{ a.decided_by or '' }}</td>
 <td>{{ a.decided_at | when }}</td><td>{{ a.comment or '' }}</td></tr>
 {% endfor %}</tbody></table>
@@ -144,7 +144,7 @@ _DETAIL = """{% extends "layout" %}{% block content %}
 <table>
 <tr><th>Status</th><td class="status-{{ a.status }}" id="status">{{ a.status }}</td></tr>
 <tr><th>Workflow</th><td>{{ a.workflow }} v{{ a.version }}</td></tr>
-<tr><th>Run</th><td>{{ a.dag_id }} / {{ a.airflow_run_id }} (step {{ a.step_key }})</td></tr>
+<tr><th>Run</th><td>{{ a.dag_id }} / <a href="{{ root }}/runs/{{ a.run_id | urlencode }}">{{ a.airflow_run_id }}</a> (step {{ a.step_key }})</td></tr>
 <tr><th>Approvers</th><td>{{ approvers(a) }}{% if a.level %} (escalation level {{ a.level }}){% endif %}</td></tr>
 <tr><th>Deadline</th><td>{{ a.deadline | when }}</td></tr>
 <tr><th>Requested</th><td>{{ a.created_at | when }}</td></tr>
