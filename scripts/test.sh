@@ -24,5 +24,10 @@ echo "== mypy" >&2
 mypy
 echo "== pytest: unit, integration, e2e" >&2
 mkdir -p test-output
+# Two pytest-xdist workers (LEDGERFLOW_TEST_WORKERS, 0 = none), one test file each at a
+# time: the end-to-end files share one Airflow stack per worker (its session fixture), and
+# most of their time is spent waiting on Airflow, so two of them overlap well.
 # --durations=10: the ten slowest tests at the end of the run.
-python -m pytest tests -p no:cacheprovider --durations=10 --junitxml=test-output/junit.xml "$@"
+WORKERS=${LEDGERFLOW_TEST_WORKERS:-2}
+python -m pytest tests -p no:cacheprovider -n "$WORKERS" --dist loadfile --durations=10 \
+  --junitxml=test-output/junit.xml "$@"
