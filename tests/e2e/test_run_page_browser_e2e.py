@@ -6,6 +6,8 @@ payment and the reservation; the run is then retried through
 Browse -> Runs (the plugin's menu entry), finds the run, opens its page, and also opens
 the "Ledgerflow" tab of Airflow's own page of that DAG run. A screenshot of the run page
 is saved under the test's tmp path and copied to test-output/ when that folder exists.
+Then the Runs list in Airflow's UI at 1280 px: every column fits, each time is one line,
+in the time zone chosen in Airflow's UI (else the browser's), with UTC in its tooltip.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -134,4 +137,62 @@ def test_run_page_of_a_compensated_run_with_its_retry(
     tab = page.frame_locator("iframe[title=Ledgerflow]")
     tab.locator("#run-id").wait_for()
     assert tab.locator("#run-id").inner_text() == run_id
+    context.close()
+
+    runs_list_at_1280_px_in_the_users_time_zone(stack, ledger, browser, run_id, tmp_path)
+
+
+def runs_list_at_1280_px_in_the_users_time_zone(
+    stack: AirflowStack, ledger: Ledger, browser: Any, run_id: str, tmp_path: Path
+) -> None:
+    started = ledger.run(run_id)["created_at"]  # naive UTC or aware, as the dialect stores
+    expected = {
+        zone: started.replace(tzinfo=started.tzinfo or ZoneInfo("UTC"))
+        .astimezone(ZoneInfo(zone))
+        .strftime("%Y-%m-%d %H:%M:%S")
+        for zone in ("America/New_York", "Asia/Kolkata")
+    }
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 900}, timezone_id="America/New_York"
+    )
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    log_in(page, stack, "admin")
+
+    def started_cell() -> Any:
+        page.goto(f"{stack.base_url}/plugin/ledgerflow-runs")
+        frame = page.frame_locator("iframe[title=Runs]")
+        frame.locator("select#workflow").select_option("checkout")
+        frame.get_by_role("button", name="Filter").click()
+        # The run's own row (its retry's row links to it too, under "Retry of").
+        own = frame.locator("td:first-child").get_by_role(
+            "link", name=run_id.split("/", 1)[1], exact=True
+        )
+        row = frame.locator("#runs tbody tr").filter(has=own)
+        cell = row.locator("time.ts").first
+        cell.wait_for()
+        return frame, cell
+
+    # No zone chosen in Airflow's UI: the browser's own.
+    frame, cell = started_cell()
+    assert cell.inner_text().startswith(expected["America/New_York"]), cell.inner_text()
+    assert (cell.get_attribute("title") or "").endswith(" UTC")
+    # A zone chosen in Airflow's UI (its localStorage entry, same origin) wins.
+    page.evaluate("localStorage.setItem('timezone', JSON.stringify('Asia/Kolkata'))")
+    frame, cell = started_cell()
+    assert cell.inner_text().startswith(expected["Asia/Kolkata"]), cell.inner_text()
+
+    table = frame.locator("#runs")
+    fits = table.evaluate(
+        "t => t.getBoundingClientRect().right <= document.documentElement.clientWidth"
+        " && document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+    )
+    one_line = table.evaluate(
+        "t => Array.from(t.querySelectorAll('time.ts')).every(e => e.getClientRects().length == 1)"
+    )
+    shot = tmp_path / "runs-list-1280px.png"
+    page.screenshot(path=str(shot), full_page=True)
+    keep(shot, folder=KEEP)
+    assert fits, "the runs table is wider than its frame at 1280 px"
+    assert one_line, "a time wraps onto more than one line"
     context.close()

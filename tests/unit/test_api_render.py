@@ -193,3 +193,30 @@ def test_approval_pages_link_the_run_to_its_run_page(tmp_path: Path) -> None:
     }
     for name, html in pages.items():
         assert link in html, name
+
+
+def test_times_are_time_elements_in_utc_that_the_page_shows_in_the_users_zone() -> None:
+    """A time is a ``<time>`` whose text is UTC (readable without JavaScript; naive values
+    are UTC); the runs pages carry the script that shows it in the zone chosen in
+    Airflow's UI (its ``timezone`` localStorage entry), else the browser's."""
+    naive = datetime(2026, 12, 4, 10, 0, 3, 999)
+    aware = datetime(2026, 12, 4, 11, 0, 3, tzinfo=timezone(timedelta(hours=1)))
+    want = '<time class="ts" datetime="2026-12-04T10:00:03+00:00">2026-12-04 10:00:03 UTC</time>'
+    assert str(_render.timestamp(naive)) == want
+    assert str(_render.timestamp(aware)) == want
+    assert str(_render.iso_timestamp("2026-12-04T10:00:03.000999")) == want
+    assert str(_render.iso_timestamp("not a time <b>")) == "not a time &lt;b&gt;"
+    from ledgerflow.api import _runs
+
+    html = _runs._page(
+        "runs",
+        title="Runs",
+        root="/ledgerflow",
+        caller=SimpleNamespace(name="m", roles=frozenset()),
+        runs=[],
+        workflows=[],
+        statuses=[],
+        f=SimpleNamespace(workflow=None, version=None, status=None, since=None, until=None),
+        filtered=False,
+    )
+    assert 'localStorage.getItem("timezone")' in html and "time.ts" in html

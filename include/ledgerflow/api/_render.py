@@ -8,6 +8,7 @@ validation (no ``javascript:`` links), and everything else goes through autoesca
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from functools import cache
 from typing import Any
 
@@ -66,6 +67,7 @@ button.reject{background:#b3261e;color:#fff;border-color:#b3261e}
 .status-rejected,.status-expired{color:#b3261e;font-weight:600}
 .status-abandoned{color:#6b6b6b;font-weight:600}
 .muted{color:#7b8794}
+time.ts{white-space:nowrap}
 """
 
 _ERROR = """<!doctype html>
@@ -92,8 +94,21 @@ _LAYOUT = """<!doctype html>
 <main>
 {% if message %}<div class="msg {{ message[0] }}" role="status">{{ message[1] }}</div>{% endif %}
 {% block content %}{% endblock %}
-</main></body></html>
+</main>{% block scripts %}{% endblock %}</body></html>
 """
+
+# Times are written in UTC (readable without JavaScript). The run pages (a page that fills
+# the ``scripts`` block with ``local_times``) show them in the time zone the user chose in
+# Airflow's UI (its ``timezone`` entry in localStorage, same origin), else the browser's
+# own, as Airflow's pages do; the UTC value stays in the tooltip. The approval pages carry
+# no script at all (they show text that approvers' requests put there).
+_LOCAL_TIMES = """(function(){var z;try{z=JSON.parse(localStorage.getItem("timezone")||"null")}
+catch(e){}z=z||Intl.DateTimeFormat().resolvedOptions().timeZone;var f;try{f=new
+Intl.DateTimeFormat("sv-SE",{timeZone:z,year:"numeric",month:"2-digit",day:"2-digit",
+hour:"2-digit",minute:"2-digit",second:"2-digit",hour12:false,timeZoneName:"short"})}
+catch(e){return}document.querySelectorAll("time.ts").forEach(function(t){var d=new
+Date(t.getAttribute("datetime"));if(isNaN(d))return;t.title=t.textContent;
+t.textContent=f.format(d);t.dataset.zone=z})})();"""
 
 _PENDING = """{% extends "layout" %}{% block content %}
 <h1>Pending approvals</h1>
@@ -178,8 +193,28 @@ _DETAIL = """{% extends "layout" %}{% block content %}
 {% endblock %}"""
 
 
-def _when(value: Any) -> str:
-    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+def timestamp(value: datetime | None) -> Markup:
+    """A ``<time>`` element: UTC text, shown in the user's time zone by the page's script."""
+    if value is None:
+        return Markup("")
+    utc = value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return Markup('<time class="ts" datetime="{}">{}</time>').format(
+        utc.isoformat(timespec="seconds"), utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+    )
+
+
+def iso_timestamp(value: str | None) -> Markup:
+    """An ISO time string (the run view's) as ``timestamp`` does it."""
+    if not value:
+        return Markup("")
+    try:
+        return timestamp(datetime.fromisoformat(value))
+    except ValueError:
+        return Markup("{}").format(value)
+
+
+def _when(value: Any) -> Markup:
+    return timestamp(value)
 
 
 def _approvers(approval: Any) -> str:
@@ -207,6 +242,7 @@ def _env() -> jinja2.Environment:
     env.filters["when"] = _when
     env.globals["approvers"] = _approvers
     env.globals["css"] = Markup(_CSS)  # a constant of this module
+    env.globals["local_times"] = Markup(_LOCAL_TIMES)  # a constant of this module
     return env
 
 

@@ -59,15 +59,16 @@ _LIST = """{% extends "layout" %}{% block content %}
 <table id="runs"><thead><tr><th>Run</th><th>Workflow</th><th>Status</th><th>Saga</th>
 <th>Trigger</th><th>Retry of</th><th>Retries</th><th>Started</th><th>Duration</th></tr></thead><tbody>
 {% for r in runs %}<tr>
-<td><a href="{{ root }}/runs/{{ r.run_id | urlencode }}">{{ r.airflow_run_id }}</a></td>
+<td class="id"><a href="{{ root }}/runs/{{ r.run_id | urlencode }}">{{ r.airflow_run_id }}</a></td>
 <td>{{ r.workflow }} v{{ r.version }}</td>
 <td class="status-{{ r.status }}">{{ r.status }}</td><td>{{ r.saga or '' }}</td>
 <td>{{ r.trigger_kind }}</td>
-<td>{% if r.retry_of %}<a href="{{ root }}/runs/{{ r.retry_of | urlencode }}">{{ short(r.retry_of) }}</a>{% endif %}</td>
+<td class="id">{% if r.retry_of %}<a href="{{ root }}/runs/{{ r.retry_of | urlencode }}">{{ short(r.retry_of) }}</a>{% endif %}</td>
 <td>{{ r.retries or '' }}</td><td>{{ r.created_at | at }}</td><td>{{ r.duration_s | secs }}</td></tr>
 {% endfor %}</tbody></table>
 {% else %}<p class="muted">No runs{% if filtered %} for this filter{% endif %}.</p>{% endif %}
-{% endblock %}"""
+{% endblock %}
+{% block scripts %}<script>{{ local_times }}</script>{% endblock %}"""
 
 _RUN = """{% extends "layout" %}{% block content %}
 {% set r = d.run %}
@@ -162,7 +163,8 @@ _RUN = """{% extends "layout" %}{% block content %}
 <details><summary>Event log ({{ d.events | length }})</summary>
 <table class="inner"><tbody>{% for e in d.events %}<tr><td>{{ e.at | at }}</td><td>{{ e.step_key or '' }}</td><td>{{ e.kind }}</td><td>{% if e.data is not none %}<code>{{ js1(e.data) }}</code>{% endif %}</td></tr>{% endfor %}</tbody></table>
 </details>
-{% endblock %}"""
+{% endblock %}
+{% block scripts %}<script>{{ local_times }}</script>{% endblock %}"""
 
 _NOT_FOUND = """{% extends "layout" %}{% block content %}
 <h1>No such run</h1><p>{{ detail }}</p><p><a href="{{ root }}/runs">All runs</a></p>
@@ -177,16 +179,14 @@ table.inner{margin:.3rem 0}
 table.inner th,table.inner td{font-size:.82rem;padding:.25rem .45rem}
 .io{display:grid;grid-template-columns:1fr 1fr;gap:.8rem}
 .card{background:#fff;border:1px solid #e1e7ec;padding:.4rem .8rem;margin:.6rem 0}
+#runs th,#runs td{padding:.4rem .45rem}
+#runs td.id{overflow-wrap:anywhere;font-size:.82rem;min-width:8rem}
 ol.chain li{margin:.2rem 0} ol.chain li.this{list-style:'▶ '}
 .status-succeeded,.status-completed,.status-compensated,.status-passed{color:#1f7a3d;font-weight:600}
 .status-failed,.status-compensation_failed,.status-lost{color:#b3261e;font-weight:600}
 .status-running,.status-retrying{color:#8a5a00;font-weight:600}
 .status-skipped,.status-not_needed,.status-not_compensable,.status-reused{color:#52606d}
 """
-
-
-def _at(value: str | None) -> str:
-    return "" if not value else value[:19].replace("T", " ") + " UTC"
 
 
 def _secs(value: float | None) -> str:
@@ -251,7 +251,7 @@ def _env() -> jinja2.Environment:
             ]
         )
     )
-    env.filters.update(at=_at, secs=_secs)
+    env.filters.update(at=_render.iso_timestamp, secs=_secs)
     env.globals.update(
         retry_params=_retry_params,
         js=_js,
