@@ -111,14 +111,13 @@ def test_any_postgres_driver_becomes_psycopg2(monkeypatch: pytest.MonkeyPatch, u
     assert resolve_url("lf_url_probe") == "postgresql+psycopg2://u:p@db:5432/ledger"
 
 
-def test_an_abandoned_approval_says_so_and_offers_no_decision(tmp_path: Path) -> None:
-    """An approval whose run ended while it waited shows `abandoned`, says why, and offers
-    no decision form."""
+def _pending(tmp_path: Path, run_id: str) -> tuple[Ledger, approvals.Approval]:
+    """A ledger with one pending approval of step ``s`` of ``run_id`` (workflow w v1)."""
     ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
     ledger.migrate()
     approval, _ = approvals.request(
         ledger,
-        run_id="w__v1/gone",
+        run_id=run_id,
         step_key="s",
         dag_id="w__v1",
         task_id="s",
@@ -131,6 +130,13 @@ def test_an_abandoned_approval_says_so_and_offers_no_decision(tmp_path: Path) ->
         deadline=datetime.now(timezone.utc) + timedelta(hours=1),
         at_deadline="reject",
     )
+    return ledger, approval
+
+
+def test_an_abandoned_approval_says_so_and_offers_no_decision(tmp_path: Path) -> None:
+    """An approval whose run ended while it waited shows `abandoned`, says why, and offers
+    no decision form."""
+    ledger, approval = _pending(tmp_path, "w__v1/gone")
     approvals.abandon_for_run(ledger, "w__v1/gone", "the run ended (failed)")
     approval = approvals.get(ledger, approval.id)
     html = _render.page(
@@ -152,23 +158,7 @@ def test_an_abandoned_approval_says_so_and_offers_no_decision(tmp_path: Path) ->
 def test_approval_pages_link_the_run_to_its_run_page(tmp_path: Path) -> None:
     """The pending list, the decided list and an approval's page show its run id as a
     link to the run page (``/runs/<dag_id>/<run id>``), not as plain text."""
-    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
-    ledger.migrate()
-    approval, _ = approvals.request(
-        ledger,
-        run_id="w__v1/manual__2026-12-04T10:00:00+00:00",
-        step_key="s",
-        dag_id="w__v1",
-        task_id="s",
-        workflow="w",
-        version=1,
-        subject="Approve?",
-        body="",
-        payload={},
-        approvers={"users": ["m"], "roles": []},
-        deadline=datetime.now(timezone.utc) + timedelta(hours=1),
-        at_deadline="reject",
-    )
+    _, approval = _pending(tmp_path, "w__v1/manual__2026-12-04T10:00:00+00:00")
     caller = SimpleNamespace(name="m", roles=frozenset())
     link = (
         '<a href="/ledgerflow/runs/w__v1/manual__2026-12-04T10%3A00%3A00%2B00%3A00">'
