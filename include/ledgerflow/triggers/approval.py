@@ -20,7 +20,7 @@ import logging
 import random
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 
 DEADLINE_DECISIONS = {"approve": "approved", "reject": "rejected", "fail": "expired"}
 DEADLINE_USER = "ledgerflow:deadline"
+# A person's decision is ended by the api-server that stored it (``end_task_now``); its
+# NOTIFY wakes the trigger at the same moment. The trigger waits this long after the
+# decision before ending the task itself (when the api-server could not: the task was
+# not deferred yet, or the server died), so the outcome is recorded by the server.
+API_FIRST_S = 5.0
 
 
 def _utcnow() -> datetime:
@@ -195,6 +200,13 @@ class ApprovalTrigger(BaseTrigger):
         from ledgerflow.triggers.approval_end import task_end_event
 
         if approval.ends_without_worker:
+            if approval.decided_by not in (None, DEADLINE_USER) and approval.decided_at:
+                # The api-server's turn first (API_FIRST_S): when it ends the task, this
+                # trigger is cancelled while it waits; otherwise it ends the task now.
+                end = approval.decided_at + timedelta(seconds=API_FIRST_S)
+                left = (end - self._now()).total_seconds()
+                if left > 0:
+                    await self._wait(asyncio.Event(), min(left, API_FIRST_S))
             return await self._db(ledger, task_end_event, ledger, approval, "triggerer")  # type: ignore[no-any-return]
         return TriggerEvent(
             {
