@@ -108,7 +108,7 @@ Intl.DateTimeFormat("sv-SE",{timeZone:z,year:"numeric",month:"2-digit",day:"2-di
 hour:"2-digit",minute:"2-digit",second:"2-digit",hour12:false,timeZoneName:"short"})}
 catch(e){return}document.querySelectorAll("time.ts").forEach(function(t){var d=new
 Date(t.getAttribute("datetime"));if(isNaN(d))return;t.title=t.textContent;
-t.textContent=f.format(d);t.dataset.zone=z})})();"""
+t.textContent=f.format(d)})})();"""
 
 _PENDING = """{% extends "layout" %}{% block content %}
 <h1>Pending approvals</h1>
@@ -213,10 +213,6 @@ def iso_timestamp(value: str | None) -> Markup:
         return Markup("{}").format(value)
 
 
-def _when(value: Any) -> Markup:
-    return timestamp(value)
-
-
 def _approvers(approval: Any) -> str:
     users = approval.approvers.get("users", [])
     roles = approval.approvers.get("roles", [])
@@ -239,7 +235,7 @@ def _env() -> jinja2.Environment:
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
-    env.filters["when"] = _when
+    env.filters["when"] = timestamp
     env.globals["approvers"] = _approvers
     env.globals["css"] = Markup(_CSS)  # a constant of this module
     env.globals["local_times"] = Markup(_LOCAL_TIMES)  # a constant of this module

@@ -47,7 +47,7 @@ class LedgerBase:
             yield own
 
     def _insert(self, table: Any) -> Any:
-        return (postgresql if self.dialect == "postgresql" else sqlite).insert(table)
+        return dialect_insert(self.dialect, table)
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
         from sqlalchemy import select
@@ -84,6 +84,11 @@ class LedgerBase:
                 "at": now(),
             },
         )
+
+
+def dialect_insert(dialect: str, table: Any) -> Any:
+    """The dialect's own INSERT (it has ``on_conflict_do_*``): Postgres', else SQLite's."""
+    return (postgresql if dialect == "postgresql" else sqlite).insert(table)
 
 
 def refuse(machine: Machine, current: str | None, new: str, subject: str) -> None:

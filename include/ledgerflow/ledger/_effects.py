@@ -9,11 +9,10 @@ import functools
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ledgerflow import observability
 from ledgerflow.ledger import schema as t
-from ledgerflow.ledger._base import LedgerBase, refuse
+from ledgerflow.ledger._base import LedgerBase, dialect_insert, refuse
 from ledgerflow.ledger._engine import dumps, loads, now
 from ledgerflow.ledger._records import Effect, _error_text, _error_type
 from ledgerflow.lifecycle import DEAD_LETTER, EFFECT, DeadLetterStatus, EffectStatus
@@ -238,7 +237,7 @@ class EffectsMixin(LedgerBase):
 
 @functools.cache
 def _claim_effect(dialect: str) -> Any:
-    insert = (postgresql if dialect == "postgresql" else sqlite).insert(t.effects)
+    insert = dialect_insert(dialect, t.effects)
     return insert.values(
         idempotency_key=bindparam("b_key"),
         tool=bindparam("b_tool"),

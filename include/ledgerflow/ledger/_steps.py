@@ -13,11 +13,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, literal, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ledgerflow import observability
 from ledgerflow.ledger import schema as t
-from ledgerflow.ledger._base import LedgerBase, refuse
+from ledgerflow.ledger._base import LedgerBase, dialect_insert, refuse
 from ledgerflow.ledger._engine import dumps, now
 from ledgerflow.ledger._records import (
     Checkpoint,
@@ -384,7 +383,7 @@ _RUN_AND_STEPS = (
 def _begin_step(dialect: str) -> Any:
     """The step's row as its attempt begins: inserted, or moved to running again from
     a status that allows it (a completed or skipped step is never attempted again)."""
-    insert = (postgresql if dialect == "postgresql" else sqlite).insert(t.steps)
+    insert = dialect_insert(dialect, t.steps)
     insert = insert.values(
         run_id=bindparam("b_run"),
         step_key=bindparam("b_key"),
