@@ -33,15 +33,14 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from harness import RESULTS, ROOT, logger  # bench/ is on sys.path when run as a script
+
 OURS, THEIRS = "approval_latency__v1", "airflow_approval"
 
 WORKFLOW = """
@@ -86,8 +85,7 @@ with DAG(
 '''
 
 
-def log(message: str) -> None:
-    print(f"[approval_latency {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("approval_latency")
 
 
 def write_dags(dags: Path) -> None:

@@ -53,15 +53,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from harness import RESULTS, logger  # bench/ is on sys.path when run as a script
+
 TARGET_MS = 5.0
 SHORT_STEPS = 10
 VARIANTS = ("keyed", "natural")
 
 
-def log(message: str) -> None:
-    print(f"[checkpoint] {message}", file=sys.stderr, flush=True)
+log = logger("checkpoint", clock=False)
 
 
 def pcts(ns: list[int]) -> dict[str, float]:

@@ -61,11 +61,15 @@ from pathlib import Path
 from typing import Any
 
 # bench/ is on sys.path when run as a script: share the helpers of bench/overhead.py
-from overhead import (
-    diff,
+from harness import (  # bench/ is on sys.path when run as a script
+    RESULTS,
     git_revision,
+    logger,
     med,
     ms,
+)
+from overhead import (
+    diff,
     plain_dag_source,
     secs,
     split_task,
@@ -73,8 +77,6 @@ from overhead import (
     workload_durations,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 TARGET_HOPS = 1.5
 FORWARD = [f"s{i:02d}" for i in range(1, 6)]
 FAILING = FORWARD[-1]
@@ -99,8 +101,7 @@ WARMUP_RUNS = -(-PARALLELISM // (len(SAGA_TASKS) + len(PLAIN_STEPS)))
 HELD_S = 4.5  # a task's end reported this late: the supervisor's 5 s select timeout
 
 
-def log(message: str) -> None:
-    print(f"[compensation {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("compensation")
 
 
 # -- the two DAGs --------------------------------------------------------------------

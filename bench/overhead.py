@@ -48,13 +48,18 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from harness import (  # bench/ is on sys.path when run as a script
+    RESULTS,
+    git_revision,
+    logger,
+    med,
+    ms,
+)
+
 TARGET_RATIO = 1.10
 STEPS = [f"s{i:02d}" for i in range(1, 11)]
 DAG_IDS = {"ledgerflow": "overhead__v1", "plain": "plain_overhead"}
@@ -77,8 +82,7 @@ PARALLELISM = 32
 WARMUP_RUNS = -(-PARALLELISM // (len(DAG_IDS) * len(STEPS)))
 
 
-def log(message: str) -> None:
-    print(f"[overhead {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("overhead")
 
 
 # -- the two DAGs --------------------------------------------------------------------
@@ -195,36 +199,6 @@ def secs(later: datetime | None, earlier: datetime | None) -> float | None:
     if later is None or earlier is None:
         return None
     return (later - earlier).total_seconds()
-
-
-def med(values: Iterable[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def git_revision() -> str:
-    """The commit measured (the package is installed editable), ``+dirty`` with local edits."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "include"],
-            cwd=ROOT,
-            capture_output=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-def ms(value: float | None, width: int = 7) -> str:
-    return f"{'-':>{width}s}" if value is None else f"{1000 * value:{width}.0f}"
 
 
 def diff(a: float | None, b: float | None) -> float | None:

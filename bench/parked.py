@@ -24,15 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from harness import RESULTS, ROOT, logger  # bench/ is on sys.path when run as a script
+
 DAG_ID = "parked__v1"
 
 WORKFLOW = """
@@ -49,8 +48,7 @@ steps:
 """
 
 
-def log(message: str) -> None:
-    print(f"[parked {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("parked")
 
 
 def rss_mb(stack: Any) -> float:

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from harness import RESULTS, logger  # bench/ is on sys.path when run as a script
+
 TARGET_S = 10.0
 
 # Imported before the clock starts in the child: a dag-processor has Airflow loaded.
@@ -41,8 +41,7 @@ AIRFLOW_PRELUDE = (
 )
 
 
-def log(message: str) -> None:
-    print(f"[parse] {message}", file=sys.stderr, flush=True)
+log = logger("parse", clock=False)
 
 
 # -- the shape shared by both folders ---------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
+from harness import logger  # bench/ is on sys.path when run as a script
 from ledgerflow.quality.catalog import parse_expectation
 from ledgerflow.quality.runner import SqlDataset, validate
 from ledgerflow.testing.postgres import fresh_database
@@ -51,8 +52,7 @@ SELECT
 """
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+log = logger("quality", clock=False)
 
 
 def load(url: str, rows: int, bad_fraction: float) -> float:

@@ -34,8 +34,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from harness import RESULTS, ROOT, logger  # bench/ is on sys.path when run as a script
+
 TARGET_RATIO = 0.15
 DAG_ID = "resume__v1"
 STEPS = [f"s{i:02d}" for i in range(1, 21)]
@@ -47,8 +47,7 @@ REPARSE_INTERVAL_S = 600
 PARALLELISM = 32
 
 
-def log(message: str) -> None:
-    print(f"[resume] {message}", file=sys.stderr, flush=True)
+log = logger("resume", clock=False)
 
 
 def workflow() -> str:

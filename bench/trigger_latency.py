@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -36,8 +35,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from harness import RESULTS, ROOT, logger  # bench/ is on sys.path when run as a script
+
 DAG_ID = "trigger_latency__v1"
 OURS_PATH = "/ledgerflow/api/workflows/trigger_latency/runs"
 THEIRS_PATH = f"/api/v2/dags/{DAG_ID}/dagRuns"
@@ -62,8 +61,7 @@ steps:
 """
 
 
-def log(message: str) -> None:
-    print(f"[trigger_latency {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("trigger_latency")
 
 
 def ts(value: str) -> float:

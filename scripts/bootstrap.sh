@@ -34,6 +34,9 @@ echo "bootstrap: installing uv (pinned) and the locked dependencies..." >&2
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "uv==0.13.8"
 "$VENV/bin/uv" pip install --python "$VENV/bin/python" --quiet --compile-bytecode -r requirements/lock.txt
 "$VENV/bin/uv" pip install --python "$VENV/bin/python" --quiet --no-deps -e .
+# The example of a team's own tool package (README, "Your own tools"): its entry point puts
+# acme.* on the allow-list; examples/acme_tools/workflows/ship_order uses them.
+"$VENV/bin/uv" pip install --python "$VENV/bin/python" --quiet --no-deps -e examples/acme_tools
 compile_own_sources
 echo "$WANT" > "$STAMP"
 echo "bootstrap: done ($("$VENV/bin/airflow" version 2>/dev/null | tail -1) )" >&2

@@ -10,6 +10,8 @@ export AIRFLOW_HOME="$PWD/.airflow"
 export AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags"
 export AIRFLOW__CORE__PLUGINS_FOLDER="$PWD/plugins"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
+# The demo's workflows use the demo's tools (demo.*): on the allow-list for the demo only
+export LEDGERFLOW_DEMO_TOOLS=1
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
 export AIRFLOW__CORE__PARALLELISM=${AIRFLOW__CORE__PARALLELISM:-4}
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="admin:admin"

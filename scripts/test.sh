@@ -29,5 +29,5 @@ mkdir -p test-output
 # most of their time is spent waiting on Airflow, so two of them overlap well.
 # --durations=10: the ten slowest tests at the end of the run.
 WORKERS=${LEDGERFLOW_TEST_WORKERS:-2}
-python -m pytest tests -p no:cacheprovider -n "$WORKERS" --dist loadfile --durations=10 \
+python -m pytest -p no:cacheprovider -n "$WORKERS" --dist loadfile --durations=10 \
   --junitxml=test-output/junit.xml "$@"

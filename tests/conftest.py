@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+# The shipped and test workflows use the demo's tools: on the allow-list for every test
+# and for every process a test starts (Airflow stacks, CLI children).
+os.environ.setdefault("LEDGERFLOW_DEMO_TOOLS", "1")
 
 
 @pytest.fixture

@@ -56,10 +56,13 @@ class UnknownToolError(LedgerflowError):
 
     code = "tool_unknown"
 
-    def __init__(self, name: str, known: list[str]) -> None:
+    def __init__(self, name: str, known: list[str], hint: str | None = None) -> None:
         self.name = name
         self.known = known
-        super().__init__(f"unknown tool {name!r}; registered tools: {', '.join(known) or 'none'}")
+        more = f" ({hint})" if hint else ""
+        super().__init__(
+            f"unknown tool {name!r}; registered tools: {', '.join(known) or 'none'}{more}"
+        )
 
 
 class ToolError(LedgerflowError):

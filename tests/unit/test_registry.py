@@ -228,3 +228,47 @@ def test_type_checking_only_context_annotation_works() -> None:
         """
     exec(textwrap.dedent(source), module.__dict__)
     assert get_tool(name).call(context(), {"n": 21}) == 42
+
+
+def test_tool_entry_points_are_those_importlib_metadata_finds() -> None:
+    """The registry reads Airflow's cached scan of entry points when there is one; it
+    finds exactly what ``importlib.metadata`` finds (the example package's ``acme``)."""
+    from importlib.metadata import entry_points
+
+    from ledgerflow.tools.registry import _tool_entry_points
+
+    expected = {(ep.name, ep.value) for ep in entry_points(group="ledgerflow.tools")}
+    assert ("acme", "acme_tools.tools") in expected
+    found = [(ep.name, ep.value) for ep in _tool_entry_points()]
+    assert sorted(found) == sorted(expected)  # and each once
+
+
+def test_demo_tools_are_off_unless_asked_for() -> None:
+    """Without ``LEDGERFLOW_DEMO_TOOLS`` a fresh process has the built-in tools and the
+    installed packages' tools, no ``demo.*``; asking for one says how to turn them on."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from ledgerflow.tools.registry import registry, get_tool\n"
+        "names = registry.names()\n"
+        "print(sorted(n for n in names if n.startswith(('demo.', 'acme.', 'http', 'sql'))))\n"
+        "try:\n"
+        "    get_tool('demo.noop')\n"
+        "except Exception as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LEDGERFLOW_DEMO_TOOLS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    listed, error = out.splitlines()[-2:]
+    assert "demo." not in listed and "'http'" in listed and "'acme.book_courier'" in listed
+    assert "unknown tool 'demo.noop'" in error
+    assert "LEDGERFLOW_DEMO_TOOLS=1" in error
+    env["LEDGERFLOW_DEMO_TOOLS"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert "'demo.noop'" in out and "unknown tool" not in out

@@ -2,13 +2,16 @@
 
 A tool is a Python function registered with ``@tool``. YAML names tools, never import
 paths. Modules that register tools are found through the ``ledgerflow.tools`` entry
-point group (the package's own built-in and demo tools are registered the same way),
-and loaded once per process, on first use.
+point group and loaded once per process, on first use, after the package's built-in
+tools (``http``, ``sql``). The demo's tools (``demo.*``, ``ledgerflow.tools.demo``) are on
+the list only where the demo asks for them: ``LEDGERFLOW_DEMO_TOOLS=1`` (set by
+``scripts/demo.sh``, the compose file and the test suite), or a module that imports them.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +26,13 @@ if TYPE_CHECKING:
     from ledgerflow.tools.context import ToolContext
 
 IdempotencyBehaviour = Literal["effect", "natural", "read_only"]
+
+DEMO_TOOLS_ENV = "LEDGERFLOW_DEMO_TOOLS"
+
+
+def demo_tools_enabled() -> bool:
+    """Whether this process puts the demo's tools on the allow-list (``LEDGERFLOW_DEMO_TOOLS``)."""
+    return os.environ.get(DEMO_TOOLS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -129,14 +139,14 @@ class _Registry:
         with self._lock:
             if self._loaded:
                 return
-            from importlib.metadata import entry_points
-
             # The package's own tools first, so that they are there even when the
             # package is used from a source tree without installed metadata.
             import ledgerflow.tools.builtin
-            import ledgerflow.tools.demo  # noqa: F401
 
-            for ep in entry_points(group="ledgerflow.tools"):
+            if demo_tools_enabled():
+                import ledgerflow.tools.demo  # noqa: F401
+
+            for ep in _tool_entry_points():
                 ep.load()
             self._loaded = True
 
@@ -145,11 +155,35 @@ class _Registry:
         try:
             return self._tools[name]
         except KeyError:
-            raise UnknownToolError(name, sorted(self._tools)) from None
+            hint = None
+            if name.startswith("demo.") and not demo_tools_enabled():
+                hint = f"the demo's tools are off here: set {DEMO_TOOLS_ENV}=1 to use them"
+            raise UnknownToolError(name, sorted(self._tools), hint) from None
 
     def names(self) -> list[str]:
         self._load_entry_points()
         return sorted(self._tools)
+
+
+def _tool_entry_points() -> list[Any]:
+    """The ``ledgerflow.tools`` entry points of the installed packages.
+
+    Reading every installed distribution's metadata takes ~20 ms, in every task process
+    (each one parses its DAG file). An Airflow process has done that scan already, for
+    its providers and plugins, and keeps it: read that one when it is there (Airflow
+    3.3's ``_shared.module_loading``, the scan behind ``entry_points_with_dist``), else
+    scan as ``importlib.metadata`` does. The same entry point found twice (one package
+    on two ``sys.path`` entries) is loaded once."""
+    try:
+        from airflow.sdk._shared.module_loading import entry_points_with_dist
+    except ImportError:  # another Airflow, or none here
+        from importlib.metadata import entry_points
+
+        return list(entry_points(group="ledgerflow.tools"))
+    found: dict[tuple[str, str], Any] = {}
+    for ep, _dist in entry_points_with_dist("ledgerflow.tools"):
+        found.setdefault((ep.name, ep.value), ep)
+    return list(found.values())
 
 
 registry = _Registry()

@@ -1,0 +1,1 @@
+"""Acme's own Ledgerflow tools (an example of a team's tool package)."""
