@@ -32,7 +32,17 @@ steps:
 """
 BAD_LINE = 7
 
-SUBCOMMANDS = ["validate", "sync", "migrate", "runs", "show", "effects", "dead-letters"]
+SUBCOMMANDS = [
+    "validate",
+    "sync",
+    "migrate",
+    "runs",
+    "show",
+    "effects",
+    "dead-letters",
+    "new",
+    "run",
+]
 
 
 def workflows(tmp_path: Path, *, valid_only: bool = False) -> Path:
@@ -307,3 +317,74 @@ def test_shell_completion_completes_commands(tmp_path: Path) -> None:
     done = subprocess.run([str(program)], env=env, cwd=tmp_path, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert out.read_text().split() == ["validate"]
+
+
+def test_new_writes_a_published_workflow_that_validates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``new NAME``: the workflow file, its DAG file and its lock; validate accepts it, the
+    params are described, and the printed next step is a command that works from here."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "schema").mkdir()
+    (tmp_path / "schema" / "workflow.schema.json").write_text("{}")
+    assert main(["new", "greetings"]) == 0
+    out = capsys.readouterr().out
+    folder = Path("dags/workflows/greetings")
+    text = (folder / "v1.yaml").read_text()
+    assert text.startswith("# yaml-language-server: $schema=../../../schema/workflow.schema.json\n")
+    assert (folder / "v1.py").read_text() == SHIM
+    assert (folder / "v1.lock").exists()
+    assert "description: Who is greeted" in text
+    assert f"ledgerflow run {folder / 'v1.yaml'} --param who=" in out
+    assert main(["validate", str(folder / "v1.yaml")]) == 0
+    assert "greetings__v1, 2 steps" in capsys.readouterr().out
+
+
+def test_new_refuses_a_bad_name_and_an_existing_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dags = str(tmp_path / "dags")
+    assert main(["new", "Bad Name", "--dags-folder", dags]) == 2
+    assert "'Bad Name' is not a workflow name" in capsys.readouterr().err
+    assert not (tmp_path / "dags").exists()
+    assert main(["new", "twice", "--dags-folder", dags]) == 0
+    before = (tmp_path / "dags/workflows/twice/v1.yaml").read_text()
+    assert main(["new", "twice", "--dags-folder", dags]) == 2
+    assert "exists already; nothing written" in capsys.readouterr().err
+    assert (tmp_path / "dags/workflows/twice/v1.yaml").read_text() == before
+
+
+def test_run_refuses_bad_input_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An invalid file, params that do not fit, a --decide of no approval step: exit 2
+    with the reason, and no Airflow started (no throwaway folder)."""
+    root = workflows(tmp_path)
+    workdir = tmp_path / "work"
+    bad = root / "bad" / "v1.yaml"
+    assert main(["run", str(bad), "--workdir", str(workdir)]) == 2
+    assert f"{bad}:{BAD_LINE}: steps[0].timeout" in capsys.readouterr().err
+    good = root / "good" / "v1.yaml"
+    assert main(["run", str(good), "--param", "n=1", "--workdir", str(workdir)]) == 2
+    assert "n: unknown param" in capsys.readouterr().err
+    assert main(["run", str(good), "--decide", "a=approve", "--workdir", str(workdir)]) == 2
+    assert "--decide ['a']: no approval step of that id" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: no such file" in capsys.readouterr().err
+    assert not workdir.exists()
+
+
+def test_migrate_says_which_migrations_it_applies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``migrate`` names each migration as it applies it, once: run again, it applies none."""
+    from ledgerflow.ledger.schema import LATEST, MIGRATIONS
+
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    assert main(["migrate", "--url", url]) == 0
+    out = capsys.readouterr()
+    lines = [x for x in out.err.splitlines() if "applying migration" in x]
+    assert lines == [f"  applying migration {v}/{LATEST}: {title}" for v, title, _ in MIGRATIONS]
+    assert f"schema v{LATEST}" in out.out
+    assert main(["migrate", "--url", url]) == 0
+    assert "applying" not in capsys.readouterr().err

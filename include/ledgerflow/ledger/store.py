@@ -25,6 +25,8 @@ transaction rolls back).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sqlalchemy import select, text
 
 from ledgerflow.ledger import schema as t
@@ -52,6 +54,9 @@ from ledgerflow.ledger._records import (
 )
 from ledgerflow.ledger._runs import RunsMixin
 from ledgerflow.ledger._steps import StepsMixin
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "DEFAULT_CONN_ID",
@@ -89,8 +94,9 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
 
     # -- schema -----------------------------------------------------------------
 
-    def migrate(self) -> int:
-        """Apply pending migrations; safe to call from many processes at once."""
+    def migrate(self, progress: Callable[[int, str], None] | None = None) -> int:
+        """Apply pending migrations; safe to call from many processes at once.
+        ``progress(version, title)`` is called before each migration is applied."""
         if self._migrated:
             return t.LATEST
         if self.schema_version() >= t.LATEST:  # the common case: one query, no lock
@@ -103,8 +109,10 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
             # By set, not by maximum: a migration number reserved by one change and
             # added after a later one was applied still runs.
             applied = set(conn.execute(select(t.schema_version.c.version)).scalars())
-            for version, _title, apply in t.MIGRATIONS:
+            for version, title, apply in t.MIGRATIONS:
                 if version not in applied:
+                    if progress is not None:
+                        progress(version, title)
                     apply(conn)
                     conn.execute(
                         t.schema_version.insert().values(version=version, applied_at=now())

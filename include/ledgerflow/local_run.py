@@ -1,0 +1,109 @@
+"""The process behind ``ledgerflow run``: one DagRun of one workflow, here (``dag.test()``).
+
+``ledgerflow.cli_local`` starts it with an environment that points Airflow (metadata
+database, dags folder, home) and the ledger at a throwaway folder, and one JSON argument:
+``dag_file`` (the two-line DAG file), ``params``, ``decisions`` (approval step id ->
+``approve`` | ``reject``), ``template`` (a migrated metadata database to keep for the next
+run) and ``result`` (where the outcome is written as JSON)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+DECIDED_BY = "ledgerflow-run"
+
+
+def _prepare_metadata(template: Path) -> None:
+    """A migrated Airflow metadata database: copied from ``template`` by the parent when it
+    exists; else created here (``initdb``) and kept as the template for the next run."""
+    db = Path(os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].removeprefix("sqlite:///"))
+    if db.exists():
+        return
+    from airflow.utils import db as airflow_db
+
+    airflow_db.initdb()
+    template.parent.mkdir(parents=True, exist_ok=True)
+    partial = template.with_suffix(f".{os.getpid()}.partial")
+    # SQLite's backup, not a file copy: the database may still be in its write-ahead log
+    with sqlite3.connect(db) as source, sqlite3.connect(partial) as copy:
+        source.backup(copy)
+    partial.replace(template)
+
+
+def _decider(ledger: Any, decisions: dict[str, str], stop: threading.Event) -> None:
+    """Decide the run's approvals as asked (``--decide STEP=approve``); an approval nobody
+    asked for ends the run: ``dag.test()`` would otherwise wait until its deadline."""
+    from ledgerflow.ledger import approvals
+
+    while not stop.wait(0.2):
+        for approval in approvals.listing(ledger, status="pending"):
+            step_id = approval.step_key.split("[")[0]
+            choice = decisions.get(step_id)
+            if choice is None:
+                print(
+                    f"ledgerflow run: step {step_id} waits for an approval; say what to "
+                    f"decide with --decide {step_id}=approve (or =reject)",
+                    file=sys.stderr,
+                )
+                os._exit(3)
+            approvals.decide(
+                ledger,
+                approval.id,
+                decision="approved" if choice == "approve" else "rejected",
+                by=DECIDED_BY,
+                comment="decided by `ledgerflow run --decide`",
+                seen_hash=approval.payload_hash,
+            )
+
+
+def main(request: dict[str, Any]) -> int:
+    _prepare_metadata(Path(request["template"]))
+    from ledgerflow import dag_for_spec_file
+    from ledgerflow.ledger.runview import run_document
+    from ledgerflow.ledger.store import Ledger
+
+    ledger = Ledger.from_airflow()
+    ledger.migrate()
+    dag = dag_for_spec_file(request["dag_file"])
+    stop = threading.Event()
+    decider = threading.Thread(
+        target=_decider, args=(ledger, request["decisions"], stop), daemon=True
+    )
+    decider.start()
+    # The DAG's callbacks (the run's outcome in the ledger) are called here, once the run
+    # has ended: inside dag.test() Airflow 3.3.2 builds their context by validating the
+    # params again without the run's conf, which fails for a required param without a
+    # default ("No value passed and Param has no default value") and ends dag.test().
+    callbacks = {"success": dag.on_success_callback, "failed": dag.on_failure_callback}
+    dag.on_success_callback = dag.on_failure_callback = None
+    dag.has_on_success_callback = dag.has_on_failure_callback = False
+    started = time.monotonic()
+    try:
+        dag_run = dag.test(run_conf=request["params"] or None)
+    finally:
+        stop.set()
+    state = str(getattr(dag_run.state, "value", dag_run.state))
+    callback = callbacks.get(state)
+    for fn in callback if isinstance(callback, list) else [callback] if callback else []:
+        fn({"dag": dag, "dag_run": dag_run, "run_id": dag_run.run_id, "reason": state})
+    run_id = f"{dag.dag_id}/{dag_run.run_id}"
+    result = {
+        "dag_id": dag.dag_id,
+        "run_id": run_id,
+        "state": state,
+        "seconds": time.monotonic() - started,
+        "view": run_document(ledger, run_id),
+    }
+    Path(request["result"]).write_text(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(json.loads(sys.argv[1])))
