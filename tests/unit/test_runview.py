@@ -199,3 +199,49 @@ def test_cli_runs_and_show(ledger: Ledger, capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     assert "try 1" in out and "TimeoutError" in out and "sk-live-123" not in out
     assert main(["runs", "--url", url, "--since", "yesterday"]) == 2
+
+
+def test_a_step_that_reused_a_checkpoint_or_an_effect_links_the_run_that_made_it(
+    ledger: Ledger,
+) -> None:
+    """The run view names the run a step's output came from: a checkpoint copied from the
+    retry chain (``reused_from``) or an effect made by another run under the same key
+    (``effect_from``); the run page links both to their run pages."""
+    with ledger.begin() as conn:
+        for step, key in (("charge", "checkout:charge:o-1"), ("pack", "checkout:pack:o-1")):
+            attempt = ledger.begin_attempt(
+                run_id=RETRY,
+                step_key=step,
+                step_id=step,
+                map_index=-1,
+                try_number=1,
+                args={},
+                idempotency_key=key,
+                first=True,
+                conn=conn,
+            )
+            ledger.complete_step(
+                conn, run_id=RETRY, step_key=step, attempt_id=attempt, output={}, reused=True
+            )
+    ledger.record_event(RETRY, "pack", "checkpoint_reused_from", {"run_id": RUN})
+    doc = runview.run_document(ledger, RETRY)
+    assert doc is not None
+    steps = {s["step_key"]: s for s in doc["steps"]}
+    assert (steps["charge"]["effect_from"], steps["charge"]["reused_from"]) == (RUN, None)
+    assert (steps["pack"]["reused_from"], steps["pack"]["effect_from"]) == (RUN, None)
+    original = runview.run_document(ledger, RUN)
+    assert original is not None
+    assert all(s["effect_from"] is None for s in original["steps"])  # its own effect
+    html = _runs._page(
+        "run",
+        title="t",
+        root="/ledgerflow",
+        caller=Caller("admin", frozenset()),
+        d=doc,
+        csrf="f" * 64,
+    )
+    link = (
+        '<a href="/ledgerflow/runs/checkout__v1/manual__2026-01-31T12%3A00%3A00.123456%2B00%3A00">'
+    )
+    assert f"effect of {link}" in html
+    assert f"reused from {link}" in html

@@ -110,7 +110,7 @@ _RUN = """{% extends "layout" %}{% block content %}
 <table id="steps"><thead><tr><th>Step</th><th>Status</th><th>Tries</th><th>Idempotency key</th>
 <th>Started</th><th>Took</th><th>Logs</th></tr></thead><tbody>
 {% for s in d.steps %}<tr id="step-{{ s.step_key }}">
-<td><b>{{ s.step_key }}</b></td><td class="status-{{ s.status }}">{{ s.status }}{% if s.reused_from %}<br><span class="muted">reused from {{ short(s.reused_from) }}</span>{% endif %}</td>
+<td><b>{{ s.step_key }}</b></td><td class="status-{{ s.status }}">{{ s.status }}{% if s.reused_from %}<br><span class="muted reused">reused from <a href="{{ root }}/runs/{{ s.reused_from | urlencode }}">{{ short(s.reused_from) }}</a></span>{% elif s.effect_from %}<br><span class="muted reused">effect of <a href="{{ root }}/runs/{{ s.effect_from | urlencode }}">{{ short(s.effect_from) }}</a></span>{% endif %}</td>
 <td>{{ s.attempt_count }}</td><td><code class="hash">{{ s.idempotency_key or '' }}</code></td>
 <td>{{ s.started_at | at }}</td><td>{{ s.duration_s | secs }}</td>
 <td><a target="_top" href="{{ s.task_log }}">task log</a></td></tr>

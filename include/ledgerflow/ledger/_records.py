@@ -20,6 +20,8 @@ class Checkpoint:
     idempotency_key: str | None
     output: Any
     error: str | None
+    # A checkpoint copied from an earlier run of the retry chain: that run's id
+    reused_from: str | None = None
 
 
 @dataclass(frozen=True)

@@ -254,4 +254,5 @@ def adopt(ledger: Ledger, conn: Connection, run_id: str, source: Checkpoint) -> 
         idempotency_key=source.idempotency_key,
         output=source.output,
         error=None,
+        reused_from=source.run_id,
     )

@@ -240,6 +240,18 @@ def run_document(ledger: Ledger, run_id: str) -> dict[str, Any] | None:
         llm_rows = _rows(conn, t.llm_calls, run_id, t.llm_calls.c.id)
         quality_rows = _rows(conn, t.quality_results, run_id, t.quality_results.c.id)
         chain = _chain(conn, run_id)
+        # Steps whose key names an effect another run made (a business key): that run
+        keys = [s["idempotency_key"] for s in steps if s["idempotency_key"]]
+        effect_from: dict[str, str] = {}
+        if keys:
+            effect_from = {
+                key: other
+                for key, other in conn.execute(
+                    select(t.effects.c.idempotency_key, t.effects.c.run_id).where(
+                        t.effects.c.idempotency_key.in_(keys), t.effects.c.run_id != run_id
+                    )
+                ).all()
+            }
 
     run = _run_row(row)
     run["params"], run["params_truncated"], run["params_bytes"] = capped(loads(row["params"]))
@@ -294,6 +306,9 @@ def run_document(ledger: Ledger, run_id: str) -> dict[str, Any] | None:
             "completed_at": _iso(s["completed_at"]),
             "duration_s": _seconds(s["started_at"], s["completed_at"]),
             "reused_from": reused_from.get(s["step_key"]),
+            "effect_from": None
+            if reused_from.get(s["step_key"])
+            else effect_from.get(s["idempotency_key"]),
             "attempts": by_step.pop(s["step_key"], []),
             "effects": effects_by_step.get(s["step_key"], []),
             "task_log": task_log_link(run_id, s["step_key"]),

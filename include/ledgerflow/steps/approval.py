@@ -49,16 +49,10 @@ class ApprovalKind(StepKind):
 
 
 def approval_page(approval_id: int) -> str:
-    """The approval's page as a full link (Airflow's ``[api] base_url``, which Airflow's
-    own links use), or its path when no base URL is configured."""
-    path = f"/ledgerflow/approvals/{approval_id}"
-    try:
-        from airflow.configuration import conf
+    """The approval's page as a full link (``ledgerflow.links``)."""
+    from ledgerflow.links import approval_page as page
 
-        base = str(conf.get("api", "base_url", fallback="") or "").rstrip("/")
-    except Exception:  # no Airflow configuration here: the path alone
-        base = ""
-    return f"{base}{path}"
+    return page(approval_id)
 
 
 @dataclass

@@ -141,9 +141,11 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Reuse:
-    """A finished effect found under the step's key: its result is the output."""
+    """A finished effect found under the step's key: its result is the output;
+    ``from_run`` is the run that made it."""
 
     result: Any
+    from_run: str | None = None
 
 
 @dataclass
@@ -281,7 +283,9 @@ def prologue(
             conn,
         )
         if adopted is not None:
-            return Prologue(key, adopted, context, reused=kind.reused(adopted))
+            result = kind.reused(adopted)
+            result.details.setdefault("reused_from", adopted.reused_from)
+            return Prologue(key, adopted, context, reused=result)
     return found
 
 
@@ -435,6 +439,8 @@ def _begin_attempt(
             letters=attempt.letters,
         )
         reused = StepResult("completed", early.result, rendered.idempotency_key, effect_reused=True)
+        if early.from_run is not None and early.from_run != run.run_id:
+            reused.details["reused_from"] = early.from_run
         return attempt, reused
     else:
         attempt.prepared = kind.prepare(attempt, conn)

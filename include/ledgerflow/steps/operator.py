@@ -56,12 +56,21 @@ class LedgerflowOperator(BaseOperator):
         raise NotImplementedError
 
     def report(self, step: Any, result: StepResult) -> None:
+        source = result.details.get("reused_from")
+        origin = ""
+        if source:
+            from ledgerflow.links import run_page
+
+            what = "the effect" if result.effect_reused else "the checkpoint"
+            origin = f"; {what} of run {source}, reused: {run_page(source)}"
+        elif result.effect_reused:
+            origin = ", effect reused"
         self.log.info(
             "step %s %s (idempotency key %s%s)",
             self.step_id,
             result.status,
             result.idempotency_key,
-            ", effect reused" if result.effect_reused else "",
+            origin,
         )
 
     def branch(self, step: Any, result: StepResult) -> tuple[str | None, bool]:

@@ -133,7 +133,7 @@ class ToolKind(StepKind):
             if done is None or done.status != EffectStatus.COMPENSATED.value:
                 rendered.idempotency_key = claim_key
                 if done is not None and done.status == EffectStatus.DONE.value:
-                    return Reuse(done.result)
+                    return Reuse(done.result, done.run_id)
                 return None  # claimed earlier (a crashed attempt): call again, same key
             claim_key = live_key(ledger, rendered.idempotency_key, conn)
         rendered.idempotency_key = claim_key
