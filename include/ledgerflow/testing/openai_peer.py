@@ -19,27 +19,25 @@ import json
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from ledgerflow.testing.loopback import Answer, LoopbackPeer
 
 Reply = str | tuple[int, dict[str, Any]]
 
 
-class OpenAIPeer:
+class OpenAIPeer(LoopbackPeer):
+    keep_alive = True  # like a real API
+    base_path = "/v1"  # url: the base URL a client is configured with
+
     def __init__(self, model: str = "peer-model") -> None:
+        super().__init__()
         self.model = model
         self.default: Reply | None = None
         self.bodies: list[dict[str, Any]] = []
         self._scripts: dict[str, list[Reply]] = {}
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        """The base URL a client is configured with (``.../v1``)."""
-        assert self._server is not None, "start() first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
     def script(self, marker: str, *replies: Reply) -> None:
         """Requests whose messages contain ``marker`` get ``replies`` in order (the last
@@ -91,48 +89,10 @@ class OpenAIPeer:
             },
         }
 
-    def start(self) -> OpenAIPeer:
-        peer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, like a real API
-            # Headers and body are two writes: without TCP_NODELAY the body waits for the
-            # client's delayed ACK (~40 ms), which would swamp what the benchmark measures.
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length)
-                if not self.path.rstrip("/").endswith("/chat/completions"):
-                    status, payload = 404, {"error": {"message": f"no route {self.path}"}}
-                else:
-                    status, payload = peer._reply(json.loads(raw or b"{}"))
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> OpenAIPeer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def answer(self, method: str, path: str, headers: Any, body: bytes) -> Answer:
+        if not path.rstrip("/").endswith("/chat/completions"):
+            return Answer.json(404, {"error": {"message": f"no route {path}"}})
+        return Answer.json(*self._reply(json.loads(body or b"{}")))
 
     def connection_uri(self, model: str = "gpt-4o-mini") -> str:
         """An ``AIRFLOW_CONN_<ID>`` value: a ``pydanticai`` connection to this server."""

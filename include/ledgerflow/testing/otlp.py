@@ -8,56 +8,27 @@ dict (name, trace and span ids in hex, parent span id, attributes).
 from __future__ import annotations
 
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from ledgerflow.testing.loopback import Answer, LoopbackPeer
 
-class OtlpCollector:
+
+class OtlpCollector(LoopbackPeer):
+    base_path = "/v1/traces"
+
     def __init__(self) -> None:
+        super().__init__()
         self.spans: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
 
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "start() first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1/traces"
+    def answer(self, method: str, path: str, headers: Any, body: bytes) -> Answer:
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-    def start(self) -> OtlpCollector:
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                request = trace_service_pb2.ExportTraceServiceRequest()
-                request.ParseFromString(body)
-                collector._keep(request)
-                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, name="otlp", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def __enter__(self) -> OtlpCollector:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        request = trace_service_pb2.ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        self._keep(request)
+        reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        return Answer(200, reply, "application/x-protobuf")
 
     def _keep(self, request: Any) -> None:
         found = []
