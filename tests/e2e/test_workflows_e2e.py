@@ -3,6 +3,8 @@ api-server, LocalExecutor, Postgres for Airflow's metadata and for the ledger.""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import os
 import signal
 import time
@@ -37,6 +39,24 @@ def test_dags_folder_imports_without_errors(stack: AirflowStack) -> None:
     dag = stack.api("GET", "/api/v2/dags/checkout__v1")
     assert "ledgerflow" in {t["name"] for t in dag["tags"]}
     assert not dag["is_paused"]
+
+
+def test_dag_details_show_the_workflows_time_zone(stack: AirflowStack) -> None:
+    """A cron meant for Amsterdam runs in Amsterdam (Airflow's next run is 02:30 there), and
+    what Airflow's DAG page shows says so: the description and the docs name the zone.
+    (Airflow 3.3.2's details field ``timezone`` reports the server's default zone for every
+    DAG, ``DagModel.timezone``; it is not the DAG's.)"""
+    nightly = stack.api("GET", "/api/v2/dags/nightly_report__v1/details")
+    assert nightly["timetable_summary"] == "30 2 * * *"
+    assert nightly["description"].endswith("(cron in Europe/Amsterdam)")
+    assert "Schedule: `30 2 * * *` in time zone **Europe/Amsterdam**." in nightly["doc_md"]
+    from zoneinfo import ZoneInfo
+
+    next_run = datetime.fromisoformat(nightly["next_dagrun_run_after"])
+    local = next_run.astimezone(ZoneInfo("Europe/Amsterdam"))
+    assert (local.hour, local.minute) == (2, 30)
+    checkout = stack.api("GET", "/api/v2/dags/checkout__v1/details")
+    assert "cron in" not in (checkout["description"] or "")
 
 
 def test_rest_triggered_checkout_succeeds_with_its_effects(

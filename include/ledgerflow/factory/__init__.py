@@ -84,6 +84,8 @@ def _doc_md(spec: WorkflowSpec, yaml_path: Path | None) -> str:
     lines = [f"## {spec.name} v{spec.version}", "", spec.description or "", ""]
     if yaml_path is not None:
         lines += [f"Defined in `{display_path(yaml_path)}` (Ledgerflow).", ""]
+    if spec.schedule not in (None, "@once"):
+        lines += [f"Schedule: `{spec.schedule}` in time zone **{spec.timezone}**.", ""]
     lines += ["| step | does | needs | idempotency | compensate |", "|---|---|---|---|---|"]
     for step in spec.steps:
         if isinstance(step, ToolStep):
@@ -98,6 +100,16 @@ def _doc_md(spec: WorkflowSpec, yaml_path: Path | None) -> str:
             f"| `{step.id}` | {does} | {', '.join(step.needs) or '-'} | `{idem}` | {comp} |"
         )
     return "\n".join(lines)
+
+
+def _description(spec: WorkflowSpec) -> str | None:
+    """The description's first line; a schedule's time zone follows it: Airflow 3.3's DAG
+    details report the server's default zone ([core] default_timezone), not the DAG's,
+    beside a cron that runs in the workflow's zone."""
+    text = (spec.description or "").strip().split("\n")[0]
+    if spec.schedule not in (None, "@once"):
+        text = f"{text} (cron in {spec.timezone})" if text else f"cron in {spec.timezone}"
+    return text[:200] or None
 
 
 def build_dag(
@@ -129,7 +141,7 @@ def build_dag(
         _SPEC_FILES[spec.dag_id] = yaml_path
     dag = DAG(
         dag_id=spec.dag_id,
-        description=(spec.description or "").strip().split("\n")[0][:200] or None,
+        description=_description(spec),
         schedule=schedule,
         start_date=pendulum.instance(pendulum.parse(spec.start_date, tz=tz)),  # type: ignore[arg-type]
         catchup=False,
