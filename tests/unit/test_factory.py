@@ -295,3 +295,25 @@ def test_parsing_a_dag_of_tool_steps_does_not_load_the_ledger_or_the_kernel() ->
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=_rel)
+def test_shipped_workflows_describe_every_param(path: Path) -> None:
+    """Airflow's Trigger form shows a param's description under its field: every param
+    of a shipped workflow has one."""
+    spec = load_workflow(path)
+    assert [name for name, p in spec.params.items() if not p.description] == []
+
+
+def test_a_param_without_a_description_gets_none_invented() -> None:
+    spec = WorkflowSpec.model_validate(
+        {
+            "name": "bare",
+            "version": 1,
+            "params": {"n": {"type": "integer", "default": 1}, "m": {"type": "string"}},
+            "steps": [{"id": "a", "tool": "demo.noop", "idempotency": "natural"}],
+        }
+    )
+    dag = build_dag(spec)
+    assert dag.params.get_param("n").description is None
+    assert dag.params.get_param("m").description is None
