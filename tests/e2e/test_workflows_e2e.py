@@ -3,11 +3,10 @@ api-server, LocalExecutor, Postgres for Airflow's metadata and for the ledger.""
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import os
 import signal
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
