@@ -47,7 +47,7 @@ def book_courier(ctx: ToolContext, order_id: str, price: Decimal) -> dict[str, A
             "INSERT INTO acme_courier_bookings (idempotency_key, order_id, price, status) "
             "VALUES (:key, :order_id, :price, 'booked')"
         ),
-        {"key": ctx.idempotency_key, "order_id": order_id, "price": price},
+        {"key": ctx.idempotency_key, "order_id": order_id, "price": str(price)},  # any driver
     )
     return {"booking": ctx.idempotency_key, "order_id": order_id, "price": str(price)}
 
