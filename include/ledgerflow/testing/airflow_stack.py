@@ -116,14 +116,11 @@ class AirflowStack(StackClient):
         db_url: str | None = None,
         extra_env: dict[str, str] | None = None,
         plugins_folder: Path | None = None,
-        parallelism: int = 16,
+        parallelism: int = 4,
         users: dict[str, str] | None = None,
     ) -> None:
         """``users``: more SimpleAuthManager users beyond ``admin``, name -> role
-        (viewer, user, op, admin); each one's password is its name (see :meth:`token`).
-        ``parallelism``: LocalExecutor workers. A worker runs one task at a time, and
-        Airflow 3.3's supervisor often keeps it ~5 s after a short task has ended, so a
-        few workers make tasks wait for one (an idle worker costs memory, not CPU)."""
+        (viewer, user, op, admin); each one's password is its name (see :meth:`token`)."""
         self.dags_folder = Path(dags_folder).resolve()
         self.home = Path(home).resolve()
         self.db_url = db_url
