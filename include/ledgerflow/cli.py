@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ledgerflow.cli_local import cmd_new, cmd_run, parse_decision
+from ledgerflow.cli_local import add_local_commands
 from ledgerflow.cli_output import FORMATS, default_format
 from ledgerflow.cli_publish import SHIM as SHIM  # re-exported: `from ledgerflow.cli import SHIM`
 from ledgerflow.cli_publish import cmd_sync, cmd_validate
@@ -167,7 +167,8 @@ def _print_retry_chain(ledger: Any, run: dict[str, Any]) -> None:
         print(f"  {row['run_id']}  {row['status']}  (retry of {row['retry_of']}{start})")
 
 
-from ledgerflow.cli_retry import cmd_retry, parse_param  # noqa: E402  (re-exported)
+from ledgerflow.cli_retry import add_param_option, cmd_retry  # noqa: E402
+from ledgerflow.cli_retry import parse_param as parse_param  # noqa: E402  (re-exported)
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -320,59 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--json", action="store_true", help="the same as -o json")
 
-    p = sub.add_parser(
-        "new",
-        help="write a new workflow that runs as it is: workflows/NAME/v1.yaml, its DAG file, its lock",
-        description="Write DAGS_FOLDER/workflows/NAME/v1.yaml (two SQL steps on the ledger's "
-        "database, a param with a description), the two-line DAG file v1.py and the lock "
-        "v1.lock, then print how to run it here (`ledgerflow run`). Refused (exit 2) for a "
-        "name that is not a workflow name or a folder that exists already.",
-    )
-    p.add_argument("name", help="the workflow's name: lower-case letters, digits, '_' and '-'")
-    p.add_argument(
-        "--dags-folder",
-        help="where workflows/ lives (default: $AIRFLOW__CORE__DAGS_FOLDER or ./dags)",
-    )
-    p.set_defaults(func=cmd_new)
-
-    p = sub.add_parser(
-        "run",
-        help="run a workflow file once, here, in one process (Airflow's dag.test()); print the timeline",
-        description="Run one workflow file once in this machine's Python (Airflow's dag.test(): "
-        "no scheduler, no api-server) against a throwaway Airflow metadata database and a "
-        "throwaway ledger (SQLite, in a temporary folder removed afterwards unless --keep). "
-        "Steps are printed as they end, then the timeline. Exit 0 when the run succeeded, "
-        "1 when it failed, 2 when it could not run (an invalid file or params: nothing ran). "
-        "The first run prepares Airflow's metadata database once (about 30 s) and keeps it "
-        "under ~/.cache/ledgerflow. Connections and variables come from the environment "
-        "(AIRFLOW_CONN_*, AIRFLOW_VAR_*), except the ledger's, which is the throwaway one.",
-    )
-    p.add_argument("file", help="the workflow file (workflows/<name>/v<N>.yaml)")
-    p.add_argument(
-        "--param",
-        dest="params",
-        action="append",
-        type=parse_param,
-        metavar="KEY=VALUE",
-        help="a param of the run (repeatable); VALUE is JSON when it parses, else text",
-    )
-    p.add_argument(
-        "--decide",
-        action="append",
-        type=parse_decision,
-        metavar="STEP=approve|reject",
-        help="decide approval step STEP when it asks (repeatable); a run that reaches an "
-        "approval with no decision given stops there (exit 2)",
-    )
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder (ledger, logs)")
-    p.add_argument("--workdir", help="use (and keep) this folder instead of a temporary one")
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="show Airflow's log instead of writing it to a file",
-    )
-    p.set_defaults(func=cmd_run)
+    add_local_commands(sub)  # new, run
 
     p = sub.add_parser(
         "schema",
@@ -454,14 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dags-folder",
         help="where workflows/<name>/v<N>.yaml live (default: Airflow's [core] dags_folder)",
     )
-    p.add_argument(
-        "--param",
-        dest="params",
-        action="append",
-        type=parse_param,
-        metavar="KEY=VALUE",
-        help="override a param (repeatable); VALUE is JSON when it parses, else text",
-    )
+    add_param_option(p, "override a param")
     p.add_argument("--user", help="recorded as the user who asked for the retry")
     p.add_argument(
         "--wait",

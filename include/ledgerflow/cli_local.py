@@ -58,6 +58,58 @@ steps:
 """
 
 
+def add_local_commands(sub: Any) -> None:
+    """The ``new`` and ``run`` subcommands of ``ledgerflow`` (``sub``: its subparsers)."""
+    from ledgerflow.cli_retry import add_param_option
+
+    p = sub.add_parser(
+        "new",
+        help="write a new workflow that runs as it is: workflows/NAME/v1.yaml, its DAG file, its lock",
+        description="Write DAGS_FOLDER/workflows/NAME/v1.yaml (two SQL steps on the ledger's "
+        "database, a param with a description), the two-line DAG file v1.py and the lock "
+        "v1.lock, then print how to run it here (`ledgerflow run`). Refused (exit 2) for a "
+        "name that is not a workflow name or a folder that exists already.",
+    )
+    p.add_argument("name", help="the workflow's name: lower-case letters, digits, '_' and '-'")
+    p.add_argument(
+        "--dags-folder",
+        help="where workflows/ lives (default: $AIRFLOW__CORE__DAGS_FOLDER or ./dags)",
+    )
+    p.set_defaults(func=cmd_new)
+
+    p = sub.add_parser(
+        "run",
+        help="run a workflow file once, here, in one process (Airflow's dag.test()); print the timeline",
+        description="Run one workflow file once in this machine's Python (Airflow's dag.test(): "
+        "no scheduler, no api-server) against a throwaway Airflow metadata database and a "
+        "throwaway ledger (SQLite, in a temporary folder removed afterwards unless --keep). "
+        "Steps are printed as they end, then the timeline. Exit 0 when the run succeeded, "
+        "1 when it failed, 2 when it could not run (an invalid file or params: nothing ran). "
+        "The first run prepares Airflow's metadata database once (about 30 s) and keeps it "
+        "under ~/.cache/ledgerflow. Connections and variables come from the environment "
+        "(AIRFLOW_CONN_*, AIRFLOW_VAR_*), except the ledger's, which is the throwaway one.",
+    )
+    p.add_argument("file", help="the workflow file (workflows/<name>/v<N>.yaml)")
+    add_param_option(p, "a param of the run")
+    p.add_argument(
+        "--decide",
+        action="append",
+        type=parse_decision,
+        metavar="STEP=approve|reject",
+        help="decide approval step STEP when it asks (repeatable); a run that reaches an "
+        "approval with no decision given stops there (exit 2)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (ledger, logs)")
+    p.add_argument("--workdir", help="use (and keep) this folder instead of a temporary one")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Airflow's log instead of writing it to a file",
+    )
+    p.set_defaults(func=cmd_run)
+
+
 def parse_decision(text: str) -> tuple[str, str]:
     """``STEP=approve|reject`` of ``--decide``."""
     step, sep, choice = text.partition("=")
@@ -66,14 +118,10 @@ def parse_decision(text: str) -> tuple[str, str]:
     return step, choice
 
 
-def default_dags_folder() -> Path:
-    """``$AIRFLOW__CORE__DAGS_FOLDER``, else ``./dags`` (without loading Airflow)."""
-    return Path(os.environ.get("AIRFLOW__CORE__DAGS_FOLDER") or "dags")
-
-
 def cmd_new(args: argparse.Namespace) -> int:
     from ledgerflow import versions
     from ledgerflow.cli_publish import SHIM
+    from ledgerflow.deadletters import default_dags_folder  # without loading Airflow
     from ledgerflow.errors import SpecError
     from ledgerflow.spec.validate import load_workflow
 

@@ -22,6 +22,18 @@ def parse_param(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def add_param_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--param KEY=VALUE`` (repeatable, into ``params``), as ``retry`` and ``run`` take it."""
+    parser.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        type=parse_param,
+        metavar="KEY=VALUE",
+        help=f"{what} (repeatable); VALUE is JSON when it parses, else text",
+    )
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     from ledgerflow.errors import LedgerflowError
     from ledgerflow.ledger.store import Ledger
