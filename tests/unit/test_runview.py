@@ -8,9 +8,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from test_retry_requests import page  # the run page of a run, as the app renders it
 
-from ledgerflow.api import _runs
-from ledgerflow.api._auth import Caller
 from ledgerflow.cli import main
 from ledgerflow.ledger import runview
 from ledgerflow.ledger.store import Ledger
@@ -168,15 +167,7 @@ def test_run_page_escapes_and_shows_no_secret(ledger: Ledger) -> None:
     """The rendered run page carries the steps, attempts, compensations and chain, escapes
     what it shows, and contains no secret value."""
     ledger.record_event(RUN, "charge", "note", {"html": "<script>alert(1)</script>"})
-    doc = runview.run_document(ledger, RUN)
-    html = _runs._page(
-        "run",
-        title="t",
-        root="/ledgerflow",
-        caller=Caller("admin", frozenset()),
-        d=doc,
-        csrf="f" * 64,
-    )
+    html = page(ledger, RUN, None)
     assert "<script>alert(1)" not in html
     assert 'id="retry-form"' in html and 'value="' + "f" * 64 + '"' in html
     assert "sk-live-123" not in html and "tok-secret" not in html
@@ -232,14 +223,7 @@ def test_a_step_that_reused_a_checkpoint_or_an_effect_links_the_run_that_made_it
     original = runview.run_document(ledger, RUN)
     assert original is not None
     assert all(s["effect_from"] is None for s in original["steps"])  # its own effect
-    html = _runs._page(
-        "run",
-        title="t",
-        root="/ledgerflow",
-        caller=Caller("admin", frozenset()),
-        d=doc,
-        csrf="f" * 64,
-    )
+    html = page(ledger, RETRY, None)
     link = (
         '<a href="/ledgerflow/runs/checkout__v1/manual__2026-01-31T12%3A00%3A00.123456%2B00%3A00">'
     )

@@ -17,6 +17,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.bases.skipmixin import SkipMixin
 
+from ledgerflow.links import approval_page  # the approval's page as a full link
 from ledgerflow.spec.models import ApprovalStep, WorkflowSpec
 from ledgerflow.steps.kernel import Rendered, StepKind, prologue
 from ledgerflow.steps.operator import LedgerflowOperator
@@ -46,13 +47,6 @@ class ApprovalKind(StepKind):
         # The inputs of the step are what the approver is shown: a retry reuses a
         # decision only on the same subject, body and payload.
         return Rendered(args=shown, extra=shown)
-
-
-def approval_page(approval_id: int) -> str:
-    """The approval's page as a full link (``ledgerflow.links``)."""
-    from ledgerflow.links import approval_page as page
-
-    return page(approval_id)
 
 
 @dataclass
