@@ -164,6 +164,12 @@ def runs_list_at_1280_px_in_the_users_time_zone(
         frame = page.frame_locator("iframe[title=Runs]")
         frame.locator("select#workflow").select_option("checkout")
         frame.get_by_role("button", name="Filter").click()
+        # The filter form reloads the frame: wait for that load to end, or a later
+        # evaluate may run in the document being replaced ("execution context destroyed").
+        content = page.locator("iframe[title=Runs]").element_handle().content_frame()
+        assert content is not None
+        content.wait_for_url("**workflow=checkout**")
+        content.wait_for_load_state("load")
         # The run's own row (its retry's row links to it too, under "Retry of").
         own = frame.locator("td:first-child").get_by_role(
             "link", name=run_id.split("/", 1)[1], exact=True
