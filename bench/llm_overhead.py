@@ -74,9 +74,9 @@ def run(peer: object, ledger_url: str, args: argparse.Namespace) -> dict[str, li
     from ledgerflow.llm.call import output_type
     from ledgerflow.llm.local import LedgerflowAIHook
     from ledgerflow.spec.models import KeyedIdempotency, LlmStep
-    from ledgerflow.spec.validate import load_workflow
     from ledgerflow.steps.llm import execute_llm_step
     from ledgerflow.steps.protocol import RunRef
+    from ledgerflow.workflow.validate import load_workflow
 
     spec = load_workflow(ROOT / "dags" / "workflows" / "ticket_triage" / "v1.yaml")
     step = spec.step("classify")

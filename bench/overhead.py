@@ -630,8 +630,8 @@ def child_step(dag_file: str, bundle_path: str, run_id: str) -> None:
 
 
 def cold_steps(files: dict[str, Path], dags: Path, home: Path, ledger: Any, url: str) -> dict:
-    from ledgerflow.spec.validate import load_workflow
     from ledgerflow.steps.protocol import RunRef, execute_step
+    from ledgerflow.workflow.validate import load_workflow
 
     spec = load_workflow(files["ledgerflow"].with_suffix(".yaml"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}

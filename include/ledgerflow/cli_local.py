@@ -123,7 +123,7 @@ def cmd_new(args: argparse.Namespace) -> int:
     from ledgerflow.cli_publish import SHIM
     from ledgerflow.deadletters import default_dags_folder  # without loading Airflow
     from ledgerflow.errors import SpecError
-    from ledgerflow.spec.validate import load_workflow
+    from ledgerflow.workflow.validate import load_workflow
 
     if not _NAME.match(args.name):
         print(
@@ -211,7 +211,7 @@ def _stage(file: Path, work: Path) -> tuple[Path, Path]:
 def cmd_run(args: argparse.Namespace) -> int:
     from ledgerflow.errors import SpecError
     from ledgerflow.spec.params import InvalidParams, check_params
-    from ledgerflow.spec.validate import load_workflow
+    from ledgerflow.workflow.validate import load_workflow
 
     file = Path(args.file)
     if not file.is_file():

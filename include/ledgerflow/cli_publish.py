@@ -67,7 +67,7 @@ def _published_changed(file: Path) -> str | None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from ledgerflow.errors import SpecError
-    from ledgerflow.spec.validate import load_workflow
+    from ledgerflow.workflow.validate import load_workflow
 
     files = _workflow_files(args.paths)
     if not files:
@@ -100,7 +100,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     invalid file is refused: nothing is written for it."""
     from ledgerflow import versions
     from ledgerflow.errors import SpecError
-    from ledgerflow.spec.validate import load_workflow
+    from ledgerflow.workflow.validate import load_workflow
 
     missing = _missing(args.paths)
     if missing:

@@ -22,9 +22,9 @@ def retry_dead_letter(ledger: Ledger, letter_id: int, dags_folder: Path) -> Any:
     """Run the step of dead letter ``letter_id`` once more, here, under the same
     idempotency key (an effect that did happen is not repeated); on success the letter
     is resolved. Returns the step's result; raises the step's error otherwise."""
-    from ledgerflow.spec.validate import load_workflow
     from ledgerflow.steps.protocol import RunRef, execute_step
     from ledgerflow.steps.saga import compensation_step
+    from ledgerflow.workflow.validate import load_workflow
 
     letter = ledger.dead_letter_by_id(letter_id)
     if letter is None:

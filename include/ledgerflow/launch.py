@@ -164,7 +164,7 @@ def _spec_file(name: str, version: _Version) -> Path:
 def load_spec(path: Path) -> WorkflowSpec:
     """The workflow file, parsed once per change of the file."""
     from ledgerflow.factory import display_path
-    from ledgerflow.spec.validate import load_workflow
+    from ledgerflow.workflow.validate import load_workflow
 
     stat = path.stat()
     stamp = (stat.st_mtime_ns, stat.st_size)

@@ -164,7 +164,7 @@ def plan_retry(
     ``state_of(dag_id, dag_run_id)`` gives Airflow's state of a run (``airflow_state``);
     without it, or when it knows nothing, the ledger's status decides."""
     from ledgerflow import versions
-    from ledgerflow.spec.validate import load_workflow
+    from ledgerflow.workflow.validate import load_workflow
 
     ledger.migrate()
     run = ledger.run(run_id)
@@ -324,7 +324,7 @@ def _params_read(step: Any, *, args_rendered: bool) -> set[str]:
     """The params a step's templates read (``args`` left out when they are compared
     rendered)."""
     from ledgerflow.spec.templates import analyse_expression, analyse_template, is_template
-    from ledgerflow.spec.validate import template_fields
+    from ledgerflow.workflow.validate import template_fields
 
     names: set[str] = set()
     for path, source, expression in template_fields(step):

@@ -12,9 +12,9 @@ from ledgerflow.errors import ToolError
 from ledgerflow.ledger import breakers
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import BreakerSpec, WorkflowSpec
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, execute_step
 from ledgerflow.tools.registry import tool
+from ledgerflow.workflow.validate import load_workflow
 
 pytestmark = pytest.mark.integration
 

@@ -20,11 +20,11 @@ from sqlalchemy import text
 
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import LlmStep, WorkflowSpec
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.operator import run_ref
 from ledgerflow.steps.protocol import RunRef, execute_step
 from ledgerflow.steps.saga import NothingToUndo, compensate_step, compensation_step
 from ledgerflow.testing.openai_peer import OpenAIPeer
+from ledgerflow.workflow.validate import load_workflow
 
 pytestmark = pytest.mark.integration
 

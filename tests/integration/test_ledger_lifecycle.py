@@ -12,8 +12,8 @@ import pytest
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.lifecycle import IllegalTransition
 from ledgerflow.spec.models import WorkflowSpec
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, execute_step
+from ledgerflow.workflow.validate import load_workflow
 
 pytestmark = pytest.mark.integration
 

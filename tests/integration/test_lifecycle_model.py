@@ -48,10 +48,10 @@ from ledgerflow.ledger import approvals
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.retries import RetryRefused, plan_retry, record_retry
 from ledgerflow.spec.models import ApprovalStep, WorkflowSpec
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.approval import ask
 from ledgerflow.steps.protocol import RunRef, execute_step
 from ledgerflow.steps.saga import NothingToUndo, compensate_step, finish_saga, saga_started
+from ledgerflow.workflow.validate import load_workflow
 
 pytestmark = pytest.mark.integration
 

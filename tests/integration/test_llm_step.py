@@ -19,10 +19,10 @@ from ledgerflow.errors import InjectedFault, NonRetryableError
 from ledgerflow.ledger import llm as calls
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import LlmStep, WorkflowSpec
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.llm import LlmResult, execute_llm_step
 from ledgerflow.steps.protocol import RunRef
 from ledgerflow.testing.openai_peer import OpenAIPeer
+from ledgerflow.workflow.validate import load_workflow
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ from sqlalchemy import text
 from ledgerflow.ledger import quality as quality_ledger
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import QualityStep
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, execute_step
 from ledgerflow.steps.quality import QualityCheckFailed, run_quality
+from ledgerflow.workflow.validate import load_workflow
 
 pytestmark = pytest.mark.integration
 

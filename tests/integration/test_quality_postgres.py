@@ -15,10 +15,10 @@ from ledgerflow.errors import NonRetryableError
 from ledgerflow.ledger import quality as quality_ledger
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import QualityStep, WorkflowSpec
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, execute_step
 from ledgerflow.steps.quality import QualityCheckFailed, QualityOutcome, run_quality
 from ledgerflow.testing.postgres import fresh_database
+from ledgerflow.workflow.validate import load_workflow
 
 pytestmark = pytest.mark.integration
 

@@ -29,9 +29,9 @@ from ledgerflow.ledger.store import Ledger
 from ledgerflow.retries import RetryPlan, RetryRefused, plan_retry, record_retry
 from ledgerflow.spec.models import WorkflowSpec
 from ledgerflow.spec.params import InvalidParams
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, execute_step
 from ledgerflow.tools.demo import BlockedByFlag
+from ledgerflow.workflow.validate import load_workflow
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ import pytest
 from ledgerflow.errors import NonRetryableError
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import WorkflowSpec
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, execute_step
 from ledgerflow.steps.saga import NothingToUndo, compensate_step, finish_saga, saga_started
+from ledgerflow.workflow.validate import load_workflow
 
 pytestmark = pytest.mark.integration
 

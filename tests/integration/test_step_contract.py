@@ -25,7 +25,6 @@ from ledgerflow.errors import InjectedFault
 from ledgerflow.ledger import approvals
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import WorkflowSpec
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.approval import ask
 from ledgerflow.steps.kernel import StepSkipped, TemplateRenderError
 from ledgerflow.steps.llm import execute_llm_step
@@ -33,6 +32,7 @@ from ledgerflow.steps.protocol import RunRef, execute_step
 from ledgerflow.steps.quality import run_quality
 from ledgerflow.steps.saga import NothingToUndo, compensate_step
 from ledgerflow.testing.openai_peer import OpenAIPeer
+from ledgerflow.workflow.validate import load_workflow
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,9 @@ from sqlalchemy import text
 from ledgerflow.errors import InjectedFault, NonRetryableError
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.models import WorkflowSpec
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, StepSkipped, execute_step
 from ledgerflow.testing.http_peer import IdempotentPeer
+from ledgerflow.workflow.validate import load_workflow
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,7 @@ def _step_in_subprocess(url: str, order_id: str, fault: str, run: str = "crash")
     code = f"""
 import json
 from ledgerflow.ledger.store import Ledger
-from ledgerflow.spec.validate import load_workflow
+from ledgerflow.workflow.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, execute_step
 spec = load_workflow({str(CHECKOUT)!r})
 params = {{n: p.default for n, p in spec.params.items()}}
@@ -338,7 +338,7 @@ def test_http_crash_after_the_call_retries_with_the_same_key(
     wf = tmp_path / "wf.yaml"
     code = f"""
 from ledgerflow.ledger.store import Ledger
-from ledgerflow.spec.validate import load_workflow
+from ledgerflow.workflow.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, execute_step
 spec = load_workflow({str(wf)!r})
 execute_step(Ledger({ledger.url!r}), spec, spec.steps[0], RunRef("pay__v1/c", "pay__v1"),
@@ -571,7 +571,7 @@ steps:
 """)
     code = f"""
 from ledgerflow.ledger.store import Ledger
-from ledgerflow.spec.validate import load_workflow
+from ledgerflow.workflow.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, execute_step
 spec = load_workflow({str(wf)!r})
 execute_step(Ledger({ledger.url!r}), spec, spec.steps[0], RunRef("sqlwf__v1/r", "sqlwf__v1"),

@@ -15,8 +15,8 @@ import pytest
 from ledgerflow.cli import SHIM, main
 from ledgerflow.factory import build_dag
 from ledgerflow.spec.models import ToolStep, WorkflowSpec
-from ledgerflow.spec.validate import CRON_PRESETS, load_workflow
 from ledgerflow.steps.retry import StepRetryPolicy
+from ledgerflow.workflow.validate import CRON_PRESETS, load_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
@@ -253,7 +253,7 @@ def test_every_schedule_that_validates_builds_a_dag(schedule: str) -> None:
 def test_step_references_recorded_at_validation_match_the_templates() -> None:
     """The outputs a running step loads are exactly the steps its own templates name
     (args, key, when, for_each); a compensation's templates do not count."""
-    from ledgerflow.spec.validate import _REFERENCES, load_workflow, referenced_steps
+    from ledgerflow.workflow.validate import _REFERENCES, load_workflow, referenced_steps
 
     spec = load_workflow(DAGS / "workflows" / "checkout" / "v1.yaml")
     recorded = {s.id: referenced_steps(spec, s) for s in spec.steps}

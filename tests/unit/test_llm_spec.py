@@ -11,7 +11,7 @@ import pytest
 
 from ledgerflow.errors import SpecError
 from ledgerflow.spec.models import LlmStep, WorkflowSpec
-from ledgerflow.spec.validate import load_workflow, template_fields
+from ledgerflow.workflow.validate import load_workflow, template_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 TRIAGE = ROOT / "dags" / "workflows" / "ticket_triage" / "v1.yaml"
@@ -185,7 +185,7 @@ def test_rules_model_answers_fit_the_triage_schema() -> None:
     """The offline rule-based model is deterministic and its answers fit the schema."""
     from jsonschema import Draft202012Validator
 
-    from ledgerflow.llm.rules import classify
+    from ledgerflow.rules_model import classify
 
     step = load_workflow(TRIAGE).step("classify")
     assert isinstance(step, LlmStep) and step.output_schema is not None

@@ -11,8 +11,8 @@ import pytest
 
 from ledgerflow.factory import build_dag
 from ledgerflow.spec.params import InvalidParams, check_params, effective_params
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.operator import run_params
+from ledgerflow.workflow.validate import load_workflow
 
 CHECKOUT = Path(__file__).resolve().parents[2] / "dags" / "workflows" / "checkout" / "v1.yaml"
 

@@ -11,7 +11,7 @@ from ledgerflow.errors import SpecError
 from ledgerflow.quality.catalog import CATALOG, parse_expectation
 from ledgerflow.quality.runner import DatasetError, to_frame
 from ledgerflow.spec.models import QualityStep
-from ledgerflow.spec.validate import load_workflow, referenced_steps, template_fields
+from ledgerflow.workflow.validate import load_workflow, referenced_steps, template_fields
 
 HEAD = """
 name: wf

@@ -13,9 +13,9 @@ from ledgerflow.ledger import lineage
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.retries import RetryRefused, plan_retry
 from ledgerflow.spec.models import WorkflowSpec
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.protocol import RunRef, execute_step
 from ledgerflow.tools.demo import BlockedByFlag
+from ledgerflow.workflow.validate import load_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 SIX = (ROOT / "tests" / "e2e" / "workflows" / "retry_six.yaml").read_text()

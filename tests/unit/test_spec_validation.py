@@ -16,7 +16,7 @@ import pytest
 
 from ledgerflow.errors import SpecError, SpecErrors
 from ledgerflow.spec.models import KeyedIdempotency, WorkflowSpec
-from ledgerflow.spec.validate import load_workflow
+from ledgerflow.workflow.validate import load_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKOUT = ROOT / "dags" / "workflows" / "checkout" / "v1.yaml"

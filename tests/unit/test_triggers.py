@@ -23,8 +23,8 @@ from ledgerflow.spec.params import (
     param_problems,
     resolved_params,
 )
-from ledgerflow.spec.validate import load_workflow
 from ledgerflow.steps.retry import is_non_retryable
+from ledgerflow.workflow.validate import load_workflow
 
 SPECS = {
     "order_id": ParamSpec(type="string", required=True),

@@ -17,8 +17,8 @@ from ledgerflow.spec.models import ParamSpec, ToolStep, WorkflowSpec
 if TYPE_CHECKING:
     from airflow.sdk import DAG
 
-# Re-exported: the registry of built specs lives in spec.loaded (no import cycle with steps).
-from ledgerflow.spec.loaded import (
+# Re-exported: the registry of built specs lives in workflow.loaded (no import cycle with steps).
+from ledgerflow.workflow.loaded import (
     _SPEC_FILES,
     _SPEC_HASHES,
     _SPECS,
@@ -55,7 +55,7 @@ def dag_for_spec_file(shim_file: str) -> DAG:
     a version with a newer version beside it is built without its schedule.
     """
     from ledgerflow import versions
-    from ledgerflow.spec.validate import load_workflow
+    from ledgerflow.workflow.validate import load_workflow
 
     yaml_path = Path(shim_file).with_suffix(".yaml")
     shown = display_path(yaml_path)
@@ -263,8 +263,8 @@ def _finish_run(context: Any) -> None:
     workflow with nothing to undo ends its saga (``nothing_to_compensate``) if a failure
     callback did not; approvals still pending can no longer resume (``abandoned``)."""
     from ledgerflow.ledger.store import Ledger
-    from ledgerflow.spec.loaded import spec_for_dag
     from ledgerflow.steps.saga import has_compensations
+    from ledgerflow.workflow.loaded import spec_for_dag
 
     dag_run = context["dag_run"]
     state = str(getattr(dag_run.state, "value", dag_run.state))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from airflow.providers.common.ai.hooks.pydantic_ai import PydanticAIHook
 
-from ledgerflow.llm.rules import classify
+from ledgerflow.rules_model import classify
 
 if TYPE_CHECKING:
     from pydantic_ai.messages import ModelMessage, ModelResponse

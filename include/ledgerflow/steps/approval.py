@@ -169,7 +169,7 @@ class ApprovalOperator(LedgerflowOperator, SkipMixin):
     inherits_from_skipmixin = True
 
     def _step(self) -> tuple[WorkflowSpec, ApprovalStep]:
-        from ledgerflow.spec.loaded import spec_for_dag
+        from ledgerflow.workflow.loaded import spec_for_dag
 
         spec = spec_for_dag(self.dag_id)
         step = spec.step(self.step_id)

@@ -82,11 +82,11 @@ class LedgerflowOperator(BaseOperator):
 
         from ledgerflow.ledger.breakers import BreakerOpen
         from ledgerflow.ledger.store import Ledger
-        from ledgerflow.spec.loaded import spec_for_dag
         from ledgerflow.spec.params import InvalidParams
         from ledgerflow.steps.branching import follow
         from ledgerflow.steps.kernel import StepSkipped, run_step
         from ledgerflow.steps.retry import final_attempt
+        from ledgerflow.workflow.loaded import spec_for_dag
 
         spec = spec_for_dag(self.dag_id)
         step = spec.step(self.step_id)
@@ -163,10 +163,10 @@ class ForEachItemsOperator(BaseOperator):
 
         from ledgerflow.errors import NonRetryableError
         from ledgerflow.ledger.store import Ledger
-        from ledgerflow.spec.loaded import spec_for_dag
         from ledgerflow.spec.templates import evaluate
-        from ledgerflow.spec.validate import referenced_steps
         from ledgerflow.steps.kernel import register_run, template_context
+        from ledgerflow.workflow.loaded import spec_for_dag
+        from ledgerflow.workflow.validate import referenced_steps
 
         spec = spec_for_dag(self.dag_id)
         step = spec.step(self.step_id)

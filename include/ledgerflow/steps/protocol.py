@@ -27,7 +27,6 @@ from ledgerflow.ledger.store import Ledger
 from ledgerflow.lifecycle import EffectStatus
 from ledgerflow.spec.models import KeyedIdempotency, ToolStep, WorkflowSpec
 from ledgerflow.spec.templates import render_value
-from ledgerflow.spec.validate import referenced_steps
 from ledgerflow.steps.kernel import (
     Attempt,
     Committed,
@@ -47,6 +46,7 @@ from ledgerflow.steps.kernel import (
 from ledgerflow.steps.retry import final_attempt
 from ledgerflow.tools.context import ToolContext
 from ledgerflow.tools.registry import Tool, get_tool
+from ledgerflow.workflow.validate import referenced_steps
 
 __all__ = [
     "RunRef",

@@ -85,8 +85,8 @@ def register_run(
 
     Raises InvalidParams (non-retryable, naming each field) when the params do not fit
     the workflow's params schema, whichever way the run was triggered."""
-    from ledgerflow.spec.loaded import spec_hash
     from ledgerflow.spec.params import check_params
+    from ledgerflow.workflow.loaded import spec_hash
 
     check_params(spec.name, spec.version, spec.params, params, engine_keys=True)
     return ledger.ensure_run(

@@ -78,8 +78,8 @@ def saga_started(ledger: Any, spec: WorkflowSpec, run_id: str, failed_step: str 
 def step_failed(context: Any) -> None:
     """Failure callback of every forward step: record the failure, start the saga."""
     from ledgerflow.ledger.store import Ledger
-    from ledgerflow.spec.loaded import spec_for_dag
     from ledgerflow.steps.operator import run_ref
+    from ledgerflow.workflow.loaded import spec_for_dag
 
     run = run_ref(context)
     ledger = Ledger.from_airflow()
@@ -253,8 +253,8 @@ class CompensationOperator(LedgerflowOperator):
         from airflow.sdk.exceptions import AirflowSkipException
 
         from ledgerflow.ledger.store import Ledger
-        from ledgerflow.spec.loaded import spec_for_dag
         from ledgerflow.steps.operator import run_params, run_ref
+        from ledgerflow.workflow.loaded import spec_for_dag
 
         spec = spec_for_dag(self.dag_id)
         run = run_ref(context)

@@ -243,7 +243,7 @@ def classify_ticket_rules(
 ) -> dict[str, Any]:
     """The rules-based classifier: the ticket triage's fallback when the LLM's answer is
     invalid or not confident; low-confidence results go to the human review queue."""
-    from ledgerflow.llm.rules import classify
+    from ledgerflow.rules_model import classify
 
     result = classify(ticket, _TRIAGE_SCHEMA)
     queue = "review" if result["confidence"] < 0.7 else f"{result['category']}-{result['priority']}"
