@@ -27,6 +27,12 @@ the rest; fresh subprocesses time (1) the parse of each DAG file the way the tas
 does it (``BundleDagBag`` of that one file) and (2) one step's ``execute_step`` the way a
 task process runs it, by ledger call and by kind of wait (connection, statements, commits).
 
+The stack is a Ledgerflow deployment: the Ledgerflow plugin is loaded (as in
+``docker-compose.yml``), so every component has imported the step code before it forks
+task processes (``ledgerflow.preload``). A second, bench-only plugin file preloads the
+plain DAG's imports (``PLAIN_PRELOAD``) the same way, so neither DAG starts warmer; the
+fresh-process breakdowns below preload both as well.
+
 The stack differs from ``AirflowStack``'s test defaults in two settings, both to cut noise
 that hits either DAG at random (see the constants below): Airflow's default parallelism
 (32 LocalExecutor workers) and no periodic re-parse of the dags folder during the runs.
@@ -54,6 +60,7 @@ from typing import Any
 
 from harness import (  # bench/ is on sys.path when run as a script
     RESULTS,
+    ROOT,
     git_revision,
     logger,
     med,
@@ -175,6 +182,49 @@ with DAG(
 def plain_dag_source(dag_id: str) -> str:
     """The plain DAG above under another id (bench/compensation.py uses it as its baseline)."""
     return PLAIN_DAG.replace('"plain_overhead"', f'"{dag_id}"')
+
+
+# Modules of the plain DAG file, imported by a plugin file in every component (the bench's
+# own): the Ledgerflow plugin preloads the step code (``ledgerflow.preload``), and this
+# gives the hand-written DAG the same head start, so the ratio compares the work of a
+# task, not which DAG's imports happen to be warm.
+PLAIN_PRELOAD = (
+    "airflow.providers.standard.operators.python",
+    "ledgerflow.tools.context",
+    "ledgerflow.tools.demo",
+)
+
+
+NO_PRELOAD_ENV = "LEDGERFLOW_BENCH_NO_PRELOAD"  # --no-preload, passed on to the children
+
+
+def preload_all() -> None:
+    """What a task process inherits on this bench's stack: both plugins' imports."""
+    import importlib
+
+    if os.environ.get(NO_PRELOAD_ENV):
+        return
+    from ledgerflow.preload import preload
+
+    preload()
+    for name in PLAIN_PRELOAD:
+        importlib.import_module(name)
+
+
+def write_plugins(folder: Path, preload: bool = True) -> Path:
+    """The stack's plugins folder: the Ledgerflow plugin (as in ``docker-compose.yml`` and
+    the e2e tests) and the plain DAG's preload; empty with ``--no-preload``."""
+    folder.mkdir(parents=True)
+    if not preload:
+        return folder
+    shutil.copy(ROOT / "plugins" / "ledgerflow_plugin.py", folder)
+    lines = [f"import {name}  # noqa: F401" for name in PLAIN_PRELOAD]
+    (folder / "plain_dag_preload.py").write_text(
+        '"""Bench only: the plain DAG\'s imports, preloaded (see bench/overhead.py)."""\n\n'
+        + "\n".join(lines)
+        + "\n"
+    )
+    return folder
 
 
 def write_dags(dags: Path) -> dict[str, Path]:
@@ -454,6 +504,8 @@ def child_parse(dag_file: str, bundle_path: str) -> None:
     import airflow.sdk.execution_time.task_runner  # noqa: F401
     from airflow.dag_processing.dagbag import BundleDagBag
 
+    preload_all()
+
     before = set(sys.modules)
     c0 = time.process_time()
     t0 = time.perf_counter()
@@ -539,6 +591,8 @@ def child_step(dag_file: str, bundle_path: str, run_id: str) -> None:
     from airflow.dag_processing.dagbag import BundleDagBag
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
+
+    preload_all()
 
     BundleDagBag(
         dag_folder=dag_file,
@@ -697,6 +751,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", type=Path, default=RESULTS / "overhead.json", help="where to write the results"
     )
+    parser.add_argument(
+        "--no-preload",
+        action="store_true",
+        help="no plugins: neither the Ledgerflow plugin nor the plain DAG's preload (every "
+        "task process imports its DAG's modules itself)",
+    )
     parser.add_argument("--child-parse", nargs=2, metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--child-step", nargs=3, metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -710,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be >= 1")
     if args.runs < 5:
         log(f"warning: --runs {args.runs}; the benchmark asks for at least 5 runs each")
+    if args.no_preload:
+        os.environ[NO_PRELOAD_ENV] = "1"
 
     from ledgerflow.ledger.store import Ledger
     from ledgerflow.testing.airflow_stack import COMPONENTS, AirflowStack
@@ -729,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": str(REPARSE_INTERVAL_S),
         },
         parallelism=PARALLELISM,
+        plugins_folder=write_plugins(base / "plugins", preload=not args.no_preload),
     )
     results: list[dict[str, Any]] = []
     warmups: list[dict[str, Any]] = []
@@ -761,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         log("reading task logs and the ledger")
         per_task = analyse(results, stack.logs_dir, ledger)
         extra = {
+            "preload": not args.no_preload,
             "load": load,
             "workload_s": workload_durations(stack.log_path("scheduler")),
             "max_queued_to_start_s": max(
@@ -822,7 +886,8 @@ def summarise(
     print(
         f"overhead benchmark: {n}-step sequential workflow, {args.runs} measured runs per DAG "
         f"after {WARMUP_RUNS} warm-up runs each, interleaved, one at a time; durations from "
-        "Airflow's timestamps"
+        "Airflow's timestamps; "
+        + ("both DAGs' modules preloaded by plugins" if extra["preload"] else "no plugins")
     )
     print(f"{'run':>4s} {'kind':12s} {'DagRun s':>9s} {'tasks s':>8s} {'DagRun s/hop':>13s}")
     for r in results:
@@ -941,6 +1006,7 @@ def summarise(
         "callback_lag_s_median": med(callbacks),
         "workload_s": busy,
         "parallelism": PARALLELISM,
+        "preload": extra["preload"],
         "warmup_runs": WARMUP_RUNS,
         "reparse_interval_s": REPARSE_INTERVAL_S,
         "load": load,
