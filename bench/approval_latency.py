@@ -30,16 +30,21 @@ The last line is ``approval_resume_ratio=<median ours / median airflow's>``.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from harness import RESULTS, ROOT, logger  # bench/ is on sys.path when run as a script
+from harness import (  # bench/ is on sys.path when run as a script
+    RESULTS,
+    deployment,
+    finish,
+    logger,
+    new_base,
+    rounds,
+    write_workflow,
+)
 
 OURS, THEIRS = "approval_latency__v1", "airflow_approval"
 
@@ -89,12 +94,7 @@ log = logger("approval_latency")
 
 
 def write_dags(dags: Path) -> None:
-    from ledgerflow.cli import SHIM
-
-    folder = dags / "workflows" / "approval_latency"
-    folder.mkdir(parents=True)
-    (folder / "v1.yaml").write_text(WORKFLOW)
-    (folder / "v1.py").write_text(SHIM)
+    write_workflow(dags, "approval_latency", WORKFLOW)
     (dags / "airflow_approval.py").write_text(PLAIN)
 
 
@@ -172,53 +172,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 10:
         log(f"warning: --rounds {args.rounds}; the benchmark asks for at least 10")
 
-    from ledgerflow.ledger.store import Ledger
-    from ledgerflow.testing.airflow_stack import AirflowStack
-    from ledgerflow.testing.postgres import create_database, drop_database
-
-    base = Path(tempfile.mkdtemp(prefix="lf_bench_approval_"))
+    base = new_base("approval")
     write_dags(base / "dags")
-    ledger_url = create_database("lf_bench_approval")
-    ledger = Ledger(ledger_url.replace("postgresql://", "postgresql+psycopg2://", 1))
-    stack = AirflowStack(
-        dags_folder=base / "dags",
-        home=base / "home",
-        plugins_folder=ROOT / "plugins",
-        extra_env={"AIRFLOW_CONN_LEDGERFLOW_DB": ledger_url},
-        parallelism=16,
-    )
     ours: list[float] = []
     theirs: list[float] = []
-    try:
-        log(f"starting Airflow in {base}")
-        stack.start()
-        stack.wait_for_dags([OURS, THEIRS], timeout=180)
-        if stack.import_errors():
-            raise SystemExit(f"import errors: {stack.import_errors()}")
-        for r in range(args.rounds + 1):  # round 0 warms both paths up
+    with deployment("approval", base, [OURS, THEIRS], log, parallelism=16) as env:
+        stack, ledger = env.stack, env.ledger
+        # Round w1 warms both paths up; the order alternates, so that neither always
+        # decides on a busier machine.
+        for label, warm, order in rounds(args.rounds, ("ours", "theirs"), warmup=1):
             a = stack.trigger(OURS)
             b = stack.trigger(THEIRS)
             wait_state(stack, OURS, a, "ask", {"deferred"})
             wait_state(stack, THEIRS, b, "ask", {"awaiting_input", "deferred"})
             time.sleep(1.0)  # let both parked tasks' processes exit
-            # Alternate who goes first, so neither always decides on a busier machine.
-            if r % 2:
-                la = latency(stack, OURS, a, decide_ours(stack, ledger, a, args.via))
-                lb = latency(stack, THEIRS, b, decide_theirs(stack, b))
-            else:
-                lb = latency(stack, THEIRS, b, decide_theirs(stack, b))
-                la = latency(stack, OURS, a, decide_ours(stack, ledger, a, args.via))
-            if r == 0:
+            got: dict[str, float] = {}
+            for who in order:
+                if who == "ours":
+                    got[who] = latency(stack, OURS, a, decide_ours(stack, ledger, a, args.via))
+                else:
+                    got[who] = latency(stack, THEIRS, b, decide_theirs(stack, b))
+            la, lb = got["ours"], got["theirs"]
+            if warm:
                 log(f"warm-up: ours {la:.3f} s, airflow {lb:.3f} s")
                 continue
             ours.append(la)
             theirs.append(lb)
-            log(f"round {r}/{args.rounds}: ours {la:.3f} s, airflow {lb:.3f} s")
-    finally:
-        stack.stop()
-        ledger.engine.dispose()
-        drop_database(ledger_url)
-        shutil.rmtree(base, ignore_errors=True)
+            log(f"round {label}/{args.rounds}: ours {la:.3f} s, airflow {lb:.3f} s")
 
     med_ours, med_theirs = statistics.median(ours), statistics.median(theirs)
     ratio = med_ours / med_theirs
@@ -231,8 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         "median_airflow_s": med_theirs,
         "approval_resume_ratio": ratio,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
     print(f"decision (ledgerflow via {args.via}) -> next task start, median of {args.rounds}:")
     print(
         f"  ledgerflow approval step   {med_ours * 1000:8.0f} ms  (min {min(ours) * 1000:.0f}, max {max(ours) * 1000:.0f})"
@@ -240,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  airflow ApprovalOperator   {med_theirs * 1000:8.0f} ms  (min {min(theirs) * 1000:.0f}, max {max(theirs) * 1000:.0f})"
     )
-    print(f"approval_resume_ratio={ratio:.3f}")
+    finish(args.json, report, "approval_resume_ratio", ratio)
     return 0
 
 

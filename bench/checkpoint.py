@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import cProfile
 import io
-import json
 import os
 import pstats
 import re
@@ -53,7 +52,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from harness import RESULTS, logger  # bench/ is on sys.path when run as a script
+from harness import (  # bench/ is on sys.path when run as a script
+    RESULTS,
+    finish,
+    logger,
+)
 
 TARGET_MS = 5.0
 SHORT_STEPS = 10
@@ -768,10 +771,8 @@ def main(argv: list[str] | None = None) -> int:
             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2, default=str))
-    log(f"results written to {args.json}")
-    print(f"checkpoint_ms_p50={results['headline_ms']:.3f}")
+    log(f"results in {args.json}")
+    finish(args.json, results, "checkpoint_ms_p50", results["headline_ms"])
     return 0
 
 

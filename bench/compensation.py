@@ -48,12 +48,9 @@ The last line is ``compensation_hops=<median(window / 4) / median plain hop>``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -63,10 +60,15 @@ from typing import Any
 # bench/ is on sys.path when run as a script: share the helpers of bench/overhead.py
 from harness import (  # bench/ is on sys.path when run as a script
     RESULTS,
+    deployment,
+    finish,
     git_revision,
     logger,
     med,
     ms,
+    new_base,
+    rounds,
+    write_workflow,
 )
 from overhead import (
     diff,
@@ -150,14 +152,9 @@ PLAIN_DAG = plain_dag_source("plain_chain")  # the same baseline DAG as bench/ov
 
 
 def write_dags(dags: Path) -> dict[str, Path]:
-    from ledgerflow.cli import SHIM
-
-    folder = dags / "workflows" / "saga5"
-    folder.mkdir(parents=True)
-    (folder / "v1.yaml").write_text(workflow_yaml())
-    (folder / "v1.py").write_text(SHIM)
+    saga = write_workflow(dags, "saga5", workflow_yaml())
     (dags / "plain_chain.py").write_text(PLAIN_DAG)
-    return {"saga": folder / "v1.py", "plain": dags / "plain_chain.py"}
+    return {"saga": saga, "plain": dags / "plain_chain.py"}
 
 
 # -- small helpers -------------------------------------------------------------------
@@ -470,50 +467,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 5:
         log(f"warning: --runs {args.runs}; the benchmark asks for at least 5 runs")
 
-    from ledgerflow.ledger.store import Ledger
-    from ledgerflow.testing.airflow_stack import AirflowStack
-    from ledgerflow.testing.postgres import create_database, drop_database
-
     t_begin = time.monotonic()
-    base = Path(tempfile.mkdtemp(prefix="lf_bench_compensation_"))
-    dags = base / "dags"
-    write_dags(dags)
-    ledger_url = create_database("lf_bench_compensation")
-    ledger = Ledger(ledger_url.replace("postgresql://", "postgresql+psycopg2://", 1))
-    stack = AirflowStack(
-        dags_folder=dags,
-        home=base / "home",
-        extra_env={
-            "AIRFLOW_CONN_LEDGERFLOW_DB": ledger_url,
-            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": str(REPARSE_INTERVAL_S),
-        },
-        parallelism=PARALLELISM,
-    )
+    base = new_base("compensation")
+    write_dags(base / "dags")
     results: list[dict[str, Any]] = []
     warmups: list[dict[str, Any]] = []
     load = {"start": os.getloadavg()[0], "end": 0.0}
-    try:
-        log(f"starting Airflow in {base} (ledger {ledger_url.rsplit('/', 1)[1]})")
-        stack.start()
-        stack.wait_for_dags(DAG_IDS.values(), timeout=180)
-        errors = stack.import_errors()
-        if errors:
-            raise SystemExit(f"import errors: {errors}")
-        for w in range(WARMUP_RUNS):
-            for kind in KINDS:
-                warm = one_run(stack, ledger, kind, f"w{w + 1}")
-                warmups.append(warm)
-                log(f"warm-up {w + 1}/{WARMUP_RUNS} {kind:6s} {describe(warm)}")
-                time.sleep(SETTLE_S)
-        load["start"] = os.getloadavg()[0]
-        for r in range(args.runs):
-            for kind in KINDS:
-                result = one_run(stack, ledger, kind, str(r + 1))
-                results.append(result)
-                log(
-                    f"run {r + 1}/{args.runs} {kind:6s} {describe(result)} "
-                    f"(load {os.getloadavg()[0]:.1f})"
-                )
+    extra_env = {"AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": str(REPARSE_INTERVAL_S)}
+    with deployment(
+        "compensation",
+        base,
+        DAG_IDS.values(),
+        log,
+        plugins=None,
+        parallelism=PARALLELISM,
+        extra_env=extra_env,
+    ) as env:
+        stack, ledger = env.stack, env.ledger
+        for label, warm, order in rounds(args.runs, KINDS, warmup=WARMUP_RUNS, alternate=False):
+            if label == "1":
+                load["start"] = os.getloadavg()[0]
+            for kind in order:
+                result = one_run(stack, ledger, kind, label)
+                (warmups if warm else results).append(result)
+                what = f"warm-up {label}" if warm else f"run {label}/{args.runs}"
+                log(f"{what} {kind:6s} {describe(result)} (load {os.getloadavg()[0]:.1f})")
                 time.sleep(SETTLE_S)
         load["end"] = os.getloadavg()[0]
         log("reading task logs and the ledger")
@@ -527,19 +505,11 @@ def main(argv: list[str] | None = None) -> int:
                 for t in r["tis"]
             ),
         }
-    finally:
-        log("stopping the stack")
-        stack.stop()
-        ledger.engine.dispose()
-        drop_database(ledger_url)
 
     report = summarise(args, results, warmups, per_hop, extra)
     report["seconds_total"] = time.monotonic() - t_begin
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=str))
-    log(f"results written to {args.json} ({report['seconds_total']:.0f} s in all)")
-    shutil.rmtree(base, ignore_errors=True)
-    print(f"compensation_hops={report['compensation_hops']:.3f}")
+    log(f"results in {args.json} ({report['seconds_total']:.0f} s in all)")
+    finish(args.json, report, "compensation_hops", report["compensation_hops"])
     return 0
 
 

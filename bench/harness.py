@@ -1,5 +1,6 @@
 """What every benchmark shares: where results go, how it logs, which commit it measured,
-the medians and millisecond columns of its report, and its last line.
+the medians and millisecond columns of its report, its last line, and (for those that
+run Airflow) the stack: a fresh ledger database, the real processes, the clean-up.
 
 Importing it puts the demo's tools on the allow-list (``LEDGERFLOW_DEMO_TOOLS=1``) for the
 benchmark and every process it starts (Airflow stacks, children): the benchmarks' workflows
@@ -8,13 +9,18 @@ run the demo's tools (``demo.noop``, ``demo.charge_payment``...).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +76,117 @@ def write_results(path: Path, report: dict[str, Any]) -> None:
     """The report as JSON (``bench/results/<name>.json`` unless ``--json`` says otherwise)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str))
+
+
+def finish(path: Path, report: dict[str, Any], key: str, value: float, fmt: str = ".3f") -> None:
+    """Write the report (with the commit measured) and print the last line ``key=value``."""
+    report.setdefault("git", git_revision())
+    write_results(path, report)
+    print(f"{key}={value:{fmt}}")
+
+
+def rounds(
+    count: int, kinds: Sequence[str], *, warmup: int = 0, alternate: bool = True
+) -> Iterator[tuple[str, bool, tuple[str, ...]]]:
+    """Interleaved runs: ``(label, warm_up, kinds in this round's order)`` for ``warmup``
+    rounds (labels ``w1``...) then ``count`` measured ones (``1``...). With ``alternate``
+    every other round reverses the order, so no kind always goes first on a busier machine."""
+    for r in range(warmup + count):
+        order = tuple(reversed(kinds)) if alternate and r % 2 else tuple(kinds)
+        label = f"w{r + 1}" if r < warmup else str(r - warmup + 1)
+        yield label, r < warmup, order
+
+
+def write_workflow(dags: Path, name: str, body: str) -> Path:
+    """``workflows/<name>/v1.yaml`` and its DAG file (the shim ``ledgerflow sync`` writes)."""
+    from ledgerflow.cli import SHIM
+
+    folder = dags / "workflows" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "v1.yaml").write_text(body, encoding="utf-8")
+    (folder / "v1.py").write_text(SHIM, encoding="utf-8")
+    return folder / "v1.py"
+
+
+@dataclass
+class Deployment:
+    """A benchmark's Airflow (``ledgerflow.testing.airflow_stack.AirflowStack``) and its
+    ledger on a fresh Postgres database; ``base`` holds ``dags/`` and the stack's home."""
+
+    base: Path
+    stack: Any
+    ledger: Any
+    ledger_url: str
+    keep: bool = False  # leave it running at the end (a benchmark's --keep)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dags(self) -> Path:
+        return self.base / "dags"
+
+
+def new_base(name: str) -> Path:
+    """A fresh temporary folder for one benchmark run (``<tmp>/lf_bench_<name>_...``)."""
+    base = Path(tempfile.mkdtemp(prefix=f"lf_bench_{name}_"))
+    (base / "dags").mkdir()
+    return base
+
+
+@contextmanager
+def deployment(
+    name: str,
+    base: Path,
+    dag_ids: Iterable[str],
+    log: Callable[[str], None],
+    *,
+    plugins: Path | None = ROOT / "plugins",
+    parallelism: int | None = None,
+    extra_env: dict[str, str] | None = None,
+    remove_base: bool = True,
+) -> Iterator[Deployment]:
+    """Start Airflow on ``base/dags`` (the Ledgerflow plugin loaded unless ``plugins`` is
+    another folder) with the ledger on a fresh database ``lf_bench_<name>_...``, wait until
+    ``dag_ids`` are parsed without import errors, and yield it. On the way out: stop the
+    processes, drop the ledger database and remove ``base``, unless ``keep`` was set
+    (then print where it runs and how to stop it)."""
+    from ledgerflow.ledger.store import Ledger
+    from ledgerflow.testing.airflow_stack import COMPONENTS, AirflowStack
+    from ledgerflow.testing.postgres import create_database, drop_database
+
+    ledger_url = create_database(f"lf_bench_{name}")
+    ledger = Ledger(ledger_url.replace("postgresql://", "postgresql+psycopg2://", 1))
+    options: dict[str, Any] = {"parallelism": parallelism} if parallelism else {}
+    stack = AirflowStack(
+        dags_folder=base / "dags",
+        home=base / "home",
+        plugins_folder=plugins,
+        extra_env={"AIRFLOW_CONN_LEDGERFLOW_DB": ledger_url, **(extra_env or {})},
+        **options,
+    )
+    env = Deployment(base=base, stack=stack, ledger=ledger, ledger_url=ledger_url)
+    try:
+        log(f"starting Airflow in {base} (ledger {ledger_url.rsplit('/', 1)[1]})")
+        stack.start()
+        stack.wait_for_dags(list(dag_ids), timeout=180)
+        errors = stack.import_errors()
+        if errors:
+            raise SystemExit(f"import errors: {errors}")
+        yield env
+    finally:
+        if env.keep:
+            atexit.unregister(stack.stop)  # stack.start() registered it
+            print(
+                f"(--keep: Airflow is still running at {stack.base_url} (admin/admin), "
+                f"AIRFLOW_HOME {stack.home}, metadata {stack.db_url}, ledger {ledger_url}; "
+                "each component leads its own process group, stop them with "
+                "`kill -- -<pid>`: "
+                + ", ".join(f"{c} {stack.pid(c)}" for c in COMPONENTS)
+                + "; then drop both databases)"
+            )
+        else:
+            log("stopping the stack")
+            stack.stop()
+            ledger.engine.dispose()
+            drop_database(ledger_url)
+            if remove_base:
+                shutil.rmtree(base, ignore_errors=True)

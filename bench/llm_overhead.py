@@ -28,12 +28,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from harness import RESULTS, ROOT, finish  # bench/ is on sys.path when run as a script
+
 TARGET_MS = 20.0
 ANSWER = json.dumps(
     {
@@ -153,21 +151,14 @@ def report(figures: dict[str, list[float]], args: argparse.Namespace) -> None:
     cpu_overhead = med["cpu_step"] - med["cpu_direct"]
     print(f"  overhead per call: {overhead:.2f} ms (target <= {TARGET_MS:.0f} ms)")
     print(f"  CPU overhead per call: {cpu_overhead:.2f} ms (not inflated by a busy machine)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "llm_overhead.json").write_text(
-        json.dumps(
-            {
-                "medians_ms": med,
-                "calls": args.calls,
-                "overhead_ms": overhead,
-                "cpu_overhead_ms": cpu_overhead,
-                "load": os.getloadavg()[0],
-            },
-            indent=2,
-        )
-    )
-    sys.stdout.flush()
-    print(f"llm_overhead_ms={overhead:.2f}")
+    report = {
+        "medians_ms": med,
+        "calls": args.calls,
+        "overhead_ms": overhead,
+        "cpu_overhead_ms": cpu_overhead,
+        "load": os.getloadavg()[0],
+    }
+    finish(RESULTS / "llm_overhead.json", report, "llm_overhead_ms", overhead, ".2f")
 
 
 if __name__ == "__main__":

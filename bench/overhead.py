@@ -43,7 +43,6 @@ The last line is ``overhead_ratio=<median DagRun duration ledgerflow / plain>``.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import re
@@ -51,7 +50,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from datetime import datetime
@@ -61,10 +59,15 @@ from typing import Any
 from harness import (  # bench/ is on sys.path when run as a script
     RESULTS,
     ROOT,
+    deployment,
+    finish,
     git_revision,
     logger,
     med,
     ms,
+    new_base,
+    rounds,
+    write_workflow,
 )
 
 TARGET_RATIO = 1.10
@@ -228,14 +231,9 @@ def write_plugins(folder: Path, preload: bool = True) -> Path:
 
 
 def write_dags(dags: Path) -> dict[str, Path]:
-    from ledgerflow.cli import SHIM
-
-    folder = dags / "workflows" / "overhead"
-    folder.mkdir(parents=True)
-    (folder / "v1.yaml").write_text(workflow_yaml())
-    (folder / "v1.py").write_text(SHIM)
+    ledgerflow = write_workflow(dags, "overhead", workflow_yaml())
     (dags / "plain_overhead.py").write_text(PLAIN_DAG)
-    return {"ledgerflow": folder / "v1.py", "plain": dags / "plain_overhead.py"}
+    return {"ledgerflow": ledgerflow, "plain": dags / "plain_overhead.py"}
 
 
 # -- small helpers -------------------------------------------------------------------
@@ -773,50 +771,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_preload:
         os.environ[NO_PRELOAD_ENV] = "1"
 
-    from ledgerflow.ledger.store import Ledger
-    from ledgerflow.testing.airflow_stack import COMPONENTS, AirflowStack
-    from ledgerflow.testing.postgres import create_database, drop_database
-
     t_begin = time.monotonic()
-    base = Path(tempfile.mkdtemp(prefix="lf_bench_overhead_"))
-    dags = base / "dags"
-    files = write_dags(dags)
-    ledger_url = create_database("lf_bench_overhead")
-    ledger = Ledger(ledger_url.replace("postgresql://", "postgresql+psycopg2://", 1))
-    stack = AirflowStack(
-        dags_folder=dags,
-        home=base / "home",
-        extra_env={
-            "AIRFLOW_CONN_LEDGERFLOW_DB": ledger_url,
-            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": str(REPARSE_INTERVAL_S),
-        },
-        parallelism=PARALLELISM,
-        plugins_folder=write_plugins(base / "plugins", preload=not args.no_preload),
-    )
+    base = new_base("overhead")
+    files = write_dags(base / "dags")
     results: list[dict[str, Any]] = []
     warmups: list[dict[str, Any]] = []
     load = {"start": os.getloadavg()[0], "end": 0.0}
-    keep = False
-    try:
-        log(f"starting Airflow in {base} (ledger {ledger_url.rsplit('/', 1)[1]})")
-        stack.start()
-        stack.wait_for_dags(DAG_IDS.values(), timeout=180)
-        errors = stack.import_errors()
-        if errors:
-            raise SystemExit(f"import errors: {errors}")
-        for w in range(WARMUP_RUNS):
-            for kind in KINDS:
-                warm = one_run(stack, ledger, kind, f"w{w + 1}")
-                warmups.append(warm)
-                log(f"warm-up {w + 1}/{WARMUP_RUNS} {kind:10s} DagRun {warm['run_s']:.2f} s")
-                time.sleep(SETTLE_S)
-        load["start"] = os.getloadavg()[0]
-        for r in range(args.runs):
-            for kind in KINDS:
-                result = one_run(stack, ledger, kind, str(r + 1))
-                results.append(result)
+    extra_env = {"AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": str(REPARSE_INTERVAL_S)}
+    with deployment(
+        "overhead",
+        base,
+        DAG_IDS.values(),
+        log,
+        plugins=write_plugins(base / "plugins", preload=not args.no_preload),
+        parallelism=PARALLELISM,
+        extra_env=extra_env,
+        remove_base=False,  # the parse costs below use its DAG files
+    ) as env:
+        stack, ledger = env.stack, env.ledger
+        for label, warm, order in rounds(args.runs, KINDS, warmup=WARMUP_RUNS, alternate=False):
+            if label == "1":
+                load["start"] = os.getloadavg()[0]
+            for kind in order:
+                result = one_run(stack, ledger, kind, label)
+                (warmups if warm else results).append(result)
+                what = f"warm-up {label}" if warm else f"run {label}/{args.runs}"
                 log(
-                    f"run {r + 1}/{args.runs} {kind:10s} DagRun {result['run_s']:.2f} s, "
+                    f"{what} {kind:10s} DagRun {result['run_s']:.2f} s, "
                     f"tasks {result['tasks_s']:.2f} s (load {os.getloadavg()[0]:.1f})"
                 )
                 time.sleep(SETTLE_S)
@@ -834,35 +815,19 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         log("one step's ledger work in a fresh process, call by call")
-        extra["cold_step"] = cold_steps(files, dags, base / "step_home", ledger, ledger_url)
-        if args.keep:
-            keep = True
-            atexit.unregister(stack.stop)  # stack.start() registered it
-    finally:
-        if not keep:
-            log("stopping the stack")
-            stack.stop()
-            ledger.engine.dispose()
-            drop_database(ledger_url)
+        extra["cold_step"] = cold_steps(
+            files, base / "dags", base / "step_home", ledger, env.ledger_url
+        )
+        env.keep = args.keep
 
     log("parse cost of each DAG file in a fresh process (as the task runner parses it)")
-    parse = parse_costs(files, dags, base / "parse_home")
+    parse = parse_costs(files, base / "dags", base / "parse_home")
     report = summarise(args, results, warmups, per_task, parse, extra)
     report["seconds_total"] = time.monotonic() - t_begin
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=str))
-    log(f"results written to {args.json} ({report['seconds_total']:.0f} s in all)")
-    if keep:
-        print(
-            f"(--keep: Airflow is still running at {stack.base_url} (admin/admin), "
-            f"AIRFLOW_HOME {stack.home}, metadata {stack.db_url}, ledger {ledger_url}; each "
-            "component leads its own process group, stop them with `kill -- -<pid>`: "
-            + ", ".join(f"{name} {stack.pid(name)}" for name in COMPONENTS)
-            + "; then drop both databases)"
-        )
-    else:
+    log(f"results in {args.json} ({report['seconds_total']:.0f} s in all)")
+    if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
-    print(f"overhead_ratio={report['overhead_ratio']:.3f}")
+    finish(args.json, report, "overhead_ratio", report["overhead_ratio"])
     return 0
 
 

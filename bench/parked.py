@@ -22,15 +22,19 @@ The last line is ``parked_1000_rss_mb=<RSS with 1,000 parked - RSS with none>``.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from harness import RESULTS, ROOT, logger  # bench/ is on sys.path when run as a script
+from harness import (  # bench/ is on sys.path when run as a script
+    RESULTS,
+    deployment,
+    finish,
+    logger,
+    new_base,
+    write_workflow,
+)
 
 DAG_ID = "parked__v1"
 
@@ -111,36 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=RESULTS / "parked.json")
     args = parser.parse_args(argv)
 
-    from ledgerflow.ledger.store import Ledger
-    from ledgerflow.testing.airflow_stack import AirflowStack
-    from ledgerflow.testing.postgres import create_database, drop_database
-
-    base = Path(tempfile.mkdtemp(prefix="lf_bench_parked_"))
-    folder = base / "dags" / "workflows" / "parked"
-    folder.mkdir(parents=True)
-    (folder / "v1.yaml").write_text(WORKFLOW)
-    from ledgerflow.cli import SHIM
-
-    (folder / "v1.py").write_text(SHIM)
-    ledger_url = create_database("lf_bench_parked")
-    ledger = Ledger(ledger_url.replace("postgresql://", "postgresql+psycopg2://", 1))
-    stack = AirflowStack(
-        dags_folder=base / "dags",
-        home=base / "home",
-        plugins_folder=ROOT / "plugins",
-        extra_env={
-            "AIRFLOW_CONN_LEDGERFLOW_DB": ledger_url,
-            "AIRFLOW__TRIGGERER__CAPACITY": str(args.approvals + 200),
-            "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "64",
-        },
-        parallelism=16,
-    )
+    base = new_base("parked")
+    write_workflow(base / "dags", "parked", WORKFLOW)
     report: dict[str, Any] = {"approvals": args.approvals}
     t_begin = time.monotonic()
-    try:
-        log(f"starting Airflow in {base}")
-        stack.start()
-        stack.wait_for_dags([DAG_ID], timeout=180)
+    extra_env = {
+        "AIRFLOW__TRIGGERER__CAPACITY": str(args.approvals + 200),
+        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "64",
+    }
+    with deployment("parked", base, [DAG_ID], log, parallelism=16, extra_env=extra_env) as env:
+        stack, ledger = env.stack, env.ledger
         report["rss_idle_mb"] = settled_rss(stack)
         log(f"triggerer RSS with no trigger: {report['rss_idle_mb']:.1f} MB")
         first = stack.trigger(DAG_ID)
@@ -188,18 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             json={"decision": "approve", "comment": "probe"},
         )
         report["probe_run"] = stack.wait_for_run(DAG_ID, runs[-1], timeout=120)
-    finally:
-        stack.stop()
-        ledger.engine.dispose()
-        drop_database(ledger_url)
-        shutil.rmtree(base, ignore_errors=True)
 
     added = report["rss_parked_mb"] - report["rss_idle_mb"]
     report["added_mb"] = added
     report["added_over_one_mb"] = report["rss_parked_mb"] - report["rss_one_mb"]
     report["seconds_total"] = time.monotonic() - t_begin
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
     slots = report["pool"]
     print(f"{args.approvals} approvals parked in {report['parking_s']:.0f} s")
     print(
@@ -211,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         f"listening connections: {report['listening_connections']}; probe run {report['probe_run']}"
     )
     print(f"worker_slots_in_use={(slots['running_slots'] or 0) + (slots['queued_slots'] or 0)}")
-    print(f"parked_{args.approvals}_rss_mb={added:.1f}")
+    finish(args.json, report, f"parked_{args.approvals}_rss_mb", added, ".1f")
     return 0
 
 

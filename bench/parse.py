@@ -30,7 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import RESULTS, logger  # bench/ is on sys.path when run as a script
+from harness import (  # bench/ is on sys.path when run as a script
+    RESULTS,
+    finish,
+    logger,
+)
 
 TARGET_S = 10.0
 
@@ -579,12 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         "dont_write_bytecode": bool(os.environ.get("PYTHONDONTWRITEBYTECODE")),
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2, default=str))
-    log(f"results written to {args.json}")
+    log(f"results in {args.json}")
     if args.files != 200:
         print(f"(--files {args.files}: the last line is scaled linearly to 200 files)")
-    print(f"parse_s_per_200={scaled:.3f}")
+    finish(args.json, result, "parse_s_per_200", scaled)
     return 0
 
 

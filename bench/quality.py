@@ -19,7 +19,6 @@ Last line: ``quality_rows_per_s=<rows / median validation seconds>``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -29,7 +28,10 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from harness import logger  # bench/ is on sys.path when run as a script
+from harness import (  # bench/ is on sys.path when run as a script
+    finish,
+    logger,
+)
 from ledgerflow.quality.catalog import parse_expectation
 from ledgerflow.quality.runner import SqlDataset, validate
 from ledgerflow.testing.postgres import fresh_database
@@ -157,8 +159,6 @@ def main() -> int:
         "loadavg": os.getloadavg(),
         "quality_rows_per_s": round(rate),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(figures, indent=2))
     print(f"rows                     {args.rows:,} ({len(expectations)} expectations)")
     print(f"load (insert + analyze)  {load_s:.2f} s")
     print(f"first validation         {first_s:.2f} s (includes importing GX)")
@@ -168,7 +168,7 @@ def main() -> int:
     print(f"failed expectations      {failed}")
     print(f"same checks by SQL       {counts}")
     print(f"load average             {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"quality_rows_per_s={rate:.0f}")
+    finish(Path(args.json), figures, "quality_rows_per_s", rate, ".0f")
     return 0
 
 

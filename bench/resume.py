@@ -23,18 +23,22 @@ The last line is ``resume_ratio=<median retry DagRun duration / median full DagR
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from harness import RESULTS, ROOT, logger  # bench/ is on sys.path when run as a script
+from harness import (  # bench/ is on sys.path when run as a script
+    RESULTS,
+    deployment,
+    finish,
+    logger,
+    new_base,
+    write_workflow,
+)
 
 TARGET_RATIO = 0.15
 DAG_ID = "resume__v1"
@@ -154,36 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
 
-    from ledgerflow.cli import SHIM
-    from ledgerflow.ledger.store import Ledger
-    from ledgerflow.testing.airflow_stack import AirflowStack
-    from ledgerflow.testing.postgres import create_database, drop_database
-
-    base = Path(tempfile.mkdtemp(prefix="lf_bench_resume_"))
-    folder = base / "dags" / "workflows" / "resume"
-    folder.mkdir(parents=True)
-    (folder / "v1.yaml").write_text(workflow(), encoding="utf-8")
-    (folder / "v1.py").write_text(SHIM, encoding="utf-8")
+    base = new_base("resume")
+    write_workflow(base / "dags", "resume", workflow())
     flag = base / "s19-broken"
-    ledger_url = create_database("lf_bench_resume")
-    ledger = Ledger(ledger_url.replace("postgresql://", "postgresql+psycopg2://", 1))
-    stack = AirflowStack(
-        dags_folder=base / "dags",
-        home=base / "home",
-        extra_env={
-            "AIRFLOW_CONN_LEDGERFLOW_DB": ledger_url,
-            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": str(REPARSE_INTERVAL_S),
-        },
-        parallelism=PARALLELISM,
-        plugins_folder=ROOT / "plugins",
-    )
     rounds: list[dict[str, Any]] = []
-    try:
-        log(f"starting Airflow in {base}")
-        stack.start()
-        stack.wait_for_dags([DAG_ID], timeout=180)
-        if stack.import_errors():
-            raise SystemExit(f"import errors: {stack.import_errors()}")
+    extra_env = {"AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": str(REPARSE_INTERVAL_S)}
+    with deployment(
+        "resume", base, [DAG_ID], log, parallelism=PARALLELISM, extra_env=extra_env
+    ) as env:
+        stack, ledger = env.stack, env.ledger
         warm = one_round(stack, ledger, flag, "warm-up")
         log(f"warm-up: full {warm['full_s']:.2f} s, retry {warm['retry_s']:.2f} s")
         for r in range(args.rounds):
@@ -193,10 +176,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"round {r + 1}/{args.rounds}: full {result['full_s']:.2f} s, retry "
                 f"{result['retry_s']:.2f} s (load {os.getloadavg()[0]:.1f})"
             )
-    finally:
-        stack.stop()
-        drop_database(ledger_url)
-        shutil.rmtree(base, ignore_errors=True)
 
     full = statistics.median(r["full_s"] for r in rounds)
     retry = statistics.median(r["retry_s"] for r in rounds)
@@ -218,11 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"target: resume_ratio <= {TARGET_RATIO} -> {'met' if ratio <= TARGET_RATIO else 'NOT met'}"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps({"rounds": rounds, "full_s": full, "retry_s": retry, "ratio": ratio}, indent=2)
-    )
-    print(f"resume_ratio={ratio:.3f}")
+    report = {"rounds": rounds, "full_s": full, "retry_s": retry, "ratio": ratio}
+    finish(args.json, report, "resume_ratio", ratio)
     return 0
 
 

@@ -24,18 +24,23 @@ The last line is ``trigger_latency_ratio=<median ours / median airflow's>``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
-import tempfile
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from harness import RESULTS, ROOT, logger  # bench/ is on sys.path when run as a script
+from harness import (  # bench/ is on sys.path when run as a script
+    RESULTS,
+    deployment,
+    finish,
+    logger,
+    new_base,
+    rounds,
+    write_workflow,
+)
 
 DAG_ID = "trigger_latency__v1"
 OURS_PATH = "/ledgerflow/api/workflows/trigger_latency/runs"
@@ -108,47 +113,27 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
 
-    from ledgerflow.cli import SHIM
-    from ledgerflow.ledger.store import Ledger
-    from ledgerflow.testing.airflow_stack import AirflowStack
-    from ledgerflow.testing.postgres import create_database, drop_database
-
-    base = Path(tempfile.mkdtemp(prefix="lf_bench_trigger_"))
-    folder = base / "dags" / "workflows" / "trigger_latency"
-    folder.mkdir(parents=True)
-    (folder / "v1.yaml").write_text(WORKFLOW)
-    (folder / "v1.py").write_text(SHIM)
-    ledger_url = create_database("lf_bench_trigger")
-    ledger = Ledger(ledger_url.replace("postgresql://", "postgresql+psycopg2://", 1))
-    stack = AirflowStack(
-        dags_folder=base / "dags",
-        home=base / "home",
-        plugins_folder=ROOT / "plugins",
-        extra_env={"AIRFLOW_CONN_LEDGERFLOW_DB": ledger_url},
-    )
+    base = new_base("trigger")
+    write_workflow(base / "dags", "trigger_latency", WORKFLOW)
     ours: list[float] = []
     theirs: list[float] = []
     rtt_ours: list[float] = []
     rtt_theirs: list[float] = []
     cpu0 = os.times()
-    try:
-        log(f"starting Airflow in {base}")
-        stack.start()
-        stack.wait_for_dags([DAG_ID], timeout=180)
-        if stack.import_errors():
-            raise SystemExit(f"import errors: {stack.import_errors()}")
+    with deployment("trigger", base, [DAG_ID], log) as env:
+        stack = env.stack
         headers = {"Authorization": f"Bearer {stack.token()}"}
         with httpx.Client(base_url=stack.base_url, headers=headers, timeout=60) as client:
-            for r in range(args.rounds + 2):  # rounds 0 and 1 warm both paths up
-                order = ("ours", "theirs") if r % 2 else ("theirs", "ours")
+            # Rounds w1 and w2 warm both paths up; the order alternates.
+            for label, warm, order in rounds(args.rounds, ("theirs", "ours"), warmup=2):
                 got: dict[str, tuple[float, float]] = {}
                 for who in order:
-                    ref = f"{who}-{r}-{uuid.uuid4().hex[:8]}"
+                    ref = f"{who}-{label}-{uuid.uuid4().hex[:8]}"
                     fire = trigger_ours if who == "ours" else trigger_theirs
                     run_id, t0, rtt = fire(client, ref)
                     got[who] = (first_step_latency(stack, run_id, t0), rtt)
                     time.sleep(0.5)  # let the finished run's processes exit
-                if r < 2:
+                if warm:
                     log(f"warm-up: ours {got['ours'][0]:.3f} s, airflow {got['theirs'][0]:.3f} s")
                     continue
                 ours.append(got["ours"][0])
@@ -156,15 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                 rtt_ours.append(got["ours"][1])
                 rtt_theirs.append(got["theirs"][1])
                 log(
-                    f"round {r - 1}/{args.rounds}: ours {got['ours'][0]:.3f} s "
+                    f"round {label}/{args.rounds}: ours {got['ours'][0]:.3f} s "
                     f"(call {got['ours'][1] * 1000:.0f} ms), airflow {got['theirs'][0]:.3f} s "
                     f"(call {got['theirs'][1] * 1000:.0f} ms)"
                 )
-    finally:
-        stack.stop()
-        ledger.engine.dispose()
-        drop_database(ledger_url)
-        shutil.rmtree(base, ignore_errors=True)
 
     med_ours, med_theirs = statistics.median(ours), statistics.median(theirs)
     ratio = med_ours / med_theirs
@@ -186,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         "bench_cpu_s": (cpu.user - cpu0.user) + (cpu.system - cpu0.system),
         "trigger_latency_ratio": ratio,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
 
     def line(label: str, values: list[float], calls: list[float]) -> str:
         return (
@@ -201,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print(line("airflow POST /api/v2/dags/{id}/dagRuns", theirs, rtt_theirs))
     print(f"  median of the per-round differences (ours - airflow's): {paired * 1000:+.0f} ms")
     print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores)")
-    print(f"trigger_latency_ratio={ratio:.3f}")
+    finish(args.json, report, "trigger_latency_ratio", ratio)
     return 0
 
 
