@@ -4,6 +4,13 @@ Only ``yaml.SafeLoader`` is used: ``!!python/object`` and every other non-standa
 is refused. The document is composed into nodes first so that every field path can be
 mapped back to its line; a pydantic error on ``steps.2.needs`` becomes
 ``file:line: steps[2].needs: message``.
+
+Hostile files are refused before they cost anything (the dag-processor loads the same
+way): a file over ``MAX_FILE_BYTES``; nesting deeper than ``MAX_DEPTH`` (counted on the
+parser's event stream, which does not recurse); aliases that refer to the node holding
+them, or that expand the document past ``MAX_VALUES`` values (each node is counted once
+with its expanded size, so a "billion laughs" file is refused in milliseconds). Each
+refusal is a ``SpecError`` with the file and line.
 """
 
 from __future__ import annotations
@@ -19,6 +26,11 @@ from ledgerflow.spec.models import WorkflowSpec
 
 LineMap = dict[tuple[Any, ...], int]
 
+# A workflow file is a page or two of YAML; these bounds are far above any real one.
+MAX_FILE_BYTES = 512 * 1024
+MAX_DEPTH = 64  # nested mappings and lists
+MAX_VALUES = 100_000  # values in the document once every alias is expanded
+
 
 def field_name(loc: tuple[Any, ...]) -> str:
     """``("steps", 2, "needs")`` -> ``steps[2].needs``."""
@@ -31,19 +43,81 @@ def field_name(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), lines: LineMap | None = None) -> LineMap:
+def _line_map(
+    node: yaml.Node,
+    path: tuple[Any, ...] = (),
+    lines: LineMap | None = None,
+    seen: set[int] | None = None,
+) -> LineMap:
     lines = {} if lines is None else lines
+    seen = set() if seen is None else seen
     lines.setdefault(path, node.start_mark.line + 1)
+    if id(node) in seen:
+        return lines  # an alias: a problem inside it is reported where the alias is used
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = _key(key_node)
             lines[(*path, key)] = key_node.start_mark.line + 1
-            _line_map(value_node, (*path, key), lines)
+            _line_map(value_node, (*path, key), lines, seen)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             lines[(*path, index)] = item.start_mark.line + 1
-            _line_map(item, (*path, index), lines)
+            _line_map(item, (*path, index), lines, seen)
     return lines
+
+
+def _check_depth(text: str, file: str) -> None:
+    """Refuse nesting deeper than ``MAX_DEPTH`` before any node is built."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_BaseLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise SpecError(
+                    f"nested more than {MAX_DEPTH} levels deep (a workflow file needs a few)",
+                    file=file,
+                    line=event.start_mark.line + 1 if event.start_mark else None,
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _check_aliases(root: yaml.Node, file: str) -> None:
+    """Refuse an alias inside the node it names, and a document that aliases expand past
+    ``MAX_VALUES`` values. Each node is visited once (its expanded size is remembered), and
+    the recursion is no deeper than the file's nesting (bounded by ``_check_depth``)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise SpecError(
+                "an alias refers to the node that contains it (a recursive alias)",
+                file=file,
+                line=node.start_mark.line + 1,
+            )
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        open_nodes.discard(key)
+        if total > MAX_VALUES:
+            raise SpecError(
+                f"more than {MAX_VALUES:,} values once aliases are expanded (anchors "
+                "and aliases are for sharing a block, not for multiplying one)",
+                file=file,
+                line=node.start_mark.line + 1,
+            )
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 def _key(node: yaml.Node) -> Any:
@@ -103,16 +177,53 @@ class _UniqueKeyLoader(_BaseLoader):  # type: ignore[misc]
         return super().construct_mapping(node, deep=deep)
 
 
+_COLLECTION_TAGS = frozenset(
+    f"tag:yaml.org,2002:{kind}" for kind in ("map", "seq", "set", "omap", "pairs")
+)
+
+
+def _construct_line(root: yaml.Node) -> int:
+    """The line of the value the constructor could not build (PyYAML keeps no mark for
+    it): the first node whose tag is for the other kind of node (``!!set`` on a scalar,
+    ``!!int`` on a list), else the document's first line."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        scalar = isinstance(node, yaml.ScalarNode)
+        if scalar == (node.tag in _COLLECTION_TAGS):
+            return int(node.start_mark.line) + 1
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(v for pair in reversed(node.value) for v in reversed(pair))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+    return int(root.start_mark.line) + 1
+
+
 def load_yaml(text: str, file: str) -> tuple[Any, LineMap]:
     """Parse YAML safely; returns the data and a map from field path to line."""
+    size = len(text.encode("utf-8"))
+    if size > MAX_FILE_BYTES:
+        raise SpecError(
+            f"the file is {size:,} bytes; a workflow file may have at most {MAX_FILE_BYTES:,}",
+            file=file,
+        )
     try:
+        _check_depth(text, file)
         loader = _UniqueKeyLoader(text)
         loader._lf_file = file  # type: ignore[attr-defined]
         try:
             node = loader.get_single_node()
             if node is None:
                 raise SpecError("the file is empty", file=file, line=1)
-            data = loader.construct_document(node)
+            _check_aliases(node, file)
+            try:
+                data = loader.construct_document(node)
+            except (ValueError, TypeError) as exc:  # a tag on a value it cannot build
+                at = _construct_line(node)
+                raise SpecError(f"not valid YAML: {exc}", file=file, line=at) from None
         finally:
             loader.dispose()  # type: ignore[no-untyped-call]
     except SpecError:
@@ -182,6 +293,12 @@ def read_spec_file(
     path = Path(path)
     file = display_path or str(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:  # refused before it is read
+            raise SpecError(
+                f"the file is {size:,} bytes; a workflow file may have at most {MAX_FILE_BYTES:,}",
+                file=file,
+            )
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"cannot read: {exc.strerror}", file=file) from None
