@@ -732,6 +732,37 @@ TEMPLATE_CASES = [
         "unknown param 'colour'",
         id="idempotency-key-unknown-param",
     ),
+    # Refused by the sandbox only at run time before; now at validation.
+    pytest.param(
+        "args: {value: \"{{ ''.__class__.__mro__ }}\"}",
+        "steps[1].args.value",
+        "template refused: attribute '__class__' is not allowed",
+        id="dunder-attribute",
+    ),
+    pytest.param(
+        'when: "params.size.__class__"',
+        "steps[1].when",
+        "template refused: attribute '__class__' is not allowed",
+        id="dunder-in-when",
+    ),
+    pytest.param(
+        "args: {value: \"{{ params['__class__'] }}\"}",
+        "steps[1].args.value",
+        "template refused: item '__class__' is not allowed",
+        id="dunder-item",
+    ),
+    pytest.param(
+        "args: {value: \"{{ 'x' * 200000000 }}\"}",
+        "steps[1].args.value",
+        "template refused: repeating a text or list 200000000 times",
+        id="huge-repeat-of-a-literal",
+    ),
+    pytest.param(
+        'args: {value: "{{ params.size ** 100000 }}"}',
+        "steps[1].args.value",
+        "template refused: a power of 100000 is refused",
+        id="huge-power",
+    ),
 ]
 
 
@@ -746,6 +777,54 @@ def test_template_problem(tmp_path: Path, line: str, field: str, fragment: str) 
         "  - id: later\n    needs: [second]\n    tool: demo.noop\n    idempotency: natural\n"
     )
     fail(tmp_path, source).expect(line, field, fragment)
+
+
+def test_repeating_a_text_param_a_huge_number_of_times_is_refused_a_number_is_not(
+    tmp_path: Path,
+) -> None:
+    """``params.x * 200000000`` built a 200 MB string at run time: refused at validation
+    when ``x`` is text; a number times a big constant (a unit conversion) stays valid."""
+    source = """
+        name: wf
+        version: 1
+        params:
+          x: {type: string, default: "ab"}
+          amount: {type: number, default: 2.5}
+        steps:
+          - id: a
+            tool: demo.noop
+            args: {value: "{{ params.x * 200000000 }}"}
+            idempotency: natural
+        """
+    fail(tmp_path, source).expect(
+        "args:", "steps[0].args.value", "template refused: repeating params.x 200000000 times"
+    )
+    spec = ok(tmp_path, source.replace("params.x * 200000000", "params.amount * 1000000"))
+    assert spec.step("a").args == {"value": "{{ params.amount * 1000000 }}"}
+
+
+def test_templated_sql_text_is_refused_and_bound_parameters_are_the_way(tmp_path: Path) -> None:
+    """``{{ params.x }}`` pasted into the ``sql`` tool's statement is an injection: refused
+    at validation with the way to write it; the same value as a bound parameter is valid."""
+    source = """
+        name: wf
+        version: 1
+        params:
+          customer: {type: string, default: "o'brien"}
+        steps:
+          - id: a
+            tool: sql
+            args:
+              statement: "DELETE FROM carts WHERE customer = '{{ params.customer }}'"
+            idempotency: natural
+        """
+    failure = fail(tmp_path, source)
+    failure.expect("statement:", "steps[0].args.statement", "SQL text may not be a template")
+    fixed = source.replace(
+        "'{{ params.customer }}'\"",
+        ':customer"\n              parameters: {customer: "{{ params.customer }}"}',
+    )
+    assert ok(tmp_path, fixed).step("a").args["parameters"] == {"customer": "{{ params.customer }}"}
 
 
 def test_templates_on_upstream_steps_params_and_run_are_valid(tmp_path: Path) -> None:

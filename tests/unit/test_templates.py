@@ -293,3 +293,17 @@ def test_plain_interpolation_renders_exactly_like_jinja(source: str) -> None:
             return ("error", type(exc).__name__)
 
     assert outcome(render_value) == outcome(lambda s, c: _template(s).render(c))
+
+
+def test_a_huge_repetition_or_power_is_refused_before_it_is_computed() -> None:
+    """What validation cannot see (the number comes from a param) the sandbox checks
+    before computing: no 200 MB string, no million-digit number; numbers still multiply."""
+    context = {"params": {"s": "ab", "n": 200_000_000, "e": 10**6, "amount": 2.5}}
+    with pytest.raises(SecurityError, match="repeating a value of length 2 200000000 times"):
+        render_value("{{ params.s * params.n }}", context)
+    with pytest.raises(SecurityError, match="repeating"):
+        render_value("id-{{ [params.s] * params.n }}", context)
+    with pytest.raises(SecurityError, match="a power of 1000000 is refused"):
+        render_value("{{ 2 ** params.e }}", context)
+    assert render_value("{{ params.amount * params.n }}", context) == 500_000_000.0
+    assert render_value("{{ params.s * 3 }}", context) == "ababab"

@@ -16,18 +16,44 @@ from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 GLOBAL_NAMES = frozenset({"params", "steps", "run", "item", "index"})
 
+# A template builds a value for a tool call, not a payload of its own: a repetition
+# (``"x" * n``, ``[0] * n``) or a power past these is refused, at validation when the
+# number is written in the template, when rendering otherwise.
+MAX_REPEAT_ITEMS = 100_000
+MAX_EXPONENT = 256
+
 
 class _Environment(ImmutableSandboxedEnvironment):
-    """Keys before attributes: ``params.items`` is the param called ``items``, not ``dict.items``."""
+    """Keys before attributes: ``params.items`` is the param called ``items``, not ``dict.items``.
+
+    ``*`` and ``**`` are checked before they compute: a 200 MB string from one
+    ``{{ params.x * 200000000 }}`` is refused instead of built."""
+
+    intercepted_binops = frozenset({"*", "**"})
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if isinstance(obj, dict) and attribute in obj:
             return obj[attribute]
         return super().getattr(obj, attribute)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, int) and abs(right) > MAX_EXPONENT:
+                raise SecurityError(f"a power of {right} is refused (at most {MAX_EXPONENT})")
+            return left**right
+        for seq, times in ((left, right), (right, left)):
+            sized = isinstance(seq, str | list | tuple) and isinstance(times, int)
+            if sized and len(seq) * times > MAX_REPEAT_ITEMS:
+                raise SecurityError(
+                    f"repeating a value of length {len(seq)} {times} times is refused "
+                    f"(at most {MAX_REPEAT_ITEMS:,} characters or items)"
+                )
+        return left * right
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,11 +65,17 @@ def environment() -> ImmutableSandboxedEnvironment:
 
 @dataclass(frozen=True)
 class References:
-    """What a template refers to."""
+    """What a template refers to, and what in it is refused (``refused``: one reason each)."""
 
     names: frozenset[str]
     params: frozenset[str]
     steps: frozenset[str]
+    refused: tuple[str, ...] = ()
+    # ``x * N`` with N written in the template and over MAX_REPEAT_ITEMS: (what x is, N).
+    # x is "" for a text or list literal (always refused), a param's name for
+    # ``params.<name>`` (refused when the param is text or a list), None otherwise (the
+    # render-time check applies: a number times N is just a number).
+    repeats: tuple[tuple[str | None, int], ...] = ()
 
 
 def is_template(value: str) -> bool:
@@ -56,14 +88,58 @@ def _walk(node: nodes.Node) -> Iterator[nodes.Node]:
         yield from _walk(child)
 
 
+def _refusal(node: nodes.Node) -> str | None:
+    """Why the sandbox would refuse this node at run time, said at validation instead."""
+    if isinstance(node, nodes.Getattr) and node.attr.startswith("_"):
+        return f"attribute {node.attr!r} is not allowed (names starting with _ are internal)"
+    if isinstance(node, nodes.Getitem):
+        key = _const(node.arg)
+        if key is not None and key.startswith("__"):
+            return f"item {key!r} is not allowed (names starting with __ are internal)"
+    if isinstance(node, nodes.Pow):
+        value = _int(node.right)
+        if value is not None and abs(value) > MAX_EXPONENT:
+            return f"a power of {value} is refused (at most {MAX_EXPONENT})"
+    return None
+
+
+def _repeat(node: nodes.Node) -> tuple[str | None, int] | None:
+    if not isinstance(node, nodes.Mul):
+        return None
+    for times, other in ((node.left, node.right), (node.right, node.left)):
+        value = _int(times)
+        if value is None or abs(value) <= MAX_REPEAT_ITEMS:
+            continue
+        if isinstance(other, nodes.List | nodes.Tuple) or (
+            isinstance(other, nodes.Const) and isinstance(other.value, str)
+        ):
+            return "", value
+        if (
+            isinstance(other, nodes.Getattr)
+            and isinstance(other.node, nodes.Name)
+            and other.node.name == "params"
+        ):
+            return other.attr, value
+        return None, value
+    return None
+
+
 def _analyse(tree: nodes.Node) -> References:
     names: set[str] = set()
     params: set[str] = set()
     steps: set[str] = set()
+    refused: list[str] = []
+    repeats: list[tuple[str | None, int]] = []
     assigned = {
         n.name for n in _walk(tree) if isinstance(n, nodes.Name) and n.ctx in ("store", "param")
     }
     for node in _walk(tree):
+        reason = _refusal(node)
+        if reason is not None and reason not in refused:
+            refused.append(reason)
+        repeat = _repeat(node)
+        if repeat is not None:
+            repeats.append(repeat)
         if isinstance(node, nodes.Name) and node.ctx == "load" and node.name not in assigned:
             names.add(node.name)
         if isinstance(node, nodes.Getattr | nodes.Getitem) and isinstance(node.node, nodes.Name):
@@ -74,7 +150,16 @@ def _analyse(tree: nodes.Node) -> References:
                 params.add(attr)
             elif node.node.name == "steps":
                 steps.add(attr)
-    return References(frozenset(names), frozenset(params), frozenset(steps))
+    return References(
+        frozenset(names), frozenset(params), frozenset(steps), tuple(refused), tuple(repeats)
+    )
+
+
+def _int(node: nodes.Node) -> int | None:
+    if not isinstance(node, nodes.Const):
+        return None
+    value = node.value
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _const(node: nodes.Node) -> str | None:

@@ -22,12 +22,14 @@ from ledgerflow.spec.models import (
 )
 from ledgerflow.spec.templates import (
     GLOBAL_NAMES,
+    MAX_REPEAT_ITEMS,
     TemplateSyntaxError,
     analyse_expression,
     analyse_template,
     is_template,
     iter_strings,
 )
+from ledgerflow.workflow.graph import ancestors, find_cycle
 
 CRON_PRESETS = frozenset(
     {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
@@ -60,7 +62,7 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
     index = _check_graph(spec, errors)
     graph_ok = not errors.errors
     _check_schedule(spec, errors)
-    upstream = _ancestors(spec) if graph_ok else {s.id: set() for s in spec.steps}
+    upstream = ancestors(spec) if graph_ok else {s.id: set() for s in spec.steps}
     for position, step in enumerate(spec.steps):
         loc: tuple[Any, ...] = ("steps", position)
         if isinstance(step, ToolStep):
@@ -266,54 +268,11 @@ def _check_graph(spec: WorkflowSpec, errors: _Collector) -> dict[str, int]:
             elif need == step.id:
                 errors.add(("steps", position, "needs", n), "a step cannot need itself")
     if not errors.errors:
-        cycle = _find_cycle(spec)
+        cycle = find_cycle(spec)
         if cycle:
             first = index[cycle[0]]
             errors.add(("steps", first, "needs"), "dependency cycle: " + " -> ".join(cycle))
     return index
-
-
-def _find_cycle(spec: WorkflowSpec) -> list[str] | None:
-    needs = {s.id: list(s.needs) for s in spec.steps}
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in needs[node]:
-            if state.get(nxt) == 1:
-                return [*stack[stack.index(nxt) :], nxt]
-            if nxt not in state:
-                found = visit(nxt)
-                if found:
-                    return found
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for step in spec.steps:
-        if step.id not in state:
-            found = visit(step.id)
-            if found:
-                return list(reversed(found))
-    return None
-
-
-def _ancestors(spec: WorkflowSpec) -> dict[str, set[str]]:
-    needs = {s.id: set(s.needs) for s in spec.steps}
-    memo: dict[str, set[str]] = {}
-
-    def up(node: str) -> set[str]:
-        if node not in memo:
-            memo[node] = set()
-            acc: set[str] = set()
-            for parent in needs[node]:
-                acc |= {parent} | up(parent)
-            memo[node] = acc
-        return memo[node]
-
-    return {s.id: up(s.id) for s in spec.steps}
 
 
 def _check_schedule(spec: WorkflowSpec, errors: _Collector) -> None:
@@ -407,6 +366,14 @@ def _check_call(
                 errors.add((*loc, "args"), f"tool {tool_name!r} needs argument {arg!r}")
         if tool.behaviour == "effect" and idempotency is None:
             errors.add(loc, NO_IDEMPOTENCY.format(tool=tool_name))
+    statement = args.get("statement") if tool_name == "sql" else None
+    if isinstance(statement, str) and is_template(statement):
+        errors.add(
+            (*loc, "args", "statement"),
+            "SQL text may not be a template (a value pasted into SQL is an injection): write "
+            ":name in the statement and give the value in parameters, e.g. "
+            'parameters: {name: "{{ params.name }}"}',
+        )
     for path, value in iter_strings(args, (*loc, "args")):
         _check_refs(spec, value, path, upstream, allowed, errors)
     key = getattr(idempotency, "key", None)
@@ -453,6 +420,17 @@ def _check_refs(
     except TemplateSyntaxError as exc:
         errors.add(loc, f"template syntax error: {exc.message}")
         return
+    for reason in refs.refused:
+        errors.add(loc, f"template refused: {reason}")
+    for what, times in refs.repeats:
+        declared = spec.params.get(what) if what else None
+        if what == "" or (declared is not None and declared.type in ("string", "array")):
+            errors.add(
+                loc,
+                f"template refused: repeating {'params.' + what if what else 'a text or list'} "
+                f"{times} times (a repetition may have at most {MAX_REPEAT_ITEMS:,} characters "
+                "or items)",
+            )
     for name in sorted(refs.names - allowed):
         hint = " (item/index exist only in a for_each step)" if name in {"item", "index"} else ""
         errors.add(
