@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from ledgerflow.ledger.store import Ledger
-from ledgerflow.testing.airflow_stack import AirflowStack
+from ledgerflow.testing.airflow_stack import AirflowStack, StackError
 from ledgerflow.testing.browser import TIMEOUT_MS, keep, log_in
 
 pytestmark = pytest.mark.e2e
@@ -79,6 +79,9 @@ def test_run_page_of_a_compensated_run_with_its_retry(
         "GET", "/ledgerflow/api/runs", params={"workflow": "checkout", "status": "compensated"}
     )
     assert run_id in [r["run_id"] for r in listed["runs"]]
+    # A far-away ``since`` is the caller's mistake (422 naming it), not a server error (500).
+    with pytest.raises(StackError, match=r"-> 422: .*before the year 1"):
+        stack.api("GET", "/ledgerflow/api/runs", params={"since": "999999999d"})
 
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()

@@ -161,6 +161,10 @@ def test_parse_since_reads_durations_and_iso_times() -> None:
     assert runview.parse_since("2026-01-30") == datetime(2026, 1, 30, tzinfo=timezone.utc)
     with pytest.raises(ValueError, match="not a time"):
         runview.parse_since("yesterday")
+    # Was an OverflowError: a 500 from GET /api/runs?since=999999999d.
+    for far in ("999999999d", "9999999999w", "3000000000000000s"):
+        with pytest.raises(ValueError, match="before the year 1"):
+            runview.parse_since(far, now)
 
 
 def test_run_page_escapes_and_shows_no_secret(ledger: Ledger) -> None:

@@ -131,8 +131,13 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", value)
     if match:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-        delta = timedelta(**{unit[match.group(2)]: int(match.group(1))})
-        return (now or datetime.now(timezone.utc)) - delta
+        try:
+            delta = timedelta(**{unit[match.group(2)]: int(match.group(1))})
+            return (now or datetime.now(timezone.utc)) - delta
+        except OverflowError:
+            raise ValueError(
+                f"{value.strip()} ago is before the year 1 (use a smaller number)"
+            ) from None
     try:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
