@@ -173,6 +173,10 @@ def test_retry_refusals_over_rest_and_cli(stack: AirflowStack, ledger: Ledger) -
         viewer = {"Authorization": f"Bearer {stack.token('viewer')}"}
         resp = http.post(f"{url}/{succeeded}/retry", headers=viewer, json={"from": "s2"})
         assert resp.status_code == 403
+        # Without ``from`` the plan is refused (409 "succeeded" above): the viewer gets 403
+        # first, and learns nothing of the run's state.
+        resp = http.post(f"{url}/{succeeded}/retry", headers=viewer)
+        assert resp.status_code == 403 and "succeeded" not in resp.text
         assert http.post(f"{url}/{succeeded}/retry", json={"from": "s2"}).status_code == 401
     refused = cli(stack, "retry", succeeded)
     assert refused.returncode == 2 and "succeeded: nothing to resume" in refused.stderr

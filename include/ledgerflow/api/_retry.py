@@ -61,6 +61,11 @@ def retry_router(source: Callable[[], Ledger]) -> APIRouter:
 
         ledger = source()
         body = body or RetryBody()
+        # Rights first: a caller who may not trigger the DAG learns nothing of the run's
+        # state (a 409 would say it is running or already continued).
+        row = ledger.run(run_id)
+        if row is not None and not may_create_runs(user, row["dag_id"]):
+            raise HTTPException(403, f"{user.get_name()} may not trigger runs of {row['dag_id']}")
         try:
             plan = plan_retry(
                 ledger, run_id, body.from_step, state_of=airflow_state, params=body.params
