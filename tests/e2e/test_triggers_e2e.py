@@ -240,6 +240,11 @@ def test_unsigned_or_badly_signed_webhooks_are_401_and_start_nothing(
     other = _deliver(stack, {"order_id": "x"}, hook_secret, path="/ledgerflow/hooks/flaky_http")
     assert other.status_code == 404
     assert _deliver(stack, body, hook_secret, path="/ledgerflow/hooks/nope").status_code == 404
+    # A body over the app's limit is refused by its size, before it is read (no login).
+    with httpx.Client(base_url=stack.base_url, timeout=60) as c:
+        big = c.post(HOOK, content=b"x" * 5_000_000, headers={"Content-Type": "application/json"})
+    assert big.status_code == 413 and "at most 1,000,000 bytes" in big.text
+    assert run_count(stack) == before
 
 
 def test_airflow_rest_trigger_keeps_working_and_its_conf_is_checked_by_the_first_task(

@@ -39,6 +39,7 @@ from ledgerflow.api._auth import (
     roles_of_name,
     server_secret,
 )
+from ledgerflow.api._limits import MAX_BODY_BYTES, BodyLimit
 from ledgerflow.ledger import approvals
 from ledgerflow.ledger.store import Ledger
 
@@ -171,6 +172,9 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
+
+    # Before anything reads a body (authentication, FastAPI's parsing, the webhook route).
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
     @app.get("/health")
     def health() -> dict[str, str]:
