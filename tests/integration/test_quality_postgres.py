@@ -178,7 +178,7 @@ def test_failing_data_with_on_failure_fail_fails_at_once_with_the_samples_record
     the attempt is failed and final, with a dead letter; no checkpoint output exists."""
     spec = workflow(
         tmp_path,
-        dataset="{conn_id: warehouse, query: \"SELECT * FROM orders WHERE region = '{{ params.region }}'\"}",
+        dataset="{conn_id: warehouse, query: \"SELECT * FROM orders WHERE region = :region\", parameters: {region: '{{ params.region }}'}}",
     )
     with pytest.raises(QualityCheckFailed) as info:
         run(spec, ledger, "dirty", region="bad")
@@ -357,3 +357,29 @@ def test_a_migration_numbered_below_the_applied_maximum_still_runs(tmp_path: Pat
     with again.engine.connect() as conn:
         assert inspect(conn).has_table(schema.llm_calls.name)
         assert inspect(conn).has_table("lf_quality_results")
+
+
+def test_query_parameters_are_bound_as_literals_and_cannot_break_out(warehouse: str) -> None:
+    """A query's values are rendered by Postgres's dialect as quoted literals: a value
+    written to close the quote (``good' OR '1'='1``) matches no row, where pasting it
+    into the query text (what a templated query did) matched all 2,004."""
+    from ledgerflow.steps.quality import bind_literals
+
+    engine = create_engine(warehouse)
+    query = "SELECT count(*) FROM orders WHERE region = :region"
+    try:
+        with engine.connect() as conn:
+
+            def rows(value: str) -> int:
+                return int(
+                    conn.execute(
+                        text(bind_literals(warehouse, query, {"region": value}))
+                    ).scalar_one()
+                )
+
+            assert rows("good") == 2000
+            assert rows("good' OR '1'='1") == 0
+            pasted = query.replace(":region", "'good' OR '1'='1'")
+            assert int(conn.execute(text(pasted)).scalar_one()) == 2004
+    finally:
+        engine.dispose()

@@ -56,8 +56,9 @@ def _has(report: list[str], where: str, fragment: str) -> None:
 
 
 def test_a_quality_step_with_every_expectation_kind_loads(tmp_path: Path) -> None:
-    """All six catalog expectations (short and long forms), a templated query and the branch
-    form load; the query is a template field and on_failure names the branch target."""
+    """All six catalog expectations (short and long forms), a query with a templated
+    parameter and the branch form load; the parameter is a template field and on_failure
+    names the branch target."""
     step = _load(
         tmp_path,
         """
@@ -66,7 +67,8 @@ def test_a_quality_step_with_every_expectation_kind_loads(tmp_path: Path) -> Non
             needs: [load]
             dataset:
               conn_id: warehouse
-              query: "SELECT * FROM orders WHERE region = '{{ params.region }}'"
+              query: "SELECT * FROM orders WHERE region = :region"
+              parameters: {region: "{{ params.region }}"}
             expectations:
               - not_null: id
               - unique: {column: id, mostly: 0.99}
@@ -82,7 +84,9 @@ def test_a_quality_step_with_every_expectation_kind_loads(tmp_path: Path) -> Non
     )
     assert {parse_expectation(e)[0].name for e in step.expectations} == set(CATALOG)  # type: ignore[union-attr]
     assert step.branch_target == "quarantine"
-    assert (("dataset", "query"), step.dataset.query, False) in template_fields(step)
+    assert (("dataset", "parameters", "region"), "{{ params.region }}", False) in template_fields(
+        step
+    )
 
 
 def test_a_step_output_dataset_counts_as_a_reference_to_that_step(tmp_path: Path) -> None:
@@ -275,15 +279,16 @@ def test_a_dataset_has_exactly_one_source(tmp_path: Path, dataset: str, fragment
 
 
 def test_templates_of_a_quality_step_are_checked(tmp_path: Path) -> None:
-    """A query naming an unknown param and a step dataset that is not upstream are errors at
-    their lines."""
+    """A query parameter naming an unknown param and a step dataset that is not upstream
+    are errors at their lines."""
     text, report = _errors(
         tmp_path,
         """
           - id: check
             kind: quality
             dataset:
-              query: "SELECT * FROM t WHERE r = '{{ params.regoin }}'"
+              query: "SELECT * FROM t WHERE r = :r"
+              parameters: {r: "{{ params.regoin }}"}
             expectations: [{not_null: id}]
           - id: check2
             kind: quality
@@ -294,7 +299,7 @@ def test_templates_of_a_quality_step_are_checked(tmp_path: Path) -> None:
     )
     _has(
         report,
-        f"wf.yaml:{_line(text, 'params.regoin')}: steps[1].dataset.query",
+        f"wf.yaml:{_line(text, 'params.regoin')}: steps[1].dataset.parameters.r",
         "unknown param 'regoin'",
     )
     _has(report, f"wf.yaml:{_line(text, 'step: load')}: steps[2].dataset.step", "not upstream")
@@ -347,3 +352,40 @@ def test_step_outputs_become_frames_or_a_dataset_error() -> None:
         to_frame("rows")
     with pytest.raises(DatasetError):
         to_frame({"a": [1], "b": [1, 2]})
+
+
+def test_a_templated_query_is_refused_and_placeholders_match_parameters(tmp_path: Path) -> None:
+    """``'{{ params.x }}'`` pasted into a query is an injection: refused with the way to
+    write it; every ``:name`` needs a value and every value a ``:name``."""
+    text, report = _errors(
+        tmp_path,
+        """
+          - id: check
+            kind: quality
+            dataset:
+              query: "SELECT * FROM t WHERE r = '{{ params.region }}'"
+            expectations: [{not_null: id}]
+          - id: check2
+            kind: quality
+            dataset:
+              query: "SELECT a::int FROM t WHERE r = :region AND s = :status"
+              parameters: {region: "{{ params.region }}", colour: red}
+            expectations: [{not_null: id}]
+        """,
+    )
+    pasted = _line(text, "r = '{{")
+    _has(
+        report,
+        f"wf.yaml:{pasted}: steps[1].dataset.query",
+        "SQL text may not be a template",
+    )
+    _has(
+        report,
+        f"wf.yaml:{_line(text, ':status')}: steps[2].dataset.query",
+        "the query's :status has no value in dataset.parameters",
+    )
+    _has(
+        report,
+        f"wf.yaml:{_line(text, 'colour: red')}: steps[2].dataset.parameters.colour",
+        "the query has no :colour placeholder",
+    )

@@ -247,7 +247,9 @@ class QualityDataset(_Model):
     conn_id: str = "ledgerflow_db"
     table: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
     query: str | None = None
-    """SQL, templated like args (rendered as text: keep params typed or enumerated)."""
+    """SQL text, not a template: values come in as ``:name``, bound from ``parameters``."""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    """Values of the query's ``:name`` placeholders, templated like args."""
     step: str | None = Field(None, pattern=_ID)
     expression: str | None = None
 
@@ -259,6 +261,8 @@ class QualityDataset(_Model):
                 "give exactly one of table, query, step or expression"
                 + (f" (got {', '.join(given)})" if given else "")
             )
+        if self.parameters and self.query is None:
+            raise ValueError("parameters are the values of a query's :name placeholders")
         return self
 
 

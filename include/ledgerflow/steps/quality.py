@@ -8,7 +8,7 @@ directly); ``QualityOperator`` is its Airflow adapter and the branch point.
    including the path it took, so a retry run follows the same branch without
    validating again;
 2. ``when`` false -> skipped;
-3. an attempt is recorded, the dataset resolved (a table or a rendered query through a
+3. an attempt is recorded, the dataset resolved (a table or a query with bound parameters through a
    connection; an upstream output as a DataFrame) and validated;
 4. the result row (``lf_quality_results``) is written in the same transaction as the
    outcome: the completed checkpoint (passed, warned, branched), or the failed attempt
@@ -111,7 +111,30 @@ def resolve_dataset(step: QualityStep, context: dict[str, Any]) -> Dataset:
     url = connection_url(data.conn_id)
     if data.table is not None:
         return SqlDataset(url=url, label=label, table=data.table)
-    return SqlDataset(url=url, label=label, query=str(render_value(data.query, context)))
+    assert data.query is not None
+    values = render_value(data.parameters, context)
+    return SqlDataset(url=url, label=label, query=bind_literals(url, data.query, values))
+
+
+def bind_literals(url: str, query: str, values: dict[str, Any]) -> str:
+    """The query with each ``:name`` replaced by its value as the database's SQL literal
+    (quoted and escaped by SQLAlchemy's dialect: ``o'brien`` -> ``'o''brien'``).
+    Great Expectations takes a query asset as text, so the values cannot be sent apart;
+    a literal rendered by the dialect cannot break out of its quotes."""
+    from sqlalchemy import bindparam, text
+    from sqlalchemy.engine import make_url
+
+    from ledgerflow.errors import NonRetryableError
+
+    for name, value in values.items():
+        if not isinstance(value, str | int | float | bool) and value is not None:
+            raise NonRetryableError(
+                f"dataset.parameters.{name} is a {type(value).__name__}: a query parameter is "
+                "a text, a number, a boolean or null"
+            )
+    dialect = make_url(url).get_dialect()()
+    clause = text(query).bindparams(*(bindparam(n, v) for n, v in values.items()))
+    return str(clause.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
 
 
 def connection_url(conn_id: str) -> str:

@@ -6,6 +6,7 @@ every problem becomes a ``SpecError`` naming the file, the line and the field.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,13 @@ from ledgerflow.workflow.graph import ancestors, find_cycle
 CRON_PRESETS = frozenset(
     {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
 )
+# SQL text is never a template: a value pasted into it is an injection.
+SQL_TEMPLATE = (
+    "SQL text may not be a template (a value pasted into SQL is an injection): write :name "
+    'in it and give the value in {where}, e.g. {{name: "{{{{ params.name }}}}"}}'
+)
+# ``:name`` as SQLAlchemy's text() finds it (not a ``::type`` cast, not an escaped ``\:``).
+SQL_PLACEHOLDER = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
 NO_IDEMPOTENCY = (
     "the engine refuses to run a step that has not declared how it handles retry: "
     "tool {tool!r} has side effects, so declare `idempotency: {{key: <template>}}`, "
@@ -124,8 +132,10 @@ def template_fields(step: AnyStep) -> list[tuple[tuple[Any, ...], str, bool]]:
         fields += [(path, value, False) for path, value in iter_strings(step.payload, ("payload",))]
     elif isinstance(step, QualityStep):
         data = step.dataset
-        if data.query is not None:
-            fields.append((("dataset", "query"), data.query, False))
+        fields += [
+            (path, value, False)
+            for path, value in iter_strings(data.parameters, ("dataset", "parameters"))
+        ]
         if data.expression is not None:
             fields.append((("dataset", "expression"), data.expression, True))
         if data.step is not None:  # checked and loaded like a template naming that output
@@ -185,6 +195,20 @@ def _check_quality(step: QualityStep, loc: tuple[Any, ...], errors: _Collector) 
         errors.add(
             (*loc, "for_each"), "for_each is not supported on a quality step: validate the list"
         )
+    query = step.dataset.query
+    if query is None:
+        return
+    given = step.dataset.parameters
+    if is_template(query):
+        errors.add((*loc, "dataset", "query"), SQL_TEMPLATE.format(where="dataset.parameters"))
+        return
+    placeholders = set(SQL_PLACEHOLDER.findall(query))
+    for name in sorted(placeholders - set(given)):
+        errors.add(
+            (*loc, "dataset", "query"), f"the query's :{name} has no value in dataset.parameters"
+        )
+    for name in sorted(set(given) - placeholders):
+        errors.add((*loc, "dataset", "parameters", name), f"the query has no :{name} placeholder")
 
 
 def _check_llm(step: LlmStep, loc: tuple[Any, ...], errors: _Collector) -> None:
@@ -368,12 +392,7 @@ def _check_call(
             errors.add(loc, NO_IDEMPOTENCY.format(tool=tool_name))
     statement = args.get("statement") if tool_name == "sql" else None
     if isinstance(statement, str) and is_template(statement):
-        errors.add(
-            (*loc, "args", "statement"),
-            "SQL text may not be a template (a value pasted into SQL is an injection): write "
-            ":name in the statement and give the value in parameters, e.g. "
-            'parameters: {name: "{{ params.name }}"}',
-        )
+        errors.add((*loc, "args", "statement"), SQL_TEMPLATE.format(where="args.parameters"))
     for path, value in iter_strings(args, (*loc, "args")):
         _check_refs(spec, value, path, upstream, allowed, errors)
     key = getattr(idempotency, "key", None)
