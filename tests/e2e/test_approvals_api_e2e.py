@@ -40,13 +40,14 @@ def make_approval(
     payload: Any = None,
     workflow: str = "api_e2e",
 ) -> approvals.Approval:
-    """A pending approval of a made-up run (no DAG waits on it)."""
+    """A pending approval of a made-up run (no task waits on it). Its DAG is one the stack
+    has: approvals are shown only to users whom Airflow lets read their DAG."""
     run = f"{workflow}__v1/manual__{secrets.token_hex(6)}"
     approval, created = approvals.request(
         ledger,
         run_id=run,
         step_key="manager_approval",
-        dag_id=f"{workflow}__v1",
+        dag_id="approval_strict__v1",
         task_id="manager_approval",
         workflow=workflow,
         version=1,

@@ -73,11 +73,16 @@ class _LedgerSource:
             return self._ledger
 
 
-def _approval(ledger: Ledger, approval_id: int) -> approvals.Approval:
+def _approval(ledger: Ledger, approval_id: int, caller: Caller) -> approvals.Approval:
+    """The approval, if the caller may read its DAG; 404 otherwise (its existence, subject
+    and payload are the DAG's to show)."""
     try:
-        return approvals.get(ledger, approval_id)
+        approval = approvals.get(ledger, approval_id)
     except approvals.ApprovalNotFound:
-        raise HTTPException(404, f"no approval {approval_id}") from None
+        approval = None
+    if approval is None or not caller.may_read(approval.dag_id):
+        raise HTTPException(404, f"no approval {approval_id}")
+    return approval
 
 
 def _may_decide(approval: approvals.Approval, caller: Caller) -> bool:
@@ -85,15 +90,27 @@ def _may_decide(approval: approvals.Approval, caller: Caller) -> bool:
 
 
 def _listing(
-    ledger: Ledger, status: StatusFilter, workflow: str | None, assignee: str | None
+    ledger: Ledger,
+    status: StatusFilter,
+    workflow: str | None,
+    assignee: str | None,
+    caller: Caller,
 ) -> list[approvals.Approval]:
+    """The approvals of DAGs the caller may read, filtered."""
     rows = approvals.listing(
         ledger, status=None if status == "all" else status, workflow=workflow or None
     )
+    rows = [a for a in rows if caller.may_read(a.dag_id)]
     if assignee:
         roles = roles_of_name(assignee) or frozenset()
         rows = [a for a in rows if a.may_decide(assignee, set(roles))]
     return rows
+
+
+def _workflows(ledger: Ledger, caller: Caller) -> list[str]:
+    """The workflow filter's choices: those with an approval the caller may read."""
+    rows = approvals.listing(ledger, status=None)
+    return sorted({a.workflow for a in rows if caller.may_read(a.dag_id)})
 
 
 def _decide(
@@ -104,7 +121,7 @@ def _decide(
     comment: str,
     seen_hash: str | None,
 ) -> approvals.Approval:
-    approval = _approval(ledger, approval_id)
+    approval = _approval(ledger, approval_id, caller)
     if not _may_decide(approval, caller):
         raise HTTPException(403, f"{caller.name} may not decide approval {approval_id}")
     try:
@@ -194,12 +211,12 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
         workflow: str | None = None,
         assignee: Annotated[str | None, Query(description="approvals this user may decide")] = None,
     ) -> dict[str, Any]:
-        rows = _listing(source(), status, workflow, assignee)
+        rows = _listing(source(), status, workflow, assignee, caller)
         return {"approvals": [_view(a, caller) for a in rows], "total": len(rows)}
 
     @api.get("/approvals/{approval_id}")
     def get_approval(approval_id: int, caller: CallerDep) -> dict[str, Any]:
-        return _view(_approval(source(), approval_id), caller)
+        return _view(_approval(source(), approval_id, caller), caller)
 
     @api.post("/approvals/{approval_id}/decision")
     def post_decision(approval_id: int, body: DecisionBody, caller: CallerDep) -> dict[str, Any]:
@@ -253,8 +270,8 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
         msg: str | None = None,
     ) -> str:
         ledger = source()
-        rows = _listing(ledger, "pending", workflow, assignee)
-        workflows = sorted({a.workflow for a in approvals.listing(ledger, status=None)})
+        rows = _listing(ledger, "pending", workflow, assignee, caller)
+        workflows = _workflows(ledger, caller)
         return _render.page(
             "pending",
             title="Pending approvals",
@@ -270,13 +287,13 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
     @app.get("/approvals/decided", response_class=HTMLResponse)
     def decided_page(request: Request, caller: CallerDep, workflow: str | None = None) -> str:
         ledger = source()
-        workflows = sorted({a.workflow for a in approvals.listing(ledger, status=None)})
+        workflows = _workflows(ledger, caller)
         return _render.page(
             "decided",
             title="Decided approvals",
             root=root(request),
             caller=caller,
-            approvals=_listing(ledger, "decided", workflow, None),
+            approvals=_listing(ledger, "decided", workflow, None, caller),
             workflows=workflows,
             workflow=workflow,
         )
@@ -285,7 +302,7 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
     def approval_page(
         approval_id: int, request: Request, caller: CallerDep, msg: str | None = None
     ) -> str:
-        approval = _approval(source(), approval_id)
+        approval = _approval(source(), approval_id, caller)
         return _render.page(
             "detail",
             title=approval.subject,

@@ -20,10 +20,16 @@ from fastapi import Depends
 
 @dataclass(frozen=True)
 class Caller:
-    """The authenticated Airflow user: the name recorded as approver, and their roles."""
+    """The authenticated Airflow user: the name recorded as approver, their roles, and the
+    DAGs they may read (``None``: everything, for a caller built without Airflow)."""
 
     name: str
     roles: frozenset[str]
+    dags: frozenset[str] | None = None
+
+    def may_read(self, dag_id: str) -> bool:
+        """Whether Airflow lets this user read the DAG (and so its approvals and runs)."""
+        return self.dags is None or dag_id in self.dags
 
 
 def roles_of(user: Any) -> frozenset[str]:
@@ -74,8 +80,12 @@ def roles_of_name(name: str) -> frozenset[str] | None:
 
 
 async def current_user(user: Annotated[Any, Depends(get_user)]) -> Caller:
-    """Airflow's authenticated user (401 anonymous, 403 an invalid token)."""
-    return Caller(name=str(user.get_name()), roles=roles_of(user))
+    """Airflow's authenticated user (401 anonymous, 403 an invalid token), with the DAGs
+    Airflow's auth manager lets them read (its own rule, teams included)."""
+    from airflow.api_fastapi.app import get_auth_manager
+
+    dags = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
+    return Caller(name=str(user.get_name()), roles=roles_of(user), dags=frozenset(dags))
 
 
 CallerDep = Annotated[Caller, Depends(current_user)]
