@@ -64,18 +64,9 @@ def _airflow_connection_uri(conn_id: str) -> str | None:
     if conn is None:
         return None
     if conn.conn_type in ("postgres", "postgresql"):
-        from sqlalchemy.engine import URL
-
-        query = conn.extra_dejson.get("sqlalchemy_query") or {}  # as PostgresHook reads it
-        return URL.create(
-            "postgresql+psycopg2",
-            username=conn.login or None,
-            password=conn.password or None,
-            host=conn.host or None,
-            port=int(conn.port) if conn.port else None,
-            database=conn.schema or None,
-            query=query if isinstance(query, dict) else {},
-        ).render_as_string(hide_password=False)
+        return _postgres_url(
+            conn.login, conn.password, conn.host, conn.port, conn.schema, conn.extra_dejson
+        )
     if conn.conn_type == "sqlite":
         return f"sqlite:///{conn.host}"
     return str(conn.get_uri())
@@ -103,16 +94,67 @@ def _airflow_connection(conn_id: str) -> Any | None:
         return None
 
 
+# Extras of a Postgres connection that libpq (psycopg2) takes as connection parameters.
+_LIBPQ_EXTRAS = (
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslcrl",
+    "connect_timeout",
+    "application_name",
+    "options",
+    "keepalives",
+    "keepalives_idle",
+    "target_session_attrs",
+)
+
+
+def _postgres_url(
+    login: str | None,
+    password: str | None,
+    host: str | None,
+    port: Any,
+    schema: str | None,
+    extra: dict[str, Any] | None,
+) -> str:
+    """A psycopg2 URL built by SQLAlchemy, not by string concatenation: a password with
+    ``@``, ``/``, ``#`` or ``:`` is escaped, and libpq's extras (``sslmode``...) and
+    ``sqlalchemy_query`` (as PostgresHook reads it) are kept as query parameters."""
+    from sqlalchemy.engine import URL
+
+    extra = extra or {}
+    query = {k: str(extra[k]) for k in _LIBPQ_EXTRAS if extra.get(k) is not None}
+    more = extra.get("sqlalchemy_query")
+    if isinstance(more, dict):
+        query.update({str(k): str(v) for k, v in more.items()})
+    return URL.create(
+        "postgresql+psycopg2",
+        username=login or None,
+        password=password or None,
+        host=host or None,
+        port=int(port) if port else None,
+        database=schema or None,
+        query=query,
+    ).render_as_string(hide_password=False)
+
+
 def _uri_from_json(data: dict[str, Any]) -> str:
+    """An ``AIRFLOW_CONN_*`` variable in Airflow's JSON form."""
     kind = data.get("conn_type", "postgres")
     if kind == "sqlite":
         return f"sqlite:///{data['host']}"
-    auth = data.get("login") or ""
-    if data.get("password"):
-        auth += f":{data['password']}"
-    host = data.get("host", "localhost")
-    port = f":{data['port']}" if data.get("port") else ""
-    return f"postgresql://{auth}{'@' if auth else ''}{host}{port}/{data.get('schema', '')}"
+    extra = data.get("extra") or {}
+    if isinstance(extra, str):
+        extra = json.loads(extra) if extra.strip() else {}
+    return _postgres_url(
+        data.get("login"),
+        data.get("password"),
+        data.get("host", "localhost"),
+        data.get("port"),
+        data.get("schema"),
+        extra,
+    )
 
 
 _ENGINES: dict[str, Engine] = {}
