@@ -67,16 +67,16 @@ from harness import (  # bench/ is on sys.path when run as a script
     med,
     ms,
     new_base,
-    rounds,
     write_workflow,
 )
 from overhead import (
     diff,
+    executor_figures,
+    measured_runs,
     plain_dag_source,
     secs,
     split_task,
     task_log,
-    workload_durations,
 )
 
 TARGET_HOPS = 1.5
@@ -470,9 +470,6 @@ def main(argv: list[str] | None = None) -> int:
     t_begin = time.monotonic()
     base = new_base("compensation")
     write_dags(base / "dags")
-    results: list[dict[str, Any]] = []
-    warmups: list[dict[str, Any]] = []
-    load = {"start": os.getloadavg()[0], "end": 0.0}
     extra_env = {"AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": str(REPARSE_INTERVAL_S)}
     with deployment(
         "compensation",
@@ -484,27 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         extra_env=extra_env,
     ) as env:
         stack, ledger = env.stack, env.ledger
-        for label, warm, order in rounds(args.runs, KINDS, warmup=WARMUP_RUNS, alternate=False):
-            if label == "1":
-                load["start"] = os.getloadavg()[0]
-            for kind in order:
-                result = one_run(stack, ledger, kind, label)
-                (warmups if warm else results).append(result)
-                what = f"warm-up {label}" if warm else f"run {label}/{args.runs}"
-                log(f"{what} {kind:6s} {describe(result)} (load {os.getloadavg()[0]:.1f})")
-                time.sleep(SETTLE_S)
-        load["end"] = os.getloadavg()[0]
+        results, warmups, load = measured_runs(
+            stack, ledger, one_run, describe, log, args.runs, KINDS, WARMUP_RUNS, SETTLE_S
+        )
         log("reading task logs and the ledger")
         per_hop = analyse(results, stack.logs_dir, ledger)
-        extra = {
-            "load": load,
-            "workload_s": workload_durations(stack.log_path("scheduler")),
-            "max_queued_to_start_s": max(
-                secs(ts(t["start_date"]), ts(t["queued_when"])) or 0.0
-                for r in results
-                for t in r["tis"]
-            ),
-        }
+        extra = executor_figures(stack, results, load)
 
     report = summarise(args, results, warmups, per_hop, extra)
     report["seconds_total"] = time.monotonic() - t_begin

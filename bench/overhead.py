@@ -52,6 +52,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,57 @@ def one_run(stack: Any, ledger: Any, kind: str, label: str) -> dict[str, Any]:
 
 
 # -- after the runs: per-task split from Airflow's timestamps, the task logs, the ledger --
+
+
+def describe(result: dict[str, Any]) -> str:
+    return f"DagRun {result['run_s']:.2f} s, tasks {result['tasks_s']:.2f} s"
+
+
+def measured_runs(
+    stack: Any,
+    ledger: Any,
+    one_run: Callable[[Any, Any, str, str], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+    log: Callable[[str], None],
+    runs: int,
+    kinds: Sequence[str],
+    warmup: int,
+    settle: float,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
+    """Warm-up rounds, then ``runs`` measured runs of each kind, interleaved a, b, a, b,
+    one at a time and ``settle`` s apart: (measured, warm-ups, the load average at the
+    start and end of the measured ones). bench/compensation.py runs its kinds this way too."""
+    results: list[dict[str, Any]] = []
+    warmups: list[dict[str, Any]] = []
+    load = {"start": os.getloadavg()[0], "end": 0.0}
+    width = max(map(len, kinds))
+    for label, warm, order in rounds(runs, kinds, warmup=warmup, alternate=False):
+        if label == "1":
+            load["start"] = os.getloadavg()[0]
+        for kind in order:
+            result = one_run(stack, ledger, kind, label)
+            (warmups if warm else results).append(result)
+            what = f"warm-up {label}" if warm else f"run {label}/{runs}"
+            log(f"{what} {kind:{width}s} {describe(result)} (load {os.getloadavg()[0]:.1f})")
+            time.sleep(settle)
+    load["end"] = os.getloadavg()[0]
+    return results, warmups, load
+
+
+def executor_figures(
+    stack: Any, results: list[dict[str, Any]], load: dict[str, float]
+) -> dict[str, Any]:
+    """The load, how long each LocalExecutor workload held its worker, and the longest
+    wait of a measured task from queued to running."""
+    return {
+        "load": load,
+        "workload_s": workload_durations(stack.log_path("scheduler")),
+        "max_queued_to_start_s": max(
+            secs(ts(t["start_date"]), ts(t["queued_when"])) or 0.0
+            for r in results
+            for t in r["tis"]
+        ),
+    }
 
 
 def task_log(logs_dir: Path, dag_id: str, run_id: str, task_id: str, try_number: int) -> list[Any]:
@@ -774,9 +826,6 @@ def main(argv: list[str] | None = None) -> int:
     t_begin = time.monotonic()
     base = new_base("overhead")
     files = write_dags(base / "dags")
-    results: list[dict[str, Any]] = []
-    warmups: list[dict[str, Any]] = []
-    load = {"start": os.getloadavg()[0], "end": 0.0}
     extra_env = {"AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": str(REPARSE_INTERVAL_S)}
     with deployment(
         "overhead",
@@ -789,31 +838,12 @@ def main(argv: list[str] | None = None) -> int:
         remove_base=False,  # the parse costs below use its DAG files
     ) as env:
         stack, ledger = env.stack, env.ledger
-        for label, warm, order in rounds(args.runs, KINDS, warmup=WARMUP_RUNS, alternate=False):
-            if label == "1":
-                load["start"] = os.getloadavg()[0]
-            for kind in order:
-                result = one_run(stack, ledger, kind, label)
-                (warmups if warm else results).append(result)
-                what = f"warm-up {label}" if warm else f"run {label}/{args.runs}"
-                log(
-                    f"{what} {kind:10s} DagRun {result['run_s']:.2f} s, "
-                    f"tasks {result['tasks_s']:.2f} s (load {os.getloadavg()[0]:.1f})"
-                )
-                time.sleep(SETTLE_S)
-        load["end"] = os.getloadavg()[0]
+        results, warmups, load = measured_runs(
+            stack, ledger, one_run, describe, log, args.runs, KINDS, WARMUP_RUNS, SETTLE_S
+        )
         log("reading task logs and the ledger")
         per_task = analyse(results, stack.logs_dir, ledger)
-        extra = {
-            "preload": not args.no_preload,
-            "load": load,
-            "workload_s": workload_durations(stack.log_path("scheduler")),
-            "max_queued_to_start_s": max(
-                secs(ts(t["start_date"]), ts(t["queued_when"])) or 0.0
-                for r in results
-                for t in r["tis"]
-            ),
-        }
+        extra = {"preload": not args.no_preload, **executor_figures(stack, results, load)}
         log("one step's ledger work in a fresh process, call by call")
         extra["cold_step"] = cold_steps(
             files, base / "dags", base / "step_home", ledger, env.ledger_url
