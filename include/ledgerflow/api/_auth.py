@@ -12,7 +12,7 @@ import hmac
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from airflow.api_fastapi.core_api.security import get_user
 from fastapi import Depends
@@ -82,10 +82,7 @@ def roles_of_name(name: str) -> frozenset[str] | None:
 async def current_user(user: Annotated[Any, Depends(get_user)]) -> Caller:
     """Airflow's authenticated user (401 anonymous, 403 an invalid token), with the DAGs
     Airflow's auth manager lets them read (its own rule, teams included)."""
-    from airflow.api_fastapi.app import get_auth_manager
-
-    dags = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
-    return Caller(name=str(user.get_name()), roles=roles_of(user), dags=frozenset(dags))
+    return Caller(name=str(user.get_name()), roles=roles_of(user), dags=readable_dags(user))
 
 
 CallerDep = Annotated[Caller, Depends(current_user)]
@@ -127,8 +124,24 @@ def server_secret() -> bytes:
 _RANDOM = os.urandom(32)
 
 
+def readable_dags(user: Any) -> frozenset[str]:
+    """The DAG ids Airflow's auth manager lets this user read (its own rule, teams included)."""
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return frozenset(get_auth_manager().get_authorized_dag_ids(user=user, method="GET"))
+
+
+def may_read_runs(user: Any, dag_id: str) -> bool:
+    """Airflow's own rule for reading a DAG's runs (``GET`` on its runs) for this user."""
+    return _may_on_runs(user, dag_id, "GET")
+
+
 def may_create_runs(user: Any, dag_id: str) -> bool:
     """Airflow's own rule for triggering a DAG (``POST`` on its runs) for this user."""
+    return _may_on_runs(user, dag_id, "POST")
+
+
+def _may_on_runs(user: Any, dag_id: str, method: Literal["GET", "POST"]) -> bool:
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import (
         DagAccessEntity,
@@ -137,7 +150,7 @@ def may_create_runs(user: Any, dag_id: str) -> bool:
 
     return bool(
         get_auth_manager().is_authorized_dag(
-            method="POST",
+            method=method,
             access_entity=DagAccessEntity.RUN,
             details=DagDetails(id=dag_id),
             user=user,

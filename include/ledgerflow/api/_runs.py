@@ -31,6 +31,8 @@ from ledgerflow.api._auth import (
     form_token,
     form_token_ok,
     may_create_runs,
+    may_read_runs,
+    readable_dags,
     roles_of,
     server_secret,
 )
@@ -272,31 +274,12 @@ def _caller(user: Any) -> Caller:
     return Caller(name=str(user.get_name()), roles=roles_of(user))
 
 
-def _readable_dags(user: Any) -> set[str] | None:
+def _readable_dags(user: Any) -> frozenset[str] | None:
     """The DAG ids whose runs the user may read (None: could not ask; then per run)."""
     try:
-        from airflow.api_fastapi.app import get_auth_manager
-
-        return set(get_auth_manager().get_authorized_dag_ids(user=user, method="GET"))
+        return readable_dags(user)
     except Exception:
         return None
-
-
-def _may_read(user: Any, dag_id: str) -> bool:
-    from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.models.resource_details import (
-        DagAccessEntity,
-        DagDetails,
-    )
-
-    return bool(
-        get_auth_manager().is_authorized_dag(
-            method="GET",
-            access_entity=DagAccessEntity.RUN,
-            details=DagDetails(id=dag_id),
-            user=user,
-        )
-    )
 
 
 def _filters(
@@ -341,12 +324,12 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
         )
         allowed = _readable_dags(user)
         if allowed is None:
-            return [r for r in rows if _may_read(user, r["dag_id"])]
+            return [r for r in rows if may_read_runs(user, r["dag_id"])]
         return [r for r in rows if r["dag_id"] in allowed]
 
     def document(user: Any, run_id: str) -> dict[str, Any]:
         doc = runview.run_document(source(), run_id)
-        if doc is None or not _may_read(user, doc["run"]["dag_id"]):
+        if doc is None or not may_read_runs(user, doc["run"]["dag_id"]):
             raise HTTPException(404, f"no run {run_id!r} in the ledger")
         return doc
 
