@@ -5,10 +5,12 @@ Routes (relative to the mount point):
 - ``GET /health``: liveness, without authentication; ``POST /hooks/{name}``: a signed
   webhook, authenticated by the workflow's secret instead of a login (``_triggers.py``).
 - ``POST /api/workflows/{name}/runs``: start a run (``_triggers.py``).
-- REST: ``GET /api/approvals``, ``GET /api/approvals/{id}``,
+- REST: ``GET /api/approvals`` (``limit``, default 100 and at most 1000, ``offset``;
+  ``total`` counts every match), ``GET /api/approvals/{id}``,
   ``POST /api/approvals/{id}/decision``; ``POST /api/runs/{run_id}/retry``
   (``_retry.py``).
-- Pages: ``GET /approvals``, ``GET /approvals/decided``, ``GET /approvals/{id}``,
+- Pages: ``GET /approvals``, ``GET /approvals/decided`` (100 a page, ``?page=N``),
+  ``GET /approvals/{id}``,
   ``POST /approvals/{id}/decide`` (form, CSRF token, redirects 303 with a message).
 
 Every other route depends on Airflow's authentication (:data:`CallerDep`): anonymous
@@ -89,6 +91,39 @@ def _may_decide(approval: approvals.Approval, caller: Caller) -> bool:
     return approval.may_decide(caller.name, set(caller.roles))
 
 
+PAGE_SIZE = 100
+"""Approvals per page (pages and the REST API's default ``limit``)."""
+MAX_LIMIT = 1000
+
+
+def _page(
+    ledger: Ledger,
+    status: StatusFilter,
+    workflow: str | None,
+    assignee: str | None,
+    caller: Caller,
+    offset: int = 0,
+    limit: int | None = PAGE_SIZE,
+) -> tuple[list[approvals.Approval], int]:
+    """One page of the approvals of DAGs the caller may read, filtered, and how many match
+    in all (the DAG filter is part of the query, so a page is full whatever the caller may
+    read)."""
+    query: dict[str, Any] = {
+        "status": None if status == "all" else status,
+        "workflow": workflow or None,
+        "dag_ids": caller.dags,
+    }
+    if not assignee:
+        rows = approvals.listing(ledger, **query, limit=limit, offset=offset)
+        return rows, approvals.count(ledger, **query)
+    roles = set(roles_of_name(assignee) or ())
+    mine = [
+        a for a in approvals.listing(ledger, **query, limit=None) if a.may_decide(assignee, roles)
+    ]
+    end = None if limit is None else offset + limit
+    return mine[offset:end], len(mine)
+
+
 def _listing(
     ledger: Ledger,
     status: StatusFilter,
@@ -96,21 +131,33 @@ def _listing(
     assignee: str | None,
     caller: Caller,
 ) -> list[approvals.Approval]:
-    """The approvals of DAGs the caller may read, filtered."""
-    rows = approvals.listing(
-        ledger, status=None if status == "all" else status, workflow=workflow or None
-    )
-    rows = [a for a in rows if caller.may_read(a.dag_id)]
-    if assignee:
-        roles = roles_of_name(assignee) or frozenset()
-        rows = [a for a in rows if a.may_decide(assignee, set(roles))]
-    return rows
+    """Every approval of DAGs the caller may read, filtered."""
+    return _page(ledger, status, workflow, assignee, caller, limit=None)[0]
 
 
 def _workflows(ledger: Ledger, caller: Caller) -> list[str]:
     """The workflow filter's choices: those with an approval the caller may read."""
-    rows = approvals.listing(ledger, status=None)
-    return sorted({a.workflow for a in rows if caller.may_read(a.dag_id)})
+    rows = approvals.listing(ledger, status=None, dag_ids=caller.dags, limit=None)
+    return sorted({a.workflow for a in rows})
+
+
+def _pager(request: Request, page: int, total: int) -> dict[str, Any]:
+    """The pages' pager: this page (1-based), how many, and links keeping the filters."""
+    from urllib.parse import urlencode
+
+    pages = max(1, -(-total // PAGE_SIZE))
+    kept = {k: v for k, v in request.query_params.items() if k not in ("page", "msg") and v}
+
+    def href(n: int) -> str | None:
+        return "?" + urlencode({**kept, "page": n}) if 1 <= n <= pages and n != page else None
+
+    return {
+        "page": page,
+        "pages": pages,
+        "total": total,
+        "prev": href(page - 1),
+        "next": href(page + 1),
+    }
 
 
 def _decide(
@@ -210,9 +257,16 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
         status: StatusFilter = "pending",
         workflow: str | None = None,
         assignee: Annotated[str | None, Query(description="approvals this user may decide")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = PAGE_SIZE,
+        offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
-        rows = _listing(source(), status, workflow, assignee, caller)
-        return {"approvals": [_view(a, caller) for a in rows], "total": len(rows)}
+        rows, total = _page(source(), status, workflow, assignee, caller, offset, limit)
+        return {
+            "approvals": [_view(a, caller) for a in rows],
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+        }
 
     @api.get("/approvals/{approval_id}")
     def get_approval(approval_id: int, caller: CallerDep) -> dict[str, Any]:
@@ -268,9 +322,11 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
         workflow: str | None = None,
         assignee: str | None = None,
         msg: str | None = None,
+        page: Annotated[int, Query(ge=1)] = 1,
     ) -> str:
         ledger = source()
-        rows = _listing(ledger, "pending", workflow, assignee, caller)
+        offset = (page - 1) * PAGE_SIZE
+        rows, total = _page(ledger, "pending", workflow, assignee, caller, offset)
         workflows = _workflows(ledger, caller)
         return _render.page(
             "pending",
@@ -282,20 +338,29 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
             workflow=workflow,
             assignee=assignee,
             message_code=msg,
+            pager=_pager(request, page, total),
         )
 
     @app.get("/approvals/decided", response_class=HTMLResponse)
-    def decided_page(request: Request, caller: CallerDep, workflow: str | None = None) -> str:
+    def decided_page(
+        request: Request,
+        caller: CallerDep,
+        workflow: str | None = None,
+        page: Annotated[int, Query(ge=1)] = 1,
+    ) -> str:
         ledger = source()
         workflows = _workflows(ledger, caller)
+        offset = (page - 1) * PAGE_SIZE
+        rows, total = _page(ledger, "decided", workflow, None, caller, offset)
         return _render.page(
             "decided",
             title="Decided approvals",
             root=root(request),
             caller=caller,
-            approvals=_listing(ledger, "decided", workflow, None, caller),
+            approvals=rows,
             workflows=workflows,
             workflow=workflow,
+            pager=_pager(request, page, total),
         )
 
     @app.get("/approvals/{approval_id}", response_class=HTMLResponse)

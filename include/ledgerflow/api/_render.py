@@ -57,6 +57,7 @@ th{background:#eef2f6}
 pre{background:#0f1720;color:#e6edf3;padding:.8rem;overflow:auto;border-radius:4px}
 code.hash{font-size:.8rem;word-break:break-all}
 form.filters{display:flex;gap:.6rem;margin-bottom:.8rem;align-items:end}
+.pager{display:flex;gap:1rem;margin-top:.8rem;align-items:center}
 label{display:block;font-size:.85rem;color:#52606d}
 textarea{width:100%;min-height:5rem}
 button{padding:.45rem 1rem;border-radius:4px;border:1px solid #7b8794;cursor:pointer}
@@ -133,6 +134,7 @@ _PENDING = """{% extends "layout" %}{% block content %}
 <td>{{ a.deadline | when }}</td><td>{{ a.created_at | when }}</td></tr>
 {% endfor %}</tbody></table>
 {% else %}<p class="muted">Nothing is waiting{% if workflow or assignee %} for this filter{% endif %}.</p>{% endif %}
+{% include "pager" %}
 {% endblock %}"""
 
 _DECIDED = """{% extends "layout" %}{% block content %}
@@ -152,7 +154,14 @@ _DECIDED = """{% extends "layout" %}{% block content %}
 <td>{{ a.decided_at | when }}</td><td>{{ a.comment or '' }}</td></tr>
 {% endfor %}</tbody></table>
 {% else %}<p class="muted">No decisions yet.</p>{% endif %}
+{% include "pager" %}
 {% endblock %}"""
+
+_PAGER = """{% if pager is defined and pager.pages > 1 %}<nav class="pager" aria-label="Pages">
+{% if pager.prev %}<a rel="prev" href="{{ pager.prev }}">&lsaquo; Newer</a>{% endif %}
+<span>Page {{ pager.page }} of {{ pager.pages }} ({{ pager.total }} in all)</span>
+{% if pager.next %}<a rel="next" href="{{ pager.next }}">Older &rsaquo;</a>{% endif %}
+</nav>{% endif %}"""
 
 _DETAIL = """{% extends "layout" %}{% block content %}
 <h1>{{ a.subject }}</h1>
@@ -227,6 +236,7 @@ def _env() -> jinja2.Environment:
             {
                 "layout": _LAYOUT,
                 "pending": _PENDING,
+                "pager": _PAGER,
                 "decided": _DECIDED,
                 "detail": _DETAIL,
                 "error": _ERROR,

@@ -14,11 +14,12 @@ snapshot of the payload they were shown).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, select, text, update
+from sqlalchemy import Connection, func, select, text, update
 
 from ledgerflow import observability
 from ledgerflow.errors import LedgerflowError
@@ -271,20 +272,34 @@ def listing(
     status: str | None = "pending",
     workflow: str | None = None,
     run_id: str | None = None,
-    limit: int = 200,
+    dag_ids: Collection[str] | None = None,
+    limit: int | None = 200,
+    offset: int = 0,
 ) -> list[Approval]:
-    """Approvals, newest first; ``status=None`` for all, ``"decided"`` for all but pending."""
-    query = select(t.approvals).order_by(t.approvals.c.id.desc()).limit(limit)
-    if status == "decided":
-        query = query.where(t.approvals.c.status != "pending")
-    elif status is not None:
-        query = query.where(t.approvals.c.status == status)
-    if workflow:
-        query = query.where(t.approvals.c.workflow == workflow)
-    if run_id:
-        query = query.where(t.approvals.c.run_id == run_id)
+    """Approvals, newest first; ``status=None`` for all, ``"decided"`` for all but pending;
+    ``dag_ids`` keeps those of these DAGs (None: every DAG); ``limit=None``: all."""
+    query = _where(select(t.approvals), status, workflow, run_id, dag_ids)
+    query = query.order_by(t.approvals.c.id.desc()).offset(offset).limit(limit)
     with ledger.engine.connect() as conn:
         return [_row(r) for r in conn.execute(query).mappings()]
+
+
+def count(ledger: Ledger, *, status: str | None, workflow: str | None, dag_ids: Any) -> int:
+    """How many approvals :func:`listing` would list without a limit."""
+    query = _where(select(func.count()).select_from(t.approvals), status, workflow, None, dag_ids)
+    with ledger.engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def _where(query: Any, status: Any, workflow: Any, run_id: Any, dag_ids: Any) -> Any:
+    c = t.approvals.c
+    if status is not None:
+        query = query.where(c.status != "pending" if status == "decided" else c.status == status)
+    if workflow:
+        query = query.where(c.workflow == workflow)
+    if run_id:
+        query = query.where(c.run_id == run_id)
+    return query if dag_ids is None else query.where(c.dag_id.in_(sorted(dag_ids)))
 
 
 def notify(ledger: Ledger, approval: Approval) -> None:
