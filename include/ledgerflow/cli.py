@@ -167,14 +167,15 @@ def _print_retry_chain(ledger: Any, run: dict[str, Any]) -> None:
         print(f"  {row['run_id']}  {row['status']}  (retry of {row['retry_of']}{start})")
 
 
-from ledgerflow.cli_retry import add_param_option, cmd_retry  # noqa: E402
+from ledgerflow.cli_retry import add_dags_folder_option, add_param_option, cmd_retry  # noqa: E402
 from ledgerflow.cli_retry import parse_param as parse_param  # noqa: E402  (re-exported)
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
     from ledgerflow import versions
+    from ledgerflow.settings import dags_folder
 
-    folder = (Path(args.dags_folder) if args.dags_folder else _default_dags()) / "workflows"
+    folder = dags_folder(args.dags_folder) / "workflows"
     if not folder.is_dir():
         print(f"no workflows folder at {folder} (use --dags-folder)", file=sys.stderr)
         return 2
@@ -198,12 +199,6 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return 1 if any(i.published and not i.intact for i in infos) else 0
 
 
-def _default_dags() -> Path:
-    from ledgerflow.retries import default_dags_folder
-
-    return default_dags_folder()
-
-
 def cmd_effects(args: argparse.Namespace) -> int:
     rows = _ledger(args).effects(args.run_id)
     _print(
@@ -214,12 +209,11 @@ def cmd_effects(args: argparse.Namespace) -> int:
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     if args.retry is not None:
-        from ledgerflow.deadletters import default_dags_folder, retry_dead_letter
+        from ledgerflow.deadletters import retry_dead_letter
         from ledgerflow.errors import LedgerflowError
 
-        folder = Path(args.dags_folder) if args.dags_folder else default_dags_folder()
         try:
-            result = retry_dead_letter(_ledger(args), args.retry, folder)
+            result = retry_dead_letter(_ledger(args), args.retry, args.dags_folder)
         except LedgerflowError as exc:
             print(f"cannot re-run: {exc}", file=sys.stderr)
             return 2
@@ -308,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def ledger_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--conn-id", default="ledgerflow_db", help="Airflow connection of the ledger"
+            "--conn-id",
+            help="Airflow connection of the ledger (default: [ledgerflow] conn_id, ledgerflow_db)",
         )
         p.add_argument("--url", help="SQLAlchemy URL of the ledger (overrides --conn-id)")
         p.add_argument(
@@ -369,10 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="run dead letter ID's step once more, here, under the same idempotency key",
     )
-    p.add_argument(
-        "--dags-folder",
-        help="where workflows/<name>/v<N>.yaml live (default: $AIRFLOW__CORE__DAGS_FOLDER or ./dags)",
-    )
+    add_dags_folder_option(p)
     p.set_defaults(func=cmd_dead_letters)
 
     p = sub.add_parser(
@@ -399,10 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEP",
         help="re-run this step and everything downstream of it (not reused)",
     )
-    p.add_argument(
-        "--dags-folder",
-        help="where workflows/<name>/v<N>.yaml live (default: Airflow's [core] dags_folder)",
-    )
+    add_dags_folder_option(p)
     add_param_option(p, "override a param")
     p.add_argument("--user", help="recorded as the user who asked for the retry")
     p.add_argument(
@@ -423,16 +412,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ledger_args(p)
     p.add_argument("name", nargs="?", help="only this workflow")
-    p.add_argument(
-        "--dags-folder",
-        help="where workflows/<name>/v<N>.yaml live (default: Airflow's [core] dags_folder)",
-    )
+    add_dags_folder_option(p)
     p.set_defaults(func=cmd_versions)
 
     p = sub.add_parser("breakers", help="circuit breakers: state, consecutive failures, open until")
     ledger_args(p)
     p.set_defaults(func=cmd_breakers)
+
+    p = sub.add_parser(
+        "config", help="the [ledgerflow] settings: value, where it came from, what it does"
+    )
+    p.add_argument("-o", "--output", dest="fmt", choices=FORMATS, help="output format")
+    p.add_argument("--json", action="store_true", help="same as -o json")
+    p.set_defaults(func=cmd_config)
     return parser
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from ledgerflow import settings
+
+    _print(settings.describe(), args.fmt, ["option", "value", "source", "about"])
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,6 +34,13 @@ def add_param_option(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_dags_folder_option(parser: argparse.ArgumentParser) -> None:
+    """``--dags-folder``, as every command that reads workflow files takes it."""
+    from ledgerflow.settings import DAGS_FOLDER_HELP
+
+    parser.add_argument("--dags-folder", metavar="DIR", help=DAGS_FOLDER_HELP)
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     from ledgerflow.errors import LedgerflowError
     from ledgerflow.ledger.store import Ledger

@@ -156,9 +156,9 @@ def _spec_file(name: str, version: _Version) -> Path:
         beside = Path(version.fileloc).with_suffix(".yaml")
         if beside.exists():
             return beside
-    from ledgerflow.retries import default_dags_folder
+    from ledgerflow.settings import workflow_file
 
-    return default_dags_folder() / "workflows" / name / f"v{version.version}.yaml"
+    return workflow_file(name, version.version)
 
 
 def load_spec(path: Path) -> WorkflowSpec:

@@ -129,25 +129,6 @@ class RetryStarted:
         }
 
 
-def default_dags_folder() -> Path:
-    """Airflow's ``[core] dags_folder`` (also when set in airflow.cfg), else ``./dags``."""
-    import os
-
-    env = os.environ.get("AIRFLOW__CORE__DAGS_FOLDER")
-    if env:
-        return Path(env)
-    try:
-        from airflow.configuration import conf
-
-        return Path(conf.get("core", "dags_folder"))
-    except Exception:
-        return Path("dags")
-
-
-def workflow_file(dags_folder: Path, workflow: str, version: int) -> Path:
-    return dags_folder / "workflows" / workflow / f"v{version}.yaml"
-
-
 def plan_retry(
     ledger: Ledger,
     run_id: str,
@@ -164,6 +145,7 @@ def plan_retry(
     ``state_of(dag_id, dag_run_id)`` gives Airflow's state of a run (``airflow_state``);
     without it, or when it knows nothing, the ledger's status decides."""
     from ledgerflow import versions
+    from ledgerflow.settings import workflow_file
     from ledgerflow.workflow.validate import load_workflow
 
     ledger.migrate()
@@ -174,7 +156,7 @@ def plan_retry(
             "`ledgerflow runs` lists them)",
             reason="unknown_run",
         )
-    path = workflow_file(dags_folder or default_dags_folder(), run["workflow"], run["version"])
+    path = workflow_file(run["workflow"], run["version"], dags_folder)
     if not path.exists():
         raise RetryRefused(
             f"{run_id} ran {run['workflow']} v{run['version']}, but {path} is gone: "

@@ -30,17 +30,23 @@ def loads(value: str | None) -> Any:
 
 
 def default_sqlite_path() -> Path:
-    home = Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
-    return home / "ledgerflow.db"
+    from ledgerflow.settings import airflow_home
+
+    return airflow_home() / "ledgerflow.db"
 
 
-def resolve_url(conn_id: str = DEFAULT_CONN_ID) -> str:
+def resolve_url(conn_id: str | None = DEFAULT_CONN_ID) -> str:
     """The SQLAlchemy URL of the ledger.
 
     Order: the Airflow connection ``conn_id`` (environment variable, secrets backend or
     the metadata database, whatever Airflow is configured with), else the SQLite file
-    ``$AIRFLOW_HOME/ledgerflow.db``.
+    ``$AIRFLOW_HOME/ledgerflow.db``. ``None`` or ``ledgerflow_db`` mean the ledger's
+    connection as configured (``[ledgerflow] conn_id``, default ``ledgerflow_db``).
     """
+    if conn_id is None or conn_id == DEFAULT_CONN_ID:
+        from ledgerflow import settings
+
+        conn_id = str(settings.get("conn_id"))
     uri = _airflow_connection_uri(conn_id)
     if uri is None:
         return f"sqlite:///{default_sqlite_path()}"

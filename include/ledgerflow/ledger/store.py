@@ -89,7 +89,7 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
         self._migrated = False
 
     @classmethod
-    def from_airflow(cls, conn_id: str = DEFAULT_CONN_ID) -> Ledger:
+    def from_airflow(cls, conn_id: str | None = None) -> Ledger:
         return cls(resolve_url(conn_id))
 
     # -- schema -----------------------------------------------------------------
