@@ -138,23 +138,23 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _retry_chain(ledger: Any, run_id: str) -> dict[str, Any]:
-    from ledgerflow.ledger import lineage
+    from ledgerflow.ledger import chains
 
     return {
-        "retries": [r["run_id"] for r in lineage.chain(ledger, run_id)[1:]],
+        "retries": [r["run_id"] for r in chains.chain(ledger, run_id)[1:]],
         "retried_by": [
             {"run_id": r["run_id"], "retry_of": r["retry_of"], "status": r["status"]}
-            for r in lineage.descendants(ledger, run_id)
+            for r in chains.descendants(ledger, run_id)
         ],
     }
 
 
 def _print_retry_chain(ledger: Any, run: dict[str, Any]) -> None:
     """The attempts of this run, oldest first, both ways: what it retries, what retries it."""
-    from ledgerflow.ledger import lineage
+    from ledgerflow.ledger import chains
 
-    before = list(reversed(lineage.chain(ledger, run["run_id"])[1:]))
-    after = lineage.descendants(ledger, run["run_id"])
+    before = list(reversed(chains.chain(ledger, run["run_id"])[1:]))
+    after = chains.descendants(ledger, run["run_id"])
     if not before and not after:
         return
     print("retry chain (oldest first):")
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="retry a run as a NEW run that reuses every completed step",
         description="Start a new run of the same workflow version (same DAG) with the "
         "original params, or with some overridden (--param). Every step completed anywhere "
-        "in the run's lineage (the run, the run it retried, ...) with the same inputs is "
+        "in the run's retry chain (the run, the run it retried, ...) with the same inputs is "
         "reused with its recorded output: no effect, LLM call or approval happens twice. The "
         "new run starts at the first step that did not complete, or at --from STEP (that "
         "step and everything downstream run again); a step whose inputs change under the "
