@@ -244,10 +244,8 @@ def _version() -> str:
     importing Airflow would cost a second)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        mine = version("ledgerflow")
-    except PackageNotFoundError:
-        mine = "(not installed)"
+    from ledgerflow import __version__ as mine
+
     try:
         airflow = version("apache-airflow")
     except PackageNotFoundError:
