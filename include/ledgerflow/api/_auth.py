@@ -103,9 +103,9 @@ def csrf_ok(
 
 def form_token(secret: bytes, user: str, purpose: str, *, at: int | None = None) -> str:
     """A form token bound to one user and one purpose (e.g. ``retry:<run id>``) and the
-    time it was made: ``<unix seconds>.<hex HMAC>``."""
+    time it was made: the unix time in 10 hex digits, then the hex HMAC of all three."""
     issued = int(time.time()) if at is None else at
-    return f"{issued}.{_form_mac(secret, user, purpose, issued)}"
+    return f"{issued:010x}{_form_mac(secret, user, purpose, issued)}"
 
 
 def form_token_ok(
@@ -115,12 +115,16 @@ def form_token_ok(
     ``[ledgerflow] form_token_ttl`` (nor from the future, beyond a minute of clock skew)."""
     from ledgerflow import settings
 
-    issued, _, mac = (token or "").partition(".")
-    if not issued.isdigit() or not hmac.compare_digest(
-        _form_mac(secret, user, purpose, int(issued)), mac
-    ):
+    token = token or ""
+    try:
+        issued = int(token[:10], 16)
+    except ValueError:
         return False
-    age = (time.time() if now is None else now) - int(issued)
+    if not token.isascii():  # compare_digest takes ASCII text only
+        return False
+    if not hmac.compare_digest(_form_mac(secret, user, purpose, issued), token[10:]):
+        return False
+    age = (time.time() if now is None else now) - issued
     return -60 <= age <= int(settings.get("form_token_ttl"))
 
 
