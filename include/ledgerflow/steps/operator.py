@@ -82,6 +82,7 @@ class LedgerflowOperator(BaseOperator):
 
         from ledgerflow.ledger.breakers import BreakerOpen
         from ledgerflow.ledger.store import Ledger
+        from ledgerflow.secrets import scrub
         from ledgerflow.spec.params import InvalidParams
         from ledgerflow.steps.branching import follow
         from ledgerflow.steps.kernel import StepSkipped, run_step
@@ -128,11 +129,13 @@ class LedgerflowOperator(BaseOperator):
             self.defer(trigger=DateTimeTrigger(moment=wait.until), method_name="resume")
         self.report(step, result)
         fallback, take = self.branch(step, result)
+        # XCom holds what the ledger holds: the output without registered secrets.
+        output = scrub(result.output)
         if fallback is not None:
             # The output goes to XCom before follow() ends the task by skipping a branch.
-            ti.xcom_push(key="return_value", value=result.output)
+            ti.xcom_push(key="return_value", value=output)
             follow(self, context, fallback=fallback, take_fallback=take)
-        return result.output
+        return output
 
     def resume(self, context: Any, event: Any = None) -> Any:
         """Back from waiting for a circuit breaker: run the step again (same try)."""
