@@ -20,6 +20,7 @@ Nothing here imports Airflow: a masker that was never loaded has nothing registe
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import sys
 from collections.abc import Mapping
@@ -76,6 +77,23 @@ def _scrub(value: Any, maskers: list[Any]) -> Any:
     if isinstance(value, tuple):
         return tuple(_scrub(v, maskers) for v in value)
     return value
+
+
+def scrub_exception(error: BaseException) -> BaseException:
+    """``error`` with its arguments (its message) scrubbed, and those of its cause and
+    context: what Airflow logs and reports of a failed task, in every process (the
+    scheduler's own log included), without registered secrets."""
+    maskers = _active()
+    seen: set[int] = set()
+    current: BaseException | None = error
+    pending: list[BaseException] = []
+    while maskers and current is not None and id(current) not in seen:
+        seen.add(id(current))
+        with contextlib.suppress(AttributeError, TypeError):  # an extension type's fixed args
+            current.args = tuple(_scrub(a, maskers) for a in current.args)
+        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+        current = pending.pop() if pending else None
+    return error
 
 
 def _scrub_parameters(

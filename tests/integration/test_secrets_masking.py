@@ -176,3 +176,21 @@ def test_a_json_escaped_secret_is_masked_as_stored(ledger: Ledger, masker: None)
 
         stored = conn.execute(select(t.events.c.data).where(t.events.c.run_id == "r/4")).scalar()
     assert 'ab\\"c\\\\def' not in stored and "***" in stored
+
+
+def test_an_error_and_its_cause_are_scrubbed(masker: None) -> None:
+    """The message of an error leaving a step, and of its cause and context, loses every
+    registered secret; its type and its other words stay."""
+    from airflow.sdk.log import mask_secret
+
+    mask_secret(API_KEY)
+    try:
+        try:
+            raise ValueError(f"key {API_KEY} refused")
+        except ValueError as inner:
+            raise ToolError(f"HTTP 500: {API_KEY}") from inner
+    except ToolError as error:
+        assert secrets.scrub_exception(error) is error
+        assert str(error) == "HTTP 500: ***"
+        assert isinstance(error.__cause__, ValueError)
+        assert str(error.__cause__) == "key *** refused"

@@ -82,7 +82,7 @@ class LedgerflowOperator(BaseOperator):
 
         from ledgerflow.ledger.breakers import BreakerOpen
         from ledgerflow.ledger.store import Ledger
-        from ledgerflow.secrets import scrub
+        from ledgerflow.secrets import scrub, scrub_exception
         from ledgerflow.spec.params import InvalidParams
         from ledgerflow.steps.branching import follow
         from ledgerflow.steps.kernel import StepSkipped, run_step
@@ -127,6 +127,10 @@ class LedgerflowOperator(BaseOperator):
             )
             self.log.info("%s; waiting (deferred)", wait)
             self.defer(trigger=DateTimeTrigger(moment=wait.until), method_name="resume")
+        except Exception as error:
+            # Airflow logs and reports this error in more places than the task log.
+            scrub_exception(error)
+            raise
         self.report(step, result)
         fallback, take = self.branch(step, result)
         # XCom holds what the ledger holds: the output without registered secrets.

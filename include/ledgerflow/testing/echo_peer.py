@@ -4,10 +4,16 @@ careless APIs and debugging proxies do: ``/fail`` answers 500 with them, any oth
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
 from ledgerflow.testing.loopback import Answer, LoopbackPeer
+
+# The credentials of a canary connection: looked for everywhere after a run.
+CANARY_LOGIN = "canary-user"
+CANARY_PASSWORD = "canary-pw-3e81d6f0"
+CANARY_API_KEY = "canary-key-9b27c4a5"
 
 # Echoed first: an error message keeps only the start of a body.
 _FIRST = ("authorization", "x-api-key")
@@ -27,3 +33,17 @@ class EchoPeer(LoopbackPeer):
             self.seen.append(got)
         status = 500 if path.rstrip("/").endswith("/fail") else 200
         return Answer.json(status, {"echo": echoed, "path": path})
+
+    def canary_connection(self) -> str:
+        """An ``AIRFLOW_CONN_*`` value (JSON) for an http connection to this peer with the
+        canary credentials: Basic auth from login/password, the API key as a header."""
+        return json.dumps(
+            {
+                "conn_type": "http",
+                "host": "127.0.0.1",
+                "port": int(self.url.rsplit(":", 1)[1]),
+                "login": CANARY_LOGIN,
+                "password": CANARY_PASSWORD,
+                "extra": {"headers": {"X-Api-Key": CANARY_API_KEY}},
+            }
+        )
