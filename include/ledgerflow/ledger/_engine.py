@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 
+from ledgerflow import secrets
 from ledgerflow.errors import LedgerError
 
 DEFAULT_CONN_ID = "ledgerflow_db"
@@ -180,6 +181,8 @@ def _engine(url: str) -> Engine:
                 # No pre-ping: a task is a fresh process with a fresh pool; long-lived
                 # processes recycle connections instead of paying a round trip per checkout.
                 engine = create_engine(url, pool_recycle=300, pool_size=2, max_overflow=2)
+            # Every value written passes Airflow's secrets masker (ledgerflow.secrets).
+            secrets.install(engine)
             _ENGINES[url] = engine
         return engine
 
