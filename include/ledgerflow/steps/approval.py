@@ -217,8 +217,8 @@ class ApprovalOperator(LedgerflowOperator, SkipMixin):
         from ledgerflow.triggers.approval import ApprovalTrigger
         from ledgerflow.triggers.required_action import open_in_airflow
 
-        ti_id = context["ti"].id
-        listed = open_in_airflow(ti_id, approval)
+        ti_id = getattr(context.get("ti"), "id", None)
+        listed = ti_id is not None and open_in_airflow(ti_id, approval)
         poll = POLL_POSTGRES_S if ledger.dialect == "postgresql" else POLL_SQLITE_S
         self.defer(
             trigger=ApprovalTrigger(
