@@ -54,6 +54,18 @@ def pending_in_airflow(stack: AirflowStack, run_id: str) -> list[dict[str, Any]]
 def respond(
     stack: AirflowStack, user: str, run_id: str, option: str, comment: str
 ) -> httpx.Response:
+    return respond_to(stack, user, DAG, run_id, STEP, option, comment)
+
+
+def respond_to(
+    stack: AirflowStack,
+    user: str,
+    dag: str,
+    run_id: str,
+    task: str,
+    option: str,
+    comment: str = "",
+) -> httpx.Response:
     """A response through Airflow's own route, as the Required Actions page sends it."""
     with httpx.Client(
         base_url=stack.base_url,
@@ -61,7 +73,7 @@ def respond(
         timeout=30,
     ) as c:
         return c.patch(
-            f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/{STEP}/-1/hitlDetails",
+            f"/api/v2/dags/{dag}/dagRuns/{run_id}/taskInstances/{task}/-1/hitlDetails",
             json={"chosen_options": [option], "params_input": {"comment": comment}},
         )
 
@@ -159,3 +171,73 @@ def test_a_decision_on_our_page_first_then_a_late_airflow_response_is_one_decisi
     assert (stored.status, stored.decided_by) == ("rejected", "manager")
     (decided,) = decided_events(ledger, run_id)
     assert decided["data"]["source"] == "ledgerflow"
+
+
+def test_the_deadline_closes_the_entry_from_the_triggerer(
+    stack: AirflowStack, ledger: Ledger
+) -> None:
+    """Nobody responds; the deadline's decision (recorded by the trigger) becomes the
+    entry's response through the Task SDK, so Airflow stops listing it as pending."""
+    dag = "approval_auto__v1"  # approvers: {roles: [admin]}, deadline 4s -> approve
+    run_id = stack.trigger(dag, {"ref": uuid.uuid4().hex[:8]})
+    assert stack.wait_for_run(dag, run_id, timeout=180) == "success"
+    stored = approvals.for_step(ledger, f"{dag}/{run_id}", "ask")
+    assert stored is not None and stored.decided_by == "ledgerflow:deadline"
+    listed = stack.api(
+        "GET", f"/api/v2/dags/{dag}/dagRuns/{run_id}/hitlDetails", params={"task_id": "ask"}
+    )["hitl_details"]
+    (found,) = listed
+    assert {u["id"] for u in found["assigned_users"]} == {"admin"}
+    assert found["response_received"] is True and found["chosen_options"] == ["Approve"]
+
+
+def test_a_former_approvers_response_after_an_escalation_is_refused_and_relisted(
+    stack: AirflowStack, ledger: Ledger
+) -> None:
+    """After an escalation the entry still names the former approver (Airflow cannot
+    change its respondents); their response there resumes the task, the ledger refuses
+    it (recorded), the entry is pending again and the task waits again; the new
+    approver decides on our page and the run goes on with that decision."""
+    dag = "approval_handover__v1"  # manager for 3s, then clerk
+    run_id = stack.trigger(dag, {"ref": uuid.uuid4().hex[:8]})
+    ledger_run = f"{dag}/{run_id}"
+
+    def escalated() -> approvals.Approval | None:
+        found = approvals.for_step(ledger, ledger_run, "ask")
+        return found if found is not None and found.level == 1 else None
+
+    approval = wait_for(escalated, 180, f"{ledger_run} escalated")
+    answer = respond_to(stack, "manager", dag, run_id, "ask", "Approve")
+    assert answer.status_code == 200, answer.text  # Airflow still lists the manager
+
+    def refused() -> list[dict[str, Any]]:
+        return [e for e in ledger.events(ledger_run) if e["kind"] == "approval_response_refused"]
+
+    (event,) = wait_for(refused, 180, "the response refused")
+    assert event["data"]["by"] == "manager" and event["data"]["source"] == "airflow"
+
+    def relisted() -> dict[str, Any] | None:
+        tis = {t["task_id"]: t["state"] for t in stack.task_instances(dag, run_id)}
+        listed = stack.api(
+            "GET", f"/api/v2/dags/{dag}/dagRuns/{run_id}/hitlDetails", params={"task_id": "ask"}
+        )["hitl_details"]
+        ok = tis.get("ask") == "deferred" and listed and not listed[0]["response_received"]
+        return listed[0] if ok else None
+
+    wait_for(relisted, 180, "the entry pending again and the task deferred")
+    assert approvals.get(ledger, approval.id).pending
+
+    with httpx.Client(
+        base_url=stack.base_url,
+        headers={"Authorization": f"Bearer {stack.token('clerk')}"},
+        timeout=30,
+    ) as c:
+        ours = c.post(
+            f"/ledgerflow/api/approvals/{approval.id}/decision",
+            json={"decision": "approve", "comment": "handed over"},
+        )
+    assert ours.status_code == 200, ours.text
+    assert stack.wait_for_run(dag, run_id, timeout=180) == "success"
+    after = ledger.checkpoint(ledger_run, "after")
+    assert after is not None and after.output == {"value": "clerk"}
+    assert len([e for e in ledger.events(ledger_run) if e["kind"] == "approval_decided"]) == 1
