@@ -47,6 +47,7 @@ TASK_MODULES = (
     "ledgerflow.tools.context",
     "ledgerflow.faults",
     "ledgerflow.versions",
+    "ledgerflow.settings",
 )
 
 
