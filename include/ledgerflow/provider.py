@@ -10,6 +10,11 @@ No ``connection-types``: Ledgerflow has no hook of its own. The ledger is a ``po
 each type is declared by the provider that owns its hook, and a ``ledgerflow`` type would
 only make those connections second-class.
 
+The plugin is named twice, as Airflow's own providers do (common.ai): the entry point is
+what Airflow loads by default; the ``plugins`` key is read only with ``[core]
+lazy_discover_providers = False``, where Airflow then notes every such provider's second
+copy as "already registered" (measured on 3.3.2; the plugin is still loaded once).
+
 Importing this module is cheap (Airflow imports it for every CLI command): Airflow's CLI
 classes and Ledgerflow's parser are imported by :func:`get_cli_commands` itself.
 """
