@@ -23,7 +23,16 @@ compile_own_sources() {
   "$VENV/bin/python" -m compileall -q -j 0 include >/dev/null
 }
 
+drop_build_metadata() {
+  # The editable build leaves include/ledgerflow.egg-info beside the sources, which are on
+  # sys.path: a second copy of the package's metadata. Airflow loads the plugins of every
+  # copy it finds (entry points are not de-duplicated), so the plugin would be registered
+  # twice and the second time recorded as an import error.
+  rm -rf include/*.egg-info
+}
+
 if [[ -f $STAMP && $(cat "$STAMP") == "$WANT" ]]; then
+  drop_build_metadata
   compile_own_sources
   echo "bootstrap: .venv is up to date" >&2
   exit 0
@@ -40,6 +49,7 @@ echo "bootstrap: installing uv (pinned) and the locked dependencies..." >&2
 # The example of a team's own tool package (README, "Your own tools"): its entry point puts
 # acme.* on the allow-list; examples/acme_tools/workflows/ship_order uses them.
 "$VENV/bin/uv" pip install --python "$VENV/bin/python" --quiet --no-deps -e examples/acme_tools
+drop_build_metadata
 compile_own_sources
 echo "$WANT" > "$STAMP"
 echo "bootstrap: done ($("$VENV/bin/airflow" version 2>/dev/null | tail -1) )" >&2

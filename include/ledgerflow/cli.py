@@ -434,8 +434,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ledgerflow.errors import LedgerflowError
-
     parser = build_parser()
     if argv is None:
         import argcomplete
@@ -443,7 +441,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Completing (the shell set _ARGCOMPLETE): print the candidates and exit; else a
         # no-op. Enable with: eval "$(register-python-argcomplete ledgerflow)"
         argcomplete.autocomplete(parser)
-    args = parser.parse_args(argv)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command (``ledgerflow X`` and ``airflow ledgerflow X``): its exit code."""
+    from ledgerflow.errors import LedgerflowError
+
     if hasattr(args, "fmt"):  # the ledger commands: one output format, --json its alias
         args.fmt = "json" if args.json else (args.fmt or default_format())
         args.json = args.fmt == "json"

@@ -16,6 +16,15 @@ def full_link(path: str) -> str:
     return f"{base}{path}"
 
 
+def base_path() -> str:
+    """The path of ``[api] base_url`` without its last ``/``: ``""`` when Airflow is served
+    at the root, ``"/airflow"`` under a sub-path (what every link into Airflow's api-server,
+    Ledgerflow's pages included, starts with)."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(full_link("/")).path.rstrip("/")
+
+
 def run_page(run_id: str) -> str:
     """The run's page (``<dag_id>/<airflow run id>``)."""
     return full_link(f"/ledgerflow/runs/{quote(run_id, safe='/')}")

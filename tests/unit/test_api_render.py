@@ -229,3 +229,28 @@ def test_form_tokens_expire_after_the_configured_time(monkeypatch: pytest.Monkey
     # The time is signed: moving it forward breaks the token.
     forged = f"{made + 3600:010x}{token[10:]}"
     assert not csrf_ok(b"k1", "manager", 7, forged, now=made + 3600)
+
+
+def test_pages_have_light_and_dark_colours_and_only_runs_pages_read_airflows_theme() -> None:
+    """Every page's CSS has a dark palette for a browser that prefers dark and for an
+    explicit ``data-theme``; the runs pages set ``data-theme`` from Airflow's ``theme``
+    localStorage entry in their head (before the first paint); the approval pages carry no
+    script (tests/integration/test_page_theme_browser.py checks the colours in a browser)."""
+    from ledgerflow.api import _runs
+
+    caller = SimpleNamespace(name="m", roles=frozenset())
+    pending = _render.page(
+        "pending", title="P", root="/ledgerflow", caller=caller, approvals=[], workflows=[],
+        workflow=None, assignee=None,
+    )  # fmt: skip
+    runs = _runs._page(
+        "runs", title="Runs", root="/ledgerflow", caller=caller, runs=[], workflows=[],
+        statuses=[], filtered=False,
+        f=SimpleNamespace(workflow=None, version=None, status=None, since=None, until=None),
+    )  # fmt: skip
+    for html in (pending, runs):
+        assert "@media (prefers-color-scheme:dark){:root:not([data-theme=light])" in html
+        assert ":root[data-theme=dark]{color-scheme:dark;" in html
+    head = runs.split("</head>")[0]
+    assert 'localStorage.getItem("theme")' in head and "data-theme" in head
+    assert "<script" not in pending

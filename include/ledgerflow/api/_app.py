@@ -245,6 +245,13 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
         """Liveness only: says nothing about approvals or the ledger."""
         return {"status": "ok"}
 
+    # The menu icons (light and dark), public as Airflow's own /static: no data in them.
+    from pathlib import Path
+
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static", StaticFiles(directory=Path(__file__).with_name("static")), "static")
+
     def root(request: Request) -> str:
         """Where the app is mounted (``/ledgerflow`` in Airflow), for links and redirects."""
         return str(request.scope.get("root_path", "")).rstrip("/")

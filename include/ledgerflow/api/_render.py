@@ -38,36 +38,57 @@ def pretty_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1f2933;
-background:#f7f9fb}
-header{background:#0b3d5c;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.2rem;
+# Colours are variables: light, or dark where the browser prefers it. A page that knows the
+# theme chosen in Airflow's UI (the runs pages read it: ``_THEME``) sets ``data-theme`` on
+# its root, which wins over the browser's preference. (An iframe's prefers-color-scheme is
+# the browser's, not the colour scheme of Airflow's page around it: measured in Chromium.)
+_LIGHT = """color-scheme:light;--fg:#1f2933;--bg:#f7f9fb;--panel:#fff;--line:#e1e7ec;
+--head:#eef2f6;--label:#52606d;--muted:#7b8794;--bar:#0b3d5c;--link:#0b5cad;
+--ok-bg:#e3f6e8;--ok-line:#8fd1a2;--warn-bg:#fff4e0;--warn-line:#f0c36d;--good:#1f7a3d;
+--bad:#b3261e;--wait:#8a5a00;--gone:#6b6b6b;--code-bg:#0f1720;--code-fg:#e6edf3;
+--sub:#fafcfd;--badge:#fbe9e7;--badge-line:#e0a39a"""
+_DARK = """color-scheme:dark;--fg:#e3e8ee;--bg:#14181d;--panel:#1b2026;--line:#2e3640;
+--head:#232a32;--label:#aab4bf;--muted:#8d99a6;--bar:#0d2c42;--link:#8cc0ff;
+--ok-bg:#143220;--ok-line:#2f7a47;--warn-bg:#33280e;--warn-line:#8a6a1f;--good:#63c788;
+--bad:#f28b82;--wait:#e3b95f;--gone:#a3a3a3;--code-bg:#0b0f14;--code-fg:#e6edf3;
+--sub:#181d23;--badge:#3b211e;--badge-line:#7a3d35"""
+
+_CSS = f"""
+:root{{{_LIGHT}}}
+@media (prefers-color-scheme:dark){{:root:not([data-theme=light]){{{_DARK}}}}}
+:root[data-theme=dark]{{{_DARK}}}
+"""
+_CSS += """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:var(--fg);
+background:var(--bg)}
+a{color:var(--link)}
+header{background:var(--bar);color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.2rem;
 align-items:center}
 header a{color:#fff;text-decoration:none;font-weight:600}
 header .who{margin-left:auto;font-size:.9rem;opacity:.85}
 main{padding:1rem 1.2rem;max-width:75rem}
-table{border-collapse:collapse;width:100%;background:#fff}
-th,td{border-bottom:1px solid #e1e7ec;padding:.45rem .6rem;text-align:left;vertical-align:top;
+table{border-collapse:collapse;width:100%;background:var(--panel)}
+th,td{border-bottom:1px solid var(--line);padding:.45rem .6rem;text-align:left;vertical-align:top;
 font-size:.92rem}
-th{background:#eef2f6}
+th{background:var(--head)}
 .msg{padding:.6rem .8rem;border-radius:4px;margin-bottom:1rem}
-.msg.ok{background:#e3f6e8;border:1px solid #8fd1a2}
-.msg.warn{background:#fff4e0;border:1px solid #f0c36d}
-.body{background:#fff;border:1px solid #e1e7ec;padding:.2rem 1rem;margin:.8rem 0}
-pre{background:#0f1720;color:#e6edf3;padding:.8rem;overflow:auto;border-radius:4px}
+.msg.ok{background:var(--ok-bg);border:1px solid var(--ok-line)}
+.msg.warn{background:var(--warn-bg);border:1px solid var(--warn-line)}
+.body{background:var(--panel);border:1px solid var(--line);padding:.2rem 1rem;margin:.8rem 0}
+pre{background:var(--code-bg);color:var(--code-fg);padding:.8rem;overflow:auto;border-radius:4px}
 code.hash{font-size:.8rem;word-break:break-all}
 form.filters{display:flex;gap:.6rem;margin-bottom:.8rem;align-items:end}
 .pager{display:flex;gap:1rem;margin-top:.8rem;align-items:center}
-label{display:block;font-size:.85rem;color:#52606d}
+label{display:block;font-size:.85rem;color:var(--label)}
 textarea{width:100%;min-height:5rem}
-button{padding:.45rem 1rem;border-radius:4px;border:1px solid #7b8794;cursor:pointer}
+button{padding:.45rem 1rem;border-radius:4px;border:1px solid var(--muted);cursor:pointer}
 button.approve{background:#1f7a3d;color:#fff;border-color:#1f7a3d}
 button.reject{background:#b3261e;color:#fff;border-color:#b3261e}
-.status-pending{color:#8a5a00;font-weight:600}
-.status-approved{color:#1f7a3d;font-weight:600}
-.status-rejected,.status-expired{color:#b3261e;font-weight:600}
-.status-abandoned{color:#6b6b6b;font-weight:600}
-.muted{color:#7b8794}
+.status-pending{color:var(--wait);font-weight:600}
+.status-approved{color:var(--good);font-weight:600}
+.status-rejected,.status-expired{color:var(--bad);font-weight:600}
+.status-abandoned{color:var(--gone);font-weight:600}
+.muted{color:var(--muted)}
 time.ts{white-space:nowrap}
 """
 
@@ -84,7 +105,7 @@ _ERROR = """<!doctype html>
 _LAYOUT = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{ title }} · Ledgerflow</title><style>{{ css }}</style></head>
+<title>{{ title }} · Ledgerflow</title><style>{{ css }}</style>{% block head %}{% endblock %}</head>
 <body>
 <header><span>Ledgerflow</span>
 <a href="{{ root }}/approvals">Pending approvals</a>
@@ -110,6 +131,15 @@ hour:"2-digit",minute:"2-digit",second:"2-digit",hour12:false,timeZoneName:"shor
 catch(e){return}document.querySelectorAll("time.ts").forEach(function(t){var d=new
 Date(t.getAttribute("datetime"));if(isNaN(d))return;t.title=t.textContent;
 t.textContent=f.format(d)})})();"""
+
+# The theme chosen in Airflow's UI (its ``theme`` entry in localStorage, same origin:
+# light, dark or system), followed when it changes there. Only the runs pages carry it
+# (in their head, before the first paint); the approval pages carry no script.
+_THEME = """(function(){var r=document.documentElement;
+function set(t){if(t==="dark"||t==="light")r.setAttribute("data-theme",t);
+else r.removeAttribute("data-theme")}
+try{set(localStorage.getItem("theme"))}catch(e){}
+addEventListener("storage",function(e){if(e.key==="theme")set(e.newValue)})})();"""
 
 _PENDING = """{% extends "layout" %}{% block content %}
 <h1>Pending approvals</h1>
@@ -249,6 +279,7 @@ def _env() -> jinja2.Environment:
     env.globals["approvers"] = _approvers
     env.globals["css"] = Markup(_CSS)  # a constant of this module
     env.globals["local_times"] = Markup(_LOCAL_TIMES)  # a constant of this module
+    env.globals["theme"] = Markup(_THEME)  # a constant of this module
     return env
 
 

@@ -70,6 +70,7 @@ _LIST = """{% extends "layout" %}{% block content %}
 {% endfor %}</tbody></table>
 {% else %}<p class="muted">No runs{% if filtered %} for this filter{% endif %}.</p>{% endif %}
 {% endblock %}
+{% block head %}<script>{{ theme }}</script>{% endblock %}
 {% block scripts %}<script>{{ local_times }}</script>{% endblock %}"""
 
 _RUN = """{% extends "layout" %}{% block content %}
@@ -78,7 +79,7 @@ _RUN = """{% extends "layout" %}{% block content %}
 {% if r.saga %}<span class="badge" id="saga">saga {{ r.saga }}</span>{% endif %}</h1>
 <table class="kv">
 <tr><th>Run</th><td><code id="run-id">{{ r.run_id }}</code></td></tr>
-<tr><th>Airflow</th><td><a target="_top" href="{{ d.links.grid }}" id="grid-link">grid of this run</a></td></tr>
+<tr><th>Airflow</th><td><a target="_top" href="{{ airflow }}{{ d.links.grid }}" id="grid-link">grid of this run</a></td></tr>
 <tr><th>Trigger</th><td>{{ r.trigger_kind }}</td></tr>
 <tr><th>Started</th><td>{{ r.created_at | at }}</td></tr>
 <tr><th>Updated</th><td>{{ r.updated_at | at }} {% if r.duration_s is not none %}({{ r.duration_s | secs }}){% endif %}</td></tr>
@@ -115,7 +116,7 @@ _RUN = """{% extends "layout" %}{% block content %}
 <td><b>{{ s.step_key }}</b></td><td class="status-{{ s.status }}">{{ s.status }}{% if s.reused_from %}<br><span class="muted reused">reused from <a href="{{ root }}/runs/{{ s.reused_from | urlencode }}">{{ short(s.reused_from) }}</a></span>{% elif s.effect_from %}<br><span class="muted reused">effect of <a href="{{ root }}/runs/{{ s.effect_from | urlencode }}">{{ short(s.effect_from) }}</a></span>{% endif %}</td>
 <td>{{ s.attempt_count }}</td><td><code class="hash">{{ s.idempotency_key or '' }}</code></td>
 <td>{{ s.started_at | at }}</td><td>{{ s.duration_s | secs }}</td>
-<td><a target="_top" href="{{ s.task_log }}">task log</a></td></tr>
+<td><a target="_top" href="{{ airflow }}{{ s.task_log }}">task log</a></td></tr>
 <tr class="detail"><td colspan="7">
 {% if s.attempts %}<table class="inner"><thead><tr><th>Try</th><th>Status</th><th>Error</th><th>Started</th><th>Took</th><th>Host</th></tr></thead><tbody>
 {% for a in s.attempts %}<tr><td>{{ a.try_number }}</td><td class="status-{{ a.status }}">{{ a.status }}</td>
@@ -166,6 +167,7 @@ _RUN = """{% extends "layout" %}{% block content %}
 <table class="inner"><tbody>{% for e in d.events %}<tr><td>{{ e.at | at }}</td><td>{{ e.step_key or '' }}</td><td>{{ e.kind }}</td><td>{% if e.data is not none %}<code>{{ js1(e.data) }}</code>{% endif %}</td></tr>{% endfor %}</tbody></table>
 </details>
 {% endblock %}
+{% block head %}<script>{{ theme }}</script>{% endblock %}
 {% block scripts %}<script>{{ local_times }}</script>{% endblock %}"""
 
 _NOT_FOUND = """{% extends "layout" %}{% block content %}
@@ -175,19 +177,19 @@ _NOT_FOUND = """{% extends "layout" %}{% block content %}
 _CSS = """
 .kv th{width:9rem}
 pre.small{font-size:.78rem;padding:.4rem .6rem;margin:.2rem 0;max-height:16rem}
-.badge{font-size:.9rem;background:#fbe9e7;border:1px solid #e0a39a;border-radius:4px;padding:.1rem .4rem}
-tr.detail>td{background:#fafcfd;padding-left:1.4rem}
+.badge{font-size:.9rem;background:var(--badge);border:1px solid var(--badge-line);border-radius:4px;padding:.1rem .4rem}
+tr.detail>td{background:var(--sub);padding-left:1.4rem}
 table.inner{margin:.3rem 0}
 table.inner th,table.inner td{font-size:.82rem;padding:.25rem .45rem}
 .io{display:grid;grid-template-columns:1fr 1fr;gap:.8rem}
-.card{background:#fff;border:1px solid #e1e7ec;padding:.4rem .8rem;margin:.6rem 0}
+.card{background:var(--panel);border:1px solid var(--line);padding:.4rem .8rem;margin:.6rem 0}
 #runs th,#runs td{padding:.4rem .45rem}
 #runs td.id{overflow-wrap:anywhere;font-size:.82rem;min-width:8rem}
 ol.chain li{margin:.2rem 0} ol.chain li.this{list-style:'▶ '}
-.status-succeeded,.status-completed,.status-compensated,.status-passed{color:#1f7a3d;font-weight:600}
-.status-failed,.status-compensation_failed,.status-lost{color:#b3261e;font-weight:600}
-.status-running,.status-retrying{color:#8a5a00;font-weight:600}
-.status-skipped,.status-not_needed,.status-not_compensable,.status-reused{color:#52606d}
+.status-succeeded,.status-completed,.status-compensated,.status-passed{color:var(--good);font-weight:600}
+.status-failed,.status-compensation_failed,.status-lost{color:var(--bad);font-weight:600}
+.status-running,.status-retrying{color:var(--wait);font-weight:600}
+.status-skipped,.status-not_needed,.status-not_compensable,.status-reused{color:var(--label)}
 """
 
 
@@ -267,6 +269,7 @@ def _env() -> jinja2.Environment:
 
 def _page(name: str, **context: Any) -> str:
     context.setdefault("message", None)
+    context.setdefault("airflow", "")  # Airflow's UI at the server's root
     return _env().get_template(name).render(**context)
 
 
@@ -404,6 +407,7 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
             title=f"{doc['run']['workflow']} {doc['run']['airflow_run_id']}",
             root=_root(request),
             caller=caller,
+            airflow=_airflow_root(request),
             d=doc,
             retry=_standing(source(), run_id),
             csrf=form_token(server_secret(), caller.name, f"retry:{run_id}"),
@@ -486,3 +490,8 @@ def _same_origin(request: Request) -> bool:
 
 def _root(request: Request) -> str:
     return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def _airflow_root(request: Request) -> str:
+    """Where Airflow's own UI is (``[api] base_url``'s path: ``""`` or ``/airflow``)."""
+    return str(request.scope.get("app_root_path", "")).rstrip("/")

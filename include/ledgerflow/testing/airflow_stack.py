@@ -119,12 +119,18 @@ class AirflowStack(StackClient):
         parallelism: int = 4,
         users: dict[str, str] | None = None,
         setup: list[list[str]] | None = None,
+        base_path: str = "",
     ) -> None:
         """``users``: more SimpleAuthManager users beyond ``admin``, name -> role
         (viewer, user, op, admin; ``role:team1|team2`` in a multi-team deployment); each
         one's password is its name (see :meth:`token`). ``setup``: Airflow CLI commands
         run after ``db migrate`` and before the components start (e.g. ``["teams",
-        "sync"]``)."""
+        "sync"]``).
+
+        ``base_path`` (e.g. ``/airflow``): serve Airflow under that sub-path, as behind an
+        ingress: ``[api] base_url`` is ``http://127.0.0.1:PORT/airflow`` and a
+        :class:`~ledgerflow.testing.subpath_proxy.SubpathProxy` on ``port`` passes only that
+        sub-path on to the api-server (on ``api_port``)."""
         self.dags_folder = Path(dags_folder).resolve()
         self.home = Path(home).resolve()
         self.db_url = db_url
@@ -133,7 +139,10 @@ class AirflowStack(StackClient):
         self.parallelism = parallelism
         self.users = {ADMIN_USER: "admin", **(users or {})}
         self.setup = [list(c) for c in setup or []]
+        self.base_path = f"/{base_path.strip('/')}" if base_path.strip("/") else ""
         self.port = 0
+        self.api_port = 0  # the api-server's own port: ``port`` unless behind the proxy
+        self._proxy: Any = None
         self.env: dict[str, str] = {}
         self._created_db: str | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -147,7 +156,7 @@ class AirflowStack(StackClient):
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.port}{self.base_path}"
 
     @property
     def logs_dir(self) -> Path:
@@ -171,6 +180,11 @@ class AirflowStack(StackClient):
             if self.db_url is None:
                 self.db_url = self._create_database()
             self.port = _free_port()
+            self.api_port = _free_port() if self.base_path else self.port
+            if self.base_path:
+                from ledgerflow.testing.subpath_proxy import SubpathProxy
+
+                self._proxy = SubpathProxy(self.base_path, self.api_port, port=self.port).start()
             self.env = self._build_env()
             self._migrate(timeout=max(30.0, timeout - (time.monotonic() - t0)))
             for name in COMPONENTS:
@@ -204,6 +218,9 @@ class AirflowStack(StackClient):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         self._procs.clear()
+        if self._proxy is not None:
+            self._proxy.stop()
+            self._proxy = None
         if self._created_db is not None:
             self._drop_database(self._created_db)
             self._created_db = None
@@ -218,7 +235,7 @@ class AirflowStack(StackClient):
             raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
         if self.is_alive(name):
             raise StackError(f"{name} is already running")
-        args = [name] if name != "api-server" else [name, "--port", str(self.port)]
+        args = [name] if name != "api-server" else [name, "--port", str(self.api_port)]
         if name == "api-server":
             args += ["--host", "127.0.0.1"]
         with open(self.log_path(name), "ab") as log:
@@ -364,7 +381,9 @@ class AirflowStack(StackClient):
                 "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
                 "AIRFLOW__CORE__FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
                 "AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL": "1",
-                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": (
+                    f"http://127.0.0.1:{self.api_port}{self.base_path}/execution/"
+                ),
                 "AIRFLOW__CORE__AUTH_MANAGER": (
                     "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
                 ),
@@ -373,7 +392,7 @@ class AirflowStack(StackClient):
                 ),
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
                 "AIRFLOW__API__HOST": "127.0.0.1",
-                "AIRFLOW__API__PORT": str(self.port),
+                "AIRFLOW__API__PORT": str(self.api_port),
                 "AIRFLOW__API__BASE_URL": self.base_url,
                 "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
                 "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
