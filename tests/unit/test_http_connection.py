@@ -237,3 +237,61 @@ def test_an_unusable_extra_is_a_clear_error_naming_its_field(
     assert f"connection 'broken': extra field {field!r}" in str(caught.value)
     again = pickle.loads(pickle.dumps(caught.value))
     assert (type(again), str(again)) == (HttpConnectionError, str(caught.value))
+
+
+class DigestPeer(RecordingPeer):
+    """Asks for HTTP Digest auth (RFC 7616, MD5, qop=auth) and checks the answer."""
+
+    realm, nonce = "ledgerflow", "n0nce-1"
+
+    def __init__(self, login: str, password: str) -> None:
+        super().__init__()
+        self.login, self.password = login, password
+
+    def answer(self, method: str, path: str, headers: Any, body: bytes) -> Any:
+        import hashlib
+        import re
+
+        from ledgerflow.testing.loopback import Answer
+
+        self.requests.append((method, path, {k.lower(): v for k, v in headers.items()}))
+        given = dict(re.findall(r'(\w+)="?([^",]+)"?', headers.get("Authorization", "")))
+
+        def md5(text: str) -> str:
+            return hashlib.md5(text.encode()).hexdigest()
+
+        ha1 = md5(f"{self.login}:{self.realm}:{self.password}")
+        ha2 = md5(f"{method}:{path}")
+        parts = (ha1, self.nonce, given.get("nc"), given.get("cnonce"), "auth", ha2)
+        if given.get("username") == self.login and given.get("response") == md5(
+            ":".join(map(str, parts))
+        ):
+            return Answer.json(200, {"ok": True})
+        challenge = f'Digest realm="{self.realm}", nonce="{self.nonce}", qop="auth"'
+        return Answer(401, b"{}", headers=(("WWW-Authenticate", challenge),))
+
+
+def test_auth_type_digest_answers_the_challenge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auth_type: requests.auth.HTTPDigestAuth`` (the provider's 4.x connection form)
+    answers a Digest challenge with login and password instead of sending them as Basic."""
+    with DigestPeer("svc", "p@ss:1") as peer:
+        _scheme, port, host = host_port(peer.url)
+        extra = {"auth_type": "requests.auth.HTTPDigestAuth"}
+        connection(
+            monkeypatch,
+            "digest_api",
+            host=host,
+            port=port,
+            login="svc",
+            password="p@ss:1",
+            extra=extra,
+        )
+        connection(
+            monkeypatch, "wrong_pw", host=host, port=port, login="svc", password="x", extra=extra
+        )
+        assert call(url="/d", method="GET", conn_id="digest_api")["status"] == 200
+        with pytest.raises(NonRetryableError, match="HTTP 401"):
+            call(url="/d", method="GET", conn_id="wrong_pw")
+    first, second = peer.requests[:2]
+    assert "authorization" not in first[2]
+    assert second[2]["authorization"].startswith('Digest username="svc"')
