@@ -218,6 +218,8 @@ def test_check_response_false_returns_the_error_answer(monkeypatch: pytest.Monke
     ("extra", "field"),
     [
         ({"verify": "/no/such/ca.pem"}, "verify"),
+        ({"verify": __file__}, "verify/cert"),  # a file, but no certificate in it
+        ({"cert": ["/no/such/client.pem", "/no/such/client.key"]}, "cert"),
         ({"timeout": "soon"}, "timeout"),
         ({"proxies": ["http://p:1"]}, "proxies"),
         ({"auth_type": "requests_kerberos.HTTPKerberosAuth"}, "auth_type"),

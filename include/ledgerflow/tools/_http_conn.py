@@ -74,6 +74,7 @@ class HttpConnectionError(NonRetryableError):
 class HttpConnection:
     """What one ``http`` connection asks of a request."""
 
+    conn_id: str
     base_url: str
     headers: dict[str, str] = field(default_factory=dict)
     auth: tuple[str, str] | None = None
@@ -101,32 +102,33 @@ def read_connection(conn_id: str, conn: Any) -> HttpConnection:
     extra = conn.extra_dejson or {}
     if not isinstance(extra, dict):
         raise HttpConnectionError(conn_id, "extra", "must be a JSON object")
-    bad = _Reader(conn_id, extra)
-    headers = {k: bad.header(k, v) for k, v in extra.items() if k not in OPTION_KEYS | AUTH_KEYS}
-    headers.update(bad.nested_headers())
+    read = _Reader(conn_id, extra)
+    headers = {k: read.header(k, v) for k, v in extra.items() if k not in OPTION_KEYS | AUTH_KEYS}
+    headers.update(read.nested_headers())
     auth_type = extra.get("auth_type")
     if auth_type and auth_type not in BASIC_AUTH_TYPES | DIGEST_AUTH_TYPES:
-        bad.fail("auth_type", f"{auth_type!r} is not supported (Basic or Digest only)")
+        read.fail("auth_type", f"{auth_type!r} is not supported (Basic or Digest only)")
     if extra.get("auth_kwargs"):
-        bad.fail("auth_kwargs", "is not supported (login and password give the credentials)")
-    trust_env = bad.flag("trust_env", True)
-    verify = bad.verify()
+        read.fail("auth_kwargs", "is not supported (login and password give the credentials)")
+    trust_env = read.flag("trust_env", True)
+    verify = read.verify()
     if verify is True and trust_env:
         # requests' merge_environment_settings: these name the CA bundle when trusted.
         verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
     return HttpConnection(
+        conn_id=conn_id,
         base_url=base,
         headers=headers,
         auth=(conn.login, conn.password or "") if conn.login else None,
         digest=auth_type in DIGEST_AUTH_TYPES,
         verify=verify,
-        cert=bad.cert(),
-        proxies=bad.proxies(),
-        timeout=bad.timeout(),
-        allow_redirects=bad.flag("allow_redirects", True),
-        max_redirects=bad.integer("max_redirects", DEFAULT_REDIRECT_LIMIT),
+        cert=read.cert(),
+        proxies=read.proxies(),
+        timeout=read.timeout(),
+        allow_redirects=read.flag("allow_redirects", True),
+        max_redirects=read.integer("max_redirects", DEFAULT_REDIRECT_LIMIT),
         trust_env=trust_env,
-        check_response=bad.flag("check_response", True),
+        check_response=read.flag("check_response", True),
     )
 
 
@@ -196,11 +198,16 @@ class _Reader:
 
     def cert(self) -> str | tuple[str, str] | None:
         name, value = self.get("cert")
-        if value is None or isinstance(value, str):
-            return value
+        if value is None:
+            return None
         if isinstance(value, list | tuple) and len(value) == 2:
-            return (str(value[0]), str(value[1]))
-        return self.fail(name, "must be a PEM file or [certificate file, key file]")
+            value = (str(value[0]), str(value[1]))
+        elif not isinstance(value, str):
+            self.fail(name, "must be a PEM file or [certificate file, key file]")
+        for path in [value] if isinstance(value, str) else value:
+            if not os.path.isfile(path):
+                self.fail(name, f"no file at {path!r}")
+        return value  # type: ignore[no-any-return]
 
     def proxies(self) -> dict[str, str]:
         name, value = self.get("proxies", "proxy")
@@ -223,7 +230,7 @@ class _Reader:
                 return (float(value[0]), float(value[1]))  # requests' (connect, read)
             return float(value)
         except (TypeError, ValueError):
-            return self.fail(name, f"must be seconds or [connect, read], got {value!r}")  # type: ignore[no-any-return]
+            return self.fail(name, f"must be seconds or [connect, read], got {value!r}")
 
     def _json(self, name: str, text: str) -> Any:
         try:
@@ -234,9 +241,14 @@ class _Reader:
 
 def client_options(conn: HttpConnection, timeout: float | None) -> dict[str, Any]:
     """Keyword arguments of ``httpx.Client`` doing what the hook's requests session does."""
+    import ssl
+
     import httpx
 
-    verify = _tls(conn)
+    try:
+        verify = _tls(conn)
+    except (OSError, ssl.SSLError) as exc:  # a CA bundle or certificate that does not load
+        raise HttpConnectionError(conn.conn_id, "verify/cert", str(exc)) from None
     seconds = timeout if timeout is not None else conn.timeout
     if seconds is None:
         seconds = DEFAULT_TIMEOUT_S
