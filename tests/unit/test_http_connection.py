@@ -175,21 +175,39 @@ def test_verify_false_cert_and_ca_bundle_against_https(
     assert [path for _, path, _ in peer.requests] == ["/off", "/ca", "/text"]
 
 
-def test_proxies_are_honoured(peer: RecordingPeer, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def masker() -> Iterator[Any]:
+    """Airflow's process-wide masker of the Task SDK, put back as it was afterwards."""
+    from airflow.sdk._shared.secrets_masker import _secrets_masker
+
+    mask = _secrets_masker()
+    saved = set(mask.patterns), mask.replacer
+    yield mask
+    mask.patterns, mask.replacer = saved
+
+
+def test_proxies_are_honoured(
+    peer: RecordingPeer, monkeypatch: pytest.MonkeyPatch, masker: Any
+) -> None:
     """``proxies`` (requests' form, scheme -> proxy URL) sends the request through the
     proxy: the loopback proxy receives the absolute URL of a host that does not even
-    resolve, with the connection's headers."""
+    resolve, with the connection's headers and the proxy's credentials, whose password
+    is then known to Airflow's secrets masker."""
+    proxy = peer.url.replace("://", "://relay:pr0xy-s3cret@")
     connection(
         monkeypatch,
         "behind_proxy",
         host="ledgerflow-upstream.invalid",
         schema="http",
-        extra={"proxies": {"http": peer.url}, "X-Api-Key": "via-proxy"},
+        extra={"proxies": {"http": proxy}, "X-Api-Key": "via-proxy"},
     )
     call(url="/charge", conn_id="behind_proxy")
     [(_, path, headers)] = peer.requests
     assert path == "http://ledgerflow-upstream.invalid/charge"
     assert headers["x-api-key"] == "via-proxy"
+    basic = base64.b64encode(b"relay:pr0xy-s3cret").decode()
+    assert headers["proxy-authorization"] == f"Basic {basic}"
+    assert masker.redact("proxy said pr0xy-s3cret") == "proxy said ***"
 
 
 def test_check_response_false_returns_the_error_answer(monkeypatch: pytest.MonkeyPatch) -> None:
