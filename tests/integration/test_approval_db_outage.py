@@ -22,9 +22,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def ledger() -> Iterator[Ledger]:
+def ledger(monkeypatch: pytest.MonkeyPatch) -> Iterator[Ledger]:
+    """The ledger behind the Airflow connection ``lf_outage`` (triggers name it)."""
     with fresh_database("lf_outage") as url:
-        ledger = Ledger(url.replace("postgresql://", "postgresql+psycopg2://", 1))
+        monkeypatch.setenv("AIRFLOW_CONN_LF_OUTAGE", url)
+        ledger = Ledger.from_airflow("lf_outage")
         ledger.migrate()
         yield ledger
         _admin_execute(f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" WITH ALLOW_CONNECTIONS true')
@@ -70,7 +72,9 @@ def test_parked_approvals_survive_a_database_outage(ledger: Ledger) -> None:
     late = request(ledger, "late", deadline=now() + timedelta(seconds=2))
 
     async def scenario() -> list[dict[str, Any]]:
-        triggers = [ApprovalTrigger(a.id, ledger.url, poll_interval=0.3) for a in [*parked, late]]
+        triggers = [
+            ApprovalTrigger(a.id, ledger.conn_id, poll_interval=0.3) for a in [*parked, late]
+        ]
         counts = [0] * len(triggers)
 
         async def events(i: int, trigger: ApprovalTrigger) -> dict[str, Any]:

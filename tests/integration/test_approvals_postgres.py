@@ -25,8 +25,10 @@ NO_POLL = 3600.0
 
 @pytest.fixture(scope="module")
 def ledger() -> Iterator[Ledger]:
-    with fresh_database("lf_approvals") as url:
-        ledger = Ledger(url.replace("postgresql://", "postgresql+psycopg2://", 1))
+    """The ledger behind the Airflow connection ``lf_approvals`` (triggers name it)."""
+    with fresh_database("lf_approvals") as url, pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW_CONN_LF_APPROVALS", url)
+        ledger = Ledger.from_airflow("lf_approvals")
         ledger.migrate()
         yield ledger
         ledger.engine.dispose()
@@ -108,7 +110,7 @@ def test_parked_triggers_share_one_connection_and_wake_on_notify(ledger: Ledger)
     parked = [request(ledger, f"park-{n}") for n in range(50)]
 
     async def scenario() -> list[dict[str, Any]]:
-        triggers = [ApprovalTrigger(a.id, ledger.url, poll_interval=NO_POLL) for a in parked]
+        triggers = [ApprovalTrigger(a.id, ledger.conn_id, poll_interval=NO_POLL) for a in parked]
 
         async def first(trigger: ApprovalTrigger) -> dict[str, Any]:
             async for event in trigger.run():
@@ -143,7 +145,7 @@ def test_a_lost_listener_connection_reconnects_and_misses_nothing(ledger: Ledger
     approval = request(ledger, "reconnect")
 
     async def scenario() -> dict[str, Any]:
-        trigger = ApprovalTrigger(approval.id, ledger.url, poll_interval=NO_POLL)
+        trigger = ApprovalTrigger(approval.id, ledger.conn_id, poll_interval=NO_POLL)
 
         async def first() -> dict[str, Any]:
             async for event in trigger.run():
@@ -175,3 +177,79 @@ def test_a_lost_listener_connection_reconnects_and_misses_nothing(ledger: Ledger
         return payload
 
     assert asyncio.run(scenario())["status"] == "approved"
+
+
+def test_triggers_carry_a_connection_id_never_credentials(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger's connection has a password (with ``@/#:``): the kwargs every
+    Ledgerflow trigger serializes into Airflow's trigger table hold neither the password
+    nor a URL, only the connection's id; the trigger rebuilt from them, as the triggerer
+    rebuilds it, resolves the connection itself and fires on the decision over NOTIFY."""
+    import importlib
+    import inspect
+    import json
+    import pkgutil
+    from urllib.parse import quote
+
+    from airflow.triggers.base import BaseTrigger
+
+    import ledgerflow.triggers
+    from ledgerflow.steps.approval import approval_trigger
+
+    password = "s3cr@t/#:pw"
+    engine_url = ledger.engine.url
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_LEDGERFLOW_DB",
+        json.dumps(
+            {
+                "conn_type": "postgres",
+                "login": engine_url.username,
+                "password": password,
+                "host": engine_url.host,
+                "port": engine_url.port,
+                "schema": engine_url.database,
+            }
+        ),
+    )
+    guarded = Ledger.from_airflow()  # as the approval step opens it
+    assert guarded.engine.url.password == password  # trust auth: Postgres ignores it
+    approval = request(guarded, "no-credentials")
+    built = {"ApprovalTrigger": approval_trigger(guarded, approval.id, NO_POLL)}
+    found = {
+        name
+        for info in pkgutil.iter_modules(ledgerflow.triggers.__path__, "ledgerflow.triggers.")
+        for name, kind in inspect.getmembers(importlib.import_module(info.name), inspect.isclass)
+        if issubclass(kind, BaseTrigger) and kind.__module__ == info.name
+    }
+    assert found == set(built), "every trigger of the package is checked here"
+    for trigger in built.values():
+        classpath, kwargs = trigger.serialize()
+        stored = json.dumps(kwargs)
+        for secret in (password, quote(password, safe=""), quote(password)):
+            assert secret not in stored, classpath
+        assert "://" not in stored and "@" not in stored, stored
+    classpath, kwargs = built["ApprovalTrigger"].serialize()
+    assert kwargs["conn_id"] == "ledgerflow_db"
+
+    module, name = classpath.rsplit(".", 1)
+    rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
+
+    async def scenario() -> dict[str, Any]:
+        async def first() -> dict[str, Any]:
+            async for event in rebuilt.run():
+                return event.payload
+            raise AssertionError("no event")
+
+        task = asyncio.create_task(first())
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if await asyncio.to_thread(listening, ledger) == 1:
+                break
+        await asyncio.to_thread(
+            approvals.decide, guarded, approval.id, decision="approved", by="manager"
+        )
+        return await asyncio.wait_for(task, timeout=60)
+
+    event = asyncio.run(scenario())
+    assert event == {"approval_id": approval.id, "status": "approved", "decided_by": "manager"}

@@ -56,8 +56,12 @@ def masker() -> Iterator[None]:
         mask.patterns, mask.replacer = patterns, replacer
 
 
-@pytest.fixture
-def echo(monkeypatch: pytest.MonkeyPatch) -> Iterator[EchoPeer]:
+@pytest.fixture(params=["headers", "top-level"])
+def echo(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[EchoPeer]:
+    """The connection's headers as ``extra.headers``, or as top-level extras (HttpHook's
+    form): masked either way."""
+    headers = {"X-Api-Key": API_KEY, "Content-Type": "application/json"}
+    extra = {"headers": headers} if request.param == "headers" else headers
     with EchoPeer() as peer:
         port = peer.url.rsplit(":", 1)[1]
         conn = {
@@ -66,7 +70,7 @@ def echo(monkeypatch: pytest.MonkeyPatch) -> Iterator[EchoPeer]:
             "port": int(port),
             "login": LOGIN,
             "password": PASSWORD,
-            "extra": {"headers": {"X-Api-Key": API_KEY, "Content-Type": "application/json"}},
+            "extra": extra,
         }
         monkeypatch.setenv("AIRFLOW_CONN_CANARY_HTTP", json.dumps(conn))
         yield peer

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
+from ledgerflow.errors import LedgerError
 from ledgerflow.ledger import approvals
 from ledgerflow.ledger.store import Ledger, now
+from ledgerflow.steps.approval import approval_trigger
 from ledgerflow.triggers.approval import DEADLINE_USER, ApprovalTrigger
 
 
@@ -40,8 +42,11 @@ class FakeClock:
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ledger:
+    """A SQLite ledger behind the Airflow connection ``test_ledger`` (a trigger names it)."""
+    monkeypatch.setenv("AIRFLOW_CONN_TEST_LEDGER", f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = Ledger.from_airflow("test_ledger")
+    assert ledger.conn_id == "test_ledger"
     ledger.migrate()
     return ledger
 
@@ -80,14 +85,15 @@ def run_trigger(trigger: ApprovalTrigger, clock: FakeClock) -> list[dict[str, An
 
 
 def test_serialize_round_trip() -> None:
-    """serialize() names the importable classpath and every kwarg; a trigger rebuilt from
-    them serializes the same (the triggerer rebuilds it that way)."""
-    trigger = ApprovalTrigger(approval_id=7, ledger_url="sqlite:///x.db", poll_interval=12.5)
+    """serialize() names the importable classpath and every kwarg (the ledger's
+    connection id, never its URL); a trigger rebuilt from them serializes the same (the
+    triggerer rebuilds it that way)."""
+    trigger = ApprovalTrigger(approval_id=7, conn_id="ledgerflow_db", poll_interval=12.5)
     classpath, kwargs = trigger.serialize()
     assert classpath == "ledgerflow.triggers.approval.ApprovalTrigger"
     assert kwargs == {
         "approval_id": 7,
-        "ledger_url": "sqlite:///x.db",
+        "conn_id": "ledgerflow_db",
         "poll_interval": 12.5,
         "ti_id": None,
     }
@@ -96,10 +102,48 @@ def test_serialize_round_trip() -> None:
     assert cls(**kwargs).serialize() == (classpath, kwargs)
     # The task instance whose Required Actions entry it watches travels with it; a trigger
     # serialized by an older release (no ti_id) still loads.
-    listed = ApprovalTrigger(7, "sqlite:///x.db", 12.5, ti_id="0190-ti")
+    listed = ApprovalTrigger(7, "ledgerflow_db", 12.5, ti_id="0190-ti")
     assert cls(**listed.serialize()[1]).ti_id == "0190-ti"
     old = {k: v for k, v in kwargs.items() if k != "ti_id"}
     assert cls(**old).serialize() == (classpath, kwargs)
+
+
+def test_a_trigger_of_an_earlier_release_still_loads_and_runs(ledger: Ledger) -> None:
+    """A trigger row written by an earlier release (kwargs with ``ledger_url``) still
+    loads and fires on its decision; a URL given as the connection id is refused."""
+    approval_id = make_request(ledger, timedelta(hours=1))
+    approvals.decide(ledger, approval_id, decision="approved", by="manager")
+    old = {"approval_id": approval_id, "ledger_url": ledger.url, "poll_interval": 60.0}
+    events = run_trigger(ApprovalTrigger(**old), FakeClock())
+    assert events == [{"approval_id": approval_id, "status": "approved", "decided_by": "manager"}]
+    with pytest.raises(LedgerError, match="connection id, not a URL"):
+        ApprovalTrigger(approval_id, ledger.url)
+
+
+def test_the_embedded_ledger_is_named_by_no_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no ledger connection the ledger is the embedded SQLite file: the trigger
+    carries ``conn_id: None`` and finds that file in the triggerer; a connection the
+    triggerer does not know is an error, not a silent switch to the embedded file."""
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    monkeypatch.delenv("AIRFLOW_CONN_LEDGERFLOW_DB", raising=False)
+    embedded = Ledger.from_airflow()
+    assert embedded.conn_id is None and embedded.url == f"sqlite:///{tmp_path / 'ledgerflow.db'}"
+    embedded.migrate()
+    approval_id = make_request(embedded, timedelta(hours=1))
+    approvals.decide(embedded, approval_id, decision="rejected", by="manager")
+    trigger = approval_trigger(embedded, approval_id, 60)
+    assert trigger.serialize()[1] == {
+        "approval_id": approval_id,
+        "conn_id": None,
+        "poll_interval": 60.0,
+        "ti_id": None,
+    }
+    events = run_trigger(trigger, FakeClock())
+    assert events == [{"approval_id": approval_id, "status": "rejected", "decided_by": "manager"}]
+    with pytest.raises(LedgerError, match="'nowhere' is not defined"):
+        run_trigger(ApprovalTrigger(approval_id, "nowhere"), FakeClock())
 
 
 def test_a_decision_fires_the_trigger(ledger: Ledger) -> None:
@@ -111,7 +155,7 @@ def test_a_decision_fires_the_trigger(ledger: Ledger) -> None:
         timedelta(minutes=10),
         lambda: approvals.decide(ledger, approval_id, decision="approved", by="manager"),
     )
-    trigger = ApprovalTrigger(approval_id, ledger.url, poll_interval=60)
+    trigger = ApprovalTrigger(approval_id, ledger.conn_id, poll_interval=60)
     events = run_trigger(trigger, clock)
     assert events == [{"approval_id": approval_id, "status": "approved", "decided_by": "manager"}]
     assert max(clock.waits) <= 60
@@ -123,7 +167,7 @@ def test_the_deadline_applies_its_outcome(ledger: Ledger) -> None:
     deadline's decision, then fires."""
     approval_id = make_request(ledger, timedelta(minutes=5), at_deadline="approve")
     clock = FakeClock()
-    events = run_trigger(ApprovalTrigger(approval_id, ledger.url, poll_interval=60), clock)
+    events = run_trigger(ApprovalTrigger(approval_id, ledger.conn_id, poll_interval=60), clock)
     assert events == [
         {"approval_id": approval_id, "status": "approved", "decided_by": DEADLINE_USER}
     ]
@@ -144,7 +188,7 @@ def test_escalation_then_the_final_outcome(ledger: Ledger) -> None:
     }
     approval_id = make_request(ledger, timedelta(minutes=30), at_deadline=chain)
     clock = FakeClock()
-    events = run_trigger(ApprovalTrigger(approval_id, ledger.url, poll_interval=600), clock)
+    events = run_trigger(ApprovalTrigger(approval_id, ledger.conn_id, poll_interval=600), clock)
     assert events[0]["status"] == "expired"
     stored = approvals.get(ledger, approval_id)
     assert stored.level == 1 and stored.approvers == {"users": [], "roles": ["admin"]}
@@ -166,7 +210,7 @@ def test_escalated_approvers_may_decide(ledger: Ledger) -> None:
         timedelta(minutes=45),
         lambda: approvals.decide(ledger, approval_id, decision="approved", by="ops-lead"),
     )
-    events = run_trigger(ApprovalTrigger(approval_id, ledger.url, poll_interval=120), clock)
+    events = run_trigger(ApprovalTrigger(approval_id, ledger.conn_id, poll_interval=120), clock)
     assert events == [{"approval_id": approval_id, "status": "approved", "decided_by": "ops-lead"}]
     assert approvals.get(ledger, approval_id).level == 1
     assert approvals.get(ledger, approval_id).may_decide("someone", {"Admin"})
@@ -182,7 +226,7 @@ def test_a_person_who_decides_first_wins_over_the_deadline(ledger: Ledger) -> No
         timedelta(minutes=4, seconds=50),
         lambda: approvals.decide(ledger, approval_id, decision="rejected", by="manager"),
     )
-    events = run_trigger(ApprovalTrigger(approval_id, ledger.url, poll_interval=600), clock)
+    events = run_trigger(ApprovalTrigger(approval_id, ledger.conn_id, poll_interval=600), clock)
     assert events[0]["status"] == "rejected" and events[0]["decided_by"] == "manager"
     kinds = [e["kind"] for e in ledger.events("wf__v1/run-1")]
     assert kinds.count("approval_decided") == 1
@@ -192,8 +236,12 @@ def test_two_copies_of_a_trigger_record_one_outcome(ledger: Ledger) -> None:
     """A trigger that runs twice (moved between triggerers) fires twice but the deadline's
     decision is stored once."""
     approval_id = make_request(ledger, timedelta(minutes=5), at_deadline="reject")
-    first = run_trigger(ApprovalTrigger(approval_id, ledger.url, poll_interval=600), FakeClock())
-    second = run_trigger(ApprovalTrigger(approval_id, ledger.url, poll_interval=600), FakeClock())
+    first = run_trigger(
+        ApprovalTrigger(approval_id, ledger.conn_id, poll_interval=600), FakeClock()
+    )
+    second = run_trigger(
+        ApprovalTrigger(approval_id, ledger.conn_id, poll_interval=600), FakeClock()
+    )
     assert first == second
     kinds = [e["kind"] for e in ledger.events("wf__v1/run-1")]
     assert kinds.count("approval_decided") == 1
@@ -224,7 +272,7 @@ def test_an_approve_ends_the_task_in_the_trigger(ledger: Ledger) -> None:
     approvals.decide(ledger, approval.id, decision="rejected", by="manager", comment="no")
 
     async def first() -> Any:
-        async for event in ApprovalTrigger(approval.id, ledger.url, poll_interval=60).run():
+        async for event in ApprovalTrigger(approval.id, ledger.conn_id, poll_interval=60).run():
             return event
         raise AssertionError("no event")
 
@@ -265,7 +313,7 @@ def test_a_reject_without_a_branch_fails_the_task_in_the_trigger(ledger: Ledger)
     for _ in range(2):
 
         async def first() -> Any:
-            async for event in ApprovalTrigger(approval_id, ledger.url).run():
+            async for event in ApprovalTrigger(approval_id, ledger.conn_id).run():
                 return event
             raise AssertionError("no event")
 

@@ -15,8 +15,10 @@ from ledgerflow.triggers import required_action as ra
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ledger:
+    """A SQLite ledger behind the Airflow connection ``test_ledger`` (a trigger names it)."""
+    monkeypatch.setenv("AIRFLOW_CONN_TEST_LEDGER", f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = Ledger.from_airflow("test_ledger")
     ledger.migrate()
     return ledger
 
@@ -172,12 +174,12 @@ def test_the_trigger_applies_a_response_given_before_the_task_deferred(
     async def bounded(trigger: ApprovalTrigger, seconds: float = 0.5) -> object:
         return await asyncio.wait_for(first_event(trigger), seconds)
 
-    unlisted = ApprovalTrigger(approval.id, ledger.url, poll_interval=0.01)
+    unlisted = ApprovalTrigger(approval.id, ledger.conn_id, poll_interval=0.01)
     with pytest.raises(TimeoutError):  # still waiting: nothing decided, Airflow not asked
         asyncio.run(bounded(unlisted))
     assert asked == [] and approvals.get(ledger, approval.id).pending
 
-    listed = ApprovalTrigger(approval.id, ledger.url, poll_interval=0.01, ti_id="ti-1")
+    listed = ApprovalTrigger(approval.id, ledger.conn_id, poll_interval=0.01, ti_id="ti-1")
     payload = asyncio.run(bounded(listed, 30))
     assert payload == {"approval_id": approval.id, "status": "approved", "decided_by": "manager"}
     stored = approvals.get(ledger, approval.id)

@@ -36,21 +36,36 @@ def default_sqlite_path() -> Path:
     return airflow_home() / "ledgerflow.db"
 
 
-def resolve_url(conn_id: str | None = DEFAULT_CONN_ID) -> str:
+def embedded_url() -> str:
+    """The embedded ledger: the SQLite file ``$AIRFLOW_HOME/ledgerflow.db``."""
+    return f"sqlite:///{default_sqlite_path()}"
+
+
+def ledger_conn_id(conn_id: str | None = None) -> str:
+    """The id of the ledger's connection: ``None`` or ``ledgerflow_db`` mean the one
+    configured (``[ledgerflow] conn_id``, default ``ledgerflow_db``)."""
+    if conn_id is None or conn_id == DEFAULT_CONN_ID:
+        from ledgerflow import settings
+
+        return str(settings.get("conn_id"))
+    return conn_id
+
+
+def resolve_url(conn_id: str | None = DEFAULT_CONN_ID, *, required: bool = False) -> str:
     """The SQLAlchemy URL of the ledger.
 
     Order: the Airflow connection ``conn_id`` (environment variable, secrets backend or
     the metadata database, whatever Airflow is configured with), else the SQLite file
-    ``$AIRFLOW_HOME/ledgerflow.db``. ``None`` or ``ledgerflow_db`` mean the ledger's
-    connection as configured (``[ledgerflow] conn_id``, default ``ledgerflow_db``).
+    ``$AIRFLOW_HOME/ledgerflow.db`` (unless ``required``: then a missing connection is
+    an error, not another ledger). ``None`` or ``ledgerflow_db`` mean the ledger's
+    connection as configured (``ledger_conn_id``).
     """
-    if conn_id is None or conn_id == DEFAULT_CONN_ID:
-        from ledgerflow import settings
-
-        conn_id = str(settings.get("conn_id"))
+    conn_id = ledger_conn_id(conn_id)
     uri = _airflow_connection_uri(conn_id)
     if uri is None:
-        return f"sqlite:///{default_sqlite_path()}"
+        if required:
+            raise LedgerError(f"the ledger's connection {conn_id!r} is not defined here")
+        return embedded_url()
     if uri.startswith(("postgres://", "postgresql://", "postgresql+")):  # any driver: psycopg2
         rest = uri.split("://", 1)[1]
         return f"postgresql+psycopg2://{rest}"

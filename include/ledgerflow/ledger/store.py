@@ -40,6 +40,8 @@ from ledgerflow.ledger._engine import (
     _uri_from_json,
     default_sqlite_path,
     dumps,
+    embedded_url,
+    ledger_conn_id,
     loads,
     now,
     resolve_url,
@@ -74,6 +76,8 @@ __all__ = [
     "_uri_from_json",
     "default_sqlite_path",
     "dumps",
+    "embedded_url",
+    "ledger_conn_id",
     "loads",
     "now",
     "resolve_url",
@@ -83,14 +87,19 @@ __all__ = [
 class Ledger(RunsMixin, StepsMixin, EffectsMixin):
     """The durable record of runs, steps, attempts, effects, dead letters and events."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, conn_id: str | None = None) -> None:
         self.url = url
+        # The Airflow connection the URL came from (None: given as a URL, or the embedded
+        # SQLite file): what a trigger carries instead of the URL and its credentials.
+        self.conn_id = conn_id
         self.engine = _engine(url)
         self._migrated = False
 
     @classmethod
     def from_airflow(cls, conn_id: str | None = None) -> Ledger:
-        return cls(resolve_url(conn_id))
+        conn_id = ledger_conn_id(conn_id)
+        url = resolve_url(conn_id)
+        return cls(url, conn_id=None if url == embedded_url() else conn_id)
 
     # -- schema -----------------------------------------------------------------
 

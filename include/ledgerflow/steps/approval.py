@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.bases.skipmixin import SkipMixin
@@ -21,6 +21,10 @@ from ledgerflow.links import approval_page  # the approval's page as a full link
 from ledgerflow.spec.models import ApprovalStep, WorkflowSpec
 from ledgerflow.steps.kernel import Rendered, StepKind, prologue
 from ledgerflow.steps.operator import LedgerflowOperator
+
+if TYPE_CHECKING:
+    from ledgerflow.ledger.store import Ledger
+    from ledgerflow.triggers.approval import ApprovalTrigger
 
 # Safety-net poll of a parked approval: NOTIFY wakes it at once on Postgres; SQLite
 # has no NOTIFY, so there the poll is how a decision is seen.
@@ -143,6 +147,23 @@ def ask(
     return Asked(approval=approval)
 
 
+def approval_trigger(
+    ledger: Ledger, approval_id: int, poll_interval: float, ti_id: str | None = None
+) -> ApprovalTrigger:
+    """The trigger a parked approval waits on: it names the ledger's connection (None for
+    the embedded SQLite file), never the URL, which would put the password in Airflow's
+    trigger table; ``ti_id``: the task instance listed in Airflow's Required Actions."""
+    from ledgerflow.errors import LedgerError
+    from ledgerflow.ledger._engine import embedded_url
+    from ledgerflow.triggers.approval import ApprovalTrigger
+
+    if ledger.conn_id is None and ledger.url != embedded_url():
+        raise LedgerError("a parked approval needs the ledger of an Airflow connection")
+    return ApprovalTrigger(
+        approval_id, conn_id=ledger.conn_id, poll_interval=poll_interval, ti_id=ti_id
+    )
+
+
 def build_task(spec: WorkflowSpec, step: ApprovalStep, trigger_rule: str) -> BaseOperator:
     from ledgerflow.steps.saga import step_failed
 
@@ -214,18 +235,14 @@ class ApprovalOperator(LedgerflowOperator, SkipMixin):
 
     def _wait(self, context: Any, ledger: Any, approval: Any) -> None:
         """List the request in Airflow's Required Actions, then defer to the trigger."""
-        from ledgerflow.triggers.approval import ApprovalTrigger
         from ledgerflow.triggers.required_action import open_in_airflow
 
         ti_id = getattr(context.get("ti"), "id", None)
         listed = ti_id is not None and open_in_airflow(ti_id, approval)
         poll = POLL_POSTGRES_S if ledger.dialect == "postgresql" else POLL_SQLITE_S
         self.defer(
-            trigger=ApprovalTrigger(
-                approval_id=approval.id,
-                ledger_url=ledger.url,
-                poll_interval=poll,
-                ti_id=str(ti_id) if listed else None,
+            trigger=approval_trigger(
+                ledger, approval.id, poll, ti_id=str(ti_id) if listed else None
             ),
             method_name="resume",
         )

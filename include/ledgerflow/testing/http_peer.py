@@ -46,3 +46,17 @@ class IdempotentPeer(LoopbackPeer):
     def answer(self, method: str, path: str, headers: Any, body: bytes) -> Answer:
         key = headers.get("Idempotency-Key", "")
         return Answer.json(*self._answer(path, key, json.loads(body or b"{}")))
+
+
+class RecordingPeer(LoopbackPeer):
+    """Answers 200 ``{"ok": true}`` to everything and records each request as
+    ``(method, path, headers)``; behind a proxy, ``path`` is the absolute URL the client
+    asked the proxy for."""
+
+    def __init__(self, tls: Any = None) -> None:
+        super().__init__(tls)
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+
+    def answer(self, method: str, path: str, headers: Any, body: bytes) -> Answer:
+        self.requests.append((method, path, {k.lower(): v for k, v in headers.items()}))
+        return Answer.json(200, {"ok": True})

@@ -4,7 +4,8 @@ stopped with the peer (``with Peer() as peer:``), whose requests go to ``answer`
 
 A peer supplies ``answer(method, path, headers, body) -> Answer`` and, if it needs them,
 ``keep_alive`` (HTTP/1.1 and TCP_NODELAY, like a real API) and ``base_path`` (the part of
-``url`` after the port)."""
+``url`` after the port). A peer given ``tls`` (a server-side ``ssl.SSLContext``, see
+``testing.tls``) speaks HTTPS."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import json
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import ssl
 
 _Peer = TypeVar("_Peer", bound="LoopbackPeer")
 
@@ -22,6 +26,7 @@ class Answer:
     status: int
     body: bytes
     content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def json(cls, status: int, payload: Any) -> Answer:
@@ -32,13 +37,15 @@ class LoopbackPeer:
     keep_alive = False
     base_path = ""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self._server: ThreadingHTTPServer | None = None
+        self.tls = tls
 
     @property
     def url(self) -> str:
         assert self._server is not None, "start() first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}{self.base_path}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self._server.server_address[1]}{self.base_path}"
 
     def answer(self, method: str, path: str, headers: Any, body: bytes) -> Answer:
         raise NotImplementedError
@@ -63,6 +70,8 @@ class LoopbackPeer:
                 self.send_response(reply.status)
                 self.send_header("Content-Type", reply.content_type)
                 self.send_header("Content-Length", str(len(reply.body)))
+                for name, value in reply.headers:
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(reply.body)
 
@@ -70,6 +79,8 @@ class LoopbackPeer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         name = type(self).__name__
         threading.Thread(target=self._server.serve_forever, name=name, daemon=True).start()
         return self

@@ -35,48 +35,56 @@ def http(
     method: str = "POST",
     json: Any = None,
     headers: dict[str, str] | None = None,
-    timeout: float = 30.0,
+    timeout: float | None = None,
     conn_id: str | None = None,
 ) -> dict[str, Any]:
     """Call an HTTP endpoint, sending the step's idempotency key as ``Idempotency-Key``.
 
-    With ``conn_id``, the Airflow connection gives the base URL (``url`` is then a path)
-    and the credentials (login/password as basic auth, or ``extra.headers``).
+    With ``conn_id``, an Airflow ``http`` connection is read as the http provider's
+    ``HttpHook`` reads it (``tools/_http_conn.py``): the base URL (``url`` is then a
+    path), Basic auth from login/password, every top-level extra a header, and the
+    extras ``verify``, ``cert``, ``proxies``, ``timeout``, ``allow_redirects``,
+    ``max_redirects``, ``trust_env`` and ``check_response``. The step's ``headers`` win
+    over the connection's. ``timeout`` (seconds) defaults to the connection's, else 30.
     """
+    from urllib.parse import urlsplit
+
     import httpx
 
-    send_headers = {"Idempotency-Key": ctx.idempotency_key, **(headers or {})}
-    auth = None
+    from ledgerflow.tools._http_conn import DEFAULT_TIMEOUT_S, client_options, read_connection
+
+    options: dict[str, Any] = {"timeout": timeout if timeout is not None else DEFAULT_TIMEOUT_S}
+    send_headers = httpx.Headers()
+    check = True
     if conn_id:
         from airflow.sdk import BaseHook
 
-        conn = BaseHook.get_connection(conn_id)
-        scheme = conn.schema or "http"
-        host = conn.host or "localhost"
-        base = host if "://" in host else f"{scheme}://{host}"
-        if conn.port:
-            base = f"{base}:{conn.port}"
-        url = base.rstrip("/") + "/" + url.lstrip("/")
-        if conn.login:
-            auth = (conn.login, conn.password or "")
-        conn_headers = conn.extra_dejson.get("headers", {})
-        send_headers.update(conn_headers)
+        raw = BaseHook.get_connection(conn_id)
+        conn = read_connection(conn_id, raw)
         # What a peer may echo back (the encoded Basic value too) is masked wherever
         # Ledgerflow stores or logs it.
         from ledgerflow.secrets import mask_http_credentials
 
-        mask_http_credentials(login=conn.login, password=conn.password, headers=conn_headers)
+        mask_http_credentials(login=raw.login, password=raw.password, headers=conn.headers)
+        for proxy in conn.proxies.values():  # a proxy's credentials, as in http://u:p@proxy
+            mask_http_credentials(login=None, password=urlsplit(proxy).password, headers=None)
+        url = conn.url(url)
+        options = client_options(conn, timeout)
+        send_headers.update(conn.headers)
+        check = conn.check_response
+    send_headers["Idempotency-Key"] = ctx.idempotency_key
+    send_headers.update(headers or {})
+    client = httpx.Client(**options)
     try:
-        response = httpx.request(
-            method.upper(), url, json=json, headers=send_headers, timeout=timeout, auth=auth
-        )
+        with client:
+            response = client.request(method.upper(), url, json=json, headers=send_headers)
     except httpx.TimeoutException as exc:
-        raise ToolError(f"HTTP timeout after {timeout}s: {url}") from exc
+        raise ToolError(f"HTTP timeout after {client.timeout.read}s: {url}") from exc
     except httpx.TransportError as exc:
         raise ToolError(f"HTTP transport error: {exc}") from exc
-    if response.status_code >= 500 or response.status_code in RETRYABLE_4XX:
+    if check and (response.status_code >= 500 or response.status_code in RETRYABLE_4XX):
         raise HttpStatusError(response.status_code, response.text)
-    if response.status_code >= 400:
+    if check and response.status_code >= 400:
         raise HttpClientError(response.status_code, response.text)
     try:
         body: Any = response.json()

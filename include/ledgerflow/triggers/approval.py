@@ -124,17 +124,33 @@ class Listener:
 
 
 class ApprovalTrigger(BaseTrigger):
-    """Fires when approval ``approval_id`` is decided (by a person or by its deadline)."""
+    """Fires when approval ``approval_id`` is decided (by a person or by its deadline).
+
+    It carries the id of the ledger's Airflow connection (``conn_id``; None for the
+    embedded SQLite file), never its URL: Airflow stores a trigger's kwargs in its
+    trigger table, and a URL holds the ledger's password. The triggerer resolves the
+    connection itself (it has the same connections and environment as the workers).
+    ``ledger_url`` is read only from triggers deferred by an earlier release.
+    """
 
     def __init__(
         self,
         approval_id: int,
-        ledger_url: str,
+        conn_id: str | None = None,
         poll_interval: float = 30.0,
         ti_id: str | None = None,
+        ledger_url: str | None = None,
     ) -> None:
         super().__init__()
+        if conn_id is not None and "://" in conn_id:
+            from ledgerflow.errors import LedgerError
+
+            raise LedgerError(
+                "ApprovalTrigger takes the ledger's connection id, not a URL "
+                "(a URL with its password would be stored in Airflow's trigger table)"
+            )
         self.approval_id = int(approval_id)
+        self.conn_id = conn_id
         self.ledger_url = ledger_url
         self.poll_interval = float(poll_interval)
         # The task instance whose Required Actions entry mirrors this approval (None: not
@@ -146,24 +162,36 @@ class ApprovalTrigger(BaseTrigger):
         self._wait: Callable[[asyncio.Event, float], Awaitable[None]] = _wait_for
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            "ledgerflow.triggers.approval.ApprovalTrigger",
-            {
-                "approval_id": self.approval_id,
-                "ledger_url": self.ledger_url,
-                "poll_interval": self.poll_interval,
-                "ti_id": self.ti_id,
-            },
-        )
+        kwargs: dict[str, Any] = {
+            "approval_id": self.approval_id,
+            "conn_id": self.conn_id,
+            "poll_interval": self.poll_interval,
+            "ti_id": self.ti_id,
+        }
+        if self.ledger_url is not None:  # an earlier release's trigger, as it was stored
+            kwargs["ledger_url"] = self.ledger_url
+        return ("ledgerflow.triggers.approval.ApprovalTrigger", kwargs)
+
+    def resolve_ledger_url(self) -> str:
+        """The ledger's URL, looked up here (in the triggerer), never carried."""
+        from ledgerflow.ledger._engine import embedded_url, resolve_url
+
+        if self.ledger_url is not None:
+            return self.ledger_url
+        if self.conn_id is None:
+            return embedded_url()
+        # The worker found this connection: if the triggerer cannot, that is an error,
+        # not a reason to wait on another (empty) ledger.
+        return resolve_url(self.conn_id, required=True)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from ledgerflow.ledger import approvals
         from ledgerflow.ledger.store import Ledger
 
-        ledger = Ledger(self.ledger_url)
-        listener = (
-            Listener.shared(self.ledger_url) if self.ledger_url.startswith("postgresql") else None
-        )
+        # In a thread: a connection lookup in the triggerer talks to its supervisor.
+        url = await asyncio.to_thread(self.resolve_ledger_url)
+        ledger = Ledger(url, conn_id=self.conn_id)
+        listener = Listener.shared(url) if url.startswith("postgresql") else None
         wake = listener.register(self.approval_id) if listener else asyncio.Event()
         try:
             while True:
