@@ -1,0 +1,101 @@
+"""The ledger's Alembic revisions and the cheap checks around them (SQLite; both
+databases: tests/integration/test_migrations.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ledgerflow.cli import main
+from ledgerflow.ledger import schema
+
+
+def test_the_constants_the_tasks_check_are_the_heads_of_the_revisions() -> None:
+    """``schema.LATEST`` and ``DEMO_HEAD`` (what a task compares with, without Alembic)
+    are the heads of the ``ledger`` and ``demo`` branches; every revision has a title and
+    a downgrade, and ledger revisions are numbers in order."""
+    from ledgerflow.ledger._migrate import revisions, scripts, title
+
+    heads = {scripts().get_revision(h).branch_labels.pop(): h for h in scripts().get_heads()}  # type: ignore[union-attr]
+    assert heads == {"ledger": f"{schema.LATEST:04d}", "demo": schema.DEMO_HEAD}
+    ledger = revisions("ledger")
+    assert [int(s.revision) for s in ledger] == sorted(int(s.revision) for s in ledger)
+    for script in [*ledger, *revisions("demo")]:
+        assert title(script) and title(script) != script.revision
+        assert callable(script.module.downgrade), script.revision
+
+
+def test_an_up_to_date_ledger_is_checked_without_importing_alembic(tmp_path: Path) -> None:
+    """A process that finds the ledger at its version (every task but the first) asks
+    one query and never imports Alembic; one that has to migrate does import it."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    code = (
+        "import sys; from ledgerflow.ledger.store import Ledger; "
+        f"Ledger({url!r}).migrate(); print('alembic' in sys.modules)"
+    )
+
+    def run() -> str:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert run() == "True"  # the first: migrates
+    assert run() == "False"  # the next ones: one query
+
+
+def test_sql_is_printed_without_connecting_and_without_the_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``migrate --sql`` writes the SQL for the URL's dialect and never connects (the
+    host does not exist, the SQLite file is not created); the password is not in it."""
+    pg = "postgresql+psycopg2://lf:s3cret-pw@ledger.invalid:5432/ledger"
+    assert main(["migrate", "--sql", "--no-demo", "--url", pg]) == 0
+    sql = capsys.readouterr().out
+    assert "TIMESTAMP WITH TIME ZONE" in sql  # Postgres's dialect
+    assert "INSERT INTO lf_alembic_version (version_num) VALUES ('0001')" in sql
+    assert "s3cret-pw" not in sql and "demo_" not in sql
+
+    path = tmp_path / "never.db"
+    assert main(["migrate", "--sql", "--demo", "--url", f"sqlite:///{path}"]) == 0
+    sql = capsys.readouterr().out
+    assert "CREATE TABLE demo_payments" in sql and "CREATE TABLE lf_runs" in sql
+    assert not path.exists()
+
+
+def test_sql_of_a_downgrade_and_bad_revisions(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--sql --from 0008 --to 0007`` prints the downgrade of 0008 only; an unknown
+    revision is one line naming it, exit 2, no traceback."""
+    url = "postgresql://ledger.invalid/x"
+    assert main(["migrate", "--sql", "--from", "0008", "--to", "0007", "--url", url]) == 0
+    sql = capsys.readouterr().out
+    assert "DROP INDEX lf_runs_retry_of" in sql and "DROP TABLE" not in sql
+    assert main(["migrate", "--sql", "--to", "0042", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert "LedgerError" in err and "0042" in err and "Traceback" not in err
+
+
+def test_to_an_unknown_revision_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``migrate --to`` a revision that does not exist exits 2 naming it; ``--from``
+    without ``--sql`` is refused."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    assert main(["migrate", "--url", url, "--to", "0042"]) == 2
+    assert "cannot migrate the ledger to '0042'" in capsys.readouterr().err
+    assert main(["migrate", "--url", url, "--from", "0001"]) == 2
+
+
+@pytest.mark.parametrize("value", ["", "1", "true", "YES", " on ", "0", "no", "off", "x"])
+def test_the_ledger_reads_the_demo_switch_as_the_registry_does(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's tables go with its tools: the ledger's reading of
+    LEDGERFLOW_DEMO_TOOLS (it cannot import the registry) agrees with the registry's."""
+    from ledgerflow.ledger.store import _demo_tools_on
+    from ledgerflow.tools.registry import demo_tools_enabled
+
+    monkeypatch.setenv("LEDGERFLOW_DEMO_TOOLS", value)
+    assert _demo_tools_on() == demo_tools_enabled()
