@@ -13,19 +13,20 @@ from alembic import context
 from ledgerflow.ledger.schema import VERSION_TABLE, metadata
 
 config = context.config
-options = {"version_table": VERSION_TABLE, "target_metadata": metadata}
 
 if context.is_offline_mode():
     context.configure(
         url=config.get_main_option("sqlalchemy.url"),
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
-        **options,
+        version_table=VERSION_TABLE,
+        target_metadata=metadata,
     )
-    with context.begin_transaction():
-        context.run_migrations()
 else:
-    connection = config.attributes["connection"]
-    context.configure(connection=connection, **options)
-    with context.begin_transaction():
-        context.run_migrations()
+    context.configure(
+        connection=config.attributes["connection"],
+        version_table=VERSION_TABLE,
+        target_metadata=metadata,
+    )
+with context.begin_transaction():
+    context.run_migrations()
