@@ -99,3 +99,21 @@ def test_the_ledger_reads_the_demo_switch_as_the_registry_does(
 
     monkeypatch.setenv("LEDGERFLOW_DEMO_TOOLS", value)
     assert _demo_tools_on() == demo_tools_enabled()
+
+
+def test_the_migrations_ship_as_packages_and_the_package_data_names_real_files() -> None:
+    """The revisions are modules of packages setuptools finds (no data file to forget),
+    and every pattern of ``package-data`` matches a file that exists."""
+    import tomllib
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parents[2]
+    found = set(find_packages(root / "include"))
+    assert {"ledgerflow.ledger.migrations", "ledgerflow.ledger.migrations.versions"} <= found
+    folder = root / "include/ledgerflow/ledger/migrations"
+    shipped = {p.suffix for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert shipped == {".py"}
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    for package, patterns in config["tool"]["setuptools"]["package-data"].items():
+        for pattern in patterns:
+            assert list((root / "include" / package).glob(pattern)), (package, pattern)
