@@ -66,12 +66,20 @@ def test_sql_is_printed_without_connecting_and_without_the_password(
 
 
 def test_sql_of_a_downgrade_and_bad_revisions(capsys: pytest.CaptureFixture[str]) -> None:
-    """``--sql --from 0008 --to 0007`` prints the downgrade of 0008 only; an unknown
+    """``--sql --from 0008 --to 0007`` prints the downgrade of 0008 only, ``--from 0005``
+    the upgrades after 0005; an unknown
     revision is one line naming it, exit 2, no traceback."""
     url = "postgresql://ledger.invalid/x"
     assert main(["migrate", "--sql", "--from", "0008", "--to", "0007", "--url", url]) == 0
     sql = capsys.readouterr().out
     assert "DROP INDEX lf_runs_retry_of" in sql and "DROP TABLE" not in sql
+    assert main(["migrate", "--sql", "--no-demo", "--from", "0005", "--url", url]) == 0
+    sql = capsys.readouterr().out
+    assert [x for x in sql.splitlines() if x.startswith("-- Running")] == [
+        "-- Running upgrade 0005 -> 0006",
+        "-- Running upgrade 0006 -> 0007",
+        "-- Running upgrade 0007 -> 0008",
+    ]
     assert main(["migrate", "--sql", "--to", "0042", "--url", url]) == 2
     err = capsys.readouterr().err
     assert "LedgerError" in err and "0042" in err and "Traceback" not in err

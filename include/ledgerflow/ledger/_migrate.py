@@ -9,7 +9,6 @@ at once: the first applies the revisions, the others then find nothing to do.
 
 from __future__ import annotations
 
-import io
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,6 +18,7 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.engine import make_url
@@ -46,8 +46,9 @@ Progress = Callable[[str, str, bool], None]
 """``progress(revision, title, upgrade)``: called for each revision about to be applied."""
 
 
-def _config(*, connection: Connection | None = None, url: str | None = None,
-            stdout: TextIO | None = None) -> Config:  # fmt: skip
+def _config(
+    *, connection: Connection | None = None, url: str | None = None, stdout: TextIO | None = None
+) -> Config:
     cfg = Config(stdout=stdout or sys.stdout)
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("path_separator", "os")
@@ -175,19 +176,18 @@ def adopt_legacy(conn: Connection) -> tuple[str, ...]:
     return tuple(stamped)
 
 
-def offline_sql(url: str, *, target: str, start: str | None = None,
-                stdout: TextIO | None = None) -> str:  # fmt: skip
-    """The SQL that takes a ledger from ``start`` (default: an empty database) to
-    ``target``, for the dialect of ``url``, without connecting to it."""
+def offline_sql(url: str, *, target: str, start: str | None, stdout: TextIO) -> None:
+    """Write the SQL that takes a ledger from ``start`` (default: an empty database) to
+    ``target`` for the dialect of ``url``, without connecting: only the dialect's name is
+    taken from the URL (no host, no credentials)."""
     backend = make_url(url).get_backend_name()
-    out = stdout if stdout is not None else io.StringIO()
-    cfg = _config(url=f"{backend}://", stdout=out)
+    cfg = _config(url=f"{backend}://", stdout=stdout)
     script = ScriptDirectory.from_config(cfg)
-    upgrade = True
-    if start is not None:
+    upgrade = True  # down when ``target`` is below ``start``
+    if start is not None and start != target:
         try:
             upgrade = not list(script.iterate_revisions(start, target))
-        except Exception:
+        except RevisionError:  # not below ``start``
             upgrade = True
     destination = f"{start}:{target}" if start is not None else target
 
@@ -209,4 +209,3 @@ def offline_sql(url: str, *, target: str, start: str | None = None,
             script.run_env()
     except CommandError as exc:
         raise LedgerError(f"cannot write the SQL for {destination!r}: {exc}") from None
-    return out.getvalue() if isinstance(out, io.StringIO) else ""
