@@ -12,7 +12,8 @@ USER airflow
 RUN mkdir -p /opt/airflow/ledgerflow-src
 WORKDIR /opt/airflow/ledgerflow-src
 
-# Dependencies first (cached while only the code changes): exactly the pinned lock.
+# Dependencies first (cached while only the code changes): exactly the runtime lock, which holds
+# no test or development tool (those are in requirements/dev-lock.txt, never installed here).
 COPY --chown=airflow:root requirements/lock.txt requirements/lock.txt
 RUN pip install --no-cache-dir -r requirements/lock.txt
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Create .venv and install the pinned dependencies (requirements/lock.txt) + ledgerflow.
-# Needs only python3 (3.10-3.13) with venv and pip. Re-running is cheap: nothing is
-# reinstalled unless the lock file, pyproject.toml or this script changed.
+# Create .venv and install the pinned dependencies + ledgerflow: requirements/lock.txt (what
+# Ledgerflow needs at run time, all the Docker image installs) and requirements/dev-lock.txt
+# (the same versions plus the tests' and checks' tools). Needs only python3 (3.10-3.13) with
+# venv and pip. Re-running is cheap: nothing is reinstalled unless a lock file,
+# pyproject.toml or this script changed.
 #
 # Everything is installed with its bytecode compiled (uv does not compile by default, pip
 # does), and ledgerflow's own sources (include/, an editable install) are compiled on every
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.ledgerflow-installed
-WANT=$(cat requirements/lock.txt pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
+WANT=$(cat requirements/lock.txt requirements/dev-lock.txt pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
 
 compile_own_sources() {
   # Only what changed since the last run is compiled (a fraction of a second otherwise).
@@ -32,7 +34,8 @@ if [[ ! -x $VENV/bin/python ]]; then
 fi
 echo "bootstrap: installing uv (pinned) and the locked dependencies..." >&2
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "uv==0.13.8"
-"$VENV/bin/uv" pip install --python "$VENV/bin/python" --quiet --compile-bytecode -r requirements/lock.txt
+"$VENV/bin/uv" pip install --python "$VENV/bin/python" --quiet --compile-bytecode \
+  -r requirements/lock.txt -r requirements/dev-lock.txt
 "$VENV/bin/uv" pip install --python "$VENV/bin/python" --quiet --no-deps -e .
 # The example of a team's own tool package (README, "Your own tools"): its entry point puts
 # acme.* on the allow-list; examples/acme_tools/workflows/ship_order uses them.

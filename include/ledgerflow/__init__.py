@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ledgerflow.tools.context import ToolContext
     from ledgerflow.tools.registry import tool
 
-__version__ = "0.1.0"
+    __version__: str  # pyproject.toml's version, from the installed metadata (_version)
 
 _LAZY = {
     "dag_for_spec_file": "ledgerflow.factory",
@@ -48,9 +48,22 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        return _version()
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'ledgerflow' has no attribute {name!r}")
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's, through the package metadata),
+    read when asked: finding the metadata costs more than a DAG file should pay on import."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ledgerflow")
+    except PackageNotFoundError:  # the sources on sys.path without an install
+        return "0+unknown"

@@ -123,23 +123,23 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _retry_chain(ledger: Any, run_id: str) -> dict[str, Any]:
-    from ledgerflow.ledger import lineage
+    from ledgerflow.ledger import chains
 
     return {
-        "retries": [r["run_id"] for r in lineage.chain(ledger, run_id)[1:]],
+        "retries": [r["run_id"] for r in chains.chain(ledger, run_id)[1:]],
         "retried_by": [
             {"run_id": r["run_id"], "retry_of": r["retry_of"], "status": r["status"]}
-            for r in lineage.descendants(ledger, run_id)
+            for r in chains.descendants(ledger, run_id)
         ],
     }
 
 
 def _print_retry_chain(ledger: Any, run: dict[str, Any]) -> None:
     """The attempts of this run, oldest first, both ways: what it retries, what retries it."""
-    from ledgerflow.ledger import lineage
+    from ledgerflow.ledger import chains
 
-    before = list(reversed(lineage.chain(ledger, run["run_id"])[1:]))
-    after = lineage.descendants(ledger, run["run_id"])
+    before = list(reversed(chains.chain(ledger, run["run_id"])[1:]))
+    after = chains.descendants(ledger, run["run_id"])
     if not before and not after:
         return
     print("retry chain (oldest first):")
@@ -152,14 +152,15 @@ def _print_retry_chain(ledger: Any, run: dict[str, Any]) -> None:
         print(f"  {row['run_id']}  {row['status']}  (retry of {row['retry_of']}{start})")
 
 
-from ledgerflow.cli_retry import add_param_option, cmd_retry  # noqa: E402
+from ledgerflow.cli_retry import add_dags_folder_option, add_param_option, cmd_retry  # noqa: E402
 from ledgerflow.cli_retry import parse_param as parse_param  # noqa: E402  (re-exported)
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
     from ledgerflow import versions
+    from ledgerflow.settings import dags_folder
 
-    folder = (Path(args.dags_folder) if args.dags_folder else _default_dags()) / "workflows"
+    folder = dags_folder(args.dags_folder) / "workflows"
     if not folder.is_dir():
         print(f"no workflows folder at {folder} (use --dags-folder)", file=sys.stderr)
         return 2
@@ -183,12 +184,6 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return 1 if any(i.published and not i.intact for i in infos) else 0
 
 
-def _default_dags() -> Path:
-    from ledgerflow.retries import default_dags_folder
-
-    return default_dags_folder()
-
-
 def cmd_effects(args: argparse.Namespace) -> int:
     rows = _ledger(args).effects(args.run_id)
     _print(
@@ -199,12 +194,11 @@ def cmd_effects(args: argparse.Namespace) -> int:
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     if args.retry is not None:
-        from ledgerflow.deadletters import default_dags_folder, retry_dead_letter
+        from ledgerflow.deadletters import retry_dead_letter
         from ledgerflow.errors import LedgerflowError
 
-        folder = Path(args.dags_folder) if args.dags_folder else default_dags_folder()
         try:
-            result = retry_dead_letter(_ledger(args), args.retry, folder)
+            result = retry_dead_letter(_ledger(args), args.retry, args.dags_folder)
         except LedgerflowError as exc:
             print(f"cannot re-run: {exc}", file=sys.stderr)
             return 2
@@ -235,10 +229,8 @@ def _version() -> str:
     importing Airflow would cost a second)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        mine = version("ledgerflow")
-    except PackageNotFoundError:
-        mine = "(not installed)"
+    from ledgerflow import __version__ as mine
+
     try:
         airflow = version("apache-airflow")
     except PackageNotFoundError:
@@ -293,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def ledger_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--conn-id", default="ledgerflow_db", help="Airflow connection of the ledger"
+            "--conn-id",
+            help="Airflow connection of the ledger (default: [ledgerflow] conn_id, ledgerflow_db)",
         )
         p.add_argument("--url", help="SQLAlchemy URL of the ledger (overrides --conn-id)")
         p.add_argument(
@@ -352,10 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="run dead letter ID's step once more, here, under the same idempotency key",
     )
-    p.add_argument(
-        "--dags-folder",
-        help="where workflows/<name>/v<N>.yaml live (default: $AIRFLOW__CORE__DAGS_FOLDER or ./dags)",
-    )
+    add_dags_folder_option(p)
     p.set_defaults(func=cmd_dead_letters)
 
     p = sub.add_parser(
@@ -363,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="retry a run as a NEW run that reuses every completed step",
         description="Start a new run of the same workflow version (same DAG) with the "
         "original params, or with some overridden (--param). Every step completed anywhere "
-        "in the run's lineage (the run, the run it retried, ...) with the same inputs is "
+        "in the run's retry chain (the run, the run it retried, ...) with the same inputs is "
         "reused with its recorded output: no effect, LLM call or approval happens twice. The "
         "new run starts at the first step that did not complete, or at --from STEP (that "
         "step and everything downstream run again); a step whose inputs change under the "
@@ -382,10 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEP",
         help="re-run this step and everything downstream of it (not reused)",
     )
-    p.add_argument(
-        "--dags-folder",
-        help="where workflows/<name>/v<N>.yaml live (default: Airflow's [core] dags_folder)",
-    )
+    add_dags_folder_option(p)
     add_param_option(p, "override a param")
     p.add_argument("--user", help="recorded as the user who asked for the retry")
     p.add_argument(
@@ -406,16 +393,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ledger_args(p)
     p.add_argument("name", nargs="?", help="only this workflow")
-    p.add_argument(
-        "--dags-folder",
-        help="where workflows/<name>/v<N>.yaml live (default: Airflow's [core] dags_folder)",
-    )
+    add_dags_folder_option(p)
     p.set_defaults(func=cmd_versions)
 
     p = sub.add_parser("breakers", help="circuit breakers: state, consecutive failures, open until")
     ledger_args(p)
     p.set_defaults(func=cmd_breakers)
+
+    p = sub.add_parser(
+        "config", help="the [ledgerflow] settings: value, where it came from, what it does"
+    )
+    p.add_argument("-o", "--output", dest="fmt", choices=FORMATS, help="output format")
+    p.add_argument("--json", action="store_true", help="same as -o json")
+    p.set_defaults(func=cmd_config)
     return parser
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from ledgerflow import settings
+
+    _print(settings.describe(), args.fmt, ["option", "value", "source", "about"])
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,7 +60,7 @@ steps:
 
 def add_local_commands(sub: Any) -> None:
     """The ``new`` and ``run`` subcommands of ``ledgerflow`` (``sub``: its subparsers)."""
-    from ledgerflow.cli_retry import add_param_option
+    from ledgerflow.cli_retry import add_dags_folder_option, add_param_option
 
     p = sub.add_parser(
         "new",
@@ -71,10 +71,7 @@ def add_local_commands(sub: Any) -> None:
         "name that is not a workflow name or a folder that exists already.",
     )
     p.add_argument("name", help="the workflow's name: lower-case letters, digits, '_' and '-'")
-    p.add_argument(
-        "--dags-folder",
-        help="where workflows/ lives (default: $AIRFLOW__CORE__DAGS_FOLDER or ./dags)",
-    )
+    add_dags_folder_option(p)
     p.set_defaults(func=cmd_new)
 
     p = sub.add_parser(
@@ -119,9 +116,8 @@ def parse_decision(text: str) -> tuple[str, str]:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from ledgerflow import versions
+    from ledgerflow import settings, versions
     from ledgerflow.cli_publish import SHIM
-    from ledgerflow.deadletters import default_dags_folder  # without loading Airflow
     from ledgerflow.errors import SpecError
     from ledgerflow.workflow.validate import load_workflow
 
@@ -132,7 +128,7 @@ def cmd_new(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    dags = Path(args.dags_folder) if args.dags_folder else default_dags_folder()
+    dags = settings.dags_folder(args.dags_folder)  # without loading Airflow
     folder = dags / "workflows" / args.name
     file = folder / "v1.yaml"
     if folder.exists() and any(folder.iterdir()):

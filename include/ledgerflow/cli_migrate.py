@@ -4,6 +4,7 @@ downgrade them (``--to REV``), or print the SQL for a DBA (``--sql``, offline)."
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 
@@ -39,18 +40,17 @@ def add_migrate_command(
         action=argparse.BooleanOptionalAction,
         default=None,
         help="also the example workflows' tables (demo_*); default: when the demo's tools "
-        "are on (LEDGERFLOW_DEMO_TOOLS=1)",
+        "are on ([ledgerflow] demo_tools, LEDGERFLOW_DEMO_TOOLS=1)",
     )
     p.set_defaults(func=cmd_migrate)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from ledgerflow.ledger import schema
-    from ledgerflow.ledger.store import Ledger, resolve_url
-    from ledgerflow.tools.registry import demo_tools_enabled
+    from ledgerflow.ledger.store import Ledger, _demo_tools_on, resolve_url
 
     url = args.url or resolve_url(args.conn_id)
-    demo = demo_tools_enabled() if args.demo is None else args.demo
+    demo = _demo_tools_on() if args.demo is None else args.demo
     if args.sql:
         from ledgerflow.ledger import _migrate
 
@@ -66,6 +66,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         name = f"{int(revision)}/{schema.LATEST}" if revision.isdigit() else revision
         print(f"  {verb} migration {name}: {title}", file=sys.stderr)
 
+    # The lines above say what Alembic's INFO log would say; keep its warnings.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     ledger = Ledger(url)
     if args.to:
         ledger.migrate_to(args.to, progress=applying)

@@ -34,6 +34,13 @@ def add_param_option(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_dags_folder_option(parser: argparse.ArgumentParser) -> None:
+    """``--dags-folder``, as every command that reads workflow files takes it."""
+    from ledgerflow.settings import DAGS_FOLDER_HELP
+
+    parser.add_argument("--dags-folder", metavar="DIR", help=DAGS_FOLDER_HELP)
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     from ledgerflow.errors import LedgerflowError
     from ledgerflow.ledger.store import Ledger
@@ -54,8 +61,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
     run = plan.run
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     say(f"run {run['run_id']}: {plan.spec.name} v{plan.spec.version}, {run['status']}")
-    if len(plan.lineage) > 1:
-        say("lineage: " + " <- ".join(f"{r['run_id']} ({r['status']})" for r in plan.lineage))
+    if len(plan.chain) > 1:
+        say("retry chain: " + " <- ".join(f"{r['run_id']} ({r['status']})" for r in plan.chain))
     if plan.overrides:
         say("params: " + json.dumps(plan.overrides, sort_keys=True, default=str))
     for step_id, source in plan.reused.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +9,11 @@ from ledgerflow.errors import LedgerflowError
 from ledgerflow.ledger.store import Ledger
 
 
-def workflow_file(dags_folder: Path, workflow: str, version: int) -> Path:
-    return dags_folder / "workflows" / workflow / f"v{version}.yaml"
-
-
-def default_dags_folder() -> Path:
-    return Path(os.environ.get("AIRFLOW__CORE__DAGS_FOLDER") or "dags")
-
-
-def retry_dead_letter(ledger: Ledger, letter_id: int, dags_folder: Path) -> Any:
+def retry_dead_letter(ledger: Ledger, letter_id: int, dags_folder: Path | None = None) -> Any:
     """Run the step of dead letter ``letter_id`` once more, here, under the same
     idempotency key (an effect that did happen is not repeated); on success the letter
     is resolved. Returns the step's result; raises the step's error otherwise."""
+    from ledgerflow.settings import workflow_file
     from ledgerflow.steps.protocol import RunRef, execute_step
     from ledgerflow.steps.saga import compensation_step
     from ledgerflow.workflow.validate import load_workflow
@@ -36,7 +28,7 @@ def retry_dead_letter(ledger: Ledger, letter_id: int, dags_folder: Path) -> Any:
         raise LedgerflowError(
             f"dead letter {letter_id}: run {letter['run_id']} is not in the ledger"
         )
-    spec = load_workflow(workflow_file(dags_folder, letter["workflow"], letter["version"]))
+    spec = load_workflow(workflow_file(letter["workflow"], letter["version"], dags_folder))
     step_key: str = letter["step_key"]
     if "[" in step_key:
         raise LedgerflowError(

@@ -88,3 +88,10 @@ class InjectedFault(BaseException):
 
     A ``BaseException`` so that user code and tool code cannot swallow it.
     """
+
+
+class SettingError(LedgerflowError, ValueError):
+    """A ``[ledgerflow]`` setting whose value does not parse; names the option and where
+    the value came from."""
+
+    code = "setting_invalid"

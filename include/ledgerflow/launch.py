@@ -23,7 +23,6 @@ two requests could take a second run). The key lives as long as the DagRun does.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
 
 KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
 """An idempotency key or delivery id: 1-200 printable ASCII characters, no spaces."""
-SIGNATURE_HEADER = "X-Ledgerflow-Signature"
 _DAG_VERSION = re.compile(r"^(?P<base>.+)__v(?P<version>[1-9][0-9]*)$")
 
 
@@ -93,30 +91,6 @@ def keyed_run_id(workflow: str, key: str) -> str:
     return f"key__{digest[:40]}"
 
 
-def sign(secret: bytes, body: bytes) -> str:
-    """The webhook signature header value: ``sha256=<hex HMAC-SHA256 of the body>``."""
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-
-
-def signature_ok(secret: bytes, body: bytes, header: str | None) -> bool:
-    """Whether ``header`` signs ``body`` with ``secret`` (constant-time comparison)."""
-    if not secret or not header:
-        return False
-    return hmac.compare_digest(sign(secret, body).encode(), header.strip().encode())
-
-
-def webhook_secret(conn_id: str) -> bytes | None:
-    """A webhook's secret: the Airflow connection's password, else its ``extra.secret``."""
-    try:
-        from airflow.models.connection import Connection
-
-        conn = Connection.get_connection_from_secrets(conn_id)
-    except Exception:
-        return None
-    value = conn.password or conn.extra_dejson.get("secret")
-    return value.encode() if isinstance(value, str) and value else None
-
-
 # ---------------------------------------------------------------- workflow versions
 
 
@@ -156,9 +130,9 @@ def _spec_file(name: str, version: _Version) -> Path:
         beside = Path(version.fileloc).with_suffix(".yaml")
         if beside.exists():
             return beside
-    from ledgerflow.retries import default_dags_folder
+    from ledgerflow.settings import workflow_file
 
-    return default_dags_folder() / "workflows" / name / f"v{version.version}.yaml"
+    return workflow_file(name, version.version)
 
 
 def load_spec(path: Path) -> WorkflowSpec:

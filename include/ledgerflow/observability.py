@@ -157,9 +157,21 @@ def attempt_ended(attempt_id: int, error: BaseException | None = None) -> None:
         return
     try:
         if error is not None:
+            import traceback
+
             from opentelemetry.trace import Status, StatusCode
 
-            span.record_exception(error)
+            from ledgerflow.secrets import scrub
+
+            # The message and the traceback without registered secrets.
+            trace = "".join(traceback.format_exception(error))
+            span.record_exception(
+                error,
+                attributes={
+                    "exception.message": scrub(str(error)),
+                    "exception.stacktrace": scrub(trace),
+                },
+            )
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}"))
         span.end()
     except Exception:

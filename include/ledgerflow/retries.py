@@ -21,19 +21,19 @@ A retry may override params (``params``): the merged params are checked against 
 workflow's params schema (``InvalidParams``, naming each field), stored as the new run's
 params and recorded in the ``retried_by`` and ``run_started`` events. A completed step
 whose rendered inputs change under them runs again, and so does each step downstream
-whose inputs then change (``ledger.lineage.find_reusable``).
+whose inputs then change (``ledger.chains.find_reusable``).
 
 The ledger alone establishes the chain: the new run's row (with ``retry_of``) is written
 before Airflow creates the DagRun. Its conf carries ``ledgerflow_retry_of`` (and
 ``ledgerflow_retry_from``) for people reading it in Airflow's UI only: nothing trusts it.
 The original run is left as it was. Each step of the new run reuses the newest completed
-checkpoint of the same step in its lineage (``ledger.lineage``), so no effect, LLM call or
+checkpoint of the same step in its retry chain (``ledger.chains``), so no effect, LLM call or
 approval happens twice. Steps whose reuse is known before the run starts (completed in
-the lineage with the same inputs, not a branch point, not ``for_each``, and everything
+the retry chain with the same inputs, not a branch point, not ``for_each``, and everything
 they need reused too) are copied into the new run's ledger and their task instances are
 created already ``success``, in the same metadata transaction that creates the DagRun:
 the scheduler never starts a task for them, so the retry costs only the steps that
-remain. Every other step runs as a task and still looks up the lineage itself (a branch
+remain. Every other step runs as a task and still looks up the retry chain itself (a branch
 point reuses its decision and follows the same branch).
 """
 
@@ -83,7 +83,7 @@ class RetryPlan:
     spec: WorkflowSpec
     spec_hash: str
     from_step: str | None
-    lineage: list[dict[str, Any]]
+    chain: list[dict[str, Any]]
     # step id -> the run whose completed checkpoint it reuses, before the run starts
     reused: dict[str, str] = field(default_factory=dict)
     # steps reused inside their own task (branch points, for_each, after a branch point,
@@ -129,25 +129,6 @@ class RetryStarted:
         }
 
 
-def default_dags_folder() -> Path:
-    """Airflow's ``[core] dags_folder`` (also when set in airflow.cfg), else ``./dags``."""
-    import os
-
-    env = os.environ.get("AIRFLOW__CORE__DAGS_FOLDER")
-    if env:
-        return Path(env)
-    try:
-        from airflow.configuration import conf
-
-        return Path(conf.get("core", "dags_folder"))
-    except Exception:
-        return Path("dags")
-
-
-def workflow_file(dags_folder: Path, workflow: str, version: int) -> Path:
-    return dags_folder / "workflows" / workflow / f"v{version}.yaml"
-
-
 def plan_retry(
     ledger: Ledger,
     run_id: str,
@@ -164,6 +145,7 @@ def plan_retry(
     ``state_of(dag_id, dag_run_id)`` gives Airflow's state of a run (``airflow_state``);
     without it, or when it knows nothing, the ledger's status decides."""
     from ledgerflow import versions
+    from ledgerflow.settings import workflow_file
     from ledgerflow.workflow.validate import load_workflow
 
     ledger.migrate()
@@ -174,7 +156,7 @@ def plan_retry(
             "`ledgerflow runs` lists them)",
             reason="unknown_run",
         )
-    path = workflow_file(dags_folder or default_dags_folder(), run["workflow"], run["version"])
+    path = workflow_file(run["workflow"], run["version"], dags_folder)
     if not path.exists():
         raise RetryRefused(
             f"{run_id} ran {run['workflow']} v{run['version']}, but {path} is gone: "
@@ -213,7 +195,7 @@ def plan_retry(
         spec=spec,
         spec_hash=digest,
         from_step=from_step,
-        lineage=_lineage(ledger, run_id),
+        chain=_chain(ledger, run_id),
         reused=reused,
         reused_in_task=in_task,
         rerun=rerun,
@@ -222,10 +204,10 @@ def plan_retry(
     )
 
 
-def _lineage(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
-    from ledgerflow.ledger import lineage
+def _chain(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
+    from ledgerflow.ledger import chains
 
-    return lineage.chain(ledger, run_id)
+    return chains.chain(ledger, run_id)
 
 
 def retry_params(
@@ -255,7 +237,7 @@ def _reuse(
     outputs and must match the checkpoint's recorded args; another kind of step runs
     again when a param its templates read changed."""
     from ledgerflow.factory import topological_order
-    from ledgerflow.ledger import lineage
+    from ledgerflow.ledger import chains
     from ledgerflow.spec.models import ToolStep
     from ledgerflow.spec.params import effective_params
     from ledgerflow.spec.templates import render_value
@@ -275,7 +257,7 @@ def _reuse(
             "date": None,
         },
     }
-    rerun_set = lineage.rerun_steps(spec, from_step)
+    rerun_set = chains.rerun_steps(spec, from_step)
     reused: dict[str, str] = {}
     in_task: dict[str, str] = {}
     rerun: list[str] = []
@@ -299,7 +281,7 @@ def _reuse(
             found = (
                 None
                 if stale
-                else lineage.find_reusable(
+                else chains.find_reusable(
                     conn,
                     spec,
                     retry_of=run_id,
@@ -352,7 +334,7 @@ def record_retry(
     refused (RetryRefused ``continued``)."""
     from sqlalchemy import select
 
-    from ledgerflow.ledger import lineage
+    from ledgerflow.ledger import chains
     from ledgerflow.ledger import schema as t
     from ledgerflow.ledger.store import Checkpoint, dumps, loads
 
@@ -360,7 +342,7 @@ def record_retry(
     with ledger.begin() as conn:
         # SQLite: every ledger transaction holds the write lock (BEGIN IMMEDIATE).
         # Postgres: the chain's oldest run's row, locked until commit.
-        oldest = lineage.chain(ledger, original, conn)[-1]["run_id"]
+        oldest = chains.chain(ledger, original, conn)[-1]["run_id"]
         conn.execute(select(t.runs.c.run_id).where(t.runs.c.run_id == oldest).with_for_update())
         refused = standing(ledger, original, state_of=state_of, conn=conn).refusal(plan.from_step)
         if refused is not None:
@@ -387,7 +369,7 @@ def record_retry(
         for step_id, source in plan.reused.items():
             found = ledger.checkpoint(source, step_id, conn)
             assert isinstance(found, Checkpoint)
-            lineage.adopt(ledger, conn, new_run_id, found)
+            chains.adopt(ledger, conn, new_run_id, found)
         retried: dict[str, Any] = {
             "run_id": new_run_id,
             "from": plan.from_step,

@@ -131,10 +131,10 @@ def standing(
     """Where ``run_id`` stands in its retry chain: the ledger's rows give the chain,
     ``state_of(dag_id, dag_run_id)`` (``airflow_state``) each run's status when it knows
     it, else the ledger's. Raises RetryRefused for a run not in the ledger."""
-    from ledgerflow.ledger import lineage
+    from ledgerflow.ledger import chains
 
     with ledger._read(conn) as conn:
-        members = lineage.family(ledger, run_id, conn)
+        members = chains.family(ledger, run_id, conn)
         unborn = _never_started(conn, [r["run_id"] for r in members])
     # A retry Airflow refused to create never ran: it neither continues the chain nor
     # stands in the way of retrying the run it was meant to retry.

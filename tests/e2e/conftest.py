@@ -12,6 +12,7 @@ import pytest
 from ledgerflow.cli import SHIM
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.testing.airflow_stack import AirflowStack
+from ledgerflow.testing.echo_peer import EchoPeer
 from ledgerflow.testing.http_peer import IdempotentPeer
 from ledgerflow.testing.openai_peer import OpenAIPeer
 from ledgerflow.testing.postgres import fresh_database
@@ -116,6 +117,13 @@ def peer() -> Iterator[IdempotentPeer]:
 
 
 @pytest.fixture(scope="session")
+def echo_peer() -> Iterator[EchoPeer]:
+    """The peer of the stack's ``canary_http`` connection: it echoes the credentials."""
+    with EchoPeer() as peer:
+        yield peer
+
+
+@pytest.fixture(scope="session")
 def llm_peer() -> Iterator[OpenAIPeer]:
     """The model of the stack's ``ledgerflow_llm`` connection (OpenAI protocol, scripted)."""
     with OpenAIPeer() as peer:
@@ -150,6 +158,7 @@ def stack(
     peer: IdempotentPeer,
     llm_peer: OpenAIPeer,
     statsd: StatsdListener,
+    echo_peer: EchoPeer,
 ) -> Iterator[AirflowStack]:
     base = tmp_path_factory.mktemp("stack")
     dags = base / "dags"
@@ -168,6 +177,7 @@ def stack(
         extra_env={
             "AIRFLOW_CONN_LEDGERFLOW_DB": ledger_db,
             "AIRFLOW_CONN_LEDGERFLOW_LLM": llm_peer.connection_uri(),
+            "AIRFLOW_CONN_CANARY_HTTP": echo_peer.canary_connection(),
             "AIRFLOW__METRICS__STATSD_ON": "True",
             "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
             "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),

@@ -9,6 +9,8 @@ number, ``plan`` enum; a webhook keyed by the Airflow connection
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import secrets
 import threading
@@ -20,9 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
-from ledgerflow.launch import sign
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.testing.airflow_stack import AirflowStack
+from ledgerflow.webhooks import sign
 
 pytestmark = pytest.mark.e2e
 
@@ -188,7 +190,7 @@ def _deliver(
     raw = json.dumps(payload).encode()
     headers = {"Content-Type": "application/json"}
     if secret is not None:
-        headers["X-Ledgerflow-Signature"] = signature or sign(secret, raw)
+        headers["X-Ledgerflow-Signature"] = signature or sign(secret, raw, key=delivery)
     if delivery is not None:
         headers["X-Ledgerflow-Delivery"] = delivery
     with httpx.Client(base_url=stack.base_url, timeout=60) as c:
@@ -221,6 +223,34 @@ def test_a_signed_webhook_starts_a_run_and_a_redelivery_returns_it(
     assert stack.run(DAG, run_id)["triggering_user_name"] == "webhook:triggered"
 
 
+def test_a_captured_webhook_cannot_start_a_second_run(
+    stack: AirflowStack, hook_secret: bytes
+) -> None:
+    """Sent again as it was (no key of its own): the run it started, not a new one; the
+    same signature under another key, a delivery signed ten minutes ago, or the untimed
+    ``sha256=`` form of earlier versions: 401, and nothing starts."""
+    body = {"ref": f"replay-{uuid.uuid4().hex[:8]}", "amount": 1.0}
+    raw = json.dumps(body).encode()
+    captured = sign(hook_secret, raw)
+    before = run_count(stack)
+    first = _deliver(stack, body, hook_secret, signature=captured)
+    assert first.status_code == 201, first.text
+    again = _deliver(stack, body, hook_secret, signature=captured)
+    assert again.status_code == 200 and again.json()["run_id"] == first.json()["run_id"]
+    rekeyed = _deliver(stack, body, hook_secret, signature=captured, delivery="other-key")
+    stale = sign(hook_secret, raw, at=int(time.time()) - 600)
+    untimed = "sha256=" + hmac.new(hook_secret, raw, hashlib.sha256).hexdigest()
+    refused = [
+        rekeyed,
+        _deliver(stack, body, hook_secret, signature=stale),
+        _deliver(stack, body, hook_secret, signature=untimed),
+    ]
+    assert [r.status_code for r in refused] == [401, 401, 401]
+    assert "stale" in refused[1].json()["detail"]
+    assert "t=<unix seconds>,v1=" in refused[2].json()["detail"]
+    assert run_count(stack) == before + 1
+
+
 def test_unsigned_or_badly_signed_webhooks_are_401_and_start_nothing(
     stack: AirflowStack, hook_secret: bytes
 ) -> None:
@@ -232,7 +262,7 @@ def test_unsigned_or_badly_signed_webhooks_are_401_and_start_nothing(
     assert _deliver(stack, body, None).status_code == 401
     assert _deliver(stack, body, b"not-the-secret").status_code == 401
     assert _deliver(stack, body, hook_secret, signature=sign(hook_secret, b"{}")).status_code == 401
-    bare = sign(hook_secret, json.dumps(body).encode()).removeprefix("sha256=")
+    bare = sign(hook_secret, json.dumps(body).encode()).partition("v1=")[2]
     assert _deliver(stack, body, hook_secret, signature=bare).status_code == 401
     bad = _deliver(stack, {"ref": "x", "amount": "lots"}, hook_secret)
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "amount"

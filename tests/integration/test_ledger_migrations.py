@@ -26,6 +26,12 @@ CLI = Path(sys.executable).with_name("ledgerflow")
 T0 = datetime(2026, 12, 1, 9, 30, tzinfo=timezone.utc)
 
 
+def production_env() -> dict[str, str]:
+    """This process's environment without the demo's switch (the suite turns it on)."""
+    demo = ("LEDGERFLOW_DEMO_TOOLS", "AIRFLOW__LEDGERFLOW__DEMO_TOOLS")
+    return {k: v for k, v in os.environ.items() if k not in demo}
+
+
 def legacy_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location("ledger_v8", LEGACY)
     assert spec is not None and spec.loader is not None
@@ -224,7 +230,7 @@ def test_the_sql_for_a_dba_builds_the_same_ledger(ledger_url: str) -> None:
     """``ledgerflow migrate --sql`` prints SQL for the ledger's dialect without touching
     the database (which stays empty); run by hand, that SQL builds a ledger the code
     finds at its version, with the code's tables."""
-    env = {k: v for k, v in os.environ.items() if k != "LEDGERFLOW_DEMO_TOOLS"}
+    env = production_env()
     result = subprocess.run(
         [str(CLI), "migrate", "--sql", "--url", ledger_url],
         capture_output=True, text=True, env=env, timeout=120, check=False,
@@ -252,7 +258,7 @@ def test_the_sql_for_a_dba_builds_the_same_ledger(ledger_url: str) -> None:
 def test_migrate_makes_demo_tables_only_where_the_demo_tools_are_on(ledger_url: str) -> None:
     """``ledgerflow migrate`` in a production environment (no LEDGERFLOW_DEMO_TOOLS)
     creates no demo_* table; with the demo's switch on, it does."""
-    env = {k: v for k, v in os.environ.items() if k != "LEDGERFLOW_DEMO_TOOLS"}
+    env = production_env()
     run = [str(CLI), "migrate", "--url", ledger_url]
     result = subprocess.run(run, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr

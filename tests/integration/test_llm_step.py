@@ -214,7 +214,7 @@ def test_retry_run_reuses_the_answer_of_the_run_it_retries(
     ledger: Ledger, triage: WorkflowSpec, peer: OpenAIPeer
 ) -> None:
     """A retry run (retry_of) reuses the completed answer of the run it retries (its
-    lineage's checkpoint): no request is made, the output is the same."""
+    retry chain's checkpoint): no request is made, the output is the same."""
     peer.script("T-lineage", GOOD)
     classify(ledger, triage, "T-lineage")
     retry = classify(

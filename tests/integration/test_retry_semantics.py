@@ -9,7 +9,7 @@ checkpoints, the events), then its steps through the kernel (``execute_step``) w
   and two racing requests create one retry;
 * only the newest failed run of a chain is retried;
 * finding 6: a retry may override params; the steps whose inputs change run again;
-* finding 8: lineage never crosses workflows, and only the ledger's rows make a chain;
+* finding 8: a retry chain never crosses workflows, and only the ledger's rows make a chain;
 * a compensated checkpoint is never reused, even when an older run of the chain has the
   same step completed.
 """
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from ledgerflow.ledger import lineage
+from ledgerflow.ledger import chains
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.retries import RetryPlan, RetryRefused, plan_retry, record_retry
 from ledgerflow.spec.models import WorkflowSpec
@@ -362,7 +362,7 @@ def _foreign_run(ledger: Ledger, run_id: str, dag_id: str, workflow: str) -> Non
     [("other__v1", "other"), ("retry_params__v2", "retry_params")],
     ids=["another-workflow", "another-version"],
 )
-def test_lineage_never_reaches_a_run_of_another_workflow(
+def test_retry_chain_never_reaches_a_run_of_another_workflow(
     ledger: Ledger, spec: WorkflowSpec, dags: Path, flag: Path, dag_id: str, workflow: str
 ) -> None:
     """Finding 8: a run whose ledger row says ``retry_of`` a run of another workflow (or
@@ -382,17 +382,17 @@ def test_lineage_never_reaches_a_run_of_another_workflow(
         retry_of=victim,
     )
     with ledger.engine.connect() as conn:
-        found = lineage.find_reusable(
+        found = chains.find_reusable(
             conn, spec, retry_of=victim, retry_from=None, step_key="greet", step_id="greet"
         )
     assert found is None
-    assert [r["run_id"] for r in lineage.chain(ledger, forged)] == [forged]
+    assert [r["run_id"] for r in chains.chain(ledger, forged)] == [forged]
     statuses = run_steps(ledger, spec, forged, {"ref": "r", "amount": 10, "flag": str(flag)})
     assert statuses["greet"] == "completed"
     assert ledger.outputs(forged)["greet"]["output"] != {"email_id": 999}
     plan = plan_retry(ledger, forged, dags_folder=dags)
     assert set(plan.reused.values()) == {forged}
-    assert [r["run_id"] for r in plan.lineage] == [forged]
+    assert [r["run_id"] for r in plan.chain] == [forged]
 
 
 def test_params_of_a_run_cannot_claim_a_chain(
@@ -413,7 +413,7 @@ def test_params_of_a_run_cannot_claim_a_chain(
     assert run_steps(ledger, spec, run, claimed)["gate"] == "failed"
     assert (ledger.run(run) or {})["retry_of"] is None
     plan, b = retry(ledger, dags, run, "b")
-    assert [r["run_id"] for r in plan.lineage] == [run]
+    assert [r["run_id"] for r in plan.chain] == [run]
     assert set(plan.reused.values()) == {run}
     assert plan.params == {"ref": "r", "amount": 10, "flag": str(flag)}
     assert (ledger.run(b) or {})["params"] == plan.params
@@ -441,7 +441,7 @@ def test_a_compensated_checkpoint_is_never_reused(
     assert again.reused == {"greet": b}
     with ledger.engine.connect() as conn:
         assert (
-            lineage.find_reusable(
+            chains.find_reusable(
                 conn, spec, retry_of=b, retry_from=None, step_key="charge", step_id="charge"
             )
             is None

@@ -210,3 +210,22 @@ def test_times_are_time_elements_in_utc_that_the_page_shows_in_the_users_zone() 
         filtered=False,
     )
     assert 'localStorage.getItem("timezone")' in html and "time.ts" in html
+
+
+def test_form_tokens_expire_after_the_configured_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page's form token carries the time it was made: valid for ``[ledgerflow]
+    form_token_ttl`` seconds, then refused (it never expired before)."""
+    from ledgerflow.api._auth import form_token, form_token_ok
+
+    monkeypatch.setenv("AIRFLOW__LEDGERFLOW__FORM_TOKEN_TTL", "600")
+    made = 1_800_000_000
+    token = csrf_token(b"k1", "manager", 7, at=made)
+    assert csrf_ok(b"k1", "manager", 7, token, now=made + 599)
+    assert not csrf_ok(b"k1", "manager", 7, token, now=made + 601)
+    assert not csrf_ok(b"k1", "manager", 7, token, now=made - 120)  # from the future
+    retry = form_token(b"k1", "ann", "retry:r1", at=made)
+    assert form_token_ok(b"k1", "ann", "retry:r1", retry, now=made + 10)
+    assert not form_token_ok(b"k1", "ann", "retry:r1", retry, now=made + 700)
+    # The time is signed: moving it forward breaks the token.
+    forged = f"{made + 3600:010x}{token[10:]}"
+    assert not csrf_ok(b"k1", "manager", 7, forged, now=made + 3600)

@@ -85,10 +85,21 @@ def test_serialize_round_trip() -> None:
     trigger = ApprovalTrigger(approval_id=7, ledger_url="sqlite:///x.db", poll_interval=12.5)
     classpath, kwargs = trigger.serialize()
     assert classpath == "ledgerflow.triggers.approval.ApprovalTrigger"
-    assert kwargs == {"approval_id": 7, "ledger_url": "sqlite:///x.db", "poll_interval": 12.5}
+    assert kwargs == {
+        "approval_id": 7,
+        "ledger_url": "sqlite:///x.db",
+        "poll_interval": 12.5,
+        "ti_id": None,
+    }
     module, name = classpath.rsplit(".", 1)
     cls = getattr(__import__(module, fromlist=[name]), name)
     assert cls(**kwargs).serialize() == (classpath, kwargs)
+    # The task instance whose Required Actions entry it watches travels with it; a trigger
+    # serialized by an older release (no ti_id) still loads.
+    listed = ApprovalTrigger(7, "sqlite:///x.db", 12.5, ti_id="0190-ti")
+    assert cls(**listed.serialize()[1]).ti_id == "0190-ti"
+    old = {k: v for k, v in kwargs.items() if k != "ti_id"}
+    assert cls(**old).serialize() == (classpath, kwargs)
 
 
 def test_a_decision_fires_the_trigger(ledger: Ledger) -> None:

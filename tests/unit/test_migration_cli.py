@@ -96,17 +96,21 @@ def test_to_an_unknown_revision_is_one_line(
     assert main(["migrate", "--url", url, "--from", "0001"]) == 2
 
 
-@pytest.mark.parametrize("value", ["", "1", "true", "YES", " on ", "0", "no", "off", "x"])
-def test_the_ledger_reads_the_demo_switch_as_the_registry_does(
-    value: str, monkeypatch: pytest.MonkeyPatch
+def test_the_demo_setting_brings_the_demo_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The demo's tables go with its tools: the ledger's reading of
-    LEDGERFLOW_DEMO_TOOLS (it cannot import the registry) agrees with the registry's."""
-    from ledgerflow.ledger.store import _demo_tools_on
-    from ledgerflow.tools.registry import demo_tools_enabled
+    """The demo's tables go with its tools: ``[ledgerflow] demo_tools`` (here from
+    ``AIRFLOW__LEDGERFLOW__DEMO_TOOLS``) decides whether ``migrate()`` applies them."""
+    from ledgerflow.ledger.store import Ledger
 
-    monkeypatch.setenv("LEDGERFLOW_DEMO_TOOLS", value)
-    assert _demo_tools_on() == demo_tools_enabled()
+    monkeypatch.delenv("LEDGERFLOW_DEMO_TOOLS", raising=False)
+    monkeypatch.setenv("AIRFLOW__LEDGERFLOW__DEMO_TOOLS", "false")
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    ledger.migrate()
+    assert ledger.revisions() == {f"{schema.LATEST:04d}"}
+    monkeypatch.setenv("AIRFLOW__LEDGERFLOW__DEMO_TOOLS", "true")
+    ledger.migrate()
+    assert ledger.revisions() == {f"{schema.LATEST:04d}", schema.DEMO_HEAD}
 
 
 def test_the_migrations_ship_as_packages_and_the_package_data_names_real_files() -> None:

@@ -1,4 +1,4 @@
-"""Retry runs without Airflow processes: lineage resolution through the step protocol on a
+"""Retry runs without Airflow processes: retry-chain resolution through the step protocol on a
 SQLite ledger, what a retry plans to reuse, and every refusal (CLI and plan)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from ledgerflow.cli import main
-from ledgerflow.ledger import lineage
+from ledgerflow.ledger import chains
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.retries import RetryRefused, plan_retry
 from ledgerflow.spec.models import WorkflowSpec
@@ -115,7 +115,7 @@ def test_retry_run_reuses_completed_steps_and_runs_the_rest(
     assert [r["run_id"] for r in ledger.retries_of(first)] == [second]
 
 
-def test_lineage_goes_back_through_every_retry_and_respects_from(
+def test_retry_chain_goes_back_through_every_retry_and_respects_from(
     ledger: Ledger, spec: WorkflowSpec, tmp_path: Path
 ) -> None:
     """A fails at s4; B retries A --from s2 and fails at s4 again; C retries B. C reuses
@@ -135,17 +135,17 @@ def test_lineage_goes_back_through_every_retry_and_respects_from(
         if e["kind"] == "checkpoint_reused_from"
     }
     assert sources == {"s1": b, "s2": b, "s3": b}
-    assert [r["run_id"] for r in lineage.chain(ledger, c)] == [c, b, a]
-    assert [r["run_id"] for r in lineage.descendants(ledger, a)] == [b, c]
+    assert [r["run_id"] for r in chains.chain(ledger, c)] == [c, b, a]
+    assert [r["run_id"] for r in chains.descendants(ledger, a)] == [b, c]
     with ledger.engine.connect() as conn:
         # Seen from a retry of B that re-runs from s3: s3 and below are never reusable.
         assert (
-            lineage.find_reusable(
+            chains.find_reusable(
                 conn, spec, retry_of=b, retry_from="s3", step_key="s3", step_id="s3"
             )
             is None
         )
-        found = lineage.find_reusable(
+        found = chains.find_reusable(
             conn, spec, retry_of=b, retry_from="s3", step_key="s2", step_id="s2"
         )
         assert found is not None and found.run_id == b
@@ -175,13 +175,13 @@ def test_a_compensated_step_is_not_reused(
     ledger.record_compensation(a, "s2", "completed", tool="demo.noop")
     with ledger.engine.connect() as conn:
         assert (
-            lineage.find_reusable(
+            chains.find_reusable(
                 conn, spec, retry_of=a, retry_from=None, step_key="s2", step_id="s2"
             )
             is None
         )
         assert (
-            lineage.find_reusable(
+            chains.find_reusable(
                 conn, spec, retry_of=a, retry_from=None, step_key="s1", step_id="s1"
             )
             is not None
@@ -190,8 +190,8 @@ def test_a_compensated_step_is_not_reused(
 
 def test_rerun_steps_is_the_step_and_its_downstream(spec: WorkflowSpec) -> None:
     """--from s4 re-runs s4, s5, s6 and nothing upstream; no --from re-runs nothing."""
-    assert lineage.rerun_steps(spec, "s4") == {"s4", "s5", "s6"}
-    assert lineage.rerun_steps(spec, None) == set()
+    assert chains.rerun_steps(spec, "s4") == {"s4", "s5", "s6"}
+    assert chains.rerun_steps(spec, None) == set()
 
 
 def test_plan_reuses_the_completed_prefix(

@@ -6,6 +6,8 @@ tested end to end in tests/e2e/test_triggers_e2e.py.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import textwrap
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 
 from ledgerflow.errors import NonRetryableError, SpecError
 from ledgerflow.factory import build_dag
-from ledgerflow.launch import KEY_PATTERN, Launched, keyed_run_id, sign, signature_ok
+from ledgerflow.launch import KEY_PATTERN, Launched, keyed_run_id
 from ledgerflow.spec.models import ParamSpec, RetryPolicySpec, WorkflowSpec
 from ledgerflow.spec.params import (
     InvalidParams,
@@ -24,6 +26,7 @@ from ledgerflow.spec.params import (
     resolved_params,
 )
 from ledgerflow.steps.retry import is_non_retryable
+from ledgerflow.webhooks import sign, verify
 from ledgerflow.workflow.validate import load_workflow
 
 SPECS = {
@@ -116,18 +119,49 @@ def test_idempotency_keys_are_printable_ascii_up_to_200() -> None:
 
 
 def test_webhook_signature_is_an_hmac_of_the_exact_body() -> None:
-    """``sha256=<hex>`` HMAC-SHA256 of the raw body: accepted with the right secret;
-    refused for another secret, a changed body, a missing or bare header, an empty secret."""
+    """``t=<time>,v1=<hex>``: HMAC-SHA256 of the time, the key and the raw body: accepted
+    with the right secret; refused for another secret, a changed body, a missing or bare
+    header, an empty secret."""
     secret, body = b"s3cret", b'{"order_id": "o-1"}'
     header = sign(secret, body)
-    assert header.startswith("sha256=") and len(header) == len("sha256=") + 64
-    assert signature_ok(secret, body, header)
-    assert signature_ok(secret, body, f" {header} ")
-    assert not signature_ok(b"other", body, header)
-    assert not signature_ok(secret, body + b" ", header)
-    assert not signature_ok(secret, body, None)
-    assert not signature_ok(secret, body, header.removeprefix("sha256="))
-    assert not signature_ok(b"", body, sign(b"", body))
+    mac = header.partition("v1=")[2]
+    assert header.startswith("t=") and len(mac) == 64
+
+    def ok(secret: bytes, body: bytes, header: str | None) -> bool:
+        return verify(secret, body, header, key=None, tolerance=300).ok
+
+    assert ok(secret, body, header)
+    assert ok(secret, body, f" {header} ")
+    assert not ok(b"other", body, header)
+    assert not ok(secret, body + b" ", header)
+    assert not ok(secret, body, None)
+    assert not ok(secret, body, mac)
+    assert not ok(b"", body, sign(b"", body))
+
+
+def test_webhook_signature_signs_the_time_and_the_key() -> None:
+    """A time outside the tolerance (past or future) is stale; the key is signed, so the
+    same signature under another key is refused; without a key the delivery is keyed by
+    its signature (a resend within the window is the same delivery)."""
+    secret, body, now = b"s3cret", b"{}", 1_800_000_000
+    at = sign(secret, body, at=now - 299)
+    assert verify(secret, body, at, key=None, tolerance=300, now=now).ok
+    for off in (-301, 301):
+        late = verify(
+            secret, body, sign(secret, body, at=now + off), key=None, tolerance=300, now=now
+        )
+        assert not late.ok and late.reason.startswith("stale")
+    keyed = sign(secret, body, key="k-1", at=now)
+    assert verify(secret, body, keyed, key="k-1", tolerance=300, now=now).delivery_key == "k-1"
+    assert not verify(secret, body, keyed, key="k-2", tolerance=300, now=now).ok
+    assert not verify(secret, body, keyed, key=None, tolerance=300, now=now).ok
+    unkeyed = verify(secret, body, sign(secret, body, at=now), key=None, tolerance=300, now=now)
+    again = verify(secret, body, sign(secret, body, at=now), key=None, tolerance=300, now=now)
+    assert unkeyed.delivery_key == again.delivery_key and re.match(
+        KEY_PATTERN, again.delivery_key or ""
+    )
+    untimed = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    assert "untimed" in verify(secret, body, untimed, key=None, tolerance=300, now=now).reason
 
 
 def test_launched_links_to_the_run_page_and_the_grid() -> None:

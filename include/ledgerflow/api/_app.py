@@ -394,7 +394,9 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
         if not _same_origin(request) or not csrf_ok(
             server_secret(), caller.name, approval_id, csrf_token
         ):
-            raise HTTPException(403, "the form is not from this server's approval page")
+            raise HTTPException(
+                403, "the form expired or is not from this server's approval page: reload it"
+            )
         try:
             stored = _decide(source(), approval_id, caller, decision, comment, seen_hash)
             code = stored.status

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -88,24 +89,48 @@ async def current_user(user: Annotated[Any, Depends(get_user)]) -> Caller:
 CallerDep = Annotated[Caller, Depends(current_user)]
 
 
-def csrf_token(secret: bytes, user: str, approval_id: int) -> str:
-    """A form token bound to one user and one approval (HMAC with a server secret)."""
-    msg = f"ledgerflow-decide:{user}:{approval_id}".encode()
+def csrf_token(secret: bytes, user: str, approval_id: int, *, at: int | None = None) -> str:
+    """A form token bound to one user and one approval (HMAC with a server secret), and to
+    the time the page was rendered: it expires ``[ledgerflow] form_token_ttl`` later."""
+    return form_token(secret, user, f"decide:{approval_id}", at=at)
+
+
+def csrf_ok(
+    secret: bytes, user: str, approval_id: int, token: str, *, now: float | None = None
+) -> bool:
+    return form_token_ok(secret, user, f"decide:{approval_id}", token, now=now)
+
+
+def form_token(secret: bytes, user: str, purpose: str, *, at: int | None = None) -> str:
+    """A form token bound to one user and one purpose (e.g. ``retry:<run id>``) and the
+    time it was made: the unix time in 10 hex digits, then the hex HMAC of all three."""
+    issued = int(time.time()) if at is None else at
+    return f"{issued:010x}{_form_mac(secret, user, purpose, issued)}"
+
+
+def form_token_ok(
+    secret: bytes, user: str, purpose: str, token: str, *, now: float | None = None
+) -> bool:
+    """Made by this server for this user and purpose, and no older than
+    ``[ledgerflow] form_token_ttl`` (nor from the future, beyond a minute of clock skew)."""
+    from ledgerflow import settings
+
+    token = token or ""
+    try:
+        issued = int(token[:10], 16)
+    except ValueError:
+        return False
+    if not token.isascii():  # compare_digest takes ASCII text only
+        return False
+    if not hmac.compare_digest(_form_mac(secret, user, purpose, issued), token[10:]):
+        return False
+    age = (time.time() if now is None else now) - issued
+    return -60 <= age <= int(settings.get("form_token_ttl"))
+
+
+def _form_mac(secret: bytes, user: str, purpose: str, issued: int) -> str:
+    msg = f"ledgerflow-form:{purpose}:{user}:{issued}".encode()
     return hmac.new(secret, msg, hashlib.sha256).hexdigest()
-
-
-def csrf_ok(secret: bytes, user: str, approval_id: int, token: str) -> bool:
-    return hmac.compare_digest(csrf_token(secret, user, approval_id), token or "")
-
-
-def form_token(secret: bytes, user: str, purpose: str) -> str:
-    """A form token bound to one user and one purpose, e.g. ``retry:<run id>``."""
-    msg = f"ledgerflow-form:{purpose}:{user}".encode()
-    return hmac.new(secret, msg, hashlib.sha256).hexdigest()
-
-
-def form_token_ok(secret: bytes, user: str, purpose: str, token: str) -> bool:
-    return hmac.compare_digest(form_token(secret, user, purpose), token or "")
 
 
 def server_secret() -> bytes:
@@ -142,17 +167,28 @@ def may_create_runs(user: Any, dag_id: str) -> bool:
 
 
 def _may_on_runs(user: Any, dag_id: str, method: Literal["GET", "POST"]) -> bool:
-    from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.models.resource_details import (
-        DagAccessEntity,
-        DagDetails,
-    )
+    from fastapi import HTTPException
 
-    return bool(
-        get_auth_manager().is_authorized_dag(
-            method=method,
-            access_entity=DagAccessEntity.RUN,
-            details=DagDetails(id=dag_id),
-            user=user,
-        )
-    )
+    try:
+        require_dag(user, dag_id, method)
+    except HTTPException as exc:
+        if exc.status_code == 403:
+            return False
+        raise
+    return True
+
+
+def require_dag(
+    user: Any, dag_id: str, method: Literal["GET", "POST"], entity: str = "RUN"
+) -> None:
+    """Airflow's own permission dependency for one DAG (``requires_access_dag``, as its
+    public API routes declare it), called with the DAG a Ledgerflow route resolved from
+    its workflow, run or approval: the auth manager decides, with the DAG's team in a
+    multi-team deployment (403 otherwise). Our routes name a workflow, a run or an
+    approval rather than a ``dag_id`` path parameter, so the dependency is applied to the
+    DAG id the route found instead of being declared on the route."""
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+    from airflow.api_fastapi.core_api.security import requires_access_dag
+
+    check = requires_access_dag(method, DagAccessEntity[entity], param_dag_id=dag_id)
+    check(None, user)  # type: ignore[arg-type]  # the request is read only without a dag id

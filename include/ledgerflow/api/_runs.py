@@ -436,6 +436,9 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
                 403, "the form expired or came from another site: reload the run page"
             )
         doc = document(user, run_id)  # 404 for a run the caller may not read
+        dag_id = doc["run"]["dag_id"]
+        if not may_create_runs(user, dag_id):  # before planning: a 409 would tell its state
+            raise HTTPException(403, f"{caller.name} may not trigger runs of {dag_id}")
         ledger = source()
         try:
             # Compared with the params as the form showed them (secrets masked): a value

@@ -10,10 +10,13 @@ param that does not fit the workflow's params schema.
 
 ``/hooks/{name}`` is the one route besides ``/health`` without an Airflow login: a
 workflow opts in with ``triggers: {webhook: {secret_conn_id: ...}}``, and each request
-must carry ``X-Ledgerflow-Signature: sha256=<hex HMAC-SHA256 of the raw body>`` keyed by
-that Airflow connection's password (401 otherwise; 404 for a workflow without the
-opt-in). The body (a JSON object) is the run's params; ``Idempotency-Key`` or
-``X-Ledgerflow-Delivery`` makes a redelivery return the same run.
+must carry ``X-Ledgerflow-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
+"<t>.<key>.<raw body>">`` keyed by that Airflow connection's password, signed within
+``[ledgerflow] webhook_tolerance`` seconds (``ledgerflow.webhooks``; 401 otherwise; 404 for
+a workflow without the opt-in). The body (a JSON object) is the run's params;
+``Idempotency-Key`` or ``X-Ledgerflow-Delivery`` (signed too) makes a redelivery return
+the same run, and a delivery without one is keyed by its signature, so a replay within
+the window returns the run it started.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from ledgerflow.launch import KEY_PATTERN, SIGNATURE_HEADER, Launched, TriggerRefused
+from ledgerflow import webhooks
+from ledgerflow.launch import KEY_PATTERN, Launched, TriggerRefused
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.params import InvalidParams
 
@@ -101,7 +105,7 @@ def triggers_router(source: Callable[[], Ledger]) -> APIRouter:
         """Start a run from a signed webhook delivery (no Airflow login: the signature)."""
         body = await request.body()  # bounded by the app's BodyLimit before it is read
         key = next((request.headers[h] for h in HOOK_KEY_HEADERS if h in request.headers), None)
-        signature = request.headers.get(SIGNATURE_HEADER)
+        signature = request.headers.get(webhooks.HEADER)
         return await run_in_threadpool(_deliver, source, name, body, signature, key)
 
     return router
@@ -113,7 +117,8 @@ def _deliver(
     import json
     import re
 
-    from ledgerflow.launch import latest_spec, launch, signature_ok, webhook_secret
+    from ledgerflow import settings
+    from ledgerflow.launch import latest_spec, launch
 
     try:
         spec = latest_spec(name)
@@ -122,17 +127,16 @@ def _deliver(
     hook = spec.triggers.webhook if spec is not None else None
     if spec is None or hook is None:
         raise HTTPException(404, f"no workflow {name!r} with a webhook")
-    secret = webhook_secret(hook.secret_conn_id)
+    secret = webhooks.secret_of(hook.secret_conn_id)
     if secret is None:
         raise HTTPException(503, f"the webhook of {name} has no secret configured")
-    if not signature_ok(secret, body, signature):
-        raise HTTPException(
-            401,
-            f"missing or bad {SIGNATURE_HEADER} (sha256=<hex HMAC-SHA256 of the body>)",
-            headers={"WWW-Authenticate": "Signature"},
-        )
     if key is not None and not re.match(KEY_PATTERN, key):
         raise HTTPException(400, "an idempotency key is 1-200 printable ASCII characters")
+    verdict = webhooks.verify(
+        secret, body, signature, key=key, tolerance=settings.get("webhook_tolerance")
+    )
+    if not verdict.ok:
+        raise HTTPException(401, verdict.reason, headers={"WWW-Authenticate": "Signature"})
     try:
         params = json.loads(body) if body.strip() else {}
     except ValueError:
@@ -143,7 +147,7 @@ def _deliver(
         launched = launch(
             name,
             params,
-            idempotency_key=key,
+            idempotency_key=verdict.delivery_key,
             user=f"webhook:{name}",
             via="webhook",
             ledger=source(),

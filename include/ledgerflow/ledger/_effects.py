@@ -172,9 +172,9 @@ class EffectsMixin(LedgerBase):
 
     def _completed_by_a_retry(self, conn: Connection, run_id: str, step_key: str) -> str | None:
         """A retry of ``run_id`` (at any depth) in which ``step_key`` completed, if any."""
-        from ledgerflow.ledger import lineage
+        from ledgerflow.ledger import chains
 
-        retries = [r["run_id"] for r in lineage.descendants(self, run_id, conn)]  # type: ignore[arg-type]
+        retries = [r["run_id"] for r in chains.descendants(self, run_id, conn)]  # type: ignore[arg-type]
         if not retries:
             return None
         done = conn.execute(

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 
+from ledgerflow import secrets
 from ledgerflow.errors import LedgerError
 
 DEFAULT_CONN_ID = "ledgerflow_db"
@@ -30,17 +31,23 @@ def loads(value: str | None) -> Any:
 
 
 def default_sqlite_path() -> Path:
-    home = Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
-    return home / "ledgerflow.db"
+    from ledgerflow.settings import airflow_home
+
+    return airflow_home() / "ledgerflow.db"
 
 
-def resolve_url(conn_id: str = DEFAULT_CONN_ID) -> str:
+def resolve_url(conn_id: str | None = DEFAULT_CONN_ID) -> str:
     """The SQLAlchemy URL of the ledger.
 
     Order: the Airflow connection ``conn_id`` (environment variable, secrets backend or
     the metadata database, whatever Airflow is configured with), else the SQLite file
-    ``$AIRFLOW_HOME/ledgerflow.db``.
+    ``$AIRFLOW_HOME/ledgerflow.db``. ``None`` or ``ledgerflow_db`` mean the ledger's
+    connection as configured (``[ledgerflow] conn_id``, default ``ledgerflow_db``).
     """
+    if conn_id is None or conn_id == DEFAULT_CONN_ID:
+        from ledgerflow import settings
+
+        conn_id = str(settings.get("conn_id"))
     uri = _airflow_connection_uri(conn_id)
     if uri is None:
         return f"sqlite:///{default_sqlite_path()}"
@@ -174,6 +181,8 @@ def _engine(url: str) -> Engine:
                 # No pre-ping: a task is a fresh process with a fresh pool; long-lived
                 # processes recycle connections instead of paying a round trip per checkout.
                 engine = create_engine(url, pool_recycle=300, pool_size=2, max_overflow=2)
+            # Every value written passes Airflow's secrets masker (ledgerflow.secrets).
+            secrets.install(engine)
             _ENGINES[url] = engine
         return engine
 

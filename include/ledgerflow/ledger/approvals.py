@@ -350,11 +350,13 @@ def decide(
     by: str,
     comment: str | None = None,
     seen_hash: str | None = None,
+    source: str = "ledgerflow",
 ) -> Approval:
     """Store a decision if the approval is still pending; else ``ApprovalConflict``.
 
     ``decision`` is ``approved``/``rejected`` (a person) or ``expired`` (the deadline).
     ``seen_hash`` is the payload hash the approver was shown; when given it must match.
+    ``source``: where it was given (``ledgerflow``, or ``airflow``'s Required Actions).
     """
     if decision not in (*DECISIONS, "expired"):
         raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
@@ -394,6 +396,7 @@ def decide(
                 "by": by,
                 "at": stamp.isoformat(),
                 "comment": comment,
+                "source": source,
                 "level": current.level,
                 "payload_hash": current.payload_hash,
                 "payload": current.payload,

@@ -41,7 +41,7 @@ runs = Table(
     # The saga: none, compensating, compensated or compensation_failed (migration 3).
     Column("saga", String(40)),
     Column("failed_step", String(250)),
-    # A retry run: the step it re-runs from (None: resume where the lineage stopped), and
+    # A retry run: the step it re-runs from (None: resume where the retry chain stopped), and
     # the SHA-256 of the workflow file the run started on (migration 8).
     Column("retry_from", String(100)),
     Column("spec_hash", String(64)),

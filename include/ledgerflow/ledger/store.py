@@ -25,7 +25,6 @@ transaction rolls back).
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from sqlalchemy import text
@@ -90,7 +89,7 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
         self._migrated = self._migrated_demo = False
 
     @classmethod
-    def from_airflow(cls, conn_id: str = DEFAULT_CONN_ID) -> Ledger:
+    def from_airflow(cls, conn_id: str | None = None) -> Ledger:
         return cls(resolve_url(conn_id))
 
     # -- schema -----------------------------------------------------------------
@@ -99,7 +98,7 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
         """Apply pending migrations; safe to call from many processes at once.
 
         ``demo``: also the example workflows' tables (the ``demo`` branch); by default
-        where the demo's tools are on (``LEDGERFLOW_DEMO_TOOLS``). ``progress(revision,
+        where the demo's tools are on (``[ledgerflow] demo_tools``, ``LEDGERFLOW_DEMO_TOOLS``). ``progress(revision,
         title, upgrade)`` is called before each revision is applied. The common case, a
         ledger already at its version, costs one query and does not import Alembic.
         """
@@ -141,9 +140,11 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
 
 
 def _demo_tools_on() -> bool:
-    """``LEDGERFLOW_DEMO_TOOLS``, read as ``tools.registry.demo_tools_enabled`` reads it
-    (not imported: the tools import the ledger): the demo's tables go with its tools."""
-    return os.environ.get("LEDGERFLOW_DEMO_TOOLS", "").strip().lower() in ("1", "true", "yes", "on")
+    """``[ledgerflow] demo_tools`` (``LEDGERFLOW_DEMO_TOOLS``): the demo's tables go with
+    its tools."""
+    from ledgerflow import settings
+
+    return bool(settings.get("demo_tools"))
 
 
 def _number(revisions: set[str]) -> int:

@@ -12,13 +12,12 @@ An expectation is one single-key mapping in YAML::
     - row_count_between: {min: 1}
 
 A suite is a file ``<name>.yaml`` in the suites folder (``include/ledgerflow_suites/``
-beside the package, or ``$LEDGERFLOW_SUITES_DIR``) holding ``expectations:`` in the same
+beside the package, or ``[ledgerflow] suites_dir``) holding ``expectations:`` in the same
 form. Steps name a suite; they never give a path.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,8 +166,11 @@ def _number(value: Any) -> bool:
 
 
 def suites_dir() -> Path:
-    """``$LEDGERFLOW_SUITES_DIR``, else ``include/ledgerflow_suites`` beside the package."""
-    configured = os.environ.get("LEDGERFLOW_SUITES_DIR")
+    """``[ledgerflow] suites_dir`` (or ``$LEDGERFLOW_SUITES_DIR``), else
+    ``include/ledgerflow_suites`` beside the package."""
+    from ledgerflow import settings
+
+    configured = settings.get("suites_dir")
     if configured:
         return Path(configured)
     return Path(__file__).resolve().parents[2] / "ledgerflow_suites"

@@ -359,7 +359,7 @@ class LlmStep(_StepBase):
     (other branches are skipped); without it that fails the step."""
     idempotency: KeyedIdempotency | None = None
     """The cache key of the response (default: the run and the step; a retry run reuses
-    its lineage's completed checkpoint instead)."""
+    its retry chain's completed checkpoint instead)."""
 
     branch_field: ClassVar[str] = "on_invalid"
 

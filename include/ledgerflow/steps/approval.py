@@ -181,7 +181,6 @@ class ApprovalOperator(LedgerflowOperator, SkipMixin):
 
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.steps.operator import run_params, run_ref
-        from ledgerflow.triggers.approval import ApprovalTrigger
 
         spec, step = self._step()
         ledger = Ledger.from_airflow()
@@ -211,19 +210,33 @@ class ApprovalOperator(LedgerflowOperator, SkipMixin):
             approval.deadline.isoformat(),
             approval_page(approval.id),
         )
+        self._wait(context, ledger, approval)
+
+    def _wait(self, context: Any, ledger: Any, approval: Any) -> None:
+        """List the request in Airflow's Required Actions, then defer to the trigger."""
+        from ledgerflow.triggers.approval import ApprovalTrigger
+        from ledgerflow.triggers.required_action import open_in_airflow
+
+        ti_id = getattr(context.get("ti"), "id", None)
+        listed = ti_id is not None and open_in_airflow(ti_id, approval)
         poll = POLL_POSTGRES_S if ledger.dialect == "postgresql" else POLL_SQLITE_S
         self.defer(
             trigger=ApprovalTrigger(
-                approval_id=approval.id, ledger_url=ledger.url, poll_interval=poll
+                approval_id=approval.id,
+                ledger_url=ledger.url,
+                poll_interval=poll,
+                ti_id=str(ti_id) if listed else None,
             ),
             method_name="resume",
         )
 
     def resume(self, context: Any, event: Any = None) -> Any:
-        """Back from the triggerer: the decision is in the ledger."""
+        """Back from the triggerer (the decision is in the ledger), or from Airflow's
+        Required Actions with a response (``triggers.required_action``)."""
         from ledgerflow.ledger import approvals
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.steps.operator import run_ref
+        from ledgerflow.triggers import required_action
 
         ledger = Ledger.from_airflow()
         run = run_ref(context)
@@ -232,6 +245,17 @@ class ApprovalOperator(LedgerflowOperator, SkipMixin):
             # Resumed a second time (a trigger that fired twice): nothing new to record.
             return self._follow(context, self._step()[1], checkpoint.output)
         approval = approvals.for_step(ledger, run.run_id, self.step_id)
+        if approval is not None and required_action.is_response(event):
+            # Airflow's Required Actions resumed the task with a response: the ledger
+            # decides (the first decision there stands); a refused one waits again.
+            chosen, by, comment = required_action.response_fields(event)
+            outcome, approval = required_action.apply_response(
+                ledger, approval, chosen=chosen, responder=by, comment=comment
+            )
+            self.log.info("response from Airflow by %s (%s): %s", by, chosen, outcome)
+            if approval.pending:
+                return self._wait(context, ledger, approval)
+            event = {"source": required_action.SOURCE, "outcome": outcome}
         if approval is None or approval.pending:
             # Never expected: the trigger fires only on a stored decision.
             raise RuntimeError(f"approval of {run.run_id}/{self.step_id} is not decided: {event}")

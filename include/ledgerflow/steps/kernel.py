@@ -15,7 +15,7 @@ the same way for every kind:
 4. the kind renders its inputs (a template error is a non-retryable failure with a dead
    letter, on the first try);
 5. a retry run reuses the completed checkpoint of the same step in its chain when the
-   rendered inputs match (``ledger.lineage``);
+   rendered inputs match (``ledger.chains``);
 6. the breaker gate (tools with a breaker), the effect's claim, and the attempt record,
    in the same transaction as 1-5;
 7. the work, at the named fault points ``before_effect``/``after_effect``, then one
@@ -177,10 +177,10 @@ def reuse_from_chain(
 ) -> Checkpoint | None:
     """A retry run's step: the completed checkpoint of the same step in its chain (with
     the same inputs), copied into this run; None when there is none."""
-    from ledgerflow.ledger import lineage
+    from ledgerflow.ledger import chains
 
     assert chain.retry_of is not None
-    found = lineage.find_reusable(
+    found = chains.find_reusable(
         conn,
         spec,
         retry_of=chain.retry_of,
@@ -189,7 +189,7 @@ def reuse_from_chain(
         step_id=step_id,
         args=args,
     )
-    return None if found is None else lineage.adopt(ledger, conn, run_id, found)
+    return None if found is None else chains.adopt(ledger, conn, run_id, found)
 
 
 def run_step(

@@ -82,6 +82,7 @@ class LedgerflowOperator(BaseOperator):
 
         from ledgerflow.ledger.breakers import BreakerOpen
         from ledgerflow.ledger.store import Ledger
+        from ledgerflow.secrets import scrub, scrub_exception
         from ledgerflow.spec.params import InvalidParams
         from ledgerflow.steps.branching import follow
         from ledgerflow.steps.kernel import StepSkipped, run_step
@@ -126,13 +127,19 @@ class LedgerflowOperator(BaseOperator):
             )
             self.log.info("%s; waiting (deferred)", wait)
             self.defer(trigger=DateTimeTrigger(moment=wait.until), method_name="resume")
+        except Exception as error:
+            # Airflow logs and reports this error in more places than the task log.
+            scrub_exception(error)
+            raise
         self.report(step, result)
         fallback, take = self.branch(step, result)
+        # XCom holds what the ledger holds: the output without registered secrets.
+        output = scrub(result.output)
         if fallback is not None:
             # The output goes to XCom before follow() ends the task by skipping a branch.
-            ti.xcom_push(key="return_value", value=result.output)
+            ti.xcom_push(key="return_value", value=output)
             follow(self, context, fallback=fallback, take_fallback=take)
-        return result.output
+        return output
 
     def resume(self, context: Any, event: Any = None) -> Any:
         """Back from waiting for a circuit breaker: run the step again (same try)."""

@@ -198,12 +198,12 @@ def _effect_owner(ledger: Any, run_id: str, key: str | None) -> str | None:
     failing run that stood on it undoes it."""
     from sqlalchemy import select
 
-    from ledgerflow.ledger import lineage
+    from ledgerflow.ledger import chains
     from ledgerflow.ledger import schema as t
 
     if not key:
         return None
-    chain = {row["run_id"] for row in lineage.chain(ledger, run_id)}
+    chain = {row["run_id"] for row in chains.chain(ledger, run_id)}
     effect = ledger.effect(key)
     with ledger.engine.connect() as conn:
         users = set(

@@ -118,9 +118,13 @@ class AirflowStack(StackClient):
         plugins_folder: Path | None = None,
         parallelism: int = 4,
         users: dict[str, str] | None = None,
+        setup: list[list[str]] | None = None,
     ) -> None:
         """``users``: more SimpleAuthManager users beyond ``admin``, name -> role
-        (viewer, user, op, admin); each one's password is its name (see :meth:`token`)."""
+        (viewer, user, op, admin; ``role:team1|team2`` in a multi-team deployment); each
+        one's password is its name (see :meth:`token`). ``setup``: Airflow CLI commands
+        run after ``db migrate`` and before the components start (e.g. ``["teams",
+        "sync"]``)."""
         self.dags_folder = Path(dags_folder).resolve()
         self.home = Path(home).resolve()
         self.db_url = db_url
@@ -128,6 +132,7 @@ class AirflowStack(StackClient):
         self.plugins_folder = Path(plugins_folder).resolve() if plugins_folder else None
         self.parallelism = parallelism
         self.users = {ADMIN_USER: "admin", **(users or {})}
+        self.setup = [list(c) for c in setup or []]
         self.port = 0
         self.env: dict[str, str] = {}
         self._created_db: str | None = None
@@ -407,6 +412,22 @@ class AirflowStack(StackClient):
                 raise StackError(f"airflow db migrate timed out after {timeout:.0f}s") from exc
         if rc != 0:
             raise StackError(f"airflow db migrate failed ({rc}):\n{self.log_tail('db-migrate')}")
+        for command in self.setup:
+            with open(self.log_path("db-migrate"), "ab") as log:
+                done = subprocess.run(
+                    [*self._airflow_cmd(), *command],
+                    env=self.env,
+                    cwd=self.home,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                    start_new_session=True,
+                )
+            if done.returncode != 0:
+                raise StackError(
+                    f"airflow {' '.join(command)} failed:\n{self.log_tail('db-migrate')}"
+                )
         _log(f"db migrated in {time.monotonic() - t0:.1f}s")
 
     def _create_database(self) -> str:

@@ -59,7 +59,13 @@ def http(
         url = base.rstrip("/") + "/" + url.lstrip("/")
         if conn.login:
             auth = (conn.login, conn.password or "")
-        send_headers.update(conn.extra_dejson.get("headers", {}))
+        conn_headers = conn.extra_dejson.get("headers", {})
+        send_headers.update(conn_headers)
+        # What a peer may echo back (the encoded Basic value too) is masked wherever
+        # Ledgerflow stores or logs it.
+        from ledgerflow.secrets import mask_http_credentials
+
+        mask_http_credentials(login=conn.login, password=conn.password, headers=conn_headers)
     try:
         response = httpx.request(
             method.upper(), url, json=json, headers=send_headers, timeout=timeout, auth=auth

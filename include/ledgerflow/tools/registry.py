@@ -11,7 +11,6 @@ the list only where the demo asks for them: ``LEDGERFLOW_DEMO_TOOLS=1`` (set by
 from __future__ import annotations
 
 import inspect
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,11 +27,15 @@ if TYPE_CHECKING:
 IdempotencyBehaviour = Literal["effect", "natural", "read_only"]
 
 DEMO_TOOLS_ENV = "LEDGERFLOW_DEMO_TOOLS"
+"""The older switch; ``[ledgerflow] demo_tools`` (``AIRFLOW__LEDGERFLOW__DEMO_TOOLS``) is it."""
 
 
 def demo_tools_enabled() -> bool:
-    """Whether this process puts the demo's tools on the allow-list (``LEDGERFLOW_DEMO_TOOLS``)."""
-    return os.environ.get(DEMO_TOOLS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether this process puts the demo's tools on the allow-list (``[ledgerflow]
+    demo_tools``, or ``LEDGERFLOW_DEMO_TOOLS``)."""
+    from ledgerflow import settings
+
+    return bool(settings.get("demo_tools"))
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,10 @@ class _Registry:
         except KeyError:
             hint = None
             if name.startswith("demo.") and not demo_tools_enabled():
-                hint = f"the demo's tools are off here: set {DEMO_TOOLS_ENV}=1 to use them"
+                hint = (
+                    "the demo's tools are off here: set [ledgerflow] demo_tools = true "
+                    f"(AIRFLOW__LEDGERFLOW__DEMO_TOOLS=true, or {DEMO_TOOLS_ENV}=1) to use them"
+                )
             raise UnknownToolError(name, sorted(self._tools), hint) from None
 
     def names(self) -> list[str]:

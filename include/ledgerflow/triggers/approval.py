@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import weakref
@@ -125,11 +126,21 @@ class Listener:
 class ApprovalTrigger(BaseTrigger):
     """Fires when approval ``approval_id`` is decided (by a person or by its deadline)."""
 
-    def __init__(self, approval_id: int, ledger_url: str, poll_interval: float = 30.0) -> None:
+    def __init__(
+        self,
+        approval_id: int,
+        ledger_url: str,
+        poll_interval: float = 30.0,
+        ti_id: str | None = None,
+    ) -> None:
         super().__init__()
         self.approval_id = int(approval_id)
         self.ledger_url = ledger_url
         self.poll_interval = float(poll_interval)
+        # The task instance whose Required Actions entry mirrors this approval (None: not
+        # listed in Airflow, or a trigger serialized by an older release).
+        self.ti_id = ti_id
+        self._refused: Any = None  # the Airflow response already refused (recorded once)
         # Replaced by tests to drive run() with a fake clock.
         self._now: Callable[[], datetime] = _utcnow
         self._wait: Callable[[asyncio.Event, float], Awaitable[None]] = _wait_for
@@ -141,6 +152,7 @@ class ApprovalTrigger(BaseTrigger):
                 "approval_id": self.approval_id,
                 "ledger_url": self.ledger_url,
                 "poll_interval": self.poll_interval,
+                "ti_id": self.ti_id,
             },
         )
 
@@ -157,6 +169,8 @@ class ApprovalTrigger(BaseTrigger):
             while True:
                 wake.clear()  # before reading: a NOTIFY after the read sets it again
                 approval = await self._db(ledger, approvals.get, ledger, self.approval_id)
+                if approval.pending and self.ti_id is not None:
+                    approval = await self._airflow_response(ledger, approval)
                 if not approval.pending:
                     yield await self._event(ledger, approval)
                     return
@@ -193,12 +207,37 @@ class ApprovalTrigger(BaseTrigger):
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, RECONNECT_MAX_S)
 
+    async def _airflow_response(self, ledger: Any, approval: Any) -> Any:
+        """A response given in Airflow's Required Actions while the task was not deferred
+        (else Airflow resumes the task with it): applied to the ledger like our page's."""
+        from asgiref.sync import sync_to_async
+
+        from ledgerflow.triggers import required_action as ra
+
+        resp = await sync_to_async(ra.read_response)(self.ti_id)
+        if resp is None or resp.responded_by_user is None:  # none, or our own close
+            return approval
+        chosen, by, comment = ra.response_fields(resp)
+        if (chosen, by) == self._refused:
+            return approval
+        apply = functools.partial(ra.apply_response, chosen=chosen, responder=by, comment=comment)
+        outcome, approval = await self._db(ledger, apply, ledger, approval)
+        if outcome == "refused":
+            self._refused = (chosen, by)
+        return approval
+
     async def _event(self, ledger: Any, approval: Any) -> TriggerEvent:
         """The decision ends the task right here (its outcome recorded in the ledger; on
         success the branch's "followed" XCom set): no worker has to resume it. Only a
         request without follow lists (made by an older release) resumes on a worker."""
         from ledgerflow.triggers.approval_end import task_end_event
 
+        if self.ti_id is not None:
+            from asgiref.sync import sync_to_async
+
+            from ledgerflow.triggers.required_action import close_from_trigger
+
+            await sync_to_async(close_from_trigger)(self.ti_id, approval)
         if approval.ends_without_worker:
             if approval.decided_by not in (None, DEADLINE_USER) and approval.decided_at:
                 # The api-server's turn first (API_FIRST_S): when it ends the task, this

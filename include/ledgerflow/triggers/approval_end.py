@@ -42,16 +42,17 @@ def end_task_now(ledger: Any, approval: Any) -> bool:
     """From the api-server, right after a decision: record the outcome and end the
     deferred Airflow task as Airflow's own approval route does (the task instance row
     locked, then ``handle_event_submit``), so the next task (or the saga) is scheduled
-    without waiting for the triggerer or a worker. Returns False (and changes nothing in
-    Airflow) when the task is not deferred; the trigger then ends it as usual."""
+    without waiting for the triggerer or a worker; its Required Actions entry is closed.
+    Returns False (and ends nothing in Airflow) when the task is not deferred; the
+    trigger then ends it as usual."""
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.trigger import handle_event_submit
     from airflow.utils.session import create_session
     from airflow.utils.state import TaskInstanceState
     from sqlalchemy import select
 
-    if not approval.ends_without_worker:
-        return False
+    from ledgerflow.triggers.required_action import close_in_session
+
     with create_session() as session:
         ti = session.scalars(
             select(TaskInstance)
@@ -63,6 +64,12 @@ def end_task_now(ledger: Any, approval: Any) -> bool:
             )
             .with_for_update()
         ).one_or_none()
+        if ti is not None:
+            # Airflow's Required Actions entry takes the ledger's decision as its response
+            # (after the task instance's lock, Airflow's order): a later response there 409s.
+            close_in_session(session, ti.id, approval)
+        if not approval.ends_without_worker:
+            return False
         if ti is None or ti.state != TaskInstanceState.DEFERRED:
             return False
         # No XComs from here: the trigger of this task may be firing at the same moment

@@ -1,9 +1,9 @@
-"""Retry lineage: which completed step of which earlier run a retry run may reuse.
+"""Retry chains: which completed step of which earlier run a retry run may reuse.
 
 A retry run links to the run it retries (``lf_runs.retry_of``, written by
 ``retries.start_retry`` before Airflow creates the run; nothing in a DagRun's conf can
-claim it), which may itself be a retry: the lineage is that chain. A step of a retry run
-reuses the newest completed checkpoint of the same step in its lineage, except
+claim it), which may itself be a retry: the retry chain is that series of runs. A step of a retry run
+reuses the newest completed checkpoint of the same step in its retry chain, except
 
 * a step the retry re-runs on purpose (``--from STEP``: that step and everything
   downstream of it), in this run or in any run between this one and the checkpoint's
@@ -36,7 +36,7 @@ from ledgerflow.ledger.store import Checkpoint, Ledger, _checkpoint, dumps, load
 from ledgerflow.lifecycle import CompensationStatus, StepStatus
 from ledgerflow.spec.models import WorkflowSpec
 
-# A lineage longer than this is a loop in the data, not a history of retries.
+# A retry chain longer than this is a loop in the data, not a history of retries.
 MAX_DEPTH = 1000
 
 
