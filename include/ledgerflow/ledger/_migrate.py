@@ -9,6 +9,7 @@ at once: the first applies the revisions, the others then find nothing to do.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,6 +26,8 @@ from sqlalchemy.engine import make_url
 
 from ledgerflow.errors import LedgerError
 from ledgerflow.ledger import schema
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The key of the advisory lock; the same as before Alembic, so that a process of an older
@@ -173,6 +176,12 @@ def adopt_legacy(conn: Connection) -> tuple[str, ...]:
     script = scripts()
     for revision in stamped:
         context.stamp(script, revision)
+    log.info(
+        "ledger from before Alembic (%s at %d) stamped at %s",
+        schema.LEGACY_VERSION_TABLE,
+        version,
+        stamped,
+    )
     return tuple(stamped)
 
 
