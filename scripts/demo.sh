@@ -32,7 +32,7 @@ mkdir -p "$AIRFLOW_HOME"
 echo "demo: checking the workflow files..." >&2
 ledgerflow validate dags/workflows
 echo "demo: preparing the ledger (SQLite: $AIRFLOW_HOME/ledgerflow.db)..." >&2
-ledgerflow migrate
+ledgerflow migrate --demo   # the ledger and the example workflows' tables (demo_*)
 
 cat >&2 <<MSG
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ledgerflow.cli_local import add_local_commands
+from ledgerflow.cli_migrate import add_migrate_command
 from ledgerflow.cli_output import FORMATS, default_format
 from ledgerflow.cli_publish import SHIM as SHIM  # re-exported: `from ledgerflow.cli import SHIM`
 from ledgerflow.cli_publish import cmd_sync, cmd_validate
@@ -28,22 +29,6 @@ def _print(rows: list[dict[str, Any]], fmt: str, columns: Sequence[str]) -> None
     from ledgerflow.cli_output import print_rows
 
     print_rows(rows, fmt, columns)
-
-
-def cmd_migrate(args: argparse.Namespace) -> int:
-    from ledgerflow.ledger import schema
-    from ledgerflow.ledger.store import Ledger, resolve_url
-
-    ledger = Ledger(args.url or resolve_url(args.conn_id))
-
-    def applying(version: int, title: str) -> None:
-        print(f"  applying migration {version}/{schema.LATEST}: {title}", file=sys.stderr)
-
-    ledger.migrate(progress=applying)
-    print(
-        f"ledger at {ledger.engine.url.render_as_string(hide_password=True)}: schema v{ledger.schema_version()}"
-    )
-    return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -323,9 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write it to this file instead of stdout")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("migrate", help="create or upgrade the ledger's tables")
-    ledger_args(p)
-    p.set_defaults(func=cmd_migrate)
+    add_migrate_command(sub, ledger_args)
 
     p = sub.add_parser("runs", help="list runs recorded in the ledger (newest first)")
     ledger_args(p)

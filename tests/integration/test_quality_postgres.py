@@ -337,28 +337,6 @@ def test_data_docs_are_written_under_the_airflow_home_only_when_asked(
     assert list((site / "validations").rglob("*.html"))
 
 
-def test_a_migration_numbered_below_the_applied_maximum_still_runs(tmp_path: Path) -> None:
-    """Migration 7 (quality results) may be applied in a ledger before 6 exists (6 was
-    reserved for another change): that ledger reports v5, and migrate() applies 6 after
-    all, ending at the latest version with every table present."""
-    from sqlalchemy import inspect
-
-    from ledgerflow.ledger import schema
-
-    ledger = Ledger(f"sqlite:///{tmp_path / 'gap.db'}")
-    ledger.migrate()
-    with ledger.begin() as conn:
-        conn.execute(text("DELETE FROM lf_schema_version WHERE version = 6"))
-        conn.execute(text(f"DROP TABLE {schema.llm_calls.name}"))
-    again = Ledger(ledger.url)
-    assert again.schema_version() == 5
-    assert again.migrate() == schema.LATEST
-    assert again.schema_version() == schema.LATEST
-    with again.engine.connect() as conn:
-        assert inspect(conn).has_table(schema.llm_calls.name)
-        assert inspect(conn).has_table("lf_quality_results")
-
-
 def test_query_parameters_are_bound_as_literals_and_cannot_break_out(warehouse: str) -> None:
     """A query's values are rendered by Postgres's dialect as quoted literals: a value
     written to close the quote (``good' OR '1'='1``) matches no row, where pasting it

@@ -377,14 +377,23 @@ def test_run_refuses_bad_input_before_anything_runs(
 def test_migrate_says_which_migrations_it_applies(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``migrate`` names each migration as it applies it, once: run again, it applies none."""
-    from ledgerflow.ledger.schema import LATEST, MIGRATIONS
+    """``migrate`` names each migration (Alembic revision) as it applies it, once: run
+    again, it applies none. ``--no-demo``: the ledger's revisions only."""
+    from ledgerflow.ledger._migrate import revisions, title
+    from ledgerflow.ledger.schema import LATEST
 
     url = f"sqlite:///{tmp_path / 'l.db'}"
-    assert main(["migrate", "--url", url]) == 0
+    assert main(["migrate", "--url", url, "--no-demo"]) == 0
     out = capsys.readouterr()
     lines = [x for x in out.err.splitlines() if "applying migration" in x]
-    assert lines == [f"  applying migration {v}/{LATEST}: {title}" for v, title, _ in MIGRATIONS]
+    expected = [(int(s.revision), title(s)) for s in revisions()]
+    assert [v for v, _ in expected] == [1, 3, 4, 5, 6, 7, 8]
+    assert lines == [f"  applying migration {v}/{LATEST}: {t}" for v, t in expected]
     assert f"schema v{LATEST}" in out.out
-    assert main(["migrate", "--url", url]) == 0
+    assert main(["migrate", "--url", url, "--no-demo"]) == 0
     assert "applying" not in capsys.readouterr().err
+    # The suite has the demo's tools on: by default the demo's tables come too, once.
+    assert main(["migrate", "--url", url]) == 0
+    assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("  applying")] == [
+        "  applying migration demo01: demo tables of the example workflows"
+    ]

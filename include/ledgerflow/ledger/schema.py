@@ -1,4 +1,5 @@
-"""Tables of the ledger (SQLAlchemy Core) and its versioned migrations.
+"""Tables of the ledger (SQLAlchemy Core); their migrations are Alembic revisions in
+``ledger/migrations``.
 
 JSON values are stored as text so the same schema runs on SQLite and Postgres and users
 can read it with any client. Every table is prefixed ``lf_``.
@@ -6,13 +7,10 @@ can read it with any client. Every table is prefixed ``lf_``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
-    Connection,
     DateTime,
     Index,
     Integer,
@@ -21,7 +19,6 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    text,
 )
 
 metadata = MetaData()
@@ -248,83 +245,14 @@ quality_results = Table(
     Index("lf_quality_results_step", "run_id", "step_key"),
 )
 
-schema_version = Table(
-    "lf_schema_version",
-    metadata,
-    Column("version", Integer, primary_key=True),
-    Column("applied_at", DateTime(timezone=True), nullable=False),
-)
-
-
-def _v1(conn: Connection) -> None:
-    metadata.create_all(
-        conn, tables=[runs, steps, attempts, effects, dead_letters, events], checkfirst=True
-    )
-
-
-def _v2_demo(conn: Connection) -> None:
-    """Tables the example workflows write to (inventory, payments, shipments...)."""
-    serial = (
-        "INTEGER PRIMARY KEY AUTOINCREMENT"
-        if conn.dialect.name == "sqlite"
-        else "BIGSERIAL PRIMARY KEY"
-    )
-    for ddl in (
-        "CREATE TABLE IF NOT EXISTS demo_inventory (sku VARCHAR(100) PRIMARY KEY, "
-        "on_hand INTEGER NOT NULL, reserved INTEGER NOT NULL DEFAULT 0)",
-        f"CREATE TABLE IF NOT EXISTS demo_reservations (id {serial}, order_id VARCHAR(100) NOT NULL, "
-        "sku VARCHAR(100) NOT NULL, qty INTEGER NOT NULL, status VARCHAR(40) NOT NULL, "
-        "idempotency_key VARCHAR(500) NOT NULL UNIQUE)",
-        f"CREATE TABLE IF NOT EXISTS demo_payments (id {serial}, order_id VARCHAR(100) NOT NULL, "
-        "amount NUMERIC(12, 2) NOT NULL, status VARCHAR(40) NOT NULL, "
-        "idempotency_key VARCHAR(500) NOT NULL UNIQUE)",
-        f"CREATE TABLE IF NOT EXISTS demo_shipments (id {serial}, order_id VARCHAR(100) NOT NULL, "
-        "address TEXT NOT NULL, status VARCHAR(40) NOT NULL, "
-        "idempotency_key VARCHAR(500) NOT NULL UNIQUE)",
-        f"CREATE TABLE IF NOT EXISTS demo_emails (id {serial}, recipient VARCHAR(200) NOT NULL, "
-        "subject TEXT NOT NULL, body TEXT NOT NULL)",
-        f"CREATE TABLE IF NOT EXISTS demo_reports (id {serial}, report_date VARCHAR(40) NOT NULL UNIQUE, "
-        "orders INTEGER NOT NULL, revenue NUMERIC(14, 2) NOT NULL, created_at VARCHAR(40) NOT NULL)",
-    ):
-        conn.execute(text(ddl))
-    for sku in ("sku-book", "sku-lamp", "sku-mug"):
-        conn.execute(
-            text(
-                "INSERT INTO demo_inventory (sku, on_hand, reserved) VALUES (:sku, 1000, 0) "
-                "ON CONFLICT (sku) DO NOTHING"
-            ),
-            {"sku": sku},
-        )
-
-
-def _v3_saga(conn: Connection) -> None:
-    from sqlalchemy import inspect
-
-    have = {c["name"] for c in inspect(conn).get_columns("lf_runs")}
-    for name, kind in (("saga", "VARCHAR(40)"), ("failed_step", "VARCHAR(250)")):
-        if name not in have:  # databases created before this migration
-            conn.execute(text(f"ALTER TABLE lf_runs ADD COLUMN {name} {kind}"))
-    compensations.create(conn, checkfirst=True)
-
-
-def _v8_retries(conn: Connection) -> None:
-    from sqlalchemy import inspect
-
-    have = {c["name"] for c in inspect(conn).get_columns("lf_runs")}
-    for name, kind in (("retry_from", "VARCHAR(100)"), ("spec_hash", "VARCHAR(64)")):
-        if name not in have:
-            conn.execute(text(f"ALTER TABLE lf_runs ADD COLUMN {name} {kind}"))
-    next(i for i in runs.indexes if i.name == "lf_runs_retry_of").create(conn, checkfirst=True)
-
-
-MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
-    (1, "ledger tables", _v1),
-    (2, "demo tables of the example workflows", _v2_demo),
-    (3, "saga state and compensation records", _v3_saga),
-    (4, "circuit breakers", lambda conn: breakers.create(conn, checkfirst=True)),
-    (5, "approvals", lambda conn: approvals.create(conn, checkfirst=True)),
-    (6, "LLM calls", lambda conn: llm_calls.create(conn, checkfirst=True)),
-    (7, "quality results", lambda conn: quality_results.create(conn, checkfirst=True)),
-    (8, "retry runs (retry_from, index on retry_of) and each run's spec hash", _v8_retries),
-]
-LATEST = max(version for version, _title, _apply in MIGRATIONS)
+# The schema's version lives in Alembic's table, named for us so that it never meets
+# Airflow's own ``alembic_version`` when the ledger shares Airflow's database. The
+# revisions are in ``ledger/migrations/versions``, written out; these constants let a task
+# check the ledger's version with one query and without importing Alembic.
+VERSION_TABLE = "lf_alembic_version"
+# The newest revision of the ``ledger`` branch ("0008"), as a number.
+LATEST = 8
+# The only revision of the ``demo`` branch: the example workflows' tables (``demo_*``).
+DEMO_HEAD = "demo01"
+# Before Alembic: one row per applied migration 1..8 (2 was the demo tables).
+LEGACY_VERSION_TABLE = "lf_schema_version"

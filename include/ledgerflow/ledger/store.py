@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, text
+from sqlalchemy import text
 
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger._effects import EffectsMixin
@@ -58,7 +58,7 @@ from ledgerflow.ledger._runs import RunsMixin
 from ledgerflow.ledger._steps import StepsMixin
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from ledgerflow.ledger._migrate import Progress
 
 __all__ = [
     "DEFAULT_CONN_ID",
@@ -93,7 +93,7 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
         # SQLite file): what a trigger carries instead of the URL and its credentials.
         self.conn_id = conn_id
         self.engine = _engine(url)
-        self._migrated = False
+        self._migrated = self._migrated_demo = False
 
     @classmethod
     def from_airflow(cls, conn_id: str | None = None) -> Ledger:
@@ -103,50 +103,58 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
 
     # -- schema -----------------------------------------------------------------
 
-    def migrate(self, progress: Callable[[int, str], None] | None = None) -> int:
+    def migrate(self, progress: Progress | None = None, *, demo: bool | None = None) -> int:
         """Apply pending migrations; safe to call from many processes at once.
-        ``progress(version, title)`` is called before each migration is applied."""
-        if self._migrated:
+
+        ``demo``: also the example workflows' tables (the ``demo`` branch); by default
+        where the demo's tools are on (``[ledgerflow] demo_tools``, ``LEDGERFLOW_DEMO_TOOLS``). ``progress(revision,
+        title, upgrade)`` is called before each revision is applied. The common case, a
+        ledger already at its version, costs one query and does not import Alembic.
+        """
+        if demo is None:
+            demo = _demo_tools_on()
+        if self._migrated and (self._migrated_demo or not demo):
             return t.LATEST
-        if self.schema_version() >= t.LATEST:  # the common case: one query, no lock
-            self._migrated = True
-            return t.LATEST
-        with self.begin() as conn:
-            if self.dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(4242001)"))
-            t.schema_version.create(conn, checkfirst=True)
-            # By set, not by maximum: a migration number reserved by one change and
-            # added after a later one was applied still runs.
-            applied = set(conn.execute(select(t.schema_version.c.version)).scalars())
-            for version, title, apply in t.MIGRATIONS:
-                if version not in applied:
-                    if progress is not None:
-                        progress(version, title)
-                    apply(conn)
-                    conn.execute(
-                        t.schema_version.insert().values(version=version, applied_at=now())
-                    )
-        self._migrated = True
+        revisions = self.revisions()
+        if _number(revisions) < t.LATEST or (demo and t.DEMO_HEAD not in revisions):
+            from ledgerflow.ledger import _migrate
+
+            _migrate.upgrade(self.engine, demo=demo, progress=progress)
+        self._migrated, self._migrated_demo = True, self._migrated_demo or demo
         return t.LATEST
 
-    def schema_version(self, _again: bool = False) -> int:
-        """The applied schema version: the highest N with 1..N all applied (0 for an empty
-        database). One query: every task is a new process that asks this once."""
+    def migrate_to(self, target: str, progress: Progress | None = None) -> None:
+        """Upgrade or downgrade to the revision ``target`` (``0005``, ``base``,
+        ``demo@base``...)."""
+        from ledgerflow.ledger import _migrate
+
+        _migrate.migrate_to(self.engine, target, progress)
+        self._migrated = self._migrated_demo = False
+
+    def revisions(self) -> set[str]:
+        """The Alembic revisions the ledger is at (one per branch; empty for a new
+        database or one from before Alembic). One query: every task asks this once."""
         from sqlalchemy.exc import DBAPIError
 
         try:
             with self.engine.connect() as conn:
-                applied = set(conn.execute(select(t.schema_version.c.version)).scalars())
-                version = 0
-                while version + 1 in applied:
-                    version += 1
-                return version
-        except DBAPIError:
-            with self.engine.connect() as conn:
-                exists = self.engine.dialect.has_table(conn, "lf_schema_version")
-            if exists and not _again:
-                # Another process's migration created the table since our read: read again.
-                return self.schema_version(_again=True)
-            if exists:
-                raise
-            return 0
+                rows = conn.execute(text(f"SELECT version_num FROM {t.VERSION_TABLE}"))
+                return set(rows.scalars())
+        except DBAPIError:  # no version table yet: the slow path looks closer, under a lock
+            return set()
+
+    def schema_version(self) -> int:
+        """The revision of the ledger's tables as a number (8 for ``0008``; 0 when none)."""
+        return _number(self.revisions())
+
+
+def _demo_tools_on() -> bool:
+    """``[ledgerflow] demo_tools`` (``LEDGERFLOW_DEMO_TOOLS``): the demo's tables go with
+    its tools."""
+    from ledgerflow import settings
+
+    return bool(settings.get("demo_tools"))
+
+
+def _number(revisions: set[str]) -> int:
+    return max((int(r) for r in revisions if r.isdigit()), default=0)

@@ -1,5 +1,10 @@
 """Tools of the example workflows. They write real rows to demo tables in the ledger DB.
 
+Those tables (``demo_*``) are the ``demo`` branch of the ledger's migrations
+(``ledger/migrations/versions/demo01_demo_tables.py``), applied only where these tools
+are on (``LEDGERFLOW_DEMO_TOOLS=1``) or by ``ledgerflow migrate --demo``: a production
+ledger does not have them.
+
 Every effect here is ``transactional``: it goes through ``ctx.db``, so it commits in the
 same transaction as the step's checkpoint and happens exactly once, however often the
 task is retried or killed.
