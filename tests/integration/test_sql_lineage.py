@@ -43,7 +43,13 @@ ledger_url, workflow = sys.argv[1], sys.argv[2]
 spec = load_workflow(workflow)
 ledger = Ledger(ledger_url)
 ledger.migrate()
-result = execute_step(ledger, spec, spec.steps[0], RunRef("lin__v1/r", "lin__v1"), params={})
+step, ref = spec.steps[0], RunRef("lin__v1/r", "lin__v1")
+if getattr(step, "kind", None) == "quality":
+    from ledgerflow.steps.quality import run_quality
+
+    result = run_quality(ledger, spec, step, ref, params={})
+else:
+    result = execute_step(ledger, spec, step, ref, params={})
 collected = get_hook_lineage_collector().collected_assets
 print(json.dumps({
     "status": result.status,
@@ -190,3 +196,38 @@ def test_a_statement_the_parser_cannot_read_reports_nothing_and_runs(
     out = run_step(ledger_url, workflow(tmp_path, statement), plugins)
     assert out["status"] == "completed"
     assert out["inputs"] == out["outputs"] == []
+
+
+def test_a_quality_step_reports_the_tables_it_reads(
+    warehouse: str, tmp_path: Path, plugins: Path, sqlite_url: str
+) -> None:
+    """A quality step's table, or the tables its query reads, are its inputs."""
+    (plugins / "reader.py").write_text(READER_PLUGIN)
+    wf = tmp_path / "qc.yaml"
+    wf.write_text(
+        json.dumps(
+            {
+                "name": "lin",
+                "version": 1,
+                "steps": [
+                    {
+                        "id": "check",
+                        "kind": "quality",
+                        "dataset": {
+                            "conn_id": "lf_it_warehouse",
+                            "query": "SELECT c.region FROM customers c "
+                            'JOIN "Sales"."Region Totals" t ON t.region = c.region',
+                        },
+                        "expectations": [{"not_null": "region"}],
+                    }
+                ],
+            }
+        )
+    )
+    out = run_step(sqlite_url, wf, plugins, {"AIRFLOW_CONN_LF_IT_WAREHOUSE": warehouse})
+    assert out["status"] == "completed"
+    assert out["inputs"] == [
+        uri(warehouse, "Sales", "Region Totals"),
+        uri(warehouse, "public", "customers"),
+    ]
+    assert out["outputs"] == []

@@ -91,32 +91,43 @@ def report_sql_on_hook(hook: Any, conn: Any, statement: str) -> None:
         log.debug("sql lineage on a connection not reported", exc_info=True)
 
 
-def report_quality_read(conn_id: str, *, table: str | None, query: str | None) -> None:
+def report_dataset_read(url: str, conn_id: str, *, table: str | None, query: str | None) -> None:
     """A quality step read ``table`` (``schema.table`` or ``table``), or what ``query``
-    reads, through the connection ``conn_id``."""
+    reads, in the database at the SQLAlchemy ``url`` (the connection ``conn_id``)."""
     try:
         sink = collector()
         if sink is None:
             return
-        from airflow.sdk import BaseHook
+        from sqlalchemy.engine import make_url
 
-        conn = BaseHook.get_connection(conn_id)
-        if conn.conn_type not in POSTGRES_TYPES:
+        parsed = make_url(url)
+        if parsed.get_backend_name() != "postgresql":
             return
         from ledgerflow.tools.sql_tables import tables_in
 
         tables = tables_in(f"SELECT * FROM {table}" if table else query or "")
         if not tables.inputs:
             return
-        hook = conn.get_hook()
+
+        def default_schema() -> str | None:
+            from sqlalchemy import create_engine
+            from sqlalchemy.pool import NullPool
+
+            engine = create_engine(parsed, poolclass=NullPool)
+            try:
+                with engine.connect() as conn:
+                    return conn.exec_driver_sql("SELECT current_schema()").scalar()
+            finally:
+                engine.dispose()
+
         _report(
             sink,
-            context=hook,
-            host=conn.host or "localhost",
-            port=conn.port or 5432,
-            database=conn.schema or "",
+            context=_postgres_hook(conn_id, parsed.database),
+            host=parsed.host or "localhost",
+            port=parsed.port or 5432,
+            database=parsed.database or "",
             tables=tables,
-            default_schema=lambda: _current_schema(hook),
+            default_schema=default_schema,
         )
     except Exception:  # lineage never fails a step
         log.debug("quality lineage not reported", exc_info=True)
