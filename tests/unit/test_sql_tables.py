@@ -116,6 +116,12 @@ CASES = [
         ["user"],
         id="names-the-parser-knows-as-keywords",
     ),
+    pytest.param(
+        "SELECT * FROM a JOIN b ON a.x IS DISTINCT FROM b.x FOR NO KEY UPDATE SKIP LOCKED",
+        ["a", "b"],
+        [],
+        id="distinct-from-and-row-locks-are-not-tables",
+    ),
 ]
 
 

@@ -72,6 +72,7 @@ class _Scope:
         self.expect: str | None = None  # "in" or "out": what the next name is
         self.dml: str | None = None
         self.cte = False
+        self.prev: str | None = None  # the keyword just before, if the last token was one
 
     def walk(self, tokens: list[Any]) -> None:
         from sqlparse import sql
@@ -84,7 +85,9 @@ class _Scope:
                 self.cte, self.expect = True, None
             elif token.ttype is T.Keyword.DML:
                 self.dml = token.normalized
-                self.expect = "out" if self.dml == "UPDATE" else None
+                # "FOR UPDATE", "FOR NO KEY UPDATE" lock rows; they name no target.
+                writes = self.dml == "UPDATE" and self.prev not in ("FOR", "KEY")
+                self.expect = "out" if writes else None
                 self.cte = False
             elif token.ttype in T.Keyword and not (self.expect and _keyword_name(token)):
                 self._keyword(token.normalized)
@@ -104,12 +107,15 @@ class _Scope:
                     self.expect = None
             else:
                 self.expect = None
+            self.prev = token.normalized if token.is_keyword else None
 
     def _keyword(self, word: str) -> None:
         if word in _PASS_THROUGH:
             return
         if word == "INTO":
             self.expect = "out"
+        elif word == "FROM" and self.prev == "DISTINCT":  # "a IS DISTINCT FROM b"
+            self.expect = None
         elif word == "FROM":
             self.expect = "out" if self.dml == "DELETE" else "in"
             if self.dml == "DELETE":
