@@ -51,7 +51,9 @@ def report_sql_on_ledger(db: Connection, statement: str, conn_id: str) -> None:
         url = db.engine.url
 
         def default_schema() -> str | None:
-            return db.exec_driver_sql("SELECT current_schema()").scalar()
+            # In a savepoint: whatever happens, the step's own transaction stays usable.
+            with db.begin_nested():
+                return db.exec_driver_sql("SELECT current_schema()").scalar()
 
         _report(
             sink,
@@ -179,7 +181,8 @@ def _postgres_hook(conn_id: str, database: str | None) -> Any:
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
     from ledgerflow import settings
+    from ledgerflow.ledger._engine import DEFAULT_CONN_ID
 
-    if conn_id == "ledgerflow_db":
+    if conn_id == DEFAULT_CONN_ID:
         conn_id = str(settings.get("conn_id"))
     return PostgresHook(postgres_conn_id=conn_id, database=database)
