@@ -161,7 +161,15 @@ class QualityKind(StepKind):
         return Rendered({"dataset": label}, None, {"dataset": dataset}, letter_args=None)
 
     def perform(self, attempt: Attempt, db: Connection | None) -> Any:
-        return _validate(self.spec, self.step, attempt.rendered.extra["dataset"])
+        dataset = attempt.rendered.extra["dataset"]
+        report = _validate(self.spec, self.step, dataset)
+        if getattr(dataset, "url", None):  # a table or a query in a database
+            from ledgerflow.tools.lineage import report_dataset_read
+
+            report_dataset_read(
+                dataset.url, self.step.dataset.conn_id, table=dataset.table, query=dataset.query
+            )
+        return report
 
     def commit(self, attempt: Attempt, outcome: Any, conn: Connection) -> Committed:
         return _finish(self.spec, self.step, attempt, outcome, conn)

@@ -111,20 +111,31 @@ def sql(
     the checkpoint's transaction: the effect and the checkpoint commit together, exactly
     once. On any other connection it runs through that connection's Airflow hook and is
     at-least-once: make the statement idempotent (an upsert keyed by the idempotency key).
+    On Postgres, the tables it reads and writes go to Airflow's hook lineage collector.
     """
     params = dict(parameters or {})
     params.setdefault("idempotency_key", ctx.idempotency_key)
     if conn_id == DEFAULT_CONN_ID:
         from sqlalchemy import text
 
-        result = ctx.require_db().execute(text(statement), params)
+        from ledgerflow.tools.lineage import report_sql_on_ledger
+
+        db = ctx.require_db()
+        result = db.execute(text(statement), params)
         rows = [dict(r) for r in result.mappings()] if fetch and result.returns_rows else []
-        return {"rowcount": result.rowcount, "rows": rows}
+        output = {"rowcount": result.rowcount, "rows": rows}
+        report_sql_on_ledger(db, statement, conn_id)
+        return output
     from airflow.sdk import BaseHook
 
-    hook: Any = BaseHook.get_connection(conn_id).get_hook()
+    from ledgerflow.tools.lineage import report_sql_on_hook
+
+    conn = BaseHook.get_connection(conn_id)
+    hook: Any = conn.get_hook()
     if fetch:
         records = hook.get_records(statement, parameters=params)
+        report_sql_on_hook(hook, conn, statement)
         return {"rowcount": len(records), "rows": [list(r) for r in records]}
     hook.run(statement, parameters=params)
+    report_sql_on_hook(hook, conn, statement)
     return {"rowcount": None, "rows": []}
