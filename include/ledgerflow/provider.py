@@ -55,6 +55,7 @@ _ACTIONS: dict[type[argparse.Action], str] = {
     argparse._StoreTrueAction: "store_true",
     argparse._StoreFalseAction: "store_false",
     argparse._AppendAction: "append",
+    argparse.BooleanOptionalAction: "boolean_optional",  # --demo / --no-demo
 }
 
 
@@ -132,10 +133,14 @@ def _arg(command: str, action: argparse.Action) -> Any:
         for key in ("nargs", "type", "choices", "metavar"):
             if getattr(action, key) is not None:
                 kwargs[key] = getattr(action, key)
-    if kind != "store":
+    flags = tuple(action.option_strings) or (action.dest,)
+    if kind == "boolean_optional":  # the action adds the --no- form itself
+        kwargs["action"] = argparse.BooleanOptionalAction
+        flags = tuple(f for f in flags if not f.startswith("--no-"))
+    elif kind != "store":
         kwargs["action"] = kind
     if action.option_strings:  # positionals take neither (argparse refuses them)
         kwargs["dest"] = action.dest
         if action.required:
             kwargs["required"] = True
-    return Arg(flags=tuple(action.option_strings) or (action.dest,), **kwargs)
+    return Arg(flags=flags, **kwargs)

@@ -4,7 +4,9 @@ A fresh interpreter does what the Ledgerflow plugin does in every Airflow compon
 (``preload()``), then what a task process forked from it does: parse a workflow's DAG
 file the way the task runner does (``BundleDagBag`` of that one file) and run a step's
 ``execute`` on a SQLite ledger. Any module of the package imported after ``preload()``
-is one that every task pays for again; the test names it."""
+is one that every task pays for again; the test names it. The ledger is migrated first,
+as a deployment's is: only the first task on an empty ledger imports the migration code
+(Alembic), once."""
 
 from __future__ import annotations
 
@@ -80,6 +82,15 @@ def test_a_parse_and_a_step_import_nothing_of_ledgerflow_after_preload(tmp_path:
         AIRFLOW_CONN_LEDGERFLOW_DB=f"sqlite:///{tmp_path / 'ledger.db'}",
         LEDGERFLOW_DEMO_TOOLS="1",
     )
+    migrated = subprocess.run(
+        [str(Path(sys.executable).with_name("ledgerflow")), "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert migrated.returncode == 0, migrated.stderr[-3000:]
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(ROOT / "dags")],
         env=env,
