@@ -12,6 +12,8 @@ import importlib
 import pickle
 import pkgutil
 import re
+import subprocess
+import sys
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 import ledgerflow
 
 PACKAGE = Path(ledgerflow.__file__).resolve().parent
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 # Exceptions that are not LedgerflowErrors on purpose, and why.
 NOT_UNDER_ROOT = {
@@ -30,6 +33,31 @@ OUTSIDE_ERRORS = {
     "ledgerflow.api._limits._TooLarge": (
         "a Starlette HTTPException (FastAPI answers it 413); errors.py imports no web framework"
     ),
+}
+
+# What users catch: exported from ``ledgerflow`` and listed in the README.
+EXPORTED = {
+    "LedgerflowError",
+    "SpecError",
+    "SpecErrors",
+    "SettingError",
+    "UnknownToolError",
+    "ToolError",
+    "NonRetryableError",
+    "HttpStatusError",
+    "HttpClientError",
+    "TemplateRenderError",
+    "LlmCallFailed",
+    "LlmOutputRejected",
+    "QualityCheckFailed",
+    "InvalidParams",
+    "TriggerRefused",
+    "RetryRefused",
+    "ApprovalNotFound",
+    "ApprovalConflict",
+    "PublishedVersionChanged",
+    "IllegalTransition",
+    "LedgerError",
 }
 
 
@@ -187,3 +215,30 @@ def test_every_error_has_a_code_of_its_own() -> None:
         assert isinstance(code, str) and re.fullmatch(r"[a-z][a-z0-9_]*", code), _name(cls)
         assert code not in codes, f"{_name(cls)} reuses {code!r} of {codes.get(code)}"
         codes[code] = _name(cls)
+
+
+def test_the_errors_users_catch_are_exported_and_import_ledgerflow_stays_cheap() -> None:
+    """``from ledgerflow import InvalidParams`` works for each error users catch, and
+    ``import ledgerflow`` loads no ledgerflow module but ``errors``."""
+    from ledgerflow import errors
+
+    assert set(ledgerflow.__all__) >= EXPORTED
+    assert {n: getattr(ledgerflow, n) for n in EXPORTED} == {n: vars(errors)[n] for n in EXPORTED}
+    code = (
+        "import sys, ledgerflow\n"
+        "print(sorted(m for m in sys.modules if m.startswith('ledgerflow')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == ["['ledgerflow',", "'ledgerflow.errors']"]
+
+
+def test_readme_lists_the_exported_errors_and_their_codes() -> None:
+    """The README's Errors table names each exported error with its code, and nothing
+    else, so the page cannot drift from the code."""
+    from ledgerflow import errors
+
+    section = README.read_text().split("\n## Errors\n", 1)[1].split("\n## ", 1)[0]
+    rows = set(re.findall(r"^\| `(\w+)` \| `(\w+)` \|", section, re.M))
+    assert rows == {(name, vars(vars(errors)[name])["code"]) for name in EXPORTED}
