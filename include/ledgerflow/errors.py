@@ -6,8 +6,10 @@ with its attributes and its message: errors cross processes (multiprocessing, Ai
 task runner and triggerer), and an exception's default pickling calls the class with its
 message alone, which fails for a constructor taking anything else.
 
-Only ``InjectedFault`` sits outside the root, on purpose. This module imports nothing but
-the standard library: ``import ledgerflow`` loads it in every DAG file.
+Only ``InjectedFault`` sits outside the root, on purpose, and only the body limit's
+``_TooLarge`` outside this module (a Starlette ``HTTPException``, in ``api/_limits.py``).
+This module imports nothing but the standard library: ``import ledgerflow`` loads it in
+every DAG file.
 """
 
 from __future__ import annotations
