@@ -2,7 +2,8 @@
 
 The public surface is small and cheap to import (DAG files import it at parse time):
 ``tool`` and ``ToolContext`` to register tools, ``dag_for_spec_file`` for the per-version
-DAG files, and the error types.
+DAG files, and the errors users catch (every error is in ``ledgerflow.errors``; a
+standard-library-only module, so importing them here costs nothing).
 """
 
 from __future__ import annotations
@@ -10,12 +11,26 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ledgerflow.errors import (
+    ApprovalConflict,
+    ApprovalNotFound,
+    HttpClientError,
+    HttpStatusError,
+    IllegalTransition,
+    InvalidParams,
     LedgerError,
     LedgerflowError,
+    LlmCallFailed,
+    LlmOutputRejected,
     NonRetryableError,
+    PublishedVersionChanged,
+    QualityCheckFailed,
+    RetryRefused,
+    SettingError,
     SpecError,
     SpecErrors,
+    TemplateRenderError,
     ToolError,
+    TriggerRefused,
     UnknownToolError,
 )
 
@@ -33,13 +48,27 @@ _LAZY = {
 }
 
 __all__ = [
+    "ApprovalConflict",
+    "ApprovalNotFound",
+    "HttpClientError",
+    "HttpStatusError",
+    "IllegalTransition",
+    "InvalidParams",
     "LedgerError",
     "LedgerflowError",
+    "LlmCallFailed",
+    "LlmOutputRejected",
     "NonRetryableError",
+    "PublishedVersionChanged",
+    "QualityCheckFailed",
+    "RetryRefused",
+    "SettingError",
     "SpecError",
     "SpecErrors",
+    "TemplateRenderError",
     "ToolContext",
     "ToolError",
+    "TriggerRefused",
     "UnknownToolError",
     "__version__",
     "dag_for_spec_file",

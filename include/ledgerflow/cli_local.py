@@ -205,8 +205,8 @@ def _stage(file: Path, work: Path) -> tuple[Path, Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ledgerflow.errors import SpecError
-    from ledgerflow.spec.params import InvalidParams, check_params
+    from ledgerflow.errors import InvalidParams, SpecError
+    from ledgerflow.spec.params import check_params
     from ledgerflow.workflow.validate import load_workflow
 
     file = Path(args.file)

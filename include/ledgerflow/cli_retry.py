@@ -42,10 +42,9 @@ def add_dags_folder_option(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from ledgerflow.errors import LedgerflowError
+    from ledgerflow.errors import InvalidParams, LedgerflowError, RetryRefused
     from ledgerflow.ledger.store import Ledger
-    from ledgerflow.retries import RetryRefused, airflow_state, plan_retry, start_retry
-    from ledgerflow.spec.params import InvalidParams
+    from ledgerflow.retries import airflow_state, plan_retry, start_retry
 
     ledger = Ledger(args.url) if args.url else Ledger.from_airflow(args.conn_id)
     ledger.migrate()

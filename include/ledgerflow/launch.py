@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ledgerflow.errors import LedgerflowError
+from ledgerflow.errors import LedgerflowError, TriggerRefused
 from ledgerflow.spec.params import ENGINE_PREFIX, check_params
 
 if TYPE_CHECKING:
@@ -42,16 +42,6 @@ if TYPE_CHECKING:
 KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
 """An idempotency key or delivery id: 1-200 printable ASCII characters, no spaces."""
 _DAG_VERSION = re.compile(r"^(?P<base>.+)__v(?P<version>[1-9][0-9]*)$")
-
-
-class TriggerRefused(LedgerflowError):
-    """A trigger request that starts nothing; ``status`` is its HTTP status."""
-
-    code = "trigger_refused"
-
-    def __init__(self, message: str, *, status: int) -> None:
-        self.status = status
-        super().__init__(message)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from ledgerflow.errors import LedgerflowError
+from ledgerflow.errors import IllegalTransition
 
 
 class RunStatus(str, Enum):
@@ -77,25 +77,6 @@ class ApprovalStatus(str, Enum):
 class DeadLetterStatus(str, Enum):
     OPEN = "open"
     RESOLVED = "resolved"
-
-
-class IllegalTransition(LedgerflowError):
-    """The ledger refused a status change its lifecycle does not allow."""
-
-    code = "illegal_transition"
-
-    def __init__(self, machine: str, current: str | None, new: str, subject: str = "") -> None:
-        self.machine = machine
-        self.current = current
-        self.new = new
-        self.subject = subject
-        where = f" of {subject}" if subject else ""
-        super().__init__(
-            f"{machine}{where}: {current or '(none)'} -> {new} is not an allowed transition"
-        )
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (type(self), (self.machine, self.current, self.new, self.subject))
 
 
 # ``None`` stands for "no record yet".

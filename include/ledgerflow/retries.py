@@ -44,10 +44,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ledgerflow.errors import LedgerflowError
+from ledgerflow.errors import LedgerflowError, RetryRefused
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.retry_chain import (
-    RetryRefused,
     Standing,
     StateOf,
     airflow_state,

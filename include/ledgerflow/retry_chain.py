@@ -15,43 +15,10 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from ledgerflow.errors import LedgerflowError
+from ledgerflow.errors import RetryRefused
 from ledgerflow.ledger.store import Ledger
 
 StateOf = Callable[[str, str], str | None]
-
-
-class RetryRefused(LedgerflowError):
-    """A retry that must not start; ``reason`` says why (and maps to an HTTP status),
-    ``run_id`` names the run the refusal points to (the run that continues the chain, or
-    the one to retry instead), when there is one."""
-
-    code = "retry_refused"
-    HTTP_STATUS = {
-        "unknown_run": 404,
-        "unknown_step": 422,
-        "running": 409,
-        "succeeded": 409,
-        "continued": 409,
-        "not_newest": 409,
-        "workflow_file": 409,
-    }
-
-    def __init__(self, message: str, *, reason: str, run_id: str | None = None) -> None:
-        self.reason = reason
-        self.run_id = run_id
-        super().__init__(message)
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (_refused, (str(self), self.reason, self.run_id))
-
-    @property
-    def http_status(self) -> int:
-        return self.HTTP_STATUS.get(self.reason, 409)
-
-
-def _refused(message: str, reason: str, run_id: str | None) -> RetryRefused:
-    return RetryRefused(message, reason=reason, run_id=run_id)
 
 
 def airflow_state(dag_id: str, dag_run_id: str) -> str | None:

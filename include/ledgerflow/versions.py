@@ -19,28 +19,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ledgerflow.errors import LedgerflowError
+from ledgerflow.errors import PublishedVersionChanged
 
 _VERSION_FILE = re.compile(r"^v([1-9][0-9]*)\.ya?ml$")
 
 SUPERSEDED_TAG = "superseded"
-
-
-class PublishedVersionChanged(LedgerflowError):
-    """A published version's file no longer matches the hash recorded when it was published."""
-
-    code = "published_version_changed"
-
-    def __init__(self, yaml_path: Path, recorded: str, actual: str, display: str) -> None:
-        self.yaml_path = yaml_path
-        self.recorded = recorded
-        self.actual = actual
-        version = version_of(yaml_path) or 0
-        super().__init__(
-            f"{display}: published version changed (sha256 {actual[:12]}, recorded "
-            f"{recorded[:12]} in {lock_path(yaml_path).name}); a published version is "
-            f"immutable: restore it and publish a new version v{version + 1}"
-        )
 
 
 def version_of(path: Path) -> int | None:

@@ -15,6 +15,8 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from ledgerflow.errors import LedgerflowError
+
 # The largest body any route takes: a decision with a comment, a trigger's params, a
 # webhook delivery. A workflow's params are small; 1 MB is far above any of them.
 MAX_BODY_BYTES = 1_000_000
@@ -26,9 +28,12 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class _TooLarge(HTTPException):
+class _TooLarge(LedgerflowError, HTTPException):
     """Raised while the app reads the body: FastAPI answers it like any HTTPException
-    (a plain exception there would become its generic 400 "error parsing the body")."""
+    (a plain exception there would become its generic 400 "error parsing the body").
+    Defined here, not in ``ledgerflow.errors``, which imports no web framework."""
+
+    code = "body_too_large"
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, _message(limit))

@@ -21,8 +21,8 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from ledgerflow.api._auth import may_create_runs
+from ledgerflow.errors import InvalidParams
 from ledgerflow.ledger.store import Ledger
-from ledgerflow.spec.params import InvalidParams
 
 
 class RetryBody(BaseModel):
@@ -57,7 +57,8 @@ def retry_router(source: Callable[[], Ledger]) -> APIRouter:
     @router.post("/runs/{run_id:path}/retry", status_code=201)
     def retry_run(run_id: str, user: GetUserDep, body: RetryBody | None = None) -> dict[str, Any]:
         """Start a new run of the same workflow version that resumes ``run_id``."""
-        from ledgerflow.retries import RetryRefused, airflow_state, plan_retry, start_retry
+        from ledgerflow.errors import RetryRefused
+        from ledgerflow.retries import airflow_state, plan_retry, start_retry
 
         ledger = source()
         body = body or RetryBody()

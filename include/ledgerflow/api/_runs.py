@@ -429,8 +429,8 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
         params: Annotated[str, Form(max_length=100_000)] = "",
     ) -> HTMLResponse | RedirectResponse:
         """The run page's Retry button: the same retry as ``POST /api/runs/{id}/retry``."""
-        from ledgerflow.retries import RetryRefused, airflow_state, plan_retry, start_retry
-        from ledgerflow.spec.params import InvalidParams
+        from ledgerflow.errors import InvalidParams, RetryRefused
+        from ledgerflow.retries import airflow_state, plan_retry, start_retry
 
         caller = _caller(user)
         if not _same_origin(request) or not form_token_ok(

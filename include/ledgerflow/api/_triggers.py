@@ -31,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ledgerflow import webhooks
-from ledgerflow.launch import KEY_PATTERN, Launched, TriggerRefused
+from ledgerflow.errors import InvalidParams, TriggerRefused
+from ledgerflow.launch import KEY_PATTERN, Launched
 from ledgerflow.ledger.store import Ledger
-from ledgerflow.spec.params import InvalidParams
 
 HOOK_KEY_HEADERS = ("idempotency-key", "x-ledgerflow-delivery")
 

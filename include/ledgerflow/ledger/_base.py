@@ -14,9 +14,10 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
+from ledgerflow.errors import IllegalTransition
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger._engine import dumps, now
-from ledgerflow.lifecycle import IllegalTransition, Machine
+from ledgerflow.lifecycle import Machine
 
 _INSERT_EVENT = t.events.insert()
 

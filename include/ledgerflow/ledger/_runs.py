@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, select, update
 
 from ledgerflow import observability
+from ledgerflow.errors import IllegalTransition
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger._base import LedgerBase, refuse
 from ledgerflow.ledger._engine import dumps, now
@@ -17,7 +18,6 @@ from ledgerflow.lifecycle import (
     SAGA,
     CompensationStatus,
     EffectStatus,
-    IllegalTransition,
     RunStatus,
     SagaStatus,
     StepStatus,

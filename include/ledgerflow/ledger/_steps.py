@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, literal, select, update
 
 from ledgerflow import observability
+from ledgerflow.errors import IllegalTransition
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger._base import LedgerBase, dialect_insert, refuse
 from ledgerflow.ledger._engine import dumps, now
@@ -31,7 +32,6 @@ from ledgerflow.lifecycle import (
     STEP,
     AttemptStatus,
     DeadLetterStatus,
-    IllegalTransition,
     StepStatus,
 )
 

@@ -7,8 +7,9 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
+from ledgerflow.errors import ApprovalConflict, ApprovalNotFound
 from ledgerflow.ledger import schema as t
-from ledgerflow.ledger.approvals import Approval, ApprovalConflict, ApprovalNotFound, _row
+from ledgerflow.ledger.approvals import Approval, _row
 from ledgerflow.ledger.store import Ledger
 
 

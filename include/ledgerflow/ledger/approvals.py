@@ -22,20 +22,12 @@ from typing import Any
 from sqlalchemy import Connection, func, select, text, update
 
 from ledgerflow import observability
-from ledgerflow.errors import LedgerflowError
+from ledgerflow.errors import ApprovalConflict, ApprovalNotFound
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger.store import Ledger, dumps, loads, now
 
 CHANNEL = "ledgerflow_approvals"
 DECISIONS = ("approved", "rejected")
-
-
-class ApprovalNotFound(LedgerflowError):
-    """No approval with that id."""
-
-
-class ApprovalConflict(LedgerflowError):
-    """The approval was already decided, or changed since the approver saw it."""
 
 
 @dataclass(frozen=True)

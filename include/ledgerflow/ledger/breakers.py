@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, or_, select, update
 
 from ledgerflow import observability
+from ledgerflow.errors import BreakerOpen
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger.store import Ledger, now
 from ledgerflow.spec.models import BreakerSpec
@@ -22,15 +23,6 @@ class Pass:
     """The call may go ahead; ``trial``: it is the half-open breaker's one trial call."""
 
     trial: bool
-
-
-class BreakerOpen(Exception):
-    """The breaker is open (or another caller holds the trial): wait until ``until``."""
-
-    def __init__(self, name: str, until: datetime) -> None:
-        self.name = name
-        self.until = until
-        super().__init__(f"circuit breaker {name!r} is open until {until.isoformat()}")
 
 
 def acquire(ledger: Ledger, conn: Connection, name: str, spec: BreakerSpec) -> Pass:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ledgerflow.errors import LedgerflowError
+from ledgerflow.errors import LedgerflowError, UnknownLlmName
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -30,12 +30,6 @@ _MODELS: dict[str, type[BaseModel]] = {}
 _CHECKS: dict[str, CheckFn] = {}
 _LOADED = False
 _LOCK = threading.Lock()
-
-
-class UnknownLlmName(LedgerflowError):
-    """An output model or check function that is not registered."""
-
-    code = "llm_name_unknown"
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ledgerflow.errors import DatasetError
 from ledgerflow.quality.catalog import Expectation
 
 SAMPLE_SIZE = 20
@@ -43,10 +44,6 @@ class FrameDataset:
 
 
 Dataset = SqlDataset | FrameDataset
-
-
-class DatasetError(Exception):
-    """The data cannot be read as a dataset at all (not a failed expectation)."""
 
 
 def validate(

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ledgerflow.errors import NonRetryableError
+from ledgerflow.errors import InvalidParams
 from ledgerflow.spec.models import ParamSpec, _json_type_ok
 
 ENGINE_PREFIX = "ledgerflow_"
@@ -34,19 +34,6 @@ class ParamProblem:
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}"
-
-
-class InvalidParams(NonRetryableError):
-    """A run's params do not fit its workflow's params schema (retrying cannot fix it)."""
-
-    code = "params_invalid"
-
-    def __init__(self, workflow: str, version: int, problems: list[ParamProblem]) -> None:
-        self.workflow = workflow
-        self.version = version
-        self.problems = problems
-        listed = "; ".join(str(p) for p in problems)
-        super().__init__(f"params of {workflow} v{version} do not fit its params schema: {listed}")
 
 
 def _kind_of(value: Any) -> str:

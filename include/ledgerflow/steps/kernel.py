@@ -36,7 +36,12 @@ from jinja2 import TemplateError
 from sqlalchemy import Connection
 
 from ledgerflow import faults
-from ledgerflow.errors import NonRetryableError
+from ledgerflow.errors import (
+    NonRetryableError,
+    StepSkipped,
+    TemplateRenderError,
+    UpstreamUndone,
+)
 from ledgerflow.ledger.store import Checkpoint, Ledger
 from ledgerflow.lifecycle import StepStatus
 from ledgerflow.spec.models import WorkflowSpec
@@ -50,9 +55,6 @@ from ledgerflow.steps.kind import (
     Reuse,
     StepKind,
     StepResult,
-    StepSkipped,
-    TemplateRenderError,
-    UpstreamUndone,
     jsonable,
 )
 from ledgerflow.steps.run import (

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from ledgerflow.errors import InjectedFault, NonRetryableError
+from ledgerflow.errors import InjectedFault
 from ledgerflow.ledger.store import Checkpoint, Ledger
 from ledgerflow.spec.models import WorkflowSpec
 from ledgerflow.steps.run import Chain, RunRef
@@ -29,19 +29,6 @@ class StepResult:
     idempotency_key: str | None = None
     effect_reused: bool = False
     details: dict[str, Any] = field(default_factory=dict)
-
-
-class StepSkipped(Exception):
-    """``when`` was false; the adapter turns this into a skipped task."""
-
-
-class TemplateRenderError(NonRetryableError):
-    """A template could not be rendered with this run's params and outputs."""
-
-
-class UpstreamUndone(NonRetryableError):
-    """A step of a run whose saga undid a step it depends on (a task cleared after the
-    compensation): it refuses to run on effects that no longer exist."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.bases.skipmixin import SkipMixin
 from sqlalchemy import Connection
 
-from ledgerflow.errors import NonRetryableError, ToolError
+from ledgerflow.errors import LlmCallFailed, LlmOutputRejected
 from ledgerflow.ledger.store import Checkpoint, Ledger
 from ledgerflow.spec.models import LlmStep, WorkflowSpec
 from ledgerflow.spec.templates import evaluate, render_value
@@ -42,15 +42,6 @@ from ledgerflow.steps.kernel import (
 )
 from ledgerflow.steps.operator import LedgerflowOperator
 from ledgerflow.steps.retry import final_attempt
-
-
-class LlmOutputRejected(NonRetryableError):
-    """The output stayed invalid (or failed a check) and the step declares no on_invalid."""
-
-
-class LlmCallFailed(ToolError):
-    """The provider could not be asked (down, rate-limited, refused): retried like any
-    failed step. The message never contains the connection's secret."""
 
 
 @dataclass(frozen=True)

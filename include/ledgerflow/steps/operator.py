@@ -80,12 +80,11 @@ class LedgerflowOperator(BaseOperator):
     def execute(self, context: Any) -> Any:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from ledgerflow.ledger.breakers import BreakerOpen
+        from ledgerflow.errors import BreakerOpen, InvalidParams, StepSkipped
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.secrets import scrub, scrub_exception
-        from ledgerflow.spec.params import InvalidParams
         from ledgerflow.steps.branching import follow
-        from ledgerflow.steps.kernel import StepSkipped, run_step
+        from ledgerflow.steps.kernel import run_step
         from ledgerflow.steps.retry import final_attempt
         from ledgerflow.workflow.loaded import spec_for_dag
 

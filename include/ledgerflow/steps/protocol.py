@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from ledgerflow.errors import StepSkipped, TemplateRenderError
 from ledgerflow.ledger import breakers
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.lifecycle import EffectStatus
@@ -35,8 +36,6 @@ from ledgerflow.steps.kernel import (
     RunRef,
     StepKind,
     StepResult,
-    StepSkipped,
-    TemplateRenderError,
     jsonable,
     register_run,
     run_step,

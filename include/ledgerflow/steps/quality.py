@@ -30,7 +30,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.bases.skipmixin import SkipMixin
 from sqlalchemy import Connection
 
-from ledgerflow.errors import NonRetryableError
+from ledgerflow.errors import QualityCheckFailed, QualityDatasetError
 from ledgerflow.steps.kernel import Attempt, Committed, Rendered, RunRef, StepKind, StepResult
 from ledgerflow.steps.operator import LedgerflowOperator
 
@@ -38,36 +38,6 @@ if TYPE_CHECKING:
     from ledgerflow.ledger.store import Ledger
     from ledgerflow.quality.runner import Dataset
     from ledgerflow.spec.models import QualityStep, WorkflowSpec
-
-
-class QualityCheckFailed(NonRetryableError):
-    """Expectations failed and the step declares ``on_failure: fail``."""
-
-    code = "quality_failed"
-
-    def __init__(self, step_id: str, dataset: str, failed: list[dict[str, Any]]) -> None:
-        self.step_id = step_id
-        self.dataset = dataset
-        self.failed = failed
-        super().__init__(
-            f"quality step {step_id}: {len(failed)} expectation(s) failed on {dataset}: "
-            + "; ".join(_describe(f) for f in failed)
-        )
-
-
-class QualityDatasetError(NonRetryableError):
-    """The dataset cannot be validated at all (an output that is not a table...)."""
-
-    code = "quality_dataset"
-
-
-def _describe(failure: dict[str, Any]) -> str:
-    if failure.get("error"):
-        return f"{failure['expectation']}: {failure['error']}"
-    if failure.get("unexpected_count") is not None:
-        sample = ", ".join(repr(v) for v in failure.get("sample", [])[:5])
-        return f"{failure['expectation']}: {failure['unexpected_count']} unexpected (e.g. {sample})"
-    return f"{failure['expectation']}: observed {failure.get('observed_value')!r}"
 
 
 @dataclass(frozen=True)
@@ -207,9 +177,9 @@ def run_quality(
 
 
 def _validate(spec: WorkflowSpec, step: QualityStep, dataset: Dataset) -> dict[str, Any]:
-    from ledgerflow.errors import SpecError
+    from ledgerflow.errors import DatasetError, SpecError
     from ledgerflow.quality.catalog import resolve
-    from ledgerflow.quality.runner import DatasetError, validate
+    from ledgerflow.quality.runner import validate
 
     try:
         expectations = resolve(step.expectations, step.suite)

@@ -18,8 +18,8 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
+from ledgerflow.errors import InvalidParams, NothingToUndo
 from ledgerflow.spec.models import KeyedIdempotency, ToolStep, WorkflowSpec
-from ledgerflow.spec.params import InvalidParams
 from ledgerflow.steps.operator import LedgerflowOperator
 
 FAILED_STATES = frozenset({"failed", "upstream_failed"})
@@ -112,10 +112,6 @@ def _record_rejected_params(ledger: Any, run: Any, context: Any, error: InvalidP
             {"error": str(error), "problems": [p.as_dict() for p in error.problems]},
             conn=conn,
         )
-
-
-class NothingToUndo(Exception):
-    """The step did not complete in this run (or the run did not fail): nothing to undo."""
 
 
 def compensate_step(

@@ -6,13 +6,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from ledgerflow.errors import StackError
+
 ADMIN_USER = "admin"
 ADMIN_PASSWORD = "admin"
 _TERMINAL_RUN_STATES = frozenset({"success", "failed"})
-
-
-class StackError(RuntimeError):
-    """The Airflow stack could not start, died, or answered an API call with an error."""
 
 
 class StackClient:

@@ -27,12 +27,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ledgerflow.testing._stack_client import (
-    ADMIN_PASSWORD,
-    ADMIN_USER,
-    StackClient,
-    StackError,
-)
+from ledgerflow.errors import StackError
+from ledgerflow.testing._stack_client import ADMIN_PASSWORD, ADMIN_USER, StackClient
 
 __all__ = ["ADMIN_PASSWORD", "ADMIN_USER", "COMPONENTS", "AirflowStack", "StackError"]
 

@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ledgerflow.errors import NonRetryableError
+from ledgerflow.errors import HttpConnectionError
 
 # requests.models.DEFAULT_REDIRECT_LIMIT, the hook's default max_redirects.
 DEFAULT_REDIRECT_LIMIT = 30
@@ -53,21 +53,6 @@ OPTION_KEYS = frozenset(
 AUTH_KEYS = frozenset({"auth_type", "auth_kwargs", "headers"})
 BASIC_AUTH_TYPES = frozenset({"requests.auth.HTTPBasicAuth", "aiohttp.BasicAuth"})
 DIGEST_AUTH_TYPES = frozenset({"requests.auth.HTTPDigestAuth"})
-
-
-class HttpConnectionError(NonRetryableError):
-    """An ``http`` connection whose extra cannot be used: names the connection and field."""
-
-    code = "http_connection_invalid"
-
-    def __init__(self, conn_id: str, field: str, problem: str) -> None:
-        self.conn_id = conn_id
-        self.field = field
-        self.problem = problem
-        super().__init__(f"connection {conn_id!r}: extra field {field!r}: {problem}")
-
-    def __reduce__(self) -> Any:
-        return (type(self), (self.conn_id, self.field, self.problem))
 
 
 @dataclass(frozen=True)

@@ -4,28 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ledgerflow.errors import NonRetryableError, ToolError
+from ledgerflow.errors import HttpClientError, HttpStatusError, ToolError
 from ledgerflow.ledger._engine import DEFAULT_CONN_ID  # not store: parsed with every DAG
 from ledgerflow.tools.context import ToolContext
 from ledgerflow.tools.registry import tool
 
 RETRYABLE_4XX = frozenset({408, 425, 429})
-
-
-class HttpStatusError(ToolError):
-    """A 5xx (or 408/429) answer: worth another try."""
-
-    def __init__(self, status: int, body: str) -> None:
-        self.status = status
-        super().__init__(f"HTTP {status}: {body[:300]}")
-
-
-class HttpClientError(NonRetryableError):
-    """A 4xx answer other than 408/425/429: the request itself is wrong."""
-
-    def __init__(self, status: int, body: str) -> None:
-        self.status = status
-        super().__init__(f"HTTP {status}: {body[:300]}")
 
 
 @tool("http", non_retryable=(HttpClientError,))

@@ -18,17 +18,15 @@ from typing import Any
 
 from sqlalchemy import text
 
-from ledgerflow.errors import NonRetryableError, ToolError
+from ledgerflow.errors import (
+    BlockedByFlag,
+    NonRetryableError,
+    PaymentDeclined,
+    ShipmentUnavailable,
+    ToolError,
+)
 from ledgerflow.tools.context import ToolContext
 from ledgerflow.tools.registry import tool
-
-
-class PaymentDeclined(NonRetryableError):
-    """The card was declined; charging it again will not help."""
-
-
-class ShipmentUnavailable(ToolError):
-    """The carrier refused the booking (the demo's failure switch)."""
 
 
 @tool("demo.reserve_inventory", transactional=True, compensate="demo.release_inventory")
@@ -215,10 +213,6 @@ def sleep(ctx: ToolContext, seconds: float, first_tries: int = 1_000_000) -> dic
     slept = seconds if ctx.try_number <= first_tries else 0.0
     time.sleep(slept)
     return {"slept": slept}
-
-
-class BlockedByFlag(NonRetryableError):
-    """``demo.fail_while``: the flag file exists (the cause of the failure is not fixed yet)."""
 
 
 @tool("demo.fail_while", behaviour="read_only")

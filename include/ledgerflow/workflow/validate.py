@@ -213,7 +213,8 @@ def _check_quality(step: QualityStep, loc: tuple[Any, ...], errors: _Collector) 
 
 def _check_llm(step: LlmStep, loc: tuple[Any, ...], errors: _Collector) -> None:
     """One output form, a usable JSON Schema, registered model and check names."""
-    from ledgerflow.llm.registry import UnknownLlmName, get_check, get_output_model
+    from ledgerflow.errors import UnknownLlmName
+    from ledgerflow.llm.registry import get_check, get_output_model
 
     if (step.output_schema is None) == (step.output_model is None):
         errors.add(
