@@ -179,3 +179,13 @@ def test_serialize_round_trip() -> None:
             assert restored.evaluate(error, try_number, 4) == original.evaluate(
                 error, try_number, 4
             )
+
+
+def test_a_ledgerflow_error_named_by_its_older_module_path_still_matches() -> None:
+    """Ledgerflow's errors moved into ``ledgerflow.errors``; a workflow that names one by
+    the path it had (``ledgerflow.tools.builtin.HttpStatusError``) keeps its meaning: the
+    error is not retried. An error of another package is matched by its own path only."""
+    error = HttpStatusError(503, "busy")
+    for name in ("ledgerflow.tools.builtin.HttpStatusError", "ledgerflow.errors.HttpStatusError"):
+        assert is_non_retryable(error, RetryPolicySpec(non_retryable=(name,)))
+    assert not is_non_retryable(error, RetryPolicySpec(non_retryable=("acme.HttpStatusError",)))

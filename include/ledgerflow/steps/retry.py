@@ -37,8 +37,13 @@ def is_non_retryable(
     if isinstance(error, NonRetryableError) or (tool_errors and isinstance(error, tool_errors)):
         return True
     names = set(spec.non_retryable)
+    # Ledgerflow's own errors moved into ledgerflow.errors; a workflow naming one by its
+    # older path (ledgerflow.tools.builtin.HttpStatusError) still means that error.
+    ours = {n.rsplit(".", 1)[1] for n in names if n.startswith("ledgerflow.") and "." in n}
     for kind in type(error).__mro__:
         if kind.__name__ in names or f"{kind.__module__}.{kind.__qualname__}" in names:
+            return True
+        if kind.__module__ == "ledgerflow.errors" and kind.__name__ in ours:
             return True
     return False
 
