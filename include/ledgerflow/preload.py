@@ -27,6 +27,7 @@ TASK_MODULES = (
     "ledgerflow.workflow.loaded",
     "ledgerflow.spec.loader",
     "ledgerflow.spec.templates",
+    "ledgerflow.spec.params",
     "ledgerflow.workflow.validate",
     # a step's execute: operators, kernel, ledger
     "ledgerflow.steps.operator",
