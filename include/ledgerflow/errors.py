@@ -217,6 +217,13 @@ class UpstreamUndone(NonRetryableError):
     code = "upstream_undone"
 
 
+class AttemptsUsedUp(NonRetryableError):
+    """A fused step whose attempts were all used by tries of its task that were
+    interrupted (killed): it is not started again."""
+
+    code = "attempts_used_up"
+
+
 class NothingToUndo(LedgerflowError):
     """The step did not complete in this run (or the run did not fail): nothing to undo."""
 

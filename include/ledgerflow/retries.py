@@ -421,8 +421,12 @@ def start_retry(
             )
             assert dag_run is not None
             # Same transaction as the DagRun: the scheduler never sees these as to-do.
+            from ledgerflow.workflow.segments import steps_of
+
             for ti in dag_run.get_task_instances(session=session):
-                if ti.task_id in plan.reused and ti.map_index == -1:
+                # A fused segment's task is done when every step it runs is reused.
+                held = steps_of(plan.spec, ti.task_id)
+                if all(s in plan.reused for s in held) and ti.map_index == -1:
                     ti.state = TaskInstanceState.SUCCESS
                     ti.start_date = ti.end_date = stamp
                     ti.duration = 0

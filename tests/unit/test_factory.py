@@ -7,6 +7,7 @@ One DAG file per workflow version: a bad workflow file is exactly one import err
 from __future__ import annotations
 
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from ledgerflow.cli import SHIM, main
 from ledgerflow.factory import build_dag
 from ledgerflow.spec.models import ToolStep, WorkflowSpec
 from ledgerflow.steps.retry import StepRetryPolicy
+from ledgerflow.workflow.segments import segments, task_of
 from ledgerflow.workflow.validate import CRON_PRESETS, load_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +84,8 @@ def test_dag_matches_its_spec(repo_bag: Any, yaml_path: Path) -> None:
     assert dag.doc_md and f"## {spec.name} v{spec.version}" in dag.doc_md
     assert _rel(yaml_path) in dag.doc_md
     forward = {t for t in dag.task_dict if not dag.task_dict[t].is_teardown}
-    assert forward == {s.id for s in spec.steps}
+    fused = {step for segment in segments(spec) for step in segment.steps}
+    assert forward == {task_of(spec, s.id) for s in spec.steps}
     undoable = [s.id for s in spec.steps if getattr(s, "compensate", None) is not None]
     teardowns = [t for t in dag.task_dict if dag.task_dict[t].is_teardown]
     if undoable:
@@ -92,7 +95,11 @@ def test_dag_matches_its_spec(repo_bag: Any, yaml_path: Path) -> None:
         assert set(first.upstream_task_ids) == forward
     else:
         assert teardowns == []
+    for segment in segments(spec):
+        _check_segment(spec, dag.get_task(segment.task_id), segment.steps)
     for step in spec.steps:
+        if step.id in fused:
+            continue
         task = dag.get_task(step.id)
         assert set(task.upstream_task_ids) == set(step.needs), step.id
         if step.kind == "approval":
@@ -107,6 +114,37 @@ def test_dag_matches_its_spec(repo_bag: Any, yaml_path: Path) -> None:
         assert isinstance(task.retry_policy, StepRetryPolicy), step.id
         assert task.retry_policy.spec == policy, step.id
         assert set(task.upstream_task_ids) == set(step.needs), step.id
+
+
+def _check_segment(spec: WorkflowSpec, task: Any, steps: tuple[str, ...]) -> None:
+    """A fused segment's task: its steps in order, after what its first step needs, a
+    timeout of all its steps' timeouts, Airflow retries for a killed try."""
+    first = spec.step(steps[0])
+    assert task.step_ids == list(steps)
+    assert set(task.upstream_task_ids) == {task_of(spec, n) for n in first.needs}
+    assert task.execution_timeout == sum(
+        (spec.timeout_for(spec.step(i)) for i in steps), timedelta()
+    )
+    assert task.retries == max(spec.retry_for(spec.step(i)).max_attempts for i in steps) - 1
+    assert all(name in task.doc_md for name in steps)
+
+
+def test_checkout_v2_runs_fused_in_one_task(repo_bag: Any) -> None:
+    """The shipped checkout's latest version fuses its four steps: one forward task whose
+    grid label names them in order; the saga's compensations stay one task per step."""
+    dag = repo_bag.dags["checkout__v2"]
+    forward = [t for t in dag.tasks if not t.is_teardown]
+    assert [t.task_id for t in forward] == ["fused__reserve_inventory__send_confirmation"]
+    assert forward[0].task_display_name == (
+        "reserve_inventory → charge_payment → create_shipment → send_confirmation"
+    )
+    teardowns = [t.task_id for t in dag.tasks if t.is_teardown]
+    assert teardowns == [
+        "compensate__create_shipment",
+        "compensate__charge_payment",
+        "compensate__reserve_inventory",
+        "saga__finish",
+    ]
 
 
 def test_checkout_charge_payment_retries(repo_bag: Any) -> None:

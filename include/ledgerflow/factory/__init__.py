@@ -158,8 +158,11 @@ def build_dag(
     )
     tasks: dict[str, Any] = {}
     with dag:
+        fused = _add_segments(spec, tasks)
         for step in spec.steps:
             rule = "none_failed_min_one_success" if step.needs else "all_success"
+            if step.id in fused:
+                continue
             if not isinstance(step, ToolStep):
                 # approval / llm / quality: each kind's module builds its own task.
                 tasks[step.id] = _kind_builder(step.kind)(spec, step, rule)
@@ -187,13 +190,49 @@ def build_dag(
                     item=items.output
                 )
                 tasks[step.id] = (items, mapped)
+        linked: set[tuple[str, str]] = set()
         for step in spec.steps:
             head = tasks[step.id][0] if isinstance(tasks[step.id], tuple) else tasks[step.id]
             for need in step.needs:
                 tail = tasks[need][1] if isinstance(tasks[need], tuple) else tasks[need]
-                tail >> head
+                if tail is not head and (tail.task_id, head.task_id) not in linked:
+                    linked.add((tail.task_id, head.task_id))
+                    tail >> head
         _add_compensations(spec, tasks)
     return dag
+
+
+def _add_segments(spec: WorkflowSpec, tasks: dict[str, Any]) -> set[str]:
+    """One task per fused segment (``workflow.segments``), entered in ``tasks`` under each
+    of its steps; returns the steps it placed."""
+    from datetime import timedelta
+
+    from ledgerflow.steps.segment import SegmentOperator, segment_failed
+    from ledgerflow.workflow.segments import segments
+
+    placed: set[str] = set()
+    for segment in segments(spec):
+        steps = [spec.step(i) for i in segment.steps]
+        policies = [spec.retry_for(s) for s in steps]
+        rows = "\n".join(f"{n}. `{s.id}`" for n, s in enumerate(steps, 1))
+        task = SegmentOperator(
+            task_id=segment.task_id,
+            task_display_name=segment.label,
+            step_ids=list(segment.steps),
+            trigger_rule="none_failed_min_one_success" if steps[0].needs else "all_success",
+            # Steps retry inside the task; Airflow's retries are for a task that was
+            # killed (each such try goes on at the first step without a checkpoint).
+            retries=max(p.max_attempts for p in policies) - 1,
+            retry_delay=min(p.backoff.initial for p in policies),
+            execution_timeout=sum((spec.timeout_for(s) for s in steps), timedelta()),
+            doc_md=f"Fused segment: these steps run in this one task, in order, each with "
+            f"its own checkpoint.\n\n{rows}",
+            on_failure_callback=segment_failed,
+        )
+        for step in steps:
+            tasks[step.id] = task
+            placed.add(step.id)
+    return placed
 
 
 def _asset_schedule(spec: WorkflowSpec, tz: Any) -> Any:
@@ -233,7 +272,9 @@ def _add_compensations(spec: WorkflowSpec, tasks: dict[str, Any]) -> None:
         return
     forward: list[Any] = []
     for item in tasks.values():
-        forward.extend(item if isinstance(item, tuple) else [item])
+        for task in item if isinstance(item, tuple) else [item]:
+            if all(task is not other for other in forward):  # a segment holds several steps
+                forward.append(task)
     forward_ids = [t.task_id for t in forward]
     previous: Any = None
     for step in undoable:

@@ -96,8 +96,11 @@ def airflow_links(run_id: str) -> dict[str, str]:
     return {"grid": base, "tasks": f"{base}/tasks"}
 
 
-def task_log_link(run_id: str, step_key: str) -> str:
-    """The task instance's page in Airflow's UI (its logs): ``step[2]`` is map index 2."""
+def task_log_link(run_id: str, step_key: str, task_id: str | None = None) -> str:
+    """The task instance's page in Airflow's UI (its logs): ``step[2]`` is map index 2;
+    ``task_id``: the fused segment's task that ran the step."""
+    if task_id is not None:
+        return f"{airflow_links(run_id)['tasks']}/{quote(task_id, safe='')}"
     match = re.fullmatch(r"(.+)\[(\d+)\]", step_key)
     task_id, suffix = (match.group(1), f"/mapped/{match.group(2)}") if match else (step_key, "")
     return f"{airflow_links(run_id)['tasks']}/{quote(task_id, safe='')}{suffix}"
@@ -265,6 +268,14 @@ def run_document(ledger: Ledger, run_id: str) -> dict[str, Any] | None:
         for e in events
         if e["kind"] == "checkpoint_reused_from"
     }
+    # A fused step ran in its segment's task (``steps.segment``): its log is there.
+    task_of = {
+        step: str(data["task_id"])
+        for e in events
+        if e["kind"] == "segment_started"
+        for data in [loads(e["data"]) or {}]
+        for step in data.get("steps", ())
+    }
 
     by_step: dict[str, list[dict[str, Any]]] = {}
     for a in attempts:
@@ -316,7 +327,7 @@ def run_document(ledger: Ledger, run_id: str) -> dict[str, Any] | None:
             else effect_from.get(s["idempotency_key"]),
             "attempts": by_step.pop(s["step_key"], []),
             "effects": effects_by_step.get(s["step_key"], []),
-            "task_log": task_log_link(run_id, s["step_key"]),
+            "task_log": task_log_link(run_id, s["step_key"], task_of.get(s["step_id"])),
         }
         _put(item, "args", loads(s["args"]))
         _put(item, "output", loads(s["output"]))

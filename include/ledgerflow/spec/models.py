@@ -160,6 +160,9 @@ class _StepBase(_Model):
     retry: RetryPolicySpec | None = None
     timeout: Duration | None = None
     breaker: BreakerSpec | None = None
+    segment: str | None = Field(None, pattern=_ID)
+    """Fuse this step with the other steps of the same segment (a chain of tool and LLM
+    steps) into one Airflow task; see ``workflow.segments``."""
 
     _parse = field_validator("timeout", mode="before")(
         lambda v: None if v is None else parse_duration(v)
@@ -423,6 +426,9 @@ class WorkflowSpec(_Model):
     max_active_runs: int = Field(16, ge=1, le=100_000)
     """Runs of this version at once, parked ones included (raise it for approval workflows)."""
     triggers: TriggersSpec = TriggersSpec()
+    execution: Literal["tasks", "fused"] = "tasks"
+    """``tasks``: one Airflow task per step. ``fused``: every chain of tool and LLM steps
+    runs in one Airflow task (a segment), each step still checkpointed on its own."""
     steps: tuple[Step, ...] = Field(min_length=1)
 
     @property

@@ -86,12 +86,12 @@ def step_failed(context: Any) -> None:
     ledger.migrate()
     ti = context["ti"]
     if isinstance(context.get("exception"), InvalidParams):
-        _record_rejected_params(ledger, run, context, context["exception"])
+        record_rejected_params(ledger, run, context, context["exception"])
     ledger.record_event(run.run_id, ti.task_id, "step_failed_final", {"try_number": ti.try_number})
     saga_started(ledger, spec_for_dag(run.dag_id), run.run_id, ti.task_id)
 
 
-def _record_rejected_params(ledger: Any, run: Any, context: Any, error: InvalidParams) -> None:
+def record_rejected_params(ledger: Any, run: Any, context: Any, error: InvalidParams) -> None:
     """A run whose params do not fit its workflow (Airflow's own trigger lets undeclared
     keys through): registered with the params it got, and the problems, field by field."""
     with ledger.begin() as conn:
@@ -250,6 +250,7 @@ class CompensationOperator(LedgerflowOperator):
 
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.steps.operator import run_params, run_ref
+        from ledgerflow.steps.segment import failed_step
         from ledgerflow.workflow.loaded import spec_for_dag
 
         spec = spec_for_dag(self.dag_id)
@@ -261,7 +262,11 @@ class CompensationOperator(LedgerflowOperator):
             failed = run_failed(context, self.forward_task_ids)
             if not failed:
                 raise AirflowSkipException("the run did not fail: nothing to undo")
-            ledger.start_saga(run.run_id, failed[0])
+            from ledgerflow.workflow.segments import steps_of
+
+            # A segment's task failed: the saga starts at the step it stopped at.
+            steps = list(steps_of(spec, failed[0]))
+            ledger.start_saga(run.run_id, failed_step(ledger, run.run_id, steps))
         try:
             output = compensate_step(
                 ledger,

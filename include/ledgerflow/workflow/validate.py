@@ -87,6 +87,11 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
         if isinstance(step, LlmStep):
             _check_llm(step, loc, errors)
         _check_branch(spec, step, loc, errors)
+    if graph_ok:
+        from ledgerflow.workflow.segments import plan
+
+        for where, message in plan(spec)[1]:
+            errors.add(where, message)
     del index
     if errors.errors:
         raise SpecErrors(errors.errors)
