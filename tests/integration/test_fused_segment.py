@@ -61,8 +61,16 @@ def run(tmp_path: Path, cache: Path, *params: str) -> tuple[subprocess.Completed
     env["LEDGERFLOW_DEMO_TOOLS"] = "1"
     args = [a for p in params for a in ("--param", p)]
     done = subprocess.run(
-        [sys.executable, "-m", "ledgerflow.cli", "run", "dags/workflows/fz/v1.yaml", *args]
-        + ["--workdir", "work"],
+        [
+            sys.executable,
+            "-m",
+            "ledgerflow.cli",
+            "run",
+            "dags/workflows/fz/v1.yaml",
+            *args,
+            "--workdir",
+            "work",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
