@@ -53,12 +53,18 @@ steps:
 """
 
 
-def run(tmp_path: Path, cache: Path, *params: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+def run(
+    tmp_path: Path, cache: Path, *params: str, workflow: str = WORKFLOW
+) -> tuple[subprocess.CompletedProcess[str], Path]:
     (tmp_path / "dags" / "workflows" / "fz").mkdir(parents=True)
-    (tmp_path / "dags" / "workflows" / "fz" / "v1.yaml").write_text(WORKFLOW)
+    (tmp_path / "dags" / "workflows" / "fz" / "v1.yaml").write_text(workflow)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env["XDG_CACHE_HOME"] = str(cache)
     env["LEDGERFLOW_DEMO_TOOLS"] = "1"
+    # The demo's offline rule-based model (what scripts/demo.sh configures).
+    env["AIRFLOW_CONN_LEDGERFLOW_LLM"] = (
+        '{"conn_type": "pydanticai", "extra": {"model": "ledgerflow:rules"}}'
+    )
     args = [a for p in params for a in ("--param", p)]
     done = subprocess.run(
         [
@@ -133,3 +139,31 @@ def test_a_final_failure_fails_the_segment_and_the_saga_undoes_the_steps_before_
     ]
     undone = rows(db, "SELECT step_key, status FROM lf_compensations ORDER BY step_key")
     assert ("reserve", "completed") in undone
+
+
+def test_an_llm_branch_point_ending_a_segment_follows_its_fallback(
+    tmp_path: Path, cache: Path
+) -> None:
+    """The shipped ticket triage, fused: ``intake`` and the LLM step ``classify`` share a
+    task; a ticket no category fits fails classify's check, so the segment task takes the
+    fallback branch: ``route`` is skipped, ``classify_rules`` and ``close`` run."""
+    root = Path(__file__).resolve().parents[2]
+    source = (root / "dags/workflows/ticket_triage/v1.yaml").read_text()
+    source = source.replace("name: ticket_triage", "name: fz").replace(
+        "owner: support-team", "owner: support-team\nexecution: fused"
+    )
+    intake = "  - id: intake\n    tool: demo.noop\n    idempotency: natural\n\n"
+    source = source.replace("steps:\n", "steps:\n" + intake, 1).replace(
+        "    kind: llm\n", "    kind: llm\n    needs: [intake]\n", 1
+    )
+    done, db = run(
+        tmp_path, cache, "ticket_id=t-1", "ticket=Hello there, nice weather.", workflow=source
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout
+    status = dict(rows(db, "SELECT step_id, status FROM lf_steps"))
+    assert status["intake"] == "completed" and status["classify"] == "completed"
+    assert status["classify_rules"] == "completed" and status["close"] == "completed"
+    assert "route" not in status  # the branch not taken: skipped by Airflow, never run
+    (event,) = rows(db, "SELECT data FROM lf_events WHERE kind = 'segment_started'")
+    assert '"fused__intake__classify"' in str(event[0])
+    assert rows(db, "SELECT status FROM lf_runs") == [("succeeded",)]
