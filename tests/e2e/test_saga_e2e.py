@@ -33,6 +33,46 @@ def states(stack: AirflowStack, run_id: str) -> dict[str, tuple[str, int]]:
     }
 
 
+def test_a_fused_checkout_retries_the_shipment_in_its_task_then_undoes_each_step(
+    stack: AirflowStack, ledger: Ledger
+) -> None:
+    """checkout__v2 runs its four steps in one task. The shipment fails all three of its
+    attempts inside that task (no Airflow retry of the task), and the saga undoes each
+    completed step in its own task, in reverse: the refund, then the release."""
+    run_id = stack.trigger("checkout__v2", {"order_id": "saga-fused", "fail_shipment": True})
+    assert stack.wait_for_run("checkout__v2", run_id, timeout=240) == "failed"
+    s = {
+        ti["task_id"]: (ti["state"], ti["try_number"])
+        for ti in stack.task_instances("checkout__v2", run_id)
+    }
+    assert s["fused__reserve_inventory__send_confirmation"] == ("failed", 1)
+    assert s["compensate__create_shipment"][0] == "skipped"
+    assert s["compensate__charge_payment"] == ("success", 1)
+    assert s["compensate__reserve_inventory"] == ("success", 1)
+    assert s["saga__finish"][0] == "success"
+    ledger_run = f"checkout__v2/{run_id}"
+    run = ledger.run(ledger_run)
+    assert run is not None and (run["saga"], run["failed_step"]) == (
+        "compensated",
+        "create_shipment",
+    )
+    shipment = ledger.attempts(ledger_run, "create_shipment")
+    assert [(a["try_number"], a["status"]) for a in shipment] == [
+        (1, "failed"),
+        (2, "failed"),
+        (3, "failed"),
+    ]
+    assert len({a["pid"] for a in shipment}) == 1  # all three in the one task process
+    refund = ledger.attempts(ledger_run, "compensate__charge_payment")
+    release = ledger.attempts(ledger_run, "compensate__reserve_inventory")
+    assert len(refund) == len(release) == 1
+    assert refund[0]["ended_at"] <= release[0]["started_at"]
+    assert [
+        r["status"]
+        for r in rows(ledger, "SELECT status FROM demo_payments WHERE order_id = 'saga-fused'")
+    ] == ["refunded"]
+
+
 def test_shipment_failure_refunds_then_releases_exactly_once(
     stack: AirflowStack, ledger: Ledger
 ) -> None:
