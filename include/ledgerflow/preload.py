@@ -29,6 +29,7 @@ TASK_MODULES = (
     "ledgerflow.spec.templates",
     "ledgerflow.spec.params",
     "ledgerflow.workflow.validate",
+    "ledgerflow.workflow.segments",
     # a step's execute: operators, kernel, ledger
     "ledgerflow.steps.operator",
     "ledgerflow.steps.protocol",
@@ -38,6 +39,7 @@ TASK_MODULES = (
     "ledgerflow.steps.branching",
     "ledgerflow.steps.run",
     "ledgerflow.steps.saga",
+    "ledgerflow.steps.segment",
     "ledgerflow.steps.approval",
     "ledgerflow.steps.llm",
     "ledgerflow.steps.quality",
