@@ -65,6 +65,8 @@ steps = Table(
     Column("error", Text),
     Column("started_at", DateTime(timezone=True)),
     Column("completed_at", DateTime(timezone=True)),
+    # The outputs a step reads, by step id (``Ledger.run_and_steps``).
+    Index("lf_steps_step_id", "run_id", "step_id"),
 )
 
 attempts = Table(
@@ -116,6 +118,7 @@ dead_letters = Table(
     Column("status", String(40), nullable=False, server_default="open"),
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("run_id", "step_key", name="lf_dead_letters_step"),
+    Index("lf_dead_letters_open", "step_key", "status"),
 )
 
 # Append-only: rows are inserted, never updated or deleted.
@@ -250,8 +253,8 @@ quality_results = Table(
 # revisions are in ``ledger/migrations/versions``, written out; these constants let a task
 # check the ledger's version with one query and without importing Alembic.
 VERSION_TABLE = "lf_alembic_version"
-# The newest revision of the ``ledger`` branch ("0008"), as a number.
-LATEST = 8
+# The newest revision of the ``ledger`` branch ("0009"), as a number.
+LATEST = 9
 # The only revision of the ``demo`` branch: the example workflows' tables (``demo_*``).
 DEMO_HEAD = "demo01"
 # Before Alembic: one row per applied migration 1..8 (2 was the demo tables).
