@@ -69,7 +69,8 @@ def rules_model() -> Model:
     return FunctionModel(_answer, model_name="rules")
 
 
-def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+async def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    # async: pydantic-ai would run a plain function in a new worker thread on every call.
     from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
     prompt = ""
