@@ -182,7 +182,10 @@ def _worker(args: dict[str, Any]) -> None:
 
     from ledgerflow.preload import preload
 
-    preload(llm=args["preload_llm"])
+    try:
+        preload(llm=args["preload_llm"])
+    except TypeError:  # a checkout from before preload(llm=...): its own preload
+        preload()
 
     from ledgerflow.testing.openai_peer import OpenAIPeer
     from ledgerflow.workflow.validate import load_workflow

@@ -76,7 +76,8 @@ LLM_MODULES = (
     "pydantic_ai.models.openai",
     "pydantic_ai.providers.openai",
     "pydantic_ai.models.function",
-    "openai.resources.chat.completions",
+    "openai.resources.chat.chat",  # the client's resources load lazily, on first use
+    "openai.resources.chat.completions.completions",
     "openai.lib.streaming.chat",
     "anyio._backends._asyncio",
     "genai_prices.data",
