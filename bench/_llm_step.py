@@ -10,7 +10,8 @@ How it measures, the way Airflow runs a task:
   ``ledgerflow.preload.preload(llm=...)`` as the Ledgerflow plugin does in every component,
   loads the workflow and starts the loopback OpenAI peer (``think_ms`` per answer, the
   model's own time);
-* per round it forks a child, as Airflow forks a task process (``supervise``). The child
+* per round it forks a child (after ``gc.freeze()``, as the LocalExecutor does before it
+  forks), as Airflow forks a task process (``supervise``). The child
   runs one run of a workflow of ``steps`` chained LLM steps (distinct ids, one JSON
   Schema, repairs and checks like ``ticket_triage``'s) through the kernel
   (``execute_llm_step`` -> ``run_step``) on a Postgres ledger, one after another, as a
@@ -28,6 +29,7 @@ step of every round (a fused segment's figure). The connection comes from an
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -201,8 +204,12 @@ def _worker(args: dict[str, Any]) -> None:
         peer.default = json.dumps(ANSWER)
         peer.think_s = args["think_ms"] / 1000
         os.environ[f"AIRFLOW_CONN_{CONN_ID.upper()}"] = peer.connection_uri()
+        # Airflow's LocalExecutor freezes the collector before it forks its workers: the
+        # objects the parent imported are not traversed again by each child's collections.
+        gc.freeze()
+        batch = uuid.uuid4().hex[:8]  # a ledger may be measured more than once
         for r in range(args["rounds"]):
-            run_id = f"{WORKFLOW}__v1/r{r}"
+            run_id = f"{WORKFLOW}__v1/{batch}-r{r}"
             read, write = os.pipe()
             pid = os.fork()
             if pid == 0:  # the task process

@@ -117,3 +117,59 @@ def test_the_schema_check_runs_without_a_thread_per_call(
         "Ticket 3.\n\nThe app crashes with an error.",
     )
     assert not rejected.valid and "summary" in rejected.errors[-1]
+
+
+CONNECTION_CHILD = """
+import json, sys
+from pathlib import Path
+
+from ledgerflow.llm import local
+
+path = Path(sys.argv[1])
+first = local.hook_for("file_llm")
+path.write_text(json.dumps({"file_llm": {"conn_type": "pydanticai", "extra": {"model": "test"}}}))
+within_ttl = local.hook_for("file_llm")
+local.CONNECTION_TTL_S = 0.0
+after_ttl = local.hook_for("file_llm")
+print(json.dumps({
+    "same_within_ttl": within_ttl is first,
+    "models": [h._get_configured_model_name() for h in (first, within_ttl, after_ttl)],
+}))
+"""
+
+
+def test_a_connection_from_a_secrets_backend_is_looked_up_once_per_ttl(tmp_path: Path) -> None:
+    """A connection that is not an ``AIRFLOW_CONN_*`` variable (in a task: a round trip
+    through the supervisor to the API server) is looked up once per ``CONNECTION_TTL_S``
+    in a process: a changed connection is served from the process's copy until then, and
+    seen, with a new hook, after it. The backend here is Airflow's file backend."""
+    import os
+    import subprocess
+    import sys
+
+    conns = tmp_path / "connections.json"
+    conns.write_text(
+        json.dumps(
+            {"file_llm": {"conn_type": "pydanticai", "extra": {"model": "ledgerflow:rules"}}}
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(
+        AIRFLOW_HOME=str(tmp_path / "home"),
+        AIRFLOW__SECRETS__BACKEND="airflow.secrets.local_filesystem.LocalFilesystemBackend",
+        AIRFLOW__SECRETS__BACKEND_KWARGS=json.dumps({"connections_file_path": str(conns)}),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", CONNECTION_CHILD, str(conns)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {
+        "same_within_ttl": True,
+        "models": ["ledgerflow:rules", "ledgerflow:rules", "test"],
+    }
