@@ -181,7 +181,9 @@ def _worker(args: dict[str, Any]) -> None:
     """The fresh interpreter: preload like a worker, then fork one task process per round."""
     import logging
 
-    import airflow.sdk.execution_time.task_runner  # noqa: F401  (what a task process has)
+    # What a worker has imported before it forks a task process (it runs ``supervise``).
+    import airflow.sdk.execution_time.supervisor
+    import airflow.sdk.execution_time.task_runner  # noqa: F401
 
     from ledgerflow.preload import preload
 

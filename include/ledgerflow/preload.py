@@ -84,6 +84,9 @@ LLM_MODULES = (
     "genai_prices.decompose",
     "genai_prices.validation",
     "jiter",
+    # a connection's lookup (a task process forked by the supervisor has the rest)
+    "airflow.sdk.definitions.connection",
+    "airflow.sdk.execution_time.cache",
 )
 
 # Airflow commands whose process forks task processes.
