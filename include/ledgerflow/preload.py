@@ -90,7 +90,7 @@ LLM_MODULES = (
 )
 
 # Airflow commands whose process forks task processes.
-_TASK_RUNNERS = ("scheduler", "standalone", "worker")
+_TASK_RUNNERS = ("scheduler", "worker")
 
 
 def preload(llm: bool | None = None) -> None:

@@ -97,7 +97,7 @@ OPTIONS: dict[str, Option] = {
         "Import what an LLM step needs (pydantic-ai, common.ai's hook, the OpenAI client: "
         "~1.5 s, ~40 MB) once in the Airflow component, so that each task process forked "
         "from it does not (2-4 s per LLM task). auto: in the components that fork task "
-        "processes (scheduler, standalone, Celery and Edge workers); true: in every one; "
+        "processes (the scheduler, Celery and Edge workers); true: in every one; "
         "false: in none.",
         _auto_bool,
     ),

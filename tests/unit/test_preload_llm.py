@@ -19,7 +19,7 @@ AIRFLOW = "/opt/venv/bin/airflow"
     ("argv", "expected"),
     [
         ([AIRFLOW, "scheduler"], True),
-        ([AIRFLOW, "standalone"], True),
+        ([AIRFLOW, "standalone"], False),  # it starts `airflow scheduler`, which preloads
         ([AIRFLOW, "celery", "worker", "-q", "default"], True),
         ([AIRFLOW, "edge", "worker"], True),
         (["/usr/lib/python3/site-packages/airflow/__main__.py", "scheduler"], True),
@@ -34,8 +34,9 @@ AIRFLOW = "/opt/venv/bin/airflow"
 def test_auto_preloads_in_the_components_that_fork_tasks(
     argv: list[str], expected: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """auto (the default): the scheduler (LocalExecutor), standalone and the Celery and Edge
-    workers fork task processes and import the LLM modules; the others do not."""
+    """auto (the default): the scheduler (LocalExecutor) and the Celery and Edge workers fork
+    task processes and import the LLM modules; the others do not (``standalone`` starts
+    each component as its own ``airflow <component>`` process)."""
     monkeypatch.delenv("AIRFLOW__LEDGERFLOW__PRELOAD_LLM", raising=False)
     assert preload_llm(argv) is expected
 
