@@ -260,6 +260,92 @@ def _task(spec: Any, run_id: str, ledger_url: str) -> list[tuple[str, float, flo
     return timed
 
 
+NOOP_WORKFLOW = """name: llm_bench_noop
+version: 1
+steps:
+  - id: noop
+    tool: demo.noop
+    args: {value: x}
+    idempotency: natural
+"""
+
+
+def measure_lone_llm_task(
+    *, runs: int = 5, think_ms: float = 50.0, preload_llm: bool = True
+) -> dict[str, Any]:
+    """A workflow of one LLM step on real Airflow processes (``bench/harness.deployment``),
+    and beside it a workflow of one ``demo.noop`` tool step: Airflow's own cost of a task.
+    ``runs`` runs of each, interleaved, one at a time, after two warm-up runs of each. A
+    task's duration is Airflow's (its start to its end: the task process's start-up, the
+    DAG file's parse, the step); the LLM task's overhead is its duration minus the model's
+    time at the peer, and what the LLM step adds to a task is that minus the noop task's
+    duration. ``preload_llm`` is the deployment's ``[ledgerflow] preload_llm`` (``auto``,
+    which preloads in the scheduler, or ``false``)."""
+    from datetime import datetime
+
+    from harness import deployment, logger, new_base, write_workflow
+    from ledgerflow.testing.openai_peer import OpenAIPeer
+
+    log = logger("llm_task")
+    base = new_base("llm_task")
+    write_workflow(base / "dags", WORKFLOW, _workflow(1))
+    write_workflow(base / "dags", "llm_bench_noop", NOOP_WORKFLOW)
+    figures: dict[str, list[float]] = {"llm": [], "model": [], "noop": []}
+
+    def task_seconds(stack: Any, dag_id: str, task_id: str) -> tuple[str, float]:
+        run_id = stack.trigger(dag_id, {})
+        state = stack.wait_for_run(dag_id, run_id, timeout=300)
+        if state != "success":
+            raise RuntimeError(f"{dag_id} run {run_id} ended {state}")
+        (ti,) = [t for t in stack.task_instances(dag_id, run_id) if t["task_id"] == task_id]
+        start = datetime.fromisoformat(ti["start_date"].replace("Z", "+00:00"))
+        end = datetime.fromisoformat(ti["end_date"].replace("Z", "+00:00"))
+        return run_id, (end - start).total_seconds()
+
+    with OpenAIPeer() as peer:
+        peer.default = json.dumps(ANSWER)
+        peer.think_s = think_ms / 1000
+        env = {
+            f"AIRFLOW_CONN_{CONN_ID.upper()}": peer.connection_uri(),
+            "AIRFLOW__LEDGERFLOW__PRELOAD_LLM": "auto" if preload_llm else "false",
+        }
+        dag_ids = [f"{WORKFLOW}__v1", "llm_bench_noop__v1"]
+        with deployment("llm_task", base, dag_ids, log, extra_env=env) as dep:
+            for i in range(runs + 2):
+                order = ("llm", "noop") if i % 2 == 0 else ("noop", "llm")
+                for kind in order:
+                    if kind == "noop":
+                        _, noop = task_seconds(dep.stack, "llm_bench_noop__v1", "noop")
+                        continue
+                    run_id, llm = task_seconds(dep.stack, f"{WORKFLOW}__v1", "ask_0")
+                    marker = f"[{WORKFLOW}__v1/{run_id}/ask_0]"
+                    model = sum(t for text, t in list(peer.served) if marker in text)
+                log(
+                    f"round {i}: LLM task {llm:.3f} s (model {model:.3f} s), noop task {noop:.3f} s"
+                )
+                if i >= 2:
+                    figures["llm"].append(llm)
+                    figures["model"].append(model)
+                    figures["noop"].append(noop)
+
+    def median_ms(values: Any) -> float:
+        return round(statistics.median(values) * 1000, 1)
+
+    llm, model, noop = figures["llm"], figures["model"], figures["noop"]
+    return {
+        "llm_task_ms": median_ms(llm),
+        "model_ms": median_ms(model),
+        "llm_task_minus_model_ms": median_ms(a - m for a, m in zip(llm, model, strict=True)),
+        "noop_task_ms": median_ms(noop),
+        "llm_step_beyond_a_task_ms": median_ms(
+            a - m - n for a, m, n in zip(llm, model, noop, strict=True)
+        ),
+        "runs": runs,
+        "preload_llm": preload_llm,
+        "load": os.getloadavg()[0],
+    }
+
+
 def main() -> None:
     import argparse
 
@@ -268,7 +354,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--think-ms", type=float, default=50.0)
     parser.add_argument("--no-preload-llm", action="store_true")
+    parser.add_argument(
+        "--airflow", type=int, default=0, metavar="RUNS", help="also a lone LLM task on Airflow"
+    )
     args = parser.parse_args()
+    if args.airflow:
+        print(
+            json.dumps(
+                measure_lone_llm_task(
+                    runs=args.airflow, think_ms=args.think_ms, preload_llm=not args.no_preload_llm
+                )
+            )
+        )
     figures = measure_llm_step(
         steps=args.steps,
         rounds=args.rounds,
