@@ -4,7 +4,9 @@ webhook, Airflow's own REST trigger (conf checked by the first task) and asset e
 Workflows: ``tests/e2e/workflows/triggered.yaml`` (params ``ref`` required, ``amount``
 number, ``plan`` enum; a webhook keyed by the Airflow connection
 ``ledgerflow_hook_triggered``, created over Airflow's REST API by the fixture below) and
-``asset_fed.yaml`` (scheduled on the asset ``ledgerflow://e2e/orders``).
+``asset_fed.yaml`` (scheduled on the asset ``ledgerflow://e2e/orders``), and
+``waited.yaml`` (two steps and a ``result:``; the second fails while the path in its
+``block`` param exists) for ``?wait=``.
 """
 
 from __future__ import annotations
