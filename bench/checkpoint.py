@@ -613,10 +613,10 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
                 stats[variant]["growth"] = last / first
                 # The same ratio for the one-INSERT transaction measured beside each step:
                 # how much of the growth is the machine's load moving, not the step.
-                txn = samples["txn"]
-                stats[variant]["txn_growth"] = statistics.median(txn[-tenth:]) / statistics.median(
-                    txn[:tenth]
-                )
+                beside = samples["txn"]
+                stats[variant]["txn_growth"] = statistics.median(
+                    beside[-tenth:]
+                ) / statistics.median(beside[:tenth])
             else:
                 by_pos: dict[int, list[int]] = defaultdict(list)
                 for value, pos in zip(ns, index[variant], strict=True):
