@@ -400,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     ledger_args(p)
     p.set_defaults(func=cmd_breakers)
 
+    from ledgerflow.cli_ops import add_ops_commands
+
+    add_ops_commands(sub, ledger_args, add_dags_folder_option)  # slo, export, prune
+
     p = sub.add_parser(
         "config", help="the [ledgerflow] settings: value, where it came from, what it does"
     )

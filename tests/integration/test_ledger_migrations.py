@@ -123,6 +123,9 @@ def write_rows(engine: Engine, old: ModuleType) -> None:
         )
 
 
+AFTER_0008 = ("lf_auth_failures", "lf_slo_alerts")  # tables of revisions after 0008
+
+
 def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str) -> None:
     """A ledger created and filled by the code before Alembic (lf_schema_version at 8),
     in a database that also holds Airflow's ``alembic_version``: migrating stamps it at
@@ -141,16 +144,19 @@ def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str)
     ledger = Ledger(ledger_url)
     assert ledger.revisions() == set()
     assert ledger.migrate(demo=False) == schema.LATEST
-    assert ledger.revisions() == {"0008", schema.DEMO_HEAD}
-    assert snapshot(engine) == before  # alembic_version and lf_schema_version included
+    assert ledger.revisions() == {"0010", schema.DEMO_HEAD}
+    now = snapshot(engine)
+    # Revisions after 0008 only add tables (empty): every table the old code had is as it was.
+    assert {t: now.pop(t) for t in AFTER_0008} == {t: [] for t in AFTER_0008}
+    assert now == before  # alembic_version and lf_schema_version included
     assert drift(engine) == []
     assert ledger.run("checkout__v1/r1")["saga"] == "compensated"  # type: ignore[index]
     assert [r["run_id"] for r in ledger.retries_of("checkout__v1/r1")] == ["checkout__v1/r2"]
 
     ledger.migrate_to("demo@base")
     assert not {t for t in tables(engine) if t.startswith("demo_")}
-    assert ledger.revisions() == {"0008"}
-    after = snapshot(engine)
+    assert ledger.revisions() == {"0010"}
+    after = {k: v for k, v in snapshot(engine).items() if k not in AFTER_0008}
     assert {k: v for k, v in before.items() if not k.startswith("demo_")} == after
 
 
@@ -192,17 +198,17 @@ def test_a_new_ledger_has_the_code_tables_and_no_demo_tables(ledger_url: str) ->
     names = tables(ledger.engine)
     assert names == {t.name for t in schema.metadata.sorted_tables} | {schema.VERSION_TABLE}
     assert drift(ledger.engine) == []
-    assert ledger.revisions() == {"0008"}
+    assert ledger.revisions() == {"0010"}
 
     ledger.migrate(demo=True)
-    assert ledger.revisions() == {"0008", schema.DEMO_HEAD}
+    assert ledger.revisions() == {"0010", schema.DEMO_HEAD}
     with ledger.engine.connect() as conn:
         skus = conn.execute(text("SELECT sku FROM demo_inventory ORDER BY sku")).scalars()
         assert list(skus) == ["sku-book", "sku-lamp", "sku-mug"]
 
 
 def test_every_revision_goes_down_and_up_again(ledger_url: str) -> None:
-    """Down to 0007 drops only 0008's columns (the run stays), down to base leaves only
+    """Down to 0007 drops only 0010's tables and 0008's columns (the run stays), down to base leaves only
     the version table, and up again gives the same tables as a new ledger."""
     ledger = Ledger(ledger_url)
     ledger.migrate(demo=True)
@@ -212,7 +218,7 @@ def test_every_revision_goes_down_and_up_again(ledger_url: str) -> None:
     )  # fmt: skip
     reverted: list[tuple[str, bool]] = []
     ledger.migrate_to("0007", progress=lambda rev, _title, up: reverted.append((rev, up)))
-    assert reverted == [("0008", False)]
+    assert reverted == [("0010", False), ("0008", False)]
     with ledger.engine.connect() as conn:
         columns = {c["name"] for c in inspect(conn).get_columns("lf_runs")}
         assert conn.execute(text("SELECT run_id FROM lf_runs")).scalars().all() == ["w__v1/x"]
@@ -251,7 +257,7 @@ def test_the_sql_for_a_dba_builds_the_same_ledger(ledger_url: str) -> None:
     finally:
         raw.close()
     ledger = Ledger(ledger_url)
-    assert ledger.revisions() == {"0008"}
+    assert ledger.revisions() == {"0010"}
     assert drift(engine) == []
 
 
@@ -262,7 +268,7 @@ def test_migrate_makes_demo_tables_only_where_the_demo_tools_are_on(ledger_url: 
     run = [str(CLI), "migrate", "--url", ledger_url]
     result = subprocess.run(run, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "applying migration 8/8" in result.stderr and "demo01" not in result.stderr
+    assert "applying migration 10/10" in result.stderr and "demo01" not in result.stderr
     engine = create_engine(ledger_url)
     assert [t for t in tables(engine) if t.startswith("demo_")] == []
     result = subprocess.run(

@@ -13,6 +13,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ledgerflow.spec.slo import SloSpec
+
 _ID = r"^[a-z][a-z0-9_]{0,62}$"
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -430,6 +432,9 @@ class WorkflowSpec(_Model):
     """``tasks``: one Airflow task per step. ``fused``: every chain of tool and LLM steps
     runs in one Airflow task (a segment), each step still checkpointed on its own."""
     steps: tuple[Step, ...] = Field(min_length=1)
+    slo: SloSpec | None = None
+    """Service level objectives (``ledgerflow.spec.slo``): judged by ``ledgerflow slo``,
+    the dashboard and the alerts."""
 
     @property
     def dag_id(self) -> str:
