@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, case, func, literal_column, select
+from sqlalchemy import and_, bindparam, case, func, literal_column, select
 
 from ledgerflow.ledger import schema as t
 
@@ -74,7 +74,7 @@ class RunFacts:
     run_id: str
     workflow: str
     outcome: str
-    created_at: datetime
+    offset: float  # its registration, in seconds after the window's start
     completion: float | None  # succeeded runs only, human wait excluded
     human_wait: float  # 0 when it never waited
     first_step: float | None
@@ -207,6 +207,25 @@ def measure(
             out[name] = WorkflowFacts(name)
         return out[name]
 
+    # Durations are computed by the database (seconds as numbers): a row is a few numbers,
+    # not three timestamps to parse.
+    stamp = t.runs.c.created_at.type
+    at_now = bindparam("b_now", current, type_=stamp)
+    at_since = bindparam("b_since", since, type_=stamp)
+    ap = t.approvals
+    dialect = ledger.dialect
+    waited = (
+        select(
+            func.coalesce(
+                func.sum(
+                    _seconds(dialect, ap.c.created_at, func.coalesce(ap.c.decided_at, at_now))
+                ),
+                0,
+            )
+        )
+        .where(ap.c.run_id == r.c.run_id)
+        .scalar_subquery()
+    )
     a = t.attempts
     per_run = scoped(
         select(
@@ -214,9 +233,10 @@ def measure(
             r.c.workflow,
             r.c.status,
             r.c.saga,
-            r.c.created_at,
-            r.c.updated_at,
-            func.min(a.c.started_at).label("first_start"),
+            _seconds(dialect, at_since, r.c.created_at).label("offset"),
+            _seconds(dialect, r.c.created_at, r.c.updated_at).label("duration"),
+            _seconds(dialect, r.c.created_at, func.min(a.c.started_at)).label("first"),
+            waited.label("waited"),
             func.count(a.c.id).label("attempts"),
             func.coalesce(
                 func.sum(case((a.c.status.in_(("failed", "lost")), 1), else_=0)), 0
@@ -227,17 +247,10 @@ def measure(
         .where(in_window)
         .group_by(r.c.run_id, r.c.workflow, r.c.status, r.c.saga, r.c.created_at, r.c.updated_at)
     )
-    ap = t.approvals
-    approvals_q = scoped(
-        select(
-            ap.c.run_id,
-            ap.c.created_at,
-            ap.c.decided_at,
-            ap.c.deadline,
-            ap.c.decided_by,
-        )
+    lags_q = scoped(
+        select(r.c.workflow, _seconds(dialect, ap.c.deadline, ap.c.decided_at).label("lag"))
         .select_from(ap.join(r, r.c.run_id == ap.c.run_id))
-        .where(in_window)
+        .where(in_window, ap.c.decided_by == "deadline", ap.c.decided_at.is_not(None))
     )
     dl = t.dead_letters
     letters_q = select(dl.c.workflow, dl.c.created_at).where(
@@ -289,52 +302,31 @@ def measure(
         au.c.minute >= since, au.c.minute < until
     )
 
-    waits: dict[str, float] = defaultdict(float)
-    lags: dict[str, list[float]] = defaultdict(list)
     with ledger.engine.connect() as conn:
-        for row in conn.execute(approvals_q):
-            created = aware(row.created_at)
-            decided = aware(row.decided_at)
-            end = decided or current
-            if created is not None:
-                waits[row.run_id] += max(0.0, (end - created).total_seconds())
-            if row.decided_by == "deadline" and decided is not None:
-                deadline = aware(row.deadline)
-                if deadline is not None:
-                    lags[row.run_id].append(max(0.0, (decided - deadline).total_seconds()))
         for row in conn.execute(per_run):
-            created = aware(row.created_at)
-            assert created is not None
             outcome = row.status
             if row.status == "failed" and row.saga in SAGA_RAN:
                 outcome = row.saga
-            wait = waits.get(row.run_id, 0.0)
+            wait = _ms(row.waited or 0)
             completion = None
             if row.status == "succeeded":
-                ended = aware(row.updated_at)
-                assert ended is not None
-                completion = max(0.0, (ended - created).total_seconds() - wait)
-            first_start = aware(row.first_start)
-            if isinstance(row.first_start, str):  # SQLite's min() of a text column
-                first_start = aware(datetime.fromisoformat(row.first_start))
-            w = facts(row.workflow)
-            w.runs.append(
+                completion = max(0.0, round(_ms(row.duration) - wait, 3))
+            facts(row.workflow).runs.append(
                 RunFacts(
                     run_id=row.run_id,
                     workflow=row.workflow,
                     outcome=outcome,
-                    created_at=created,
+                    offset=_ms(row.offset),
                     completion=completion,
                     human_wait=wait,
-                    first_step=None
-                    if first_start is None
-                    else max(0.0, (first_start - created).total_seconds()),
+                    first_step=None if row.first is None else _ms(row.first),
                     attempts=int(row.attempts),
                     failed_attempts=int(row.failed),
                     retries=int(row.retries),
                 )
             )
-            w.timer_lags.extend(lags.get(row.run_id, ()))
+        for row in conn.execute(lags_q):
+            facts(row.workflow).timer_lags.append(_ms(row.lag))
         for row in conn.execute(letters_q):
             facts(row.workflow).dead_letters.append(_when(row.created_at))
         for row in conn.execute(fallbacks_q):
@@ -361,6 +353,12 @@ def measure(
         auth_failures=dict(auth),
         auth_failure_times=auth_times,
     )
+
+
+def _ms(seconds: Any) -> float:
+    """Seconds from the database, to the millisecond (SQLite's julianday arithmetic is
+    exact to some tens of microseconds), never negative."""
+    return max(0.0, round(float(seconds), 3))
 
 
 def _when(value: Any) -> datetime:
@@ -394,9 +392,10 @@ def series(window: Window, workflow: str, count: int = 24) -> dict[str, Any]:
     completion: list[list[float]] = [[] for _ in range(count)]
     waited: list[list[float]] = [[] for _ in range(count)]
     retries = [0] * count
+    span = (window.until - window.since).total_seconds() / count
     for run in w.runs:
-        i = bucket_of(edges, window.until, run.created_at)
-        if i is None:
+        i = int(run.offset // span) if span > 0 else 0
+        if not 0 <= i < count:
             continue
         outcomes[run.outcome][i] += 1
         retries[i] += run.retries

@@ -270,7 +270,7 @@ slo_alerts = Table(
 )
 
 # Indexes for the indicators, the dashboard, the export and the prune (migration 10).
-Index("lf_runs_created", runs.c.workflow, runs.c.created_at)
+Index("lf_runs_created", runs.c.created_at)
 Index("lf_runs_ended", runs.c.status, runs.c.updated_at)
 Index("lf_events_at", events.c.at)
 Index("lf_effects_created", effects.c.created_at)

@@ -15,7 +15,7 @@ branch_labels = None
 depends_on = None
 
 INDEXES = {
-    "lf_runs_created": ("lf_runs", ["workflow", "created_at"]),
+    "lf_runs_created": ("lf_runs", ["created_at"]),
     "lf_runs_ended": ("lf_runs", ["status", "updated_at"]),
     "lf_events_at": ("lf_events", ["at"]),
     "lf_effects_created": ("lf_effects", ["created_at"]),
