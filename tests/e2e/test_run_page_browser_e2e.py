@@ -259,9 +259,9 @@ def test_dashboard_charts_the_ledger_in_light_and_dark(
             "human_wait_p95": "breached",
             "success_rate": "breached",
         }, states
-        assert "10\nruns started" in section.locator(".tiles").inner_text()
+        assert "9\nruns started" in section.locator(".tiles").inner_text()
         assert section.locator("svg.chart").count() == 8
-        tips = section.locator(f"#{W}-outcomes rect title").all_inner_texts()
+        tips = section.locator(f"#{W}-outcomes rect title").all_text_contents()
         assert any(t.endswith("succeeded: 6") for t in tips), tips
         assert any(t.endswith("compensated: 2") for t in tips), tips
         chart = section.locator(f"#{W}-outcomes")
