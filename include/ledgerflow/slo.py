@@ -25,6 +25,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,10 +162,9 @@ def sla_breach_rate(facts: WorkflowFacts, slo: SloSpec | None) -> float | None:
 
 def load_slos(dags_folder: Path | None = None) -> dict[str, SloSpec]:
     """The ``slo:`` of each workflow's latest version under ``<dags folder>/workflows``;
-    a file that does not load is skipped (``ledgerflow validate`` names its problem)."""
+    a file that does not load is skipped (``ledgerflow validate`` names its problem).
+    A file is parsed again only when it changed (the dashboard asks on every request)."""
     from ledgerflow import settings, versions
-    from ledgerflow.errors import LedgerflowError
-    from ledgerflow.spec.loader import read_spec_file
 
     folder = settings.dags_folder(dags_folder) / "workflows"
     found: dict[str, SloSpec] = {}
@@ -174,14 +174,28 @@ def load_slos(dags_folder: Path | None = None) -> dict[str, SloSpec]:
         files = versions.version_files(workflow)
         if not files:
             continue
+        path = files[max(files)]
         try:
-            spec, _lines, _text = read_spec_file(files[max(files)])
-        except LedgerflowError as exc:
-            log.warning("no SLO for %s: %s", workflow.name, exc)
+            stat = path.stat()
+        except OSError:
             continue
-        if spec.slo is not None:
-            found[spec.name] = spec.slo
+        name, objectives = _slo_of(str(path), stat.st_mtime_ns, stat.st_size)
+        if name is not None and objectives is not None:
+            found[name] = objectives
     return found
+
+
+@lru_cache(maxsize=1024)
+def _slo_of(path: str, _mtime_ns: int, _size: int) -> tuple[str | None, SloSpec | None]:
+    from ledgerflow.errors import LedgerflowError
+    from ledgerflow.spec.loader import read_spec_file
+
+    try:
+        spec, _lines, _text = read_spec_file(path)
+    except LedgerflowError as exc:
+        log.warning("no SLO from %s: %s", path, exc)
+        return None, None
+    return spec.name, spec.slo
 
 
 @dataclass
