@@ -98,7 +98,8 @@ def _time(value: str | None, name: str) -> datetime | None:
     try:
         return runview.parse_since(value)
     except ValueError as exc:
-        raise SystemExit(f"ledgerflow: {name}: {exc}") from None
+        print(f"{name}: {exc}", file=sys.stderr)  # as `ledgerflow runs --since` says it
+        raise SystemExit(2) from None
 
 
 def _duration(value: str | None, option: str, setting: str) -> Any:
@@ -109,7 +110,8 @@ def _duration(value: str | None, option: str, setting: str) -> Any:
     try:
         return settings.parse_duration(value)
     except ValueError as exc:
-        raise SystemExit(f"ledgerflow prune: {option}: {exc}") from None
+        print(f"{option}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _pct(value: float | None) -> str:

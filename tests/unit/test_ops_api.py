@@ -186,3 +186,22 @@ def test_a_good_slo_parses_to_seconds_and_rates() -> None:
         "success_rate": pytest.approx(0.995),
     }
     assert spec.slo.window == timedelta(days=7)
+
+
+def test_the_commands_refuse_a_bad_time_or_duration(
+    ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``slo --since``, ``export --until`` and ``prune --older-than`` that do not parse exit
+    2 with one line naming the option."""
+    from ledgerflow.cli import main
+
+    for argv, option in (
+        (["slo", "--since", "soon"], "--since"),
+        (["export", "--since", "1d", "--until", "later"], "--until"),
+        (["prune", "--older-than", "ninety days"], "--older-than"),
+    ):
+        with pytest.raises(SystemExit) as ended:
+            main([*argv, "--url", ledger.url])
+        assert ended.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{option}: ") and "Traceback" not in err, err
