@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
@@ -57,7 +57,19 @@ class SloSpec(BaseModel):
     completion_p95: timedelta | None = Field(None, description="e.g. '10m'")
     human_wait_p95: timedelta | None = Field(None, description="e.g. '2d'")
     first_step_p95: timedelta | None = Field(None, description="e.g. '30s'")
-    success_rate: float | None = Field(None, description="a percentage, e.g. '99.5%'")
+    success_rate: Annotated[
+        float | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*%\s*$"},
+                    {"type": "number", "minimum": 1, "maximum": 100},
+                    {"type": "null"},
+                ],
+                "description": "a percentage of the finished runs, e.g. '99.5%'",
+            }
+        ),
+    ] = None
     window: timedelta = Field(timedelta(days=7), description="judged over, e.g. '7d'")
 
     @field_validator(*LATENCY_OBJECTIVES, "window", mode="before")
