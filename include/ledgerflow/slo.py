@@ -187,15 +187,27 @@ def load_slos(dags_folder: Path | None = None) -> dict[str, SloSpec]:
 
 @lru_cache(maxsize=1024)
 def _slo_of(path: str, _mtime_ns: int, _size: int) -> tuple[str | None, SloSpec | None]:
+    """The workflow's name and ``slo:``, validated without building the whole workflow
+    (its steps, templates, tools), read with the loader's refusals of hostile YAML.
+    ``ledgerflow validate`` checks the whole file, ``slo:`` included, naming lines."""
+    from pydantic import ValidationError
+
     from ledgerflow.errors import LedgerflowError
-    from ledgerflow.spec.loader import read_spec_file
+    from ledgerflow.spec.loader import MAX_FILE_BYTES, load_yaml
+    from ledgerflow.spec.slo import SloSpec
 
     try:
-        spec, _lines, _text = read_spec_file(path)
-    except LedgerflowError as exc:
-        log.warning("no SLO from %s: %s", path, exc)
+        if _size > MAX_FILE_BYTES:
+            raise LedgerflowError(f"over {MAX_FILE_BYTES:,} bytes")
+        with open(path, encoding="utf-8") as handle:
+            data, _lines = load_yaml(handle.read(), path)
+        if not isinstance(data.get("name"), str):
+            return None, None
+        raw = data.get("slo")
+        return data["name"], None if raw is None else SloSpec.model_validate(raw)
+    except (OSError, UnicodeDecodeError, LedgerflowError, ValidationError) as exc:
+        log.warning("no SLO from %s (`ledgerflow validate` says why): %s", path, exc)
         return None, None
-    return spec.name, spec.slo
 
 
 @dataclass

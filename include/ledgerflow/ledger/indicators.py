@@ -303,26 +303,24 @@ def measure(
     )
 
     with ledger.engine.connect() as conn:
-        for row in conn.execute(per_run):
-            outcome = row.status
-            if row.status == "failed" and row.saga in SAGA_RAN:
-                outcome = row.saga
-            wait = _ms(row.waited or 0)
-            completion = None
-            if row.status == "succeeded":
-                completion = max(0.0, round(_ms(row.duration) - wait, 3))
-            facts(row.workflow).runs.append(
+        rows = conn.execute(per_run).all()
+        for run_id, workflow, status, saga, offset, duration, first, waited, n, bad, again in rows:
+            outcome = saga if status == "failed" and saga in SAGA_RAN else status
+            wait = _ms(waited or 0)
+            facts(workflow).runs.append(
                 RunFacts(
-                    run_id=row.run_id,
-                    workflow=row.workflow,
+                    run_id=run_id,
+                    workflow=workflow,
                     outcome=outcome,
-                    offset=_ms(row.offset),
-                    completion=completion,
+                    offset=_ms(offset),
+                    completion=(
+                        max(0.0, round(_ms(duration) - wait, 3)) if status == "succeeded" else None
+                    ),
                     human_wait=wait,
-                    first_step=None if row.first is None else _ms(row.first),
-                    attempts=int(row.attempts),
-                    failed_attempts=int(row.failed),
-                    retries=int(row.retries),
+                    first_step=None if first is None else _ms(first),
+                    attempts=int(n),
+                    failed_attempts=int(bad),
+                    retries=int(again),
                 )
             )
         for row in conn.execute(lags_q):
