@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -143,19 +144,29 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, default=RESULTS / "dashboard.json")
+    parser.add_argument(
+        "--url",
+        help="measure this ledger, filled by an earlier run of this script (kept as it is) "
+        "instead of a new database",
+    )
     args = parser.parse_args()
 
     from ledgerflow.testing.postgres import fresh_database
 
     report: dict[str, Any] = {"runs": args.runs, "load_before": os.getloadavg()}
-    with fresh_database("lf_bench_dashboard") as raw, tempfile.TemporaryDirectory() as tmp:
+    given = contextlib.nullcontext(args.url) if args.url else fresh_database("lf_bench_dashboard")
+    with given as raw, tempfile.TemporaryDirectory() as tmp:
         url = raw.replace("postgresql://", "postgresql+psycopg2://", 1)
         dags = Path(tmp) / "dags"
         write_dags(dags)
         os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags)
-        log(f"writing {args.runs} runs through the ledger's API on Postgres ...")
-        report["fill_s"] = round(fill(url, args.runs), 1)
-        log(f"  done in {report['fill_s']} s")
+        if args.url:
+            report["fill_s"] = 0.0
+            log(f"measuring the ledger at {args.url} as it is")
+        else:
+            log(f"writing {args.runs} runs through the ledger's API on Postgres ...")
+            report["fill_s"] = round(fill(url, args.runs), 1)
+            log(f"  done in {report['fill_s']} s")
         from sqlalchemy import create_engine, text
 
         with create_engine(url).connect() as conn:
