@@ -19,6 +19,8 @@ Measured, interleaved in rounds after warm-ups (alternating which goes first):
 * ``runs_page`` - ``GET /ledgerflow/runs`` (the newest 100 runs): the baseline page;
 * ``slo`` - the command ``ledgerflow slo --url ...`` as a user runs it (a new process:
   interpreter start, imports, the queries, the report);
+* ``runs_cli`` - ``ledgerflow runs --limit 1``: the floor of a command that reads the
+  ledger (the same imports of SQLAlchemy and the ledger, a connection, one query);
 * ``cli_floor`` - ``ledgerflow --version`` (the same interpreter start and imports of the
   entry point, no ledger): the command's floor;
 * ``slo_report`` - the same report in this process (``slo.report``), without start-up.
@@ -183,7 +185,7 @@ def main() -> int:
         ledger = Ledger(url)
         pages = Pages(url)
         env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(dags)}
-        kinds = ("dashboard", "runs_page", "slo", "cli_floor", "slo_report")
+        kinds = ("dashboard", "runs_page", "slo", "runs_cli", "cli_floor", "slo_report")
         samples: dict[str, list[float]] = {k: [] for k in kinds}
         cpu: dict[str, list[float]] = {k: [] for k in kinds}
         size = 0
@@ -197,6 +199,9 @@ def main() -> int:
                     took[kind], used[kind], _ = pages.get("/runs")
                 elif kind == "slo":
                     took[kind], used[kind] = run_cli(["slo", "--url", url, "-o", "plain"], env)
+                elif kind == "runs_cli":
+                    argv = ["runs", "--url", url, "--limit", "1", "-o", "plain"]
+                    took[kind], used[kind] = run_cli(argv, env)
                 elif kind == "cli_floor":
                     took[kind], used[kind] = run_cli(["--version"], env)
                 else:
@@ -229,6 +234,7 @@ def main() -> int:
         ("dashboard", "dashboard page", f"{size:,} bytes of HTML"),
         ("runs_page", "runs page", "the baseline page"),
         ("slo", "ledgerflow slo", "a new process"),
+        ("runs_cli", "ledgerflow runs", "--limit 1: a ledger command's floor"),
         ("cli_floor", "ledgerflow --version", "the command's floor: start-up and imports"),
         ("slo_report", "slo report", "the same report in this process"),
     )
@@ -236,7 +242,8 @@ def main() -> int:
         print(f"  {name:<22} wall {medians[kind]:7.1f}  cpu {cpu_ms[kind]:7.1f}   ({about})")
     print(
         f"  ratios: dashboard / runs page {medians['dashboard'] / medians['runs_page']:.1f} "
-        f"(wall); slo - floor = {medians['slo'] - medians['cli_floor']:.0f} ms wall"
+        f"(wall); ledgerflow slo / ledgerflow runs {medians['slo'] / medians['runs_cli']:.1f} "
+        f"(wall), {cpu_ms['slo'] / cpu_ms['runs_cli']:.1f} (CPU)"
     )
     print(f"main query plan: {plan}")
     print(
