@@ -29,7 +29,9 @@ Then an instrumented pass counts SQL statements, commits, rollbacks and pool pin
 step (SQLAlchemy events, cross-checked with the server's ``pg_stat_database``), and, if
 p50 is over the target (or with ``--profile``), a cProfile pass shows where the time goes.
 
-The last line is ``checkpoint_ms_p50=<p50 of execute_step, keyed variant, long shape>``.
+The last line is ``checkpoint_ms_p50=<p50 of execute_step, keyed variant, long shape>
+checkpoint_growth=<p50 of the last tenth of that run's steps / p50 of its first tenth>``
+(flat in the run's length: <= 1.2).
 ``--sqlite`` runs the same on a SQLite file (for comparison; not the headline figure).
 """
 
@@ -54,11 +56,13 @@ from typing import Any
 
 from harness import (  # bench/ is on sys.path when run as a script
     RESULTS,
-    finish,
+    git_revision,
     logger,
+    write_results,
 )
 
 TARGET_MS = 5.0
+TARGET_GROWTH = 1.2
 SHORT_STEPS = 10
 VARIANTS = ("keyed", "natural")
 
@@ -90,6 +94,7 @@ def pcts(ns: list[int]) -> dict[str, float]:
 def make_spec(name: str, n_steps: int, variant: str) -> Any:
     """A chain of ``n_steps`` demo.noop steps whose args read params and the upstream step."""
     from ledgerflow.spec.models import WorkflowSpec
+    from ledgerflow.workflow.validate import referenced_steps
 
     steps = []
     for i in range(n_steps):
@@ -104,7 +109,7 @@ def make_spec(name: str, n_steps: int, variant: str) -> Any:
             step["args"] = {"value": "{{ params.order_id }}-{{ steps." + prev + ".status }}"}
         step["idempotency"] = {"key": "{{ params.order_id }}"} if variant == "keyed" else "natural"
         steps.append(step)
-    return WorkflowSpec.model_validate(
+    spec = WorkflowSpec.model_validate(
         {
             "name": name,
             "version": 1,
@@ -112,6 +117,11 @@ def make_spec(name: str, n_steps: int, variant: str) -> Any:
             "steps": steps,
         }
     )
+    # What each step's templates read is recorded when a workflow file is loaded
+    # (``validate_spec``, in every process that parses the DAG), not by the step.
+    for step in spec.steps:
+        referenced_steps(spec, step)
+    return spec
 
 
 class Driver:
@@ -441,6 +451,32 @@ PACKAGE_GROUPS = (
 )
 
 
+def growth_pass(ledger: Any, steps: int) -> dict[str, Any]:
+    """The last tenth of one ``steps``-step run (keyed) against the first tenth of another,
+    timed side by side, one step of each in turn: the machine's load then weighs on both
+    alike, which it does not on the first and last tenths of one run timed minutes apart.
+    The first run is brought to its last tenth untimed."""
+    tenth = max(1, steps // 10)
+    late = Driver(ledger, "long", "keyed", steps, "growlate")
+    log(f"growth pass: {steps - tenth} untimed steps, then {tenth} + {tenth} side by side")
+    for _ in range(steps - tenth):
+        late.step()
+    early = Driver(ledger, "long", "keyed", steps, "growearly")
+    samples: dict[str, list[int]] = {"first": [], "last": []}
+    for n in range(tenth):
+        pair = (("first", early), ("last", late)) if n % 2 else (("last", late), ("first", early))
+        for where, driver in pair:
+            samples[where].append(driver.step()[0])
+    first, last = (statistics.median(samples[w]) / 1e6 for w in ("first", "last"))
+    return {
+        "steps": steps,
+        "tenth": tenth,
+        "first_p50": first,
+        "last_p50": last,
+        "growth": last / first,
+    }
+
+
 def profile_pass(ledger: Any, shape: str, variant: str, steps: int, dump: Path) -> dict[str, Any]:
     driver = Driver(ledger, shape, variant, max(steps, SHORT_STEPS), f"prof{shape}{variant}")
     profiler = cProfile.Profile()
@@ -570,8 +606,17 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
             # How the cost moves with the step's position in its run.
             if shape == "long":
                 tenth = max(1, len(ns) // 10)
-                stats[variant]["first_10pct_p50"] = statistics.median(ns[:tenth]) / 1e6
-                stats[variant]["last_10pct_p50"] = statistics.median(ns[-tenth:]) / 1e6
+                first = statistics.median(ns[:tenth]) / 1e6
+                last = statistics.median(ns[-tenth:]) / 1e6
+                stats[variant]["first_10pct_p50"] = first
+                stats[variant]["last_10pct_p50"] = last
+                stats[variant]["growth"] = last / first
+                # The same ratio for the one-INSERT transaction measured beside each step:
+                # how much of the growth is the machine's load moving, not the step.
+                txn = samples["txn"]
+                stats[variant]["txn_growth"] = statistics.median(txn[-tenth:]) / statistics.median(
+                    txn[:tenth]
+                )
             else:
                 by_pos: dict[int, list[int]] = defaultdict(list)
                 for value, pos in zip(ns, index[variant], strict=True):
@@ -579,16 +624,33 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
                 stats[variant]["p50_by_position"] = [
                     round(statistics.median(by_pos[p]) / 1e6, 3) for p in sorted(by_pos)
                 ]
-        # Every step reads all checkpoints of its run (template context): time that read
-        # alone on the runs just finished, whose size is the run's number of steps.
+        # What a step reads before it runs (its run's row, its checkpoint and the outputs
+        # its templates name), early and late in the runs just finished: the same cost at
+        # any position means the read does not grow with the run.
         driver = drivers["keyed"]
-        reads = []
-        for _ in range(21):
-            t0 = time.perf_counter_ns()
-            ledger.outputs(driver.run.run_id)
-            reads.append(time.perf_counter_ns() - t0)
-        stats["outputs_read"] = {"rows": driver.per_run, **pcts(reads)}
+        spec, run_id = driver.spec, driver.run.run_id
+        late, early = spec.steps[-1], spec.steps[min(1, len(spec.steps) - 1)]
+        reads: dict[str, list[int]] = {"early": [], "late": [], "all": []}
+        with ledger.engine.connect() as conn:
+            for _ in range(21):
+                for where, step in (("early", early), ("late", late)):
+                    t0 = time.perf_counter_ns()
+                    ledger.run_and_steps(run_id, step.id, set(step.needs), conn)
+                    reads[where].append(time.perf_counter_ns() - t0)
+                t0 = time.perf_counter_ns()
+                ledger.outputs(run_id, conn=conn)
+                reads["all"].append(time.perf_counter_ns() - t0)
+                conn.rollback()
+        stats["step_read"] = {
+            "rows": driver.per_run,
+            "early_step": early.id,
+            "late_step": late.id,
+            **{where: pcts(ns) for where, ns in reads.items()},
+        }
         results["shapes"][shape] = stats
+
+    if "long" in shapes:
+        results["growth_pass"] = growth_pass(ledger, args.steps)
 
     count_shape = shapes[0]
     results["counts"] = {}
@@ -601,6 +663,8 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
     headline = results["shapes"][headline_shape]["keyed"]["p50"]
     results["headline_shape"] = headline_shape
     results["headline_ms"] = headline
+    if "long" in results["shapes"]:
+        results["growth"] = results["growth_pass"]["growth"]
     if args.profile == "always" or (args.profile == "auto" and headline > TARGET_MS):
         log(f"cProfile pass: {count_shape}/keyed, {args.profile_steps} steps")
         suffix = "_sqlite" if args.sqlite else ""
@@ -654,15 +718,18 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
             if "first_10pct_p50" in s:
                 line += (
                     f"; p50 of first 10% steps {s['first_10pct_p50']:.2f} ms,"
-                    f" last 10% {s['last_10pct_p50']:.2f} ms"
+                    f" last 10% {s['last_10pct_p50']:.2f} ms: growth {s['growth']:.2f}"
+                    f" (the txn baseline's, same tenths: {s['txn_growth']:.2f})"
                 )
             else:
                 line += f"; p50 by position in run {s['p50_by_position']}"
             print(line)
-        o = stats["outputs_read"]
+        r = stats["step_read"]
         print(
-            f"  ledger.outputs(run) alone (read by every step for its templates), run of "
-            f"{o['rows']} steps: p50 {o['p50']:.3f} ms"
+            f"  a step's read (run row, own checkpoint, outputs it names), run of {r['rows']} "
+            f"steps: p50 {r['early']['p50']:.3f} ms at {r['early_step']}, "
+            f"{r['late']['p50']:.3f} ms at {r['late_step']}; all {r['rows']} outputs: "
+            f"{r['all']['p50']:.3f} ms"
         )
     print(f"\nper step, instrumented pass ({next(iter(results['shapes']))} shape):")
     for variant, c in results["counts"].items():
@@ -714,6 +781,15 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
         f"{headline:.3f} ms; target <= {TARGET_MS:.0f} ms: "
         f"{'met' if headline <= TARGET_MS else 'MISSED'}"
     )
+    growth = results.get("growth")
+    if growth is not None:
+        g = results["growth_pass"]
+        print(
+            f"growth: p50 of the last tenth of a {args.steps}-step run (keyed) "
+            f"{g['last_p50']:.3f} ms / p50 of the first tenth {g['first_p50']:.3f} ms, timed "
+            f"side by side = {growth:.3f}; target <= {TARGET_GROWTH}: "
+            f"{'met' if growth <= TARGET_GROWTH else 'MISSED'}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -772,7 +848,12 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     log(f"results in {args.json}")
-    finish(args.json, results, "checkpoint_ms_p50", results["headline_ms"])
+    results.setdefault("git", git_revision())
+    write_results(args.json, results)
+    last = f"checkpoint_ms_p50={results['headline_ms']:.3f}"
+    if "growth" in results:
+        last += f" checkpoint_growth={results['growth']:.3f}"
+    print(last)
     return 0
 
 

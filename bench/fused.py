@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
     parser.add_argument("--sync-calls", type=int, default=10, help="REST calls with wait")
-    parser.add_argument("--llm-calls", type=int, default=20, help="LLM steps measured")
+    parser.add_argument(
+        "--llm-steps", type=int, default=10, help="LLM steps per task process (3 processes)"
+    )
     parser.add_argument("--keep", action="store_true", help="leave the stack running")
     args = parser.parse_args(argv)
 
@@ -189,11 +191,12 @@ def measure_the_rest(
     tails = measure_success_tail(env.stack, "checkout__v2", 5)
     report["success_tail_s_all"] = tails
     out["success_tail_s"] = med(tails) or float("nan")
-    from llm_overhead import measure_llm_overhead
+    from _llm_step import measure_llm_step
 
-    llm = measure_llm_overhead(env.ledger_url, calls=args.llm_calls)
-    report["llm"] = llm
-    out["llm_step_overhead_ms"] = float(llm["llm_step_overhead_ms"])
+    url = env.ledger_url.replace("postgresql://", "postgresql+psycopg2://", 1)
+    llm = measure_llm_step(steps=args.llm_steps, rounds=3, ledger_url=url)
+    report["llm"] = {k: v for k, v in vars(llm).items() if not k.startswith("_")}
+    out["llm_step_overhead_ms"] = float(llm.overhead_ms)
     return out
 
 

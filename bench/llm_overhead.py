@@ -19,7 +19,15 @@ Both run in this process, after warm-up calls of each. ``llm_overhead_ms`` is
 median(step) - median(direct). The step also runs with a cache hit (same key: no model
 call) to show the ledger-only path.
 
-The last line is ``llm_overhead_ms=<x>``.
+Then, the figure of issue 12 (``bench/_llm_step.py``, ``measure_llm_step``): an LLM step
+run by the kernel inside a task process forked from a preloaded parent, as Airflow forks
+one, ``--steps`` LLM steps of one run one after another (a fused segment), minus the
+model's time as the loopback peer measured it (``--think-ms`` per answer). Reported:
+the median per-step overhead, and the first step of each task process (what a lone LLM
+task pays before Airflow's own task start-up), with and without ``LLM_MODULES`` preloaded.
+
+The last line is ``llm_overhead_ms=<x> llm_step_overhead_ms=<median per-step overhead in a
+task process>`` (targets 20 and 100).
 """
 
 from __future__ import annotations
@@ -29,10 +37,14 @@ import json
 import os
 import statistics
 import time
+from dataclasses import asdict
 
-from harness import RESULTS, ROOT, finish  # bench/ is on sys.path when run as a script
+# bench/ is on sys.path when run as a script
+from _llm_step import LlmStepFigures, measure_llm_step
+from harness import RESULTS, ROOT, git_revision, write_results
 
 TARGET_MS = 20.0
+STEP_TARGET_MS = 100.0
 ANSWER = json.dumps(
     {
         "category": "billing",
@@ -47,6 +59,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=60, help="timed calls of each (>= 50)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="LLM steps per task process")
+    parser.add_argument("--rounds", type=int, default=3, help="task processes (of each kind)")
+    parser.add_argument("--think-ms", type=float, default=50.0, help="the model's time")
+    parser.add_argument("--repeats", type=int, default=2, help="of each kind, interleaved")
     args = parser.parse_args()
 
     import logging
@@ -61,8 +77,22 @@ def main() -> None:
     with OpenAIPeer() as peer, fresh_database("lf_bench_llm") as pg:
         peer.default = ANSWER
         os.environ["AIRFLOW_CONN_LEDGERFLOW_LLM"] = peer.connection_uri()
-        figures = run(peer, pg.replace("postgresql://", "postgresql+psycopg2://", 1), args)
-    report(figures, args)
+        ledger_url = pg.replace("postgresql://", "postgresql+psycopg2://", 1)
+        figures = run(peer, ledger_url, args)
+        # Interleaved (a busy machine or a busy Postgres slows whichever runs then).
+        in_task: dict[bool, list[LlmStepFigures]] = {False: [], True: []}
+        for rep in range(args.repeats):
+            for preloaded in (False, True) if rep % 2 == 0 else (True, False):
+                in_task[preloaded].append(
+                    measure_llm_step(
+                        steps=args.steps,
+                        rounds=args.rounds,
+                        think_ms=args.think_ms,
+                        preload_llm=preloaded,
+                        ledger_url=ledger_url,
+                    )
+                )
+    report(figures, in_task, args)
 
 
 def run(peer: object, ledger_url: str, args: argparse.Namespace) -> dict[str, list[float]]:
@@ -130,7 +160,11 @@ def run(peer: object, ledger_url: str, args: argparse.Namespace) -> dict[str, li
     return {**times, **{f"cpu_{k}": v for k, v in cpu.items()}, "model_calls": [model_calls]}
 
 
-def report(figures: dict[str, list[float]], args: argparse.Namespace) -> None:
+def report(
+    figures: dict[str, list[float]],
+    in_task: dict[bool, list[LlmStepFigures]],
+    args: argparse.Namespace,
+) -> None:
     med = {k: statistics.median(v) for k, v in figures.items()}
     overhead = med["step"] - med["direct"]
     print(f"LLM step overhead: {args.calls} calls each, interleaved; load {os.getloadavg()[0]:.2f}")
@@ -151,14 +185,45 @@ def report(figures: dict[str, list[float]], args: argparse.Namespace) -> None:
     cpu_overhead = med["cpu_step"] - med["cpu_direct"]
     print(f"  overhead per call: {overhead:.2f} ms (target <= {TARGET_MS:.0f} ms)")
     print(f"  CPU overhead per call: {cpu_overhead:.2f} ms (not inflated by a busy machine)")
-    report = {
+    first = in_task[True][0]
+    print(
+        f"LLM step run by the kernel in a forked task process: {first.rounds} processes x "
+        f"{first.steps} steps, model {first.think_ms:.0f} ms per answer, "
+        f"{len(in_task[True])} measurements of each kind, interleaved"
+    )
+    medians: dict[bool, dict[str, float]] = {}
+    for preloaded, runs in in_task.items():
+        label = "LLM modules preloaded" if preloaded else "not preloaded        "
+        for f in runs:
+            print(
+                f"  {label}: per step {f.step_ms:7.2f} ms - model {f.model_ms:6.2f} ms = overhead "
+                f"{f.overhead_ms:7.2f} ms (cpu {f.cpu_ms:.2f} ms); first step of a task process:"
+                f" overhead {f.first_overhead_ms:8.2f} ms; load {f.load:.2f}"
+            )
+        medians[preloaded] = {
+            "overhead_ms": statistics.median(f.overhead_ms for f in runs),
+            "first_overhead_ms": statistics.median(f.first_overhead_ms for f in runs),
+        }
+    step_overhead = medians[True]["overhead_ms"]
+    print(
+        f"  medians, not preloaded -> preloaded: per step {medians[False]['overhead_ms']:.2f} -> "
+        f"{step_overhead:.2f} ms (target <= {STEP_TARGET_MS:.0f} ms); first step of a task "
+        f"process {medians[False]['first_overhead_ms']:.2f} -> "
+        f"{medians[True]['first_overhead_ms']:.2f} ms (Airflow's own task start-up comes on "
+        "top: bench/overhead.py)"
+    )
+    results = {
         "medians_ms": med,
         "calls": args.calls,
         "overhead_ms": overhead,
         "cpu_overhead_ms": cpu_overhead,
+        "in_task": {str(k): [asdict(f) for f in v] for k, v in in_task.items()},
+        "in_task_medians": {str(k): v for k, v in medians.items()},
         "load": os.getloadavg()[0],
     }
-    finish(RESULTS / "llm_overhead.json", report, "llm_overhead_ms", overhead, ".2f")
+    results.setdefault("git", git_revision())
+    write_results(RESULTS / "llm_overhead.json", results)
+    print(f"llm_overhead_ms={overhead:.2f} llm_step_overhead_ms={step_overhead:.2f}")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,16 @@ def latest_spec(name: str) -> WorkflowSpec | None:
     return load_spec(_spec_file(name, versions[max(versions)]))
 
 
+def version_spec(name: str, version: int) -> WorkflowSpec | None:
+    """The spec of version ``version`` of workflow ``name`` (None: Airflow has no such
+    version)."""
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        found = workflow_versions(session, name).get(version)
+    return None if found is None else load_spec(_spec_file(name, found))
+
+
 # ---------------------------------------------------------------- starting a run
 
 _DAG_BAG: Any = None

@@ -15,11 +15,23 @@ or connection is made here (those would not survive a fork). Team tools register
 through entry points are user code and stay where the registry loads them, in the task.
 ``tests/integration/test_preload.py`` checks that a parse and a step import no module of
 the package that is not listed here.
+
+An LLM step also needs common.ai's hook, pydantic-ai and the OpenAI client (which OpenAI,
+Ollama, vLLM and other OpenAI-compatible connections use): 2-4 s of imports in a task
+process on this machine, and most of what an LLM task cost beyond its model
+(``bench/_llm_step.py``; issue 12). ``LLM_MODULES`` are imported only in the components
+that fork task processes (the scheduler, whose LocalExecutor workers fork the tasks, and
+Celery or Edge workers), ~1.5 s and ~40 MB once per component; the DAG processor, the
+API server and the triggerer never run an LLM step and skip them
+(``[ledgerflow] preload_llm``: ``auto``, ``true`` or ``false``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import sys
+from pathlib import Path
 
 TASK_MODULES = (
     # the DAG file's parse: the spec, its validation and templates, the factory
@@ -29,6 +41,7 @@ TASK_MODULES = (
     "ledgerflow.spec.templates",
     "ledgerflow.spec.params",
     "ledgerflow.workflow.validate",
+    "ledgerflow.workflow.segments",
     # a step's execute: operators, kernel, ledger
     "ledgerflow.steps.operator",
     "ledgerflow.steps.protocol",
@@ -38,6 +51,7 @@ TASK_MODULES = (
     "ledgerflow.steps.branching",
     "ledgerflow.steps.run",
     "ledgerflow.steps.saga",
+    "ledgerflow.steps.segment",
     "ledgerflow.steps.approval",
     "ledgerflow.steps.llm",
     "ledgerflow.steps.quality",
@@ -52,7 +66,57 @@ TASK_MODULES = (
 )
 
 
-def preload() -> None:
-    """Import ``TASK_MODULES`` (~15 ms in a process that has Airflow loaded already)."""
+# What an LLM step imports, including what pydantic-ai and the OpenAI client import only on
+# their first request (their absence cost the first step ~150 ms more).
+LLM_MODULES = (
+    "ledgerflow.llm.local",
+    "ledgerflow.llm.call",
+    "ledgerflow.llm.registry",
+    "ledgerflow.llm.builtin",
+    "ledgerflow.ledger.llm",
+    "jsonschema",
+    "pydantic_ai.models.openai",
+    "pydantic_ai.providers.openai",
+    "pydantic_ai.models.function",
+    "openai.resources.chat.chat",  # the client's resources load lazily, on first use
+    "openai.resources.chat.completions.completions",
+    "openai.lib.streaming.chat",
+    "anyio._backends._asyncio",
+    "genai_prices.data",
+    "genai_prices.decompose",
+    "genai_prices.validation",
+    "jiter",
+    # a connection's lookup (a task process forked by the supervisor has the rest)
+    "airflow.sdk.definitions.connection",
+    "airflow.sdk.execution_time.cache",
+)
+
+# Airflow commands whose process forks task processes.
+_TASK_RUNNERS = ("scheduler", "worker")
+
+
+def preload(llm: bool | None = None) -> None:
+    """Import ``TASK_MODULES`` (~15 ms in a process that has Airflow loaded already), and
+    ``LLM_MODULES`` when ``llm`` is true; ``None`` decides by ``[ledgerflow] preload_llm``."""
     for name in TASK_MODULES:
         importlib.import_module(name)
+    if llm is None:
+        llm = preload_llm()
+    if llm:
+        for name in LLM_MODULES:
+            # An optional client that is not installed: nothing to save.
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+
+
+def preload_llm(argv: list[str] | None = None) -> bool:
+    """Whether this process should import ``LLM_MODULES``: ``[ledgerflow] preload_llm``,
+    whose ``auto`` means "this Airflow command forks task processes"."""
+    from ledgerflow import settings
+
+    choice = settings.get("preload_llm")
+    if choice != "auto":
+        return bool(choice)
+    args = sys.argv[1:3] if argv is None else argv[1:3]
+    program = Path(sys.argv[0] if argv is None else argv[0]).name
+    return program in ("airflow", "__main__.py") and any(a in _TASK_RUNNERS for a in args)

@@ -9,7 +9,11 @@ stores:
 - :func:`install` hooks the ledger's engine so that every string parameter of every
   statement passes through :func:`scrub` before it reaches the database. Errors, outputs,
   events and dead letters, whoever writes them, cannot bypass it; with nothing registered
-  it costs one attribute check per statement.
+  it costs one attribute check per statement. Airflow 3.3 has two maskers (the Task
+  SDK's and core's): a string is first screened by one pattern made of both maskers'
+  patterns (one scan; the parameters are not copied when none holds a secret, the
+  common case), and only a string that holds a secret goes through the maskers
+  themselves, each in turn, as before.
 - :func:`mask_http_credentials` registers what an HTTP call sends on top of what Airflow
   registers itself: the encoded Basic value (``base64(login:password)``, which a peer
   that echoes request headers sends back) and header values taken from the connection.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -57,25 +62,55 @@ def _active() -> list[Any]:
     return active
 
 
+# The screen of the maskers' current patterns: (their compiled patterns, the screen).
+_SCREEN: tuple[tuple[re.Pattern[str], ...], re.Pattern[str] | None] = ((), None)
+
+
+def _screen(maskers: list[Any]) -> re.Pattern[str]:
+    """One pattern that matches wherever a secret of any of ``maskers`` occurs.
+
+    A masker compiles a new pattern whenever a secret is added (or its patterns are put
+    back), so the screen is rebuilt when a masker's pattern is not the one it was made
+    from."""
+    global _SCREEN
+    replacers = tuple(m._secrets_masker().replacer for m in maskers)
+    made_from, screen = _SCREEN
+    if (
+        screen is not None
+        and len(made_from) == len(replacers)
+        and all(a is b for a, b in zip(made_from, replacers, strict=True))
+    ):
+        return screen
+    if len(replacers) == 1:
+        screen = replacers[0]
+    else:
+        # Each masker's whole pattern as one group: a match of either, nothing else.
+        screen = re.compile("|".join(f"(?:{r.pattern})" for r in replacers))
+    _SCREEN = (replacers, screen)
+    return screen
+
+
 def scrub(value: Any) -> Any:
     """``value`` with every registered secret in its strings replaced by ``***``, at any
     depth (dict keys included). Only registered values are masked: a key's name alone
     (``password: x``) changes nothing, so stored data keeps its shape."""
     maskers = _active()
-    return _scrub(value, maskers) if maskers else value
+    return _scrub(value, maskers, _screen(maskers)) if maskers else value
 
 
-def _scrub(value: Any, maskers: list[Any]) -> Any:
+def _scrub(value: Any, maskers: list[Any], screen: re.Pattern[str]) -> Any:
     if isinstance(value, str):
+        if screen.search(value) is None:
+            return value  # no secret of any masker in it: both would leave it as it is
         for masker in maskers:
             value = masker.redact(value)
         return value
     if isinstance(value, dict):
-        return {_scrub(k, maskers): _scrub(v, maskers) for k, v in value.items()}
+        return {_scrub(k, maskers, screen): _scrub(v, maskers, screen) for k, v in value.items()}
     if isinstance(value, list):
-        return [_scrub(v, maskers) for v in value]
+        return [_scrub(v, maskers, screen) for v in value]
     if isinstance(value, tuple):
-        return tuple(_scrub(v, maskers) for v in value)
+        return tuple(_scrub(v, maskers, screen) for v in value)
     return value
 
 
@@ -84,13 +119,14 @@ def scrub_exception(error: BaseException) -> BaseException:
     context: what Airflow logs and reports of a failed task, in every process (the
     scheduler's own log included), without registered secrets."""
     maskers = _active()
+    screen = _screen(maskers) if maskers else None
     seen: set[int] = set()
     current: BaseException | None = error
     pending: list[BaseException] = []
-    while maskers and current is not None and id(current) not in seen:
+    while screen is not None and current is not None and id(current) not in seen:
         seen.add(id(current))
         with contextlib.suppress(AttributeError, TypeError):  # an extension type's fixed args
-            current.args = tuple(_scrub(a, maskers) for a in current.args)
+            current.args = tuple(_scrub(a, maskers, screen) for a in current.args)
         pending += [e for e in (current.__cause__, current.__context__) if e is not None]
         current = pending.pop() if pending else None
     return error
@@ -102,16 +138,24 @@ def _scrub_parameters(
     maskers = _active()
     if not maskers or parameters is None:
         return statement, parameters
-    return statement, _scrub_bound(parameters, maskers)
+    return statement, _scrub_bound(parameters, maskers, _screen(maskers))
 
 
-def _scrub_bound(parameters: Any, maskers: list[Any]) -> Any:
+def _scrub_bound(parameters: Any, maskers: list[Any], screen: re.Pattern[str]) -> Any:
     # A dict's keys are bind names (kept); a list holds executemany's parameter sets.
+    # Copied only when a value changes: most statements carry no secret at all.
     if isinstance(parameters, dict):
-        return {k: _scrub(v, maskers) for k, v in parameters.items()}
+        changed: dict[str, Any] | None = None
+        for name, value in parameters.items():
+            scrubbed = _scrub(value, maskers, screen)
+            if scrubbed is not value:
+                if changed is None:
+                    changed = dict(parameters)
+                changed[name] = scrubbed
+        return parameters if changed is None else changed
     if isinstance(parameters, list):
-        return [_scrub_bound(p, maskers) for p in parameters]
-    return _scrub(parameters, maskers)
+        return [_scrub_bound(p, maskers, screen) for p in parameters]
+    return _scrub(parameters, maskers, screen)
 
 
 def install(engine: Any) -> None:

@@ -49,6 +49,12 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def _auto_bool(text: str) -> bool | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    return _bool(text)
+
+
 def _seconds(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -115,6 +121,15 @@ OPTIONS: dict[str, Option] = {
         "A running run with no ledger event for this long, and no pending approval, counts "
         "as orphaned in the SLO indicators.",
         parse_duration,
+    ),
+    "preload_llm": Option(
+        "auto",
+        "Import what an LLM step needs (pydantic-ai, common.ai's hook, the OpenAI client: "
+        "~1.5 s, ~40 MB) once in the Airflow component, so that each task process forked "
+        "from it does not (2-4 s per LLM task). auto: in the components that fork task "
+        "processes (the scheduler, Celery and Edge workers); true: in every one; "
+        "false: in none.",
+        _auto_bool,
     ),
 }
 

@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -107,21 +108,23 @@ def test_sigkill_inside_a_fused_segment_resumes_at_the_step_without_a_checkpoint
     made again; every run succeeds and every order holds exactly one payment."""
     rng = random.Random(SEED + 100 + batch)
     orders = {f"fused-{batch}-{i}": rng.uniform(0.0, 0.9) for i in range(FUSED_PER_BATCH)}
+    # A 2 s payment: the kill lands inside it even when polling 25 runs lags on a busy
+    # machine (the moment is counted from the attempt's own start in the ledger).
     runs = {
-        order: stack.trigger(FUSED, {"order_id": order, "charge_delay_s": 1.0}) for order in orders
+        order: stack.trigger(FUSED, {"order_id": order, "charge_delay_s": 2.0}) for order in orders
     }
     killed = 0
     pending = dict(runs)
     deadline = time.monotonic() + 240
-    started: dict[str, float] = {}
     while pending and time.monotonic() < deadline:
         for order, run_id in list(pending.items()):
             attempts = ledger.attempts(f"{FUSED}/{run_id}", "charge_payment")
             first = next((a for a in attempts if a["try_number"] == 1), None)
             if first is None:
                 continue
-            started.setdefault(order, time.monotonic())
-            if time.monotonic() - started[order] >= orders[order]:
+            began = first["started_at"]
+            began = began if began.tzinfo else began.replace(tzinfo=timezone.utc)
+            if (datetime.now(timezone.utc) - began).total_seconds() >= orders[order]:
                 killed += kill(int(first["pid"]))
                 del pending[order]
         time.sleep(0.05)

@@ -152,6 +152,37 @@ def test_retry_skips_completed_steps_runs_the_rest_and_links_both_ways(
     assert row(ledger, third["run_id"])["retry_from"] == "s2"
 
 
+def test_a_retry_of_a_fused_run_reuses_the_steps_before_the_failure_inside_its_task(
+    stack: AirflowStack, ledger: Ledger, tmp_path: Path
+) -> None:
+    """The six steps fused in one task; s4 fails for good (its flag file exists). The
+    retry run starts the segment's task again: s1-s3 are reused from the original inside
+    it (no new email, no attempt), s4-s6 run, and the task succeeds."""
+    fused = "retry_six_fused__v1"
+    ref = f"rf-{uuid.uuid4().hex[:8]}"
+    flag = tmp_path / "s4-broken"
+    flag.touch()
+    run_id = stack.trigger(fused, {"ref": ref, "flag": str(flag)})
+    original = f"{fused}/{run_id}"
+    assert finished(stack, ledger, original) == "failed"
+    assert emails(ledger, ref) == ["s1", "s2", "s3"]
+    assert row(ledger, original)["failed_step"] == "s4"
+    assert ti_states(stack, original)["fused__s1__s6"] == ("failed", 1)
+
+    flag.unlink()
+    done = cli(stack, "retry", original)
+    assert done.returncode == 0, done.stderr + done.stdout
+    retry = next(
+        line.split()[1] for line in done.stdout.splitlines() if line.startswith("started ")
+    )
+    assert finished(stack, ledger, retry) == "success"
+    assert emails(ledger, ref) == ["s1", "s2", "s3", "s5", "s6"]
+    assert attempted(ledger, retry) == ["s4", "s5", "s6"]
+    assert reused_from(ledger, retry) == {"s1": original, "s2": original, "s3": original}
+    assert ti_states(stack, retry)["fused__s1__s6"][0] == "success"
+    assert row(ledger, retry)["retry_of"] == original
+
+
 def test_retry_refusals_over_rest_and_cli(stack: AirflowStack, ledger: Ledger) -> None:
     """Refused with a clear message and nothing started: an unknown run (404), an
     unknown step (422), a succeeded run without ``from`` (409, CLI exit 2), a user who

@@ -4,7 +4,9 @@ webhook, Airflow's own REST trigger (conf checked by the first task) and asset e
 Workflows: ``tests/e2e/workflows/triggered.yaml`` (params ``ref`` required, ``amount``
 number, ``plan`` enum; a webhook keyed by the Airflow connection
 ``ledgerflow_hook_triggered``, created over Airflow's REST API by the fixture below) and
-``asset_fed.yaml`` (scheduled on the asset ``ledgerflow://e2e/orders``).
+``asset_fed.yaml`` (scheduled on the asset ``ledgerflow://e2e/orders``), and
+``waited.yaml`` (two steps and a ``result:``; the second fails while the path in its
+``block`` param exists) for ``?wait=``.
 """
 
 from __future__ import annotations
@@ -325,3 +327,68 @@ def test_an_asset_event_starts_a_run_of_a_workflow_scheduled_on_it(stack: Airflo
     newest = runs["dag_runs"][0]
     assert newest["run_type"] == "asset_triggered"
     assert stack.wait_for_run(dag_id, newest["dag_run_id"], timeout=180) == "success"
+
+
+WAITED = "/ledgerflow/api/workflows/waited/runs"
+
+
+def test_a_wait_that_cannot_be_honoured_is_refused_and_one_that_runs_out_is_202(
+    stack: AirflowStack,
+) -> None:
+    """``wait`` that is not a duration, or above 60 s, is 422 naming ``wait`` and starts
+    nothing; anonymous is 401 and a viewer 403, as without a wait; a run still going when
+    the wait runs out is 202 with its state and the same links as the plain trigger."""
+    dag_id = "waited__v1"
+    before = run_count(stack, dag_id)
+    body = {"params": {"ref": "refused"}}
+    with client(stack) as c, client(stack, None) as anon, client(stack, "viewer") as viewer:
+        for bad in ("soon", "-1s", "61s", "2m", ""):
+            resp = c.post(WAITED, params={"wait": bad}, json=body)
+            assert resp.status_code == 422, (bad, resp.text)
+            [problem] = resp.json()["detail"]
+            assert problem["loc"] == ["query", "wait"] and problem["field"] == "wait", bad
+        assert anon.post(WAITED, params={"wait": "5s"}, json=body).status_code == 401
+        assert viewer.post(WAITED, params={"wait": "5s"}, json=body).status_code == 403
+        assert run_count(stack, dag_id) == before
+        short = c.post(WAITED, params={"wait": "300ms"}, json={"params": {"ref": "short"}})
+    assert short.status_code == 202, short.text
+    doc = short.json()
+    assert doc["state"] in ("queued", "running") and "results" not in doc
+    assert doc["links"] == {
+        "run_page": f"/ledgerflow/runs/{dag_id}/{doc['run_id']}",
+        "grid": f"/dags/{dag_id}/runs/{doc['run_id']}",
+    }
+    assert stack.wait_for_run(dag_id, doc["run_id"], timeout=180) == "success"
+
+
+def test_a_run_that_ends_within_the_wait_answers_its_result_or_its_failure(
+    stack: AirflowStack,
+) -> None:
+    """With ``?wait=60s`` the call returns when the run ends: 200, Airflow's state
+    ``success`` and the workflow's declared ``results`` rendered from the run's
+    checkpoints (native types kept); the same key again answers the ended run at once.
+    A run that fails answers ``failed``, the step that failed and its error, and links."""
+    dag_id = "waited__v1"
+    key = f"wait-{uuid.uuid4().hex[:8]}"
+    body = {"params": {"ref": key}, "idempotency_key": key}
+    with client(stack, "manager") as c:
+        done = c.post(WAITED, params={"wait": "60s"}, json=body)
+        again = c.post(WAITED, params={"wait": "1s"}, json=body)
+        failed = c.post(
+            WAITED, params={"wait": "60s"}, json={"params": {"ref": "blocked", "block": "/"}}
+        )
+    assert done.status_code == 200, done.text
+    answer = done.json()
+    assert answer["state"] == "success" and answer["created"] is True
+    assert answer["results"] == {"ref": key, "items": 3, "label": f"waited:{key}"}
+    assert again.status_code == 200 and again.json()["run_id"] == answer["run_id"]
+    assert again.json()["results"] == answer["results"] and again.json()["created"] is False
+    assert stack.run(dag_id, answer["run_id"])["state"] == "success"
+    assert failed.status_code == 200, failed.text
+    lost = failed.json()
+    assert lost["state"] == "failed" and "results" not in lost
+    assert lost["failed_step"] == "second"
+    assert lost["error_type"] == "ledgerflow.errors.BlockedByFlag"
+    assert lost["error"] == "blocked while / exists"
+    assert lost["links"]["run_page"] == f"/ledgerflow/runs/{dag_id}/{lost['run_id']}"
+    assert stack.run(dag_id, lost["run_id"])["state"] == "failed"

@@ -167,3 +167,68 @@ def test_an_llm_branch_point_ending_a_segment_follows_its_fallback(
     (event,) = rows(db, "SELECT data FROM lf_events WHERE kind = 'segment_started'")
     assert '"fused__intake__classify"' in str(event[0])
     assert rows(db, "SELECT status FROM lf_runs") == [("succeeded",)]
+
+
+INTERRUPTED = """\
+name: fi
+version: 1
+execution: fused
+steps:
+  - id: once
+    tool: demo.send_email
+    args: {to: "x@example.com", subject: once, body: b}
+    idempotency: none
+  - id: keyed
+    needs: [once]
+    tool: demo.send_email
+    args: {to: "x@example.com", subject: keyed, body: b}
+    idempotency: {key: "{{ run.id }}"}
+"""
+
+
+@pytest.mark.parametrize("step_id", ["once", "keyed"])
+def test_a_try_after_a_killed_one_counts_its_attempts_and_never_reruns_a_step_declared_none(
+    tmp_path: Path, ledger_url: str, step_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the next try of a killed segment task finds: an attempt of the step left
+    behind. A step with ``idempotency: none`` is not started again (it would be a second
+    call to something that must never be called twice); a keyed step runs its next
+    attempt under the same key, numbered after the killed one."""
+    from sqlalchemy import text
+
+    from ledgerflow.errors import AttemptsUsedUp
+    from ledgerflow.ledger.store import Ledger
+    from ledgerflow.steps.kernel import RunRef, register_run
+    from ledgerflow.steps.segment import SegmentOperator
+    from ledgerflow.workflow.validate import load_workflow
+
+    monkeypatch.setenv("LEDGERFLOW_DEMO_TOOLS", "1")
+    path = tmp_path / "fi" / "v1.yaml"
+    path.parent.mkdir()
+    path.write_text(INTERRUPTED)
+    spec = load_workflow(path)
+    ledger = Ledger(ledger_url)
+    ledger.migrate()
+    run = RunRef("fi__v1/r1", "fi__v1")
+    register_run(ledger, spec, run, {})
+    ledger.begin_attempt(
+        run_id=run.run_id,
+        step_key=step_id,
+        step_id=step_id,
+        map_index=-1,
+        try_number=1,
+        args={},
+        idempotency_key=None,
+        first=True,
+    )  # the killed try's attempt, still "running"
+    task = SegmentOperator(task_id="fused__once__keyed", step_ids=["once", "keyed"])
+    result, failure = task._run(ledger, spec, spec.step(step_id), run, {}, 2, 1e12)
+    with ledger.engine.connect() as conn:
+        sent = conn.execute(text("SELECT subject FROM demo_emails")).scalars().all()
+    tries = [a["try_number"] for a in ledger.attempts(run.run_id, step_id)]
+    if step_id == "once":
+        assert result is None and isinstance(failure, AttemptsUsedUp)
+        assert sent == [] and tries == [1]
+    else:
+        assert failure is None and result is not None and result.status == "completed"
+        assert sent == ["keyed"] and tries == [1, 2]

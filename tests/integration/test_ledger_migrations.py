@@ -9,13 +9,15 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 
 from ledgerflow.errors import LedgerError
 from ledgerflow.ledger import schema
@@ -24,6 +26,8 @@ from ledgerflow.ledger.store import Ledger
 LEGACY = Path(__file__).parent / "legacy" / "ledger_v8.py"
 CLI = Path(sys.executable).with_name("ledgerflow")
 T0 = datetime(2026, 12, 1, 9, 30, tzinfo=timezone.utc)
+# The newest revision of the ledger branch, as the version table records it.
+HEAD = f"{schema.LATEST:04d}"
 
 
 def production_env() -> dict[str, str]:
@@ -130,6 +134,7 @@ def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str)
     """A ledger created and filled by the code before Alembic (lf_schema_version at 8),
     in a database that also holds Airflow's ``alembic_version``: migrating stamps it at
     0008 (and the demo branch, whose tables it has) without touching a table or a row,
+    then brings it to the newest revision (indexes only since 0008),
     leaves Airflow's table alone, and the result matches the code's tables exactly; the
     code reads the old rows, and the adopted demo branch can be removed."""
     old = legacy_module()
@@ -144,9 +149,10 @@ def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str)
     ledger = Ledger(ledger_url)
     assert ledger.revisions() == set()
     assert ledger.migrate(demo=False) == schema.LATEST
-    assert ledger.revisions() == {"0010", schema.DEMO_HEAD}
+    assert ledger.revisions() == {HEAD, schema.DEMO_HEAD}
     now = snapshot(engine)
-    # Revisions after 0008 only add tables (empty): every table the old code had is as it was.
+    # Revisions after 0008 only add indexes and tables (empty): every table the old
+    # code had is as it was.
     assert {t: now.pop(t) for t in AFTER_0008} == {t: [] for t in AFTER_0008}
     assert now == before  # alembic_version and lf_schema_version included
     assert drift(engine) == []
@@ -155,7 +161,7 @@ def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str)
 
     ledger.migrate_to("demo@base")
     assert not {t for t in tables(engine) if t.startswith("demo_")}
-    assert ledger.revisions() == {"0010"}
+    assert ledger.revisions() == {HEAD}
     after = {k: v for k, v in snapshot(engine).items() if k not in AFTER_0008}
     assert {k: v for k, v in before.items() if not k.startswith("demo_")} == after
 
@@ -198,10 +204,10 @@ def test_a_new_ledger_has_the_code_tables_and_no_demo_tables(ledger_url: str) ->
     names = tables(ledger.engine)
     assert names == {t.name for t in schema.metadata.sorted_tables} | {schema.VERSION_TABLE}
     assert drift(ledger.engine) == []
-    assert ledger.revisions() == {"0010"}
+    assert ledger.revisions() == {HEAD}
 
     ledger.migrate(demo=True)
-    assert ledger.revisions() == {"0010", schema.DEMO_HEAD}
+    assert ledger.revisions() == {HEAD, schema.DEMO_HEAD}
     with ledger.engine.connect() as conn:
         skus = conn.execute(text("SELECT sku FROM demo_inventory ORDER BY sku")).scalars()
         assert list(skus) == ["sku-book", "sku-lamp", "sku-mug"]
@@ -218,7 +224,8 @@ def test_every_revision_goes_down_and_up_again(ledger_url: str) -> None:
     )  # fmt: skip
     reverted: list[tuple[str, bool]] = []
     ledger.migrate_to("0007", progress=lambda rev, _title, up: reverted.append((rev, up)))
-    assert reverted == [("0010", False), ("0008", False)]
+    # Every revision above 0007 is reverted, newest first.
+    assert reverted == [(f"{n:04d}", False) for n in range(schema.LATEST, 7, -1)]
     with ledger.engine.connect() as conn:
         columns = {c["name"] for c in inspect(conn).get_columns("lf_runs")}
         assert conn.execute(text("SELECT run_id FROM lf_runs")).scalars().all() == ["w__v1/x"]
@@ -257,7 +264,7 @@ def test_the_sql_for_a_dba_builds_the_same_ledger(ledger_url: str) -> None:
     finally:
         raw.close()
     ledger = Ledger(ledger_url)
-    assert ledger.revisions() == {"0010"}
+    assert ledger.revisions() == {HEAD}
     assert drift(engine) == []
 
 
@@ -268,7 +275,10 @@ def test_migrate_makes_demo_tables_only_where_the_demo_tools_are_on(ledger_url: 
     run = [str(CLI), "migrate", "--url", ledger_url]
     result = subprocess.run(run, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "applying migration 10/10" in result.stderr and "demo01" not in result.stderr
+    assert (
+        f"applying migration {schema.LATEST}/{schema.LATEST}" in result.stderr
+        and "demo01" not in result.stderr
+    )
     engine = create_engine(ledger_url)
     assert [t for t in tables(engine) if t.startswith("demo_")] == []
     result = subprocess.run(
@@ -294,3 +304,78 @@ def test_a_legacy_ledger_with_a_gap_is_refused_by_name(tmp_path: Path) -> None:
         Ledger(url).migrate(demo=False)
     assert Ledger(url).revisions() == set()
     assert schema.VERSION_TABLE not in tables(engine)
+
+
+def test_0009_adds_only_the_indexes_of_a_steps_reads(ledger_url: str) -> None:
+    """0009 adds the two indexes a step's reads use (outputs by step id, open dead letters
+    by step key) and nothing else: down to 0008 removes just them, up again restores them,
+    and the result matches the code's tables."""
+    ledger = Ledger(ledger_url)
+    ledger.migrate(demo=False)
+    ledger.migrate_to("0009")  # 0009 alone: the revisions after it add indexes of their own
+
+    def indexes() -> set[tuple[str, str]]:
+        with ledger.engine.connect() as conn:
+            found = inspect(conn)
+            return {
+                (table, i["name"])
+                for table in found.get_table_names()
+                for i in found.get_indexes(table)
+                if i["name"]
+            }
+
+    ours = {("lf_steps", "lf_steps_step_id"), ("lf_dead_letters", "lf_dead_letters_open")}
+    at_head, before = indexes(), tables(ledger.engine)
+    assert ours <= at_head
+    ledger.migrate_to("0008")
+    assert indexes() == at_head - ours
+    assert tables(ledger.engine) == before
+    assert ledger.revisions() == {"0008"}
+    ledger.migrate_to("0009")
+    assert indexes() == at_head
+    Ledger(ledger_url).migrate(demo=False)
+    assert drift(ledger.engine) == []
+
+
+def test_the_version_is_checked_once_per_process_and_database(ledger_url: str) -> None:
+    """Every step calls ``migrate()``: once a process has found a database at the code's
+    revision, a ``Ledger`` of the same URL (a new one per task or step) sends no statement
+    for it; after ``migrate_to`` moved the database, the next ``migrate()`` checks and
+    upgrades it again; another database is checked and migrated on its own."""
+    Ledger(ledger_url).migrate(demo=False)
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    ledger = Ledger(ledger_url)
+    event.listen(ledger.engine, "before_cursor_execute", record)
+    try:
+        assert ledger.migrate(demo=False) == schema.LATEST
+        assert Ledger(ledger_url).migrate(demo=False) == schema.LATEST
+        assert sent == []
+        ledger.migrate_to("0007")
+        assert ledger.revisions() == {"0007"}
+        sent.clear()
+        Ledger(ledger_url).migrate(demo=False)
+        assert sent  # checked again, and brought back up
+        assert ledger.revisions() == {HEAD}
+    finally:
+        event.remove(ledger.engine, "before_cursor_execute", record)
+    with another_database(ledger_url) as other:
+        fresh = Ledger(other)
+        assert fresh.revisions() == set()
+        fresh.migrate(demo=False)
+        assert fresh.revisions() == {HEAD}
+
+
+@contextmanager
+def another_database(ledger_url: str) -> Iterator[str]:
+    """A new, empty database of the same kind as ``ledger_url``."""
+    if ledger_url.startswith("sqlite"):
+        yield ledger_url.replace("ledger.db", "another.db")
+        return
+    from ledgerflow.testing.postgres import fresh_database
+
+    with fresh_database("lf_it") as url:
+        yield url.replace("postgresql://", "postgresql+psycopg2://", 1)

@@ -198,3 +198,25 @@ def test_an_error_and_its_cause_are_scrubbed(masker: None) -> None:
         assert str(error) == "HTTP 500: ***"
         assert isinstance(error.__cause__, ValueError)
         assert str(error.__cause__) == "key *** refused"
+
+
+def test_a_secret_known_to_either_masker_alone_is_masked(ledger: Ledger, masker: None) -> None:
+    """Each of Airflow's two maskers (the Task SDK's, core's) may know secrets the other
+    does not: a value holding one of each loses both, a statement holding neither is
+    passed on as it was given, and a secret registered after earlier writes is masked in
+    the writes that follow (the one-pattern screen follows the maskers)."""
+    sdk, core = maskers()
+    for mask in (sdk, core):
+        mask.reset_masker()
+    only_sdk, only_core, later = "sdk-only-5b1e9a", "core-only-c07d42", "later-secret-e9a3"
+    sdk.add_mask(only_sdk)
+    core.add_mask(only_core)
+    ledger.record_event("r/5", "s", "note", {"both": f"{only_sdk} and {only_core}"})
+    clean = {"a": "nothing secret here", "b": 3}
+    assert secrets._scrub_parameters(None, None, "SELECT 1", clean, None, False)[1] is clean
+    core.add_mask(later)
+    ledger.record_event("r/5", "s", "note", {"later": f"x{later}x", "key": only_sdk})
+    data = [e["data"] for e in ledger.events("r/5")]
+    assert data == [{"both": "*** and ***"}, {"later": "x***x", "key": "***"}]
+    stored = "".join(stored_text(ledger).values())
+    assert [v for v in (only_sdk, only_core, later) if v in stored] == []

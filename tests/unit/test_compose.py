@@ -731,3 +731,36 @@ def test_airflow_config_env_vars_are_real_options(airflow_options: set[tuple[str
         if (section, key) not in airflow_options:
             unknown.append(name)
     assert not unknown, f"not options of the installed Airflow: {unknown}"
+
+
+def test_latency_settings_are_real_options_and_each_is_documented(
+    airflow_options: set[tuple[str, str]],
+) -> None:
+    """The Airflow options scripts/demo.sh, the test stack and docs/latency.md name are
+    options of the installed Airflow; every scheduler and dag-processor option the demo or
+    the compose stack sets is explained (what it buys, what it costs) in docs/latency.md."""
+    doc = (ROOT / "docs" / "latency.md").read_text()
+    sources = {
+        "demo": (ROOT / "scripts" / "demo.sh").read_text(),
+        "stack": (ROOT / "include" / "ledgerflow" / "testing" / "airflow_stack.py").read_text(),
+        "doc": doc,
+    }
+    unknown = []
+    for where, text in sources.items():
+        for match in _AIRFLOW_OPTION_ENV.finditer(text):
+            if (match.group(1).lower(), match.group(2).lower()) not in airflow_options:
+                unknown.append(f"{where}: {match.group(0)}")
+    assert not unknown, f"not options of the installed Airflow: {unknown}"
+    set_here = {
+        m.group(0)
+        for text in (sources["demo"], COMPOSE_FILE.read_text())
+        for m in _AIRFLOW_OPTION_ENV.finditer(text)
+        if m.group(1) in ("SCHEDULER", "DAG_PROCESSOR")
+    }
+    assert set_here
+    undocumented = sorted(
+        name
+        for name in set_here
+        if f"[{name.split('__')[1].lower()}] {name.split('__')[2].lower()}" not in doc
+    )
+    assert not undocumented, f"set by the demo or compose, not in docs/latency.md: {undocumented}"

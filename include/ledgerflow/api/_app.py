@@ -4,7 +4,8 @@ Routes (relative to the mount point):
 
 - ``GET /health``: liveness, without authentication; ``POST /hooks/{name}``: a signed
   webhook, authenticated by the workflow's secret instead of a login (``_triggers.py``).
-- ``POST /api/workflows/{name}/runs``: start a run (``_triggers.py``).
+- ``POST /api/workflows/{name}/runs``: start a run (``_triggers.py``); with ``?wait=30s``
+  answer its end if it comes in time (``_wait.py``).
 - REST: ``GET /api/approvals`` (``limit``, default 100 and at most 1000, ``offset``;
   ``total`` counts every match), ``GET /api/approvals/{id}``,
   ``POST /api/approvals/{id}/decision``; ``POST /api/runs/{run_id}/retry``

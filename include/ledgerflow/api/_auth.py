@@ -166,11 +166,18 @@ def may_create_runs(user: Any, dag_id: str) -> bool:
     return _may_on_runs(user, dag_id, "POST")
 
 
-def _may_on_runs(user: Any, dag_id: str, method: Literal["GET", "POST"]) -> bool:
+def may_read_xcom(user: Any, dag_id: str) -> bool:
+    """Airflow's rule for reading a DAG's XCom (the results its own run wait returns)."""
+    return _may_on_runs(user, dag_id, "GET", "XCOM")
+
+
+def _may_on_runs(
+    user: Any, dag_id: str, method: Literal["GET", "POST"], entity: str = "RUN"
+) -> bool:
     from fastapi import HTTPException
 
     try:
-        require_dag(user, dag_id, method)
+        require_dag(user, dag_id, method, entity)
     except HTTPException as exc:
         if exc.status_code == 403:
             return False

@@ -8,6 +8,13 @@ unless ``version`` is named). 201 with the new run; 200 with the run an earlier 
 started under the same key; 409 when that key was used with other params; 422 naming each
 param that does not fit the workflow's params schema.
 
+``?wait=30s`` (at most 60 s) also waits for the run to end (``_wait.py``): 200 with its
+``state`` (``success`` or ``failed``, Airflow's words) and the workflow's declared
+``results``, or its failed step and error; 202 with the same links when it has not ended
+by then; 422 naming ``wait`` for a value that is not a duration. Waiting needs RUN read on
+the DAG as well (403 before anything starts), and ``results`` XCom read, as Airflow's own
+``GET /api/v2/dags/{dag_id}/dagRuns/{run_id}/wait``.
+
 ``/hooks/{name}`` is the one route besides ``/health`` without an Airflow login: a
 workflow opts in with ``triggers: {webhook: {secret_conn_id: ...}}``, and each request
 must carry ``X-Ledgerflow-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
@@ -22,10 +29,10 @@ the window returns the run it started.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 from airflow.api_fastapi.core_api.security import GetUserDep
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -79,26 +86,30 @@ def triggers_router(source: Callable[[], Ledger]) -> APIRouter:
     router = APIRouter()
 
     @router.post("/api/workflows/{name}/runs", status_code=201)
-    def trigger_run(name: str, body: TriggerBody, user: GetUserDep) -> JSONResponse:
-        """Start a run of the workflow's latest (or named) version with validated params."""
-        from ledgerflow.launch import launch
+    async def trigger_run(
+        name: str,
+        body: TriggerBody,
+        user: GetUserDep,
+        wait: Annotated[str | None, Query(description=WAIT_DOC, max_length=40)] = None,
+    ) -> JSONResponse:
+        """Start a run of the workflow's latest (or named) version with validated params;
+        with ``wait``, answer with its end if it ends within that time (``_wait.py``)."""
+        from ledgerflow.api import _wait
 
-        try:
-            launched = launch(
-                name,
-                body.params,
-                idempotency_key=body.idempotency_key,
-                version=body.version,
-                user=str(user.get_name()),
-                via="rest_api",
-                may_trigger=_may_trigger(user),
-                ledger=source(),
-            )
-        except InvalidParams as exc:
-            raise _params_error(exc) from None
-        except TriggerRefused as exc:
-            raise HTTPException(exc.status, str(exc)) from None
-        return _answer(launched)
+        seconds = _wait.parse_wait(wait)
+        launched = await run_in_threadpool(
+            _launch, source, name, body, user, waiting=seconds is not None
+        )
+        if seconds is None:
+            return _answer(launched)
+        state = await _wait.wait_for_end(
+            lambda: _wait.dag_run_state(launched.dag_id, launched.run_id), seconds
+        )
+        doc = {**launched.as_dict(), "state": state}
+        if state not in _wait.FINISHED:
+            return JSONResponse(doc, status_code=202)
+        doc.update(await run_in_threadpool(_ended, source, user, launched, str(state)))
+        return JSONResponse(doc, status_code=200)
 
     @router.post("/hooks/{name}", status_code=201)
     async def webhook(name: str, request: Request) -> JSONResponse:
@@ -109,6 +120,70 @@ def triggers_router(source: Callable[[], Ledger]) -> APIRouter:
         return await run_in_threadpool(_deliver, source, name, body, signature, key)
 
     return router
+
+
+WAIT_DOC = (
+    "Wait up to this long for the run to end (30, 30s, 2m, 250ms; at most 60s): 200 with "
+    "its state and results if it ends in time, else 202 with its links."
+)
+
+
+def _launch(
+    source: Callable[[], Ledger], name: str, body: TriggerBody, user: Any, *, waiting: bool
+) -> Launched:
+    from ledgerflow.launch import launch
+
+    may_trigger = _may_trigger(user)
+    if waiting:
+        may_trigger = _may_trigger_and_wait(user)
+    try:
+        return launch(
+            name,
+            body.params,
+            idempotency_key=body.idempotency_key,
+            version=body.version,
+            user=str(user.get_name()),
+            via="rest_api",
+            may_trigger=may_trigger,
+            ledger=source(),
+        )
+    except InvalidParams as exc:
+        raise _params_error(exc) from None
+    except TriggerRefused as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+
+
+def _may_trigger_and_wait(user: Any) -> Callable[[str], bool]:
+    """Trigger, as without a wait, and read the DAG's runs (Airflow's wait route asks for
+    RUN read): checked before the run starts, so a refused wait starts nothing."""
+    from ledgerflow.api._auth import may_create_runs, may_read_runs
+
+    def check(dag_id: str) -> bool:
+        if not may_create_runs(user, dag_id):
+            return False
+        if not may_read_runs(user, dag_id):
+            raise TriggerRefused(
+                f"{user.get_name()} may trigger {dag_id} but not read its runs, which "
+                "waiting for the run needs: trigger it without wait",
+                status=403,
+            )
+        return True
+
+    return check
+
+
+def _ended(
+    source: Callable[[], Ledger], user: Any, launched: Launched, state: str
+) -> dict[str, Any]:
+    """The ended run's results or failure, from the ledger (``_wait.outcome``); results
+    only for a caller who may read the DAG's XCom, as Airflow's own wait route."""
+    from ledgerflow.api import _wait
+    from ledgerflow.api._auth import may_read_xcom
+    from ledgerflow.launch import version_spec
+
+    spec = version_spec(launched.workflow, launched.version) if state == "success" else None
+    results = state == "success" and may_read_xcom(user, launched.dag_id)
+    return _wait.outcome(source(), spec, launched.ledger_run_id, state, results=results)
 
 
 def _deliver(

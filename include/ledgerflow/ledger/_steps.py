@@ -12,7 +12,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, literal, select, update
+from sqlalchemy import Connection, bindparam, literal, select, text, update
 
 from ledgerflow import observability
 from ledgerflow.errors import IllegalTransition
@@ -165,18 +165,28 @@ class StepsMixin(LedgerBase):
         first attempt, in a run that retries none): the read for them is skipped."""
         stamp = now()
         subject = f"{run_id}/{step_key}"
+        values = {"b_run": run_id, "b_key": step_key, "output": dumps(output), "stamp": stamp}
         with self.begin(conn) as conn:
-            done = conn.execute(
-                _COMPLETE_STEP,
-                {"b_run": run_id, "b_key": step_key, "output": dumps(output), "stamp": stamp},
-            ).rowcount
+            if self.dialect == "postgresql":
+                # The three writes in one statement: one round trip instead of three.
+                done, ended = conn.execute(
+                    _COMPLETE_ALL,
+                    {**values, "b_id": attempt_id, "data": dumps({"reused_effect": reused})},
+                ).one()
+            else:
+                done = conn.execute(_COMPLETE_STEP, values).rowcount
+                ended = None
             if not done:
                 current = self._step_status(conn, run_id, step_key)
                 raise IllegalTransition(STEP.name, current, StepStatus.COMPLETED, subject)
-            ended = conn.execute(_COMPLETE_ATTEMPT, {"b_id": attempt_id, "stamp": stamp}).rowcount
+            if ended is None:
+                ended = conn.execute(
+                    _COMPLETE_ATTEMPT, {"b_id": attempt_id, "stamp": stamp}
+                ).rowcount
             if not ended:
                 refuse(ATTEMPT, self._attempt_status(conn, attempt_id), "completed", subject)
-            self._event(conn, run_id, step_key, "step_completed", {"reused_effect": reused})
+            if self.dialect != "postgresql":
+                self._event(conn, run_id, step_key, "step_completed", {"reused_effect": reused})
             if letters:
                 self._resolve_dead_letters(conn, run_id, step_key)
         observability.attempt_ended(attempt_id)
@@ -351,6 +361,31 @@ _COMPLETE_ATTEMPT = (
     update(t.attempts)
     .where(t.attempts.c.id == bindparam("b_id"), t.attempts.c.status == AttemptStatus.RUNNING.value)
     .values(status="completed", ended_at=bindparam("stamp"))
+)
+# Postgres: the same two updates and the ``step_completed`` event as one statement
+# (data-modifying CTEs), each part only if the step's own update changed its row, as the
+# statements one by one would do. Returns (steps changed, attempts changed).
+_COMPLETE_ALL = text(
+    f"""
+WITH step AS (
+    UPDATE {t.steps.name}
+    SET status = '{StepStatus.COMPLETED.value}', output = :output, completed_at = :stamp,
+        error = NULL
+    WHERE run_id = :b_run AND step_key = :b_key AND status = '{StepStatus.RUNNING.value}'
+    RETURNING 1
+), attempt AS (
+    UPDATE {t.attempts.name}
+    SET status = '{AttemptStatus.COMPLETED.value}', ended_at = :stamp
+    WHERE id = :b_id AND status = '{AttemptStatus.RUNNING.value}'
+      AND EXISTS (SELECT 1 FROM step)
+    RETURNING 1
+), event AS (
+    INSERT INTO {t.events.name} (run_id, step_key, kind, data, at)
+    SELECT :b_run, :b_key, 'step_completed', :data, :stamp
+    WHERE EXISTS (SELECT 1 FROM step)
+)
+SELECT (SELECT count(*) FROM step), (SELECT count(*) FROM attempt)
+"""
 )
 _INSERT_ATTEMPT = t.attempts.insert().returning(t.attempts.c.id)
 # What a step reads before it runs: its run's row joined with its own checkpoint and the

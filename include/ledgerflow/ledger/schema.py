@@ -65,6 +65,8 @@ steps = Table(
     Column("error", Text),
     Column("started_at", DateTime(timezone=True)),
     Column("completed_at", DateTime(timezone=True)),
+    # The outputs a step reads, by step id (``Ledger.run_and_steps``).
+    Index("lf_steps_step_id", "run_id", "step_id"),
 )
 
 attempts = Table(
@@ -116,6 +118,7 @@ dead_letters = Table(
     Column("status", String(40), nullable=False, server_default="open"),
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("run_id", "step_key", name="lf_dead_letters_step"),
+    Index("lf_dead_letters_open", "step_key", "status"),
 )
 
 # Append-only: rows are inserted, never updated; only a prune of old finished runs

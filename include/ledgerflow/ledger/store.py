@@ -93,7 +93,6 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
         # SQLite file): what a trigger carries instead of the URL and its credentials.
         self.conn_id = conn_id
         self.engine = _engine(url)
-        self._migrated = self._migrated_demo = False
 
     @classmethod
     def from_airflow(cls, conn_id: str | None = None) -> Ledger:
@@ -108,19 +107,27 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
 
         ``demo``: also the example workflows' tables (the ``demo`` branch); by default
         where the demo's tools are on (``[ledgerflow] demo_tools``, ``LEDGERFLOW_DEMO_TOOLS``). ``progress(revision,
-        title, upgrade)`` is called before each revision is applied. The common case, a
-        ledger already at its version, costs one query and does not import Alembic.
+        title, upgrade)`` is called before each revision is applied.
+
+        Checked once per process and database: a ledger found (or brought) at the code's
+        revision is not asked again by any ``Ledger`` of the same URL in this process
+        (every step calls this; a task process runs many in a fused segment), until
+        ``migrate_to`` moves it. A fresh database (a new URL) is checked and migrated.
+        The check itself costs one query and does not import Alembic.
         """
+        done = _CHECKED.get(self.url)
+        if done:  # checked with the demo tables: nothing can be missing
+            return t.LATEST
         if demo is None:
             demo = _demo_tools_on()
-        if self._migrated and (self._migrated_demo or not demo):
+        if done is not None and not demo:
             return t.LATEST
         revisions = self.revisions()
         if _number(revisions) < t.LATEST or (demo and t.DEMO_HEAD not in revisions):
             from ledgerflow.ledger import _migrate
 
             _migrate.upgrade(self.engine, demo=demo, progress=progress)
-        self._migrated, self._migrated_demo = True, self._migrated_demo or demo
+        _CHECKED[self.url] = bool(done) or demo
         return t.LATEST
 
     def migrate_to(self, target: str, progress: Progress | None = None) -> None:
@@ -128,8 +135,8 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
         ``demo@base``...)."""
         from ledgerflow.ledger import _migrate
 
+        _CHECKED.pop(self.url, None)
         _migrate.migrate_to(self.engine, target, progress)
-        self._migrated = self._migrated_demo = False
 
     def revisions(self) -> set[str]:
         """The Alembic revisions the ledger is at (one per branch; empty for a new
@@ -146,6 +153,11 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
     def schema_version(self) -> int:
         """The revision of the ledger's tables as a number (8 for ``0008``; 0 when none)."""
         return _number(self.revisions())
+
+
+# The ledgers (by URL) this process found at the code's revision: True when the demo
+# branch was checked too.
+_CHECKED: dict[str, bool] = {}
 
 
 def _demo_tools_on() -> bool:

@@ -12,6 +12,9 @@ invalid answer: it raises, and the task is retried like any failed step.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,19 +62,45 @@ def output_type(step: LlmStep) -> Any:
     return NativeOutput(target) if step.output_mode == "native" else PromptedOutput(target)
 
 
-_AGENTS: dict[tuple[int, int, str], tuple[Any, LlmStep, Agent[Any, Any]]] = {}
+_AGENTS: dict[tuple[int, str], tuple[LedgerflowAIHook, Agent[Any, Any]]] = {}
+_AGENTS_LOCK = threading.Lock()
+_MAX_AGENTS = 64
+
+
+def agent_key(step: LlmStep, system_prompt: str) -> str:
+    """A digest of everything ``build_agent`` reads from a step: the output type (the
+    registered model's name or the inline JSON Schema, and the step id that names it), the
+    output mode, the repairs, the model settings and the rendered system prompt."""
+    described = {
+        "id": step.id,
+        "output_model": step.output_model,
+        "output_schema": step.output_schema,
+        "output_mode": step.output_mode,
+        "repair_attempts": step.repair_attempts,
+        "model_settings": step.model_settings.model_dump(),
+        "system_prompt": system_prompt,
+    }
+    text = json.dumps(described, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def agent_for(hook: LedgerflowAIHook, step: LlmStep, system_prompt: str) -> Agent[Any, Any]:
-    """``build_agent``, built once per hook, step and rendered system prompt."""
-    key = (id(hook), id(step), system_prompt)
-    cached = _AGENTS.get(key)
-    if cached is not None and cached[0] is hook and cached[1] is step:
-        return cached[2]
-    if len(_AGENTS) > 64:
-        _AGENTS.clear()
+    """``build_agent``, built once per process for one hook (``llm.local.hook_for`` keeps one
+    per connection's content: its id, type, host, key and extra) and one ``agent_key``.
+
+    An agent holds no state between runs; building one costs more than the bookkeeping of
+    a step (schema, output tools, validator), and a task process that runs many LLM steps
+    (a fused segment, a ``for_each``) would pay it for each."""
+    key = (id(hook), agent_key(step, system_prompt))
+    with _AGENTS_LOCK:
+        cached = _AGENTS.get(key)
+    if cached is not None and cached[0] is hook:
+        return cached[1]
     agent = build_agent(hook, step, system_prompt)
-    _AGENTS[key] = (hook, step, agent)
+    with _AGENTS_LOCK:
+        if len(_AGENTS) >= _MAX_AGENTS:
+            _AGENTS.clear()
+        _AGENTS[key] = (hook, agent)
     return agent
 
 
@@ -93,8 +122,11 @@ def build_agent(hook: LedgerflowAIHook, step: LlmStep, system_prompt: str) -> Ag
 
         validator = Draft202012Validator(dict(step.output_schema))
 
+        # async: pydantic-ai runs a plain function in a worker thread, and run_sync's event
+        # loop is new on every call, so each call started a thread for a check that takes
+        # microseconds.
         @agent.output_validator
-        def _fits_schema(output: Any) -> Any:
+        async def _fits_schema(output: Any) -> Any:
             problems = sorted(validator.iter_errors(output), key=lambda e: list(e.absolute_path))
             if problems:
                 raise ModelRetry(

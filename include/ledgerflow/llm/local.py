@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING
+import os
+import time
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.ai.hooks.pydantic_ai import PydanticAIHook
 
 from ledgerflow.rules_model import classify
+
+Connection = Any  # Airflow's or the Task SDK's, whichever the secrets backend returns
 
 if TYPE_CHECKING:
     from pydantic_ai.messages import ModelMessage, ModelResponse
@@ -44,6 +48,10 @@ class LedgerflowAIHook(PydanticAIHook):
 
 
 _HOOKS: dict[tuple[str, ...], LedgerflowAIHook] = {}
+_MAX_HOOKS = 32
+
+CONNECTION_TTL_S = 60.0
+_CONNECTIONS: dict[str, tuple[float, Connection]] = {}
 
 
 def hook_for(conn_id: str) -> LedgerflowAIHook:
@@ -52,15 +60,36 @@ def hook_for(conn_id: str) -> LedgerflowAIHook:
     A resolved model holds an HTTP client whose TLS context alone costs tens of
     milliseconds to build; a process that runs many steps builds it once per connection.
     """
-    conn = LedgerflowAIHook.get_connection(conn_id)
+    conn = connection(conn_id)
     secret = hashlib.sha256((conn.password or "").encode()).hexdigest()
     fingerprint = (conn_id, conn.conn_type or "", conn.host or "", secret, conn.extra or "")
     hook = _HOOKS.get(fingerprint)
     if hook is None:
         hook = LedgerflowAIHook(llm_conn_id=conn_id)
         hook._seed_connection(conn)
+        if len(_HOOKS) >= _MAX_HOOKS:
+            _HOOKS.clear()
         _HOOKS[fingerprint] = hook
     return hook
+
+
+def connection(conn_id: str) -> Connection:
+    """The connection, looked up at most once per ``CONNECTION_TTL_S`` in a process.
+
+    In a task, a connection that is not an ``AIRFLOW_CONN_*`` variable is a round trip
+    through the task's supervisor to Airflow's API server (or a secrets backend's own);
+    a task process that runs many LLM steps (a fused segment, a ``for_each``) asks once.
+    A variable is read where it is every time: it costs nothing, and a change is seen at
+    once. A connection changed in Airflow reaches a running process within the TTL."""
+    if f"AIRFLOW_CONN_{conn_id.upper()}" in os.environ:
+        return LedgerflowAIHook.get_connection(conn_id)
+    now = time.monotonic()
+    cached = _CONNECTIONS.get(conn_id)
+    if cached is not None and now - cached[0] < CONNECTION_TTL_S:
+        return cached[1]
+    conn = LedgerflowAIHook.get_connection(conn_id)
+    _CONNECTIONS[conn_id] = (now, conn)
+    return conn
 
 
 def rules_model() -> Model:
@@ -69,7 +98,8 @@ def rules_model() -> Model:
     return FunctionModel(_answer, model_name="rules")
 
 
-def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+async def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    # async: pydantic-ai would run a plain function in a new worker thread on every call.
     from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
     prompt = ""

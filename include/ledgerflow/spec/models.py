@@ -17,6 +17,7 @@ from ledgerflow.spec.slo import SloSpec
 
 _ID = r"^[a-z][a-z0-9_]{0,62}$"
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+_RESULT_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
@@ -432,6 +433,10 @@ class WorkflowSpec(_Model):
     """``tasks``: one Airflow task per step. ``fused``: every chain of tool and LLM steps
     runs in one Airflow task (a segment), each step still checkpointed on its own."""
     steps: tuple[Step, ...] = Field(min_length=1)
+    result: dict[str, Any] | None = None
+    """What the run answers a caller who waits for it (``POST .../runs?wait=30s``) when it
+    succeeds: each entry rendered like args, from the run's checkpoints
+    (``steps.<id>.output...``), ``params`` and ``run``."""
     slo: SloSpec | None = None
     """Service level objectives (``ledgerflow.spec.slo``): judged by ``ledgerflow slo``,
     the dashboard and the alerts."""
@@ -475,6 +480,17 @@ class WorkflowSpec(_Model):
         for name in value:
             if not re.match(_ID, name):
                 raise ValueError(f"param name {name!r} must match {_ID}")
+        return value
+
+    @field_validator("result")
+    @classmethod
+    def _result_names(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("name at least one result entry, or leave result out")
+            for name in value:
+                if not re.match(_RESULT_NAME, str(name)):
+                    raise ValueError(f"result name {name!r} must match {_RESULT_NAME}")
         return value
 
     @model_validator(mode="after")

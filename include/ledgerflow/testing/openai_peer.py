@@ -11,6 +11,10 @@ request, so a test can assert how many model calls really reached the server.
 
 A script entry may also be ``(status, body)`` to answer an HTTP error. A request that
 matches no script gets ``default`` (when set) or a 400 error.
+
+``think_s`` makes every answer take that long, like a model's own time; ``served`` keeps,
+for every request, its messages' text and the seconds the server spent on it (the model's
+time as the server sees it, for benchmarks that subtract it).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class OpenAIPeer(LoopbackPeer):
         super().__init__()
         self.model = model
         self.default: Reply | None = None
+        self.think_s = 0.0
+        self.served: list[tuple[str, float]] = []
         self.bodies: list[dict[str, Any]] = []
         self._scripts: dict[str, list[Reply]] = {}
         self._counts: Counter[str] = Counter()
@@ -92,7 +98,15 @@ class OpenAIPeer(LoopbackPeer):
     def answer(self, method: str, path: str, headers: Any, body: bytes) -> Answer:
         if not path.rstrip("/").endswith("/chat/completions"):
             return Answer.json(404, {"error": {"message": f"no route {path}"}})
-        return Answer.json(*self._reply(json.loads(body or b"{}")))
+        started = time.perf_counter()
+        request = json.loads(body or b"{}")
+        if self.think_s:
+            time.sleep(self.think_s)
+        answer = Answer.json(*self._reply(request))
+        text = "\n".join(_content_text(m.get("content")) for m in request.get("messages", []))
+        with self._lock:
+            self.served.append((text, time.perf_counter() - started))
+        return answer
 
     def connection_uri(self, model: str = "gpt-4o-mini") -> str:
         """An ``AIRFLOW_CONN_<ID>`` value: a ``pydanticai`` connection to this server."""

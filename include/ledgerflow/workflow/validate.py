@@ -92,6 +92,7 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
 
         for where, message in plan(spec)[1]:
             errors.add(where, message)
+    _check_result(spec, errors)
     del index
     if errors.errors:
         raise SpecErrors(errors.errors)
@@ -177,6 +178,29 @@ def _check_templates(
         if path[0] == "checks":
             names = names | {"output"}
         _check_refs(spec, source, (*loc, *path), upstream, names, errors, expr=expr)
+
+
+RESULT_NAMES = frozenset({"params", "steps", "run"})
+"""What a workflow's ``result`` templates may use (no ``item``: they render once per run)."""
+
+
+def _check_result(spec: WorkflowSpec, errors: _Collector) -> None:
+    """``result``: templates over params, run and the outputs of steps that exist (any
+    step: the result renders after the run succeeded)."""
+    if spec.result is None:
+        return
+    every_step = {s.id for s in spec.steps}
+    for path, value in iter_strings(spec.result, ("result",)):
+        _check_refs(spec, value, path, every_step, set(RESULT_NAMES), errors)
+
+
+def result_steps(spec: WorkflowSpec) -> frozenset[str]:
+    """The steps whose outputs the workflow's ``result`` reads."""
+    refs: set[str] = set()
+    for _path, value in iter_strings(spec.result or {}):
+        if is_template(value):
+            refs |= analyse_template(value).steps
+    return frozenset(refs)
 
 
 def _check_quality(step: QualityStep, loc: tuple[Any, ...], errors: _Collector) -> None:
