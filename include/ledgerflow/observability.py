@@ -10,7 +10,9 @@ which drops tags.
 Counters: ``runs.started``, ``runs.succeeded``, ``runs.failed``, ``runs.compensated``,
 ``runs.compensation_failed``, ``step.attempts``, ``step.retries`` (attempts after the
 first), ``dead_letters``, ``llm.fallbacks``; ``breaker.opened`` (suffixed by the breaker's
-name). Timer: ``approval.wait`` (request to decision, milliseconds).
+name), ``auth.failures`` (suffixed by 401 or 403), ``slo.burning`` and ``slo.breached``
+(an objective's alert, once per breach). Timer: ``approval.wait`` (request to decision,
+milliseconds). Gauges: ``slo.<indicator>`` (``ledgerflow.slo``, from the maintenance DAG).
 
 Traces: one span per step attempt (``ledgerflow.step <step>``, attributes
 ``ledgerflow.run_id``, ``ledgerflow.workflow``, ``ledgerflow.step``,
@@ -81,6 +83,8 @@ def _emit(kind: str, metric: str, suffix: str, tags: dict[str, Any], value: Any 
         for name, with_tags in ((_name(metric), clean), (_name(metric, suffix), None)):
             if kind == "incr":
                 stats.incr(name, count=value, tags=with_tags)
+            elif kind == "gauge":
+                stats.gauge(name, value, tags=with_tags)
             else:
                 stats.timing(name, value, tags=with_tags)
     except Exception:  # metrics must never fail a step
@@ -122,6 +126,21 @@ def llm_fallback(run_id: str, step_key: str) -> None:
 
 def breaker_opened(name: str) -> None:
     _emit("incr", "breaker.opened", name, {"breaker": name})
+
+
+def auth_failure(status: int) -> None:
+    """The plugin answered 401 (no login) or 403 (not allowed)."""
+    _emit("incr", "auth.failures", str(status), {"status": status})
+
+
+def indicator(name: str, workflow: str, value: float) -> None:
+    """An SLO indicator's current value (``ledgerflow.slo.<name>``, a gauge)."""
+    _emit("gauge", f"slo.{name}", workflow, {"workflow": workflow}, value)
+
+
+def slo_alert(workflow: str, objective: str, state: str) -> None:
+    """An objective entered ``burning`` or ``breached`` (once per breach)."""
+    _emit("incr", f"slo.{state}", workflow, {"workflow": workflow, "objective": objective})
 
 
 def attempt_started(run_id: str, step_key: str, try_number: int, attempt_id: int) -> None:

@@ -4,7 +4,7 @@ Airflow finds it through the package's ``airflow.plugins`` entry point (``pip in
 ledgerflow`` and a restart are enough); ``plugins/ledgerflow_plugin.py`` is kept for
 deployments that copy that file into their plugins folder (see :func:`registered_by_entry_point`).
 Every route of the app but ``/health`` and the icons authenticates through Airflow's auth
-manager. Views: Browse -> Approvals, Browse -> Runs, and a "Ledgerflow" tab on each DAG
+manager. Views: Browse -> Approvals, Browse -> Runs, Browse -> Ledgerflow dashboard, and a "Ledgerflow" tab on each DAG
 run's page in Airflow's UI (the run page of that run), each with an icon for light and dark
 mode. Links start with the path of ``[api] base_url``, so Airflow served under a sub-path
 (``http://host/airflow``) keeps them working.
@@ -63,6 +63,14 @@ def external_views() -> list[dict[str, Any]]:
             "category": "browse",
             "url_route": "ledgerflow-runs",
             **icons("runs"),
+        },
+        {
+            "name": "Ledgerflow dashboard",
+            "href": f"{root}/dashboard",
+            "destination": "nav",
+            "category": "browse",
+            "url_route": "ledgerflow-dashboard",
+            **icons("dashboard"),
         },
         # A tab on Airflow's own run page: the UI fills in {DAG_ID} and {RUN_ID}.
         {

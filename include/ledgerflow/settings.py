@@ -62,6 +62,18 @@ def _seconds(text: str) -> int:
     return value
 
 
+def parse_duration(text: str) -> Any:
+    """``90d``, ``12h``, ``30m``, ``45s`` or a number of seconds -> a positive timedelta."""
+    import re
+    from datetime import timedelta
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"expected a positive duration such as 90d, 12h or 30m, got {text!r}")
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[match.group(2)]
+    return timedelta(seconds=float(match.group(1)) * unit)
+
+
 OPTIONS: dict[str, Option] = {
     "conn_id": Option(
         "ledgerflow_db",
@@ -91,6 +103,24 @@ OPTIONS: dict[str, Option] = {
         "Folder of shared Great Expectations suites (<name>.yaml); empty: "
         "include/ledgerflow_suites beside the package.",
         legacy_env="LEDGERFLOW_SUITES_DIR",
+    ),
+    "retention": Option(
+        "90d",
+        "How long finished runs keep their payloads and events in the ledger: the "
+        "maintenance DAG's prune removes older ones (`ledgerflow prune --older-than`).",
+        parse_duration,
+    ),
+    "effect_key_horizon": Option(
+        "365d",
+        "How long an effect's idempotency key (and its recorded result) outlives its run: "
+        "a prune keeps effects younger than this, so a late retry still finds them.",
+        parse_duration,
+    ),
+    "orphan_after": Option(
+        "1d",
+        "A running run with no ledger event for this long, and no pending approval, counts "
+        "as orphaned in the SLO indicators.",
+        parse_duration,
     ),
     "preload_llm": Option(
         "auto",

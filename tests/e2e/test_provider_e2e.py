@@ -87,6 +87,10 @@ MATRIX: dict[tuple[str, str], tuple[str, str, str, str]] = {
     # route); the page's form first shows the run, so one who may not read it gets 404.
     ("POST", "/api/runs/{run_id:path}/retry"): ("401", "403", "403", "409"),
     ("POST", "/runs/{run_id:path}/retry"): ("401", "404", "403", "409"),
+    # Operating: the team's workflow (its run's indicators, its events) or not.
+    ("GET", "/api/slo"): ("401", "200-", "200+", "200+"),
+    ("GET", "/api/export"): ("401", "200-", "200+", "200+"),
+    ("GET", "/dashboard"): ("401", "200-", "200+", "200+"),
 }
 
 
@@ -441,13 +445,17 @@ def ask(
     elif path == "/runs/{run_id:path}/retry":
         token = form_token(server_secret(stack), role, f"retry:{run_id}")
         kw["data"] = {"csrf_token": token}
+    elif path in ("/api/export", "/api/slo"):
+        kw["params"] = {"since": "1d"}
     with httpx.Client(base_url=stack.base_url, headers=headers, timeout=60) as client:
         resp = client.request(method, url, follow_redirects=False, **kw)
     code = str(resp.status_code)
     if code == "200" and method == "GET" and path in ("/api/approvals", "/approvals"):
         return code + ("+" if _lists(resp, f"/approvals/{approval.id}", approval.id) else "-")
-    if code == "200" and method == "GET" and path in ("/api/runs", "/runs"):
+    if code == "200" and method == "GET" and path in ("/api/runs", "/runs", "/api/export"):
         return code + ("+" if run_id in resp.text or _quoted(run_id) in resp.text else "-")
+    if code == "200" and path in ("/api/slo", "/dashboard"):
+        return code + ("+" if '"payroll"' in resp.text or "wf-payroll" in resp.text else "-")
     return code
 
 

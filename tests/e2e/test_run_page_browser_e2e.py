@@ -8,12 +8,15 @@ the "Ledgerflow" tab of Airflow's own page of that DAG run. A screenshot of the 
 is saved under the test's tmp path and copied to test-output/ when that folder exists.
 Then the Runs list in Airflow's UI at 1280 px: every column fits, each time is one line,
 in the time zone chosen in Airflow's UI (else the browser's), with UTC in its tooltip.
+And Browse -> Ledgerflow dashboard over runs written through the ledger's API: the SLO's
+status and the charts, in the light and the dark theme, with screenshots.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -31,6 +34,7 @@ pytestmark = pytest.mark.e2e
 KEEP = Path(__file__).resolve().parents[2] / "test-output"  # scripts/test.sh makes it
 
 DAG_ID = "checkout__v1"
+W = "dashboard_probe"  # tests/e2e/workflows/dashboard_probe.yaml: its slo:, never run
 
 
 def ledger_finished(ledger: Ledger, run_id: str, timeout: float = 120.0) -> dict[str, Any]:
@@ -205,3 +209,78 @@ def runs_list_at_1280_px_in_the_users_time_zone(
     assert fits, "the runs table is wider than its frame at 1280 px"
     assert one_line, "a time wraps onto more than one line"
     context.close()
+
+
+def test_dashboard_charts_the_ledger_in_light_and_dark(
+    stack: AirflowStack, ledger: Ledger, browser: Any, tmp_path: Path
+) -> None:
+    """Browse -> Ledgerflow dashboard shows, for a workflow whose runs were written through
+    the ledger's API (6 succeeded, one after waiting 3,700 s for a person; 2 failed and
+    compensated; 1 running), its SLO's status (success rate breached, human wait breached, completion
+    ok), the indicators, and server-drawn SVG charts that fit the frame at 1280 px, whose
+    bars say their counts, in the light and the dark theme (the colours differ)."""
+    from ledgerflow.testing.ledger_runs import Step, ledger_clock, record_run
+
+    tag = secrets.token_hex(3)
+    start = datetime.now(timezone.utc) - timedelta(hours=3)
+    with ledger_clock(start) as clock:
+        for n in range(6):
+            wait = [Step("sign", approval_wait=3700)] if n == 0 else []
+            steps = [Step("reserve", seconds=2), *wait, Step("ship", seconds=3)]
+            record_run(ledger, clock, workflow=W, run=f"ok_{tag}_{n}", steps=steps)
+        for n in range(2):
+            failing = [Step("reserve"), Step("ship", tries=("fail", "fail"))]
+            record_run(
+                ledger, clock, workflow=W, run=f"bad_{tag}_{n}", steps=failing, compensate=True
+            )
+        record_run(ledger, clock, workflow=W, run=f"run_{tag}", steps=[Step("reserve")], end=None)
+
+    shots = []
+    fills = {}
+    for scheme in ("light", "dark"):
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme=scheme)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        log_in(page, stack, "admin")
+        page.get_by_role("button", name="Browse").click()
+        page.get_by_role("menuitem", name="Ledgerflow dashboard").click()
+        page.wait_for_url("**/plugin/ledgerflow-dashboard**")
+        frame = page.frame_locator("iframe[title='Ledgerflow dashboard']")
+        frame.locator("select#workflow").select_option(W)
+        frame.get_by_role("button", name="Show").click()
+        section = frame.locator(f"#wf-{W}")
+        section.locator("svg.chart").first.wait_for()
+        states = {
+            row.locator("td").nth(1).inner_text(): row.locator("td").last.inner_text()
+            for row in frame.locator("#objectives tbody tr").all()
+        }
+        assert states == {
+            "completion_p95": "ok",
+            "human_wait_p95": "breached",
+            "success_rate": "breached",
+        }, states
+        assert "9\nruns started" in section.locator(".tiles").inner_text()
+        assert section.locator("svg.chart").count() == 8
+        tips = section.locator(f"#{W}-outcomes rect title").all_text_contents()
+        assert any(t.endswith("succeeded: 6") for t in tips), tips
+        assert any(t.endswith("compensated: 2") for t in tips), tips
+        chart = section.locator(f"#{W}-outcomes")
+        fits = chart.evaluate(
+            "s => s.getBoundingClientRect().width > 300"
+            " && document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        )
+        fills[scheme] = chart.locator("rect.s-succeeded").first.evaluate(
+            "r => getComputedStyle(r).fill"
+        )
+        shot = tmp_path / f"dashboard-{scheme}-1280px.png"
+        page.screenshot(path=str(shot), full_page=True)
+        full = context.new_page()  # the whole page (the frame scrolls inside Airflow's UI)
+        full.goto(f"{stack.base_url}/ledgerflow/dashboard?workflow={W}")
+        full.locator(f"#wf-{W} svg.chart").first.wait_for()
+        whole = tmp_path / f"dashboard-{scheme}-full.png"
+        full.screenshot(path=str(whole), full_page=True)
+        shots += [shot, whole]
+        context.close()
+        assert fits, f"the dashboard's charts do not fit the frame at 1280 px ({scheme})"
+    keep(*shots, folder=KEEP)
+    assert fills["light"] != fills["dark"], fills

@@ -162,6 +162,7 @@ def test_menu_entries_and_icons_live_under_the_base_url_path(
         assert {v["url_route"] for v in views} == {
             "ledgerflow-approvals",
             "ledgerflow-runs",
+            "ledgerflow-dashboard",
             "ledgerflow-run",
         }
         for view in views:

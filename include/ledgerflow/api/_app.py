@@ -10,6 +10,7 @@ Routes (relative to the mount point):
   ``total`` counts every match), ``GET /api/approvals/{id}``,
   ``POST /api/approvals/{id}/decision``; ``POST /api/runs/{run_id}/retry``
   (``_retry.py``).
+- Operating (``_ops.py``): ``GET /dashboard``, ``GET /api/slo``, ``GET /api/export``.
 - Pages: ``GET /approvals``, ``GET /approvals/decided`` (100 a page, ``?page=N``),
   ``GET /approvals/{id}``,
   ``POST /approvals/{id}/decide`` (form, CSRF token, redirects 303 with a message).
@@ -18,7 +19,8 @@ Every other route depends on Airflow's authentication (:data:`CallerDep`): anony
 callers get 401. Deciding needs the approval to name the caller or one of their roles
 (403 otherwise); a decision on a decided approval, or on a payload other than the one the
 caller saw, is 409 (the ledger's conditional update, so concurrent decisions store one).
-No GET changes state.
+No GET changes state. Every 401 and 403 answer is counted (``ledger.audit.AuthFailures``:
+in memory, added to ``lf_auth_failures`` every few seconds) for the SLO indicators.
 """
 
 from __future__ import annotations
@@ -302,11 +304,21 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
 
     app.include_router(runs_router(source))
 
+    # Operating: the dashboard, SLO indicators and the audit export (``_ops.py``).
+    from ledgerflow.api._ops import ops_router
+    from ledgerflow.ledger.audit import AuthFailures
+
+    app.include_router(ops_router(source))
+    # Every 401 and 403 of these routes passes the handler below: counted there.
+    app.state.auth_failures = AuthFailures(source)
+
     @app.exception_handler(StarletteHTTPException)
     async def errors(request: Request, exc: StarletteHTTPException) -> Response:
         """JSON for the REST API and other clients; a small page for a browser on a page
         (a 401 there links to Airflow's login page and back)."""
-        pages = (f"{root(request)}/approvals", f"{root(request)}/runs")
+        if exc.status_code in (401, 403):
+            app.state.auth_failures.record(exc.status_code)
+        pages = tuple(f"{root(request)}/{p}" for p in ("approvals", "runs", "dashboard"))
         page = request.method == "GET" and request.url.path.startswith(pages)
         if not page or "text/html" not in request.headers.get("accept", ""):
             return await http_exception_handler(request, exc)

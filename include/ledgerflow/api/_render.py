@@ -111,6 +111,7 @@ _LAYOUT = """<!doctype html>
 <a href="{{ root }}/approvals">Pending approvals</a>
 <a href="{{ root }}/approvals/decided">Decided</a>
 <a href="{{ root }}/runs">Runs</a>
+<a href="{{ root }}/dashboard">Dashboard</a>
 <span class="who">signed in as <b>{{ caller.name }}</b>
 {%- if caller.roles %} ({{ caller.roles | sort | join(', ') }}){% endif %}</span></header>
 <main>

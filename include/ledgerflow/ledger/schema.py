@@ -121,7 +121,8 @@ dead_letters = Table(
     Index("lf_dead_letters_open", "step_key", "status"),
 )
 
-# Append-only: rows are inserted, never updated or deleted.
+# Append-only: rows are inserted, never updated; only a prune of old finished runs
+# (`ledgerflow prune`, `ledger.retention`) deletes them.
 events = Table(
     "lf_events",
     metadata,
@@ -248,13 +249,44 @@ quality_results = Table(
     Index("lf_quality_results_step", "run_id", "step_key"),
 )
 
+# Authorization failures of the plugin's routes (401, 403), counted per minute: the
+# api-server adds up its own and writes a row now and then (migration 10).
+auth_failures = Table(
+    "lf_auth_failures",
+    metadata,
+    Column("minute", DateTime(timezone=True), primary_key=True),
+    Column("status", Integer, primary_key=True),
+    Column("count", Integer, nullable=False),
+)
+
+# Each SLO objective's alert state, so that a breach notifies once, not once per check
+# (migration 10): ok, burning (half the error budget spent) or breached.
+slo_alerts = Table(
+    "lf_slo_alerts",
+    metadata,
+    Column("workflow", String(100), primary_key=True),
+    Column("objective", String(60), primary_key=True),
+    Column("state", String(20), nullable=False),
+    Column("since", DateTime(timezone=True), nullable=False),
+    Column("detail", Text),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# Indexes for the indicators, the dashboard, the export and the prune (migration 10).
+Index("lf_runs_created", runs.c.created_at)
+Index("lf_runs_ended", runs.c.status, runs.c.updated_at)
+Index("lf_events_at", events.c.at)
+Index("lf_effects_created", effects.c.created_at)
+Index("lf_dead_letters_created", dead_letters.c.created_at)
+Index("lf_llm_calls_created", llm_calls.c.created_at)
+
 # The schema's version lives in Alembic's table, named for us so that it never meets
 # Airflow's own ``alembic_version`` when the ledger shares Airflow's database. The
 # revisions are in ``ledger/migrations/versions``, written out; these constants let a task
 # check the ledger's version with one query and without importing Alembic.
 VERSION_TABLE = "lf_alembic_version"
-# The newest revision of the ``ledger`` branch ("0009"), as a number.
-LATEST = 9
+# The newest revision of the ``ledger`` branch ("0010"), as a number.
+LATEST = 10
 # The only revision of the ``demo`` branch: the example workflows' tables (``demo_*``).
 DEMO_HEAD = "demo01"
 # Before Alembic: one row per applied migration 1..8 (2 was the demo tables).

@@ -13,6 +13,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ledgerflow.spec.slo import SloSpec
+
 _ID = r"^[a-z][a-z0-9_]{0,62}$"
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 _RESULT_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
@@ -435,6 +437,9 @@ class WorkflowSpec(_Model):
     """What the run answers a caller who waits for it (``POST .../runs?wait=30s``) when it
     succeeds: each entry rendered like args, from the run's checkpoints
     (``steps.<id>.output...``), ``params`` and ``run``."""
+    slo: SloSpec | None = None
+    """Service level objectives (``ledgerflow.spec.slo``): judged by ``ledgerflow slo``,
+    the dashboard and the alerts."""
 
     @property
     def dag_id(self) -> str:

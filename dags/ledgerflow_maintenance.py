@@ -1,0 +1,63 @@
+"""Ledgerflow's maintenance DAGs (paused when created: unpause them where they should run).
+
+- ``ledgerflow_slo_alerts`` (every 5 minutes): indicators as metrics, and an alert when a
+  workflow's SLO starts burning its error budget or is breached, once per breach.
+- ``ledgerflow_prune`` (daily): removes finished runs older than ``[ledgerflow] retention``
+  (90 days), keeping effect keys for ``[ledgerflow] effect_key_horizon``; never an
+  unfinished run.
+
+Cheap to parse: the work is imported inside the tasks.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import dag, task
+
+COMMON = {
+    "start_date": datetime(2026, 1, 1),
+    "catchup": False,
+    "max_active_runs": 1,
+    "is_paused_upon_creation": True,
+    "default_args": {"retries": 1, "retry_delay": timedelta(minutes=1)},
+}
+
+
+@dag(
+    dag_id="ledgerflow_slo_alerts",
+    schedule="*/5 * * * *",
+    tags=["ledgerflow", "maintenance"],
+    doc_md=__doc__,
+    dagrun_timeout=timedelta(minutes=10),
+    **COMMON,  # type: ignore[arg-type]
+)
+def ledgerflow_slo_alerts() -> None:
+    @task
+    def check_slos() -> dict[str, object]:
+        from ledgerflow.maintenance import check_slos
+
+        return check_slos()
+
+    check_slos()
+
+
+@dag(
+    dag_id="ledgerflow_prune",
+    schedule="@daily",
+    tags=["ledgerflow", "maintenance"],
+    doc_md=__doc__,
+    **COMMON,  # type: ignore[arg-type]
+)
+def ledgerflow_prune() -> None:
+    @task
+    def prune_ledger() -> dict[str, object]:
+        from ledgerflow.maintenance import prune_ledger
+
+        return prune_ledger()
+
+    prune_ledger()
+
+
+ledgerflow_slo_alerts()
+ledgerflow_prune()
