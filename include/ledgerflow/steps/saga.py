@@ -88,7 +88,13 @@ def success_skips(operator: Any, context: Any, *, skipping: Iterable[str] = ()) 
     decided in the triggerer or the api-server).
 
     Works from any forward task (by task ids and the DAG's graph, not step ids): a step's
-    task, a mapped item, a fused segment. Off with ``[ledgerflow] skip_saga_on_success``."""
+    task, a mapped item, a fused segment. Off with ``[ledgerflow] skip_saga_on_success``.
+
+    Airflow records the skip and this task's success in two calls: a worker killed between
+    them on the task's last try fails the run with its saga skipped (``compensating`` in
+    the ledger, nothing undone). On an earlier try the retry reuses the step's checkpoint
+    and succeeds. A task cleared after the run succeeded finds the teardowns skipped, as
+    it did when they skipped themselves: clear them too (downstream) to re-arm the saga."""
     from ledgerflow import settings
 
     skipping = list(dict.fromkeys(skipping))
