@@ -8,6 +8,7 @@ decision on real Airflow: ``tests/e2e/test_saga_e2e.py``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 
 from ledgerflow.factory import build_dag
 from ledgerflow.spec.models import WorkflowSpec
-from ledgerflow.steps.saga import success_skips
+from ledgerflow.steps.saga import end_forward_task, success_skips
 
 SAGA = ["compensate__a", "saga__finish"]
 
@@ -141,3 +142,58 @@ def test_no_saga_no_question(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIRFLOW__LEDGERFLOW__SKIP_SAGA_ON_SUCCESS", "false")
     skips, ti = _skips(_dag(), "d", DONE, skipping=["x"])
     assert skips == ["x"] and ti.asked == []
+
+
+class _Recording(_TaskInstance):
+    def __init__(self, *args: Any, fail: bool = False) -> None:
+        super().__init__(*args)
+        self.fail = fail
+        self.xcoms: dict[str, Any] = {}
+
+    def get_task_states(self, **kw: Any) -> dict[str, Any]:
+        if self.fail:
+            raise ConnectionError("the execution API is away")
+        return super().get_task_states(**kw)
+
+    def xcom_push(self, *, key: str, value: Any) -> None:
+        self.xcoms[key] = value
+
+
+def test_the_last_task_ends_by_skipping_with_its_output_and_an_event(tmp_path: Path) -> None:
+    """``end_forward_task``: the output goes to XCom, the ledger records
+    ``saga_not_needed`` (who decided, what it skipped), and one exception skips it all."""
+    from airflow.sdk.exceptions import DownstreamTasksSkipped
+
+    from ledgerflow.ledger.store import Ledger
+
+    dag = _dag()
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger.migrate()
+    ti = _Recording("d", -1, DONE)
+    dag_run = SimpleNamespace(
+        dag_id=dag.dag_id, run_id="r1", logical_date=None, run_after=None, run_type="manual"
+    )
+    with pytest.raises(DownstreamTasksSkipped) as ended:
+        end_forward_task(dag.get_task("d"), {"ti": ti, "dag_run": dag_run}, {"v": 1}, ledger=ledger)
+    assert ended.value.tasks == SAGA
+    assert ti.xcoms == {"return_value": {"v": 1}}
+    [event] = [e for e in ledger.events(f"{dag.dag_id}/r1") if e["kind"] == "saga_not_needed"]
+    assert event["data"] == {"task_id": "d", "map_index": -1, "skipped": SAGA}
+
+
+def test_a_step_that_succeeded_never_fails_on_the_shortcut() -> None:
+    """Airflow cannot answer: the task ends as it would without the shortcut (its
+    output returned, the branch not taken still skipped), never failed."""
+    from airflow.sdk.exceptions import DownstreamTasksSkipped
+
+    dag = _dag()
+    context = {
+        "ti": _Recording("d", -1, DONE, fail=True),
+        "dag_run": SimpleNamespace(dag_id=dag.dag_id, run_id="r1"),
+    }
+    assert end_forward_task(dag.get_task("d"), context, {"v": 1}) == {"v": 1}
+    table = {**DONE, "b": "running", "c": None, "d": None}
+    context["ti"] = _Recording("b", -1, table, fail=True)
+    with pytest.raises(DownstreamTasksSkipped) as ended:
+        end_forward_task(dag.get_task("b"), context, {"v": 2}, skipping=["c"])
+    assert ended.value.tasks == ["c"]

@@ -168,26 +168,40 @@ def end_forward_task(
     that decided, the tasks it skipped); ``ledger``: the task's own, else one is opened."""
     from airflow.sdk.exceptions import DownstreamTasksSkipped
 
-    skips = success_skips(operator, context, skipping=skipping)
+    skipping = list(skipping)
+    try:
+        skips = success_skips(operator, context, skipping=skipping)
+    except Exception:  # a shortcut never fails a step that succeeded: the teardowns run
+        operator.log.warning("could not decide whether the saga is needed", exc_info=True)
+        skips = skipping
     if not skips:
         return output
     teardowns = {task.task_id for task in operator.dag.tasks if task.is_teardown}
     saga = [task_id for task_id in skips if task_id in teardowns]
     if saga:
-        from ledgerflow.ledger.store import Ledger
-        from ledgerflow.steps.operator import run_ref
-
-        ti = context["ti"]
         operator.log.info("the run can no longer fail: skipping %s", ", ".join(saga))
+        _record_saga_not_needed(ledger, context, saga)
+    # Airflow pushes no return value for a task ended by this exception: push it first.
+    context["ti"].xcom_push(key="return_value", value=output)
+    raise DownstreamTasksSkipped(tasks=skips)
+
+
+def _record_saga_not_needed(ledger: Any, context: Any, skipped: list[str]) -> None:
+    from ledgerflow.ledger.store import Ledger
+    from ledgerflow.steps.operator import run_ref
+
+    ti = context["ti"]
+    try:
         (ledger or Ledger.from_airflow()).record_event(
             run_ref(context).run_id,
             None,
             "saga_not_needed",
-            {"task_id": ti.task_id, "map_index": ti.map_index, "skipped": saga},
+            {"task_id": ti.task_id, "map_index": ti.map_index, "skipped": skipped},
         )
-    # Airflow pushes no return value for a task ended by this exception: push it first.
-    context["ti"].xcom_push(key="return_value", value=output)
-    raise DownstreamTasksSkipped(tasks=skips)
+    except Exception:  # the event repeats what Airflow's states say: not worth failing the step
+        import logging
+
+        logging.getLogger(__name__).warning("saga_not_needed not recorded", exc_info=True)
 
 
 def has_compensations(spec: WorkflowSpec) -> bool:
