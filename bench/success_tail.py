@@ -99,7 +99,9 @@ def measure_success_tail(
     """Seconds from the last forward task's end to the DagRun's end, for ``runs``
     successful runs of ``dag_id`` triggered one at a time on ``stack`` (an ``AirflowStack``
     with the DAG parsed). ``params(i)``: the params of run ``i`` (none by default);
-    ``details``: filled with one dict per run (run id, tail, teardown tasks that started)."""
+    ``details``: filled with one dict per run (run id, tail, teardown tasks that started).
+    ``stack`` may also be the ``Deployment`` of ``harness.deployment``."""
+    stack = getattr(stack, "stack", stack)  # a harness ``Deployment`` or its stack
     tails = []
     for i in range(runs):
         result = one_tail(stack, dag_id, params(i) if params else {})
