@@ -98,6 +98,13 @@ OPTIONS: dict[str, Option] = {
         _bool,
         legacy_env="LEDGERFLOW_DEMO_TOOLS",
     ),
+    "skip_saga_on_success": Option(
+        "True",
+        "When the last step of a run that can no longer fail ends, it skips the "
+        "compensation tasks and saga__finish at once (no worker starts for them). Off: "
+        "each of them starts on a worker and skips itself (slower; the result is the same).",
+        _bool,
+    ),
     "suites_dir": Option(
         "",
         "Folder of shared Great Expectations suites (<name>.yaml); empty: "

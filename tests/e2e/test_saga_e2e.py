@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import text
 
 from ledgerflow.ledger.store import Ledger
+from ledgerflow.testing import wait_for
 from ledgerflow.testing.airflow_stack import AirflowStack
 
 pytestmark = pytest.mark.e2e
@@ -71,6 +72,47 @@ def test_a_fused_checkout_retries_the_shipment_in_its_task_then_undoes_each_step
         r["status"]
         for r in rows(ledger, "SELECT status FROM demo_payments WHERE order_id = 'saga-fused'")
     ] == ["refunded"]
+
+
+def test_a_successful_run_skips_its_saga_without_starting_a_task(
+    stack: AirflowStack, ledger: Ledger
+) -> None:
+    """Issue 12: a checkout whose four steps succeed ends with every compensation task and
+    saga__finish skipped by its last step, none of them ever started on a worker (no
+    try, no host); the ledger says the saga was not needed, and the run succeeded."""
+    run_id = stack.trigger("checkout__v1", {"order_id": "saga-ok", "sku": "sku-mug", "qty": 1})
+    assert stack.wait_for_run("checkout__v1", run_id, timeout=240) == "success"
+    tis = {ti["task_id"]: ti for ti in stack.task_instances("checkout__v1", run_id)}
+    assert {step: tis[step]["state"] for step in FORWARD} == dict.fromkeys(FORWARD, "success")
+    teardowns = [f"compensate__{step}" for step in FORWARD[:3]] + ["saga__finish"]
+    assert {
+        t: (tis[t]["state"], tis[t]["try_number"], tis[t]["hostname"] or "") for t in teardowns
+    } == (dict.fromkeys(teardowns, ("skipped", 0, "")))
+    ledger_run = f"checkout__v1/{run_id}"
+    [event] = [e for e in ledger.events(ledger_run) if e["kind"] == "saga_not_needed"]
+    assert event["data"]["task_id"] == "send_confirmation"
+    assert sorted(event["data"]["skipped"]) == sorted(teardowns)
+    assert ledger.compensations(ledger_run) == {}
+    # The DAG's success callback (in the dag-processor) still records the outcome.
+    wait_for(lambda: (ledger.run(ledger_run) or {}).get("status") == "succeeded", 60, "status")
+    assert (ledger.run(ledger_run) or {}).get("saga") is None
+
+
+def test_a_successful_fused_run_skips_its_saga_from_its_segment_task(
+    stack: AirflowStack, ledger: Ledger
+) -> None:
+    """checkout__v2's one forward task (the four steps fused) is its last: it skips the
+    compensation tasks and saga__finish as it ends; none of them starts."""
+    run_id = stack.trigger("checkout__v2", {"order_id": "saga-ok-fused"})
+    assert stack.wait_for_run("checkout__v2", run_id, timeout=240) == "success"
+    tis = {ti["task_id"]: ti for ti in stack.task_instances("checkout__v2", run_id)}
+    assert tis["fused__reserve_inventory__send_confirmation"]["state"] == "success"
+    teardowns = [f"compensate__{step}" for step in FORWARD[:3]] + ["saga__finish"]
+    assert {t: (tis[t]["state"], tis[t]["try_number"]) for t in teardowns} == dict.fromkeys(
+        teardowns, ("skipped", 0)
+    )
+    [event] = [e for e in ledger.events(f"checkout__v2/{run_id}") if e["kind"] == "saga_not_needed"]
+    assert event["data"]["task_id"] == "fused__reserve_inventory__send_confirmation"
 
 
 def test_shipment_failure_refunds_then_releases_exactly_once(

@@ -305,15 +305,16 @@ class ApprovalOperator(LedgerflowOperator, SkipMixin):
         return self._follow(context, step, approvals.complete(ledger, approval.id, "worker"))
 
     def _follow(self, context: Any, step: ApprovalStep, output: dict[str, Any]) -> Any:
-        from ledgerflow.steps.branching import follow
+        from ledgerflow.steps.branching import branch_skips
+        from ledgerflow.steps.saga import end_forward_task
 
         self.log.info(
             "decision: %s by %s (%s)", output["decision"], output["approver"], output["comment"]
         )
-        follow(
+        skipping = branch_skips(
             self,
             context,
             fallback=step.on_reject,
             take_fallback=output["decision"] == "rejected",
         )
-        return output
+        return end_forward_task(self, context, output, skipping=skipping)

@@ -42,3 +42,18 @@ def follow(operator: Any, context: Any, *, fallback: str | None, take_fallback: 
         sorted(downstream - set(keep)),
     )
     operator.skip_all_except(context["ti"], keep)
+
+
+def branch_skips(
+    operator: Any, context: Any, *, fallback: str | None, take_fallback: bool
+) -> list[str]:
+    """What ``follow`` skips, without ending the task (its "followed" XCom is pushed):
+    the caller ends the task with one skip list (``steps.saga.end_forward_task``)."""
+    from airflow.sdk.exceptions import DownstreamTasksSkipped
+
+    try:
+        follow(operator, context, fallback=fallback, take_fallback=take_fallback)
+    except DownstreamTasksSkipped as skip:
+        tasks = skip.tasks if isinstance(skip.tasks, list) else [skip.tasks]
+        return [t if isinstance(t, str) else t[0] for t in tasks]
+    return []

@@ -83,9 +83,10 @@ class LedgerflowOperator(BaseOperator):
         from ledgerflow.errors import BreakerOpen, InvalidParams, StepSkipped
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.secrets import scrub, scrub_exception
-        from ledgerflow.steps.branching import follow
+        from ledgerflow.steps.branching import branch_skips
         from ledgerflow.steps.kernel import run_step
         from ledgerflow.steps.retry import final_attempt
+        from ledgerflow.steps.saga import end_forward_task
         from ledgerflow.workflow.loaded import spec_for_dag
 
         spec = spec_for_dag(self.dag_id)
@@ -134,11 +135,13 @@ class LedgerflowOperator(BaseOperator):
         fallback, take = self.branch(step, result)
         # XCom holds what the ledger holds: the output without registered secrets.
         output = scrub(result.output)
-        if fallback is not None:
-            # The output goes to XCom before follow() ends the task by skipping a branch.
-            ti.xcom_push(key="return_value", value=output)
-            follow(self, context, fallback=fallback, take_fallback=take)
-        return output
+        return end_forward_task(
+            self,
+            context,
+            output,
+            skipping=branch_skips(self, context, fallback=fallback, take_fallback=take),
+            ledger=ledger,
+        )
 
     def resume(self, context: Any, event: Any = None) -> Any:
         """Back from waiting for a circuit breaker: run the step again (same try)."""

@@ -10,10 +10,15 @@ The failing step's failure callback records the failure and marks the saga
 ``compensating``; the first compensation task also checks Airflow's own task states (a
 task killed on its last try may never have run its callback). ``saga__finish`` records
 ``compensated`` or ``compensation_failed``.
+
+A run that succeeds does not start them: the forward task that ends last, seeing every
+other forward task of its run succeeded or skipped (the run can no longer fail), skips
+them all in the same call that ends it (``success_skips``, ``end_forward_task``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -59,6 +64,144 @@ def run_failed(context: Any, forward_task_ids: list[str]) -> list[str]:
         if any(str(v) in FAILED_STATES for v in values):
             failed.append(str(task_id))
     return sorted(failed)
+
+
+# Finished without failing: such a task can no longer fail the run (unless cleared).
+_DONE_WELL = frozenset({"success", "skipped", "removed"})
+# Trigger rules under which a task whose every upstream task is skipped is skipped too.
+_SKIPPED_WITH_UPSTREAM = frozenset({"all_success", "none_failed_min_one_success", "one_success"})
+
+
+def success_skips(operator: Any, context: Any, *, skipping: Iterable[str] = ()) -> list[str]:
+    """The tasks a forward task skips as it ends successfully: ``skipping`` (a branch not
+    taken), what Airflow would skip after them, and, when the run can no longer fail,
+    every teardown task (``compensate__*``, ``saga__finish``). Empty: end as usual.
+
+    The run can no longer fail when every other forward task of the run (every task that
+    is not a teardown, each mapped instance) ended ``success`` or ``skipped`` or is
+    skipped now. Only a task with no forward task after it (its direct downstream tasks
+    are teardowns, or skipped now) asks Airflow (``ti.get_task_states``, one call); any
+    other forward task returns ``skipping`` at no cost. Two last tasks ending at the
+    same moment may each see the other still running: neither skips, and the teardowns
+    start and skip themselves as without this (slower, the same outcome). So does a run
+    whose last forward task is skipped (``when``) or ends without a worker (an approval
+    decided in the triggerer or the api-server).
+
+    Works from any forward task (by task ids and the DAG's graph, not step ids): a step's
+    task, a mapped item, a fused segment. Off with ``[ledgerflow] skip_saga_on_success``.
+
+    Airflow records the skip and this task's success in two calls: a worker killed between
+    them on the task's last try fails the run with its saga skipped (``compensating`` in
+    the ledger, nothing undone). On an earlier try the retry reuses the step's checkpoint
+    and succeeds. A task cleared after the run succeeded finds the teardowns skipped, as
+    it did when they skipped themselves: clear them too (downstream) to re-arm the saga."""
+    from ledgerflow import settings
+
+    skipping = list(dict.fromkeys(skipping))
+    dag = operator.dag
+    teardowns = sorted(t.task_id for t in dag.tasks if t.is_teardown)
+    after = operator.get_direct_relatives(upstream=False)
+    if not teardowns or any(not t.is_teardown and t.task_id not in skipping for t in after):
+        return skipping
+    if not settings.get("skip_saga_on_success"):
+        return skipping
+    forward = [t for t in dag.tasks if not t.is_teardown]
+    also = _skipped_with(forward, set(skipping)) - set(skipping)
+    others = [t.task_id for t in forward if t.task_id not in also and t.task_id not in skipping]
+    ti = context["ti"]
+    dag_run = context["dag_run"]
+    found = ti.get_task_states(dag_id=dag_run.dag_id, run_ids=[dag_run.run_id], task_ids=others)
+    states = _flat_states(found, dag_run.run_id)
+    own = (
+        ti.task_id if (ti.map_index is None or ti.map_index < 0) else f"{ti.task_id}_{ti.map_index}"
+    )
+    answered = {key: state for key, state in states.items() if key != own}
+    if any(state not in _DONE_WELL for state in answered.values()):
+        return skipping  # a task still to end (or failed): it may fail the run
+    named = set(states)
+    if any(tid not in named and not any(k.startswith(f"{tid}_") for k in named) for tid in others):
+        return skipping  # a task without a task instance yet: not decided
+    return [*skipping, *sorted(also), *teardowns]
+
+
+def _skipped_with(forward: list[Any], skipping: set[str]) -> set[str]:
+    """``skipping`` and the forward tasks Airflow skips after them: each whose every
+    upstream task is skipped, under a trigger rule that skips it then."""
+    skipped = set(skipping)
+    grew = True
+    while grew:
+        grew = False
+        for task in forward:
+            if task.task_id in skipped or not task.upstream_task_ids:
+                continue
+            rule = str(getattr(task.trigger_rule, "value", task.trigger_rule))
+            if rule in _SKIPPED_WITH_UPSTREAM and task.upstream_task_ids <= skipped:
+                skipped.add(task.task_id)
+                grew = True
+    return skipped
+
+
+def _flat_states(found: Any, run_id: str) -> dict[str, str]:
+    """``ti.get_task_states``'s answer for one run as ``{task key: state}`` (a mapped
+    instance's key is ``<task_id>_<map_index>``; ``None``: not yet scheduled)."""
+    by_task = found.get(run_id, found) if isinstance(found, dict) else {}
+    flat: dict[str, str] = {}
+    for key, state in by_task.items():
+        if isinstance(state, dict):
+            flat.update({f"{key}_{i}": _state(s) for i, s in state.items()})
+        else:
+            flat[str(key)] = _state(state)
+    return flat
+
+
+def _state(state: Any) -> str:
+    return str(getattr(state, "value", state)) if state is not None else "none"
+
+
+def end_forward_task(
+    operator: Any, context: Any, output: Any, *, skipping: Iterable[str] = (), ledger: Any = None
+) -> Any:
+    """End a forward task that succeeded with ``output``: returned as usual, or, when
+    ``success_skips`` names tasks to skip, pushed to XCom and the task ended by skipping
+    them in one call (``DownstreamTasksSkipped``; Airflow marks this task success). A
+    saga skipped so is an event of the run in the ledger (``saga_not_needed``: the task
+    that decided, the tasks it skipped); ``ledger``: the task's own, else one is opened."""
+    from airflow.sdk.exceptions import DownstreamTasksSkipped
+
+    skipping = list(skipping)
+    try:
+        skips = success_skips(operator, context, skipping=skipping)
+    except Exception:  # a shortcut never fails a step that succeeded: the teardowns run
+        operator.log.warning("could not decide whether the saga is needed", exc_info=True)
+        skips = skipping
+    if not skips:
+        return output
+    teardowns = {task.task_id for task in operator.dag.tasks if task.is_teardown}
+    saga = [task_id for task_id in skips if task_id in teardowns]
+    if saga:
+        operator.log.info("the run can no longer fail: skipping %s", ", ".join(saga))
+        _record_saga_not_needed(ledger, context, saga)
+    # Airflow pushes no return value for a task ended by this exception: push it first.
+    context["ti"].xcom_push(key="return_value", value=output)
+    raise DownstreamTasksSkipped(tasks=skips)
+
+
+def _record_saga_not_needed(ledger: Any, context: Any, skipped: list[str]) -> None:
+    from ledgerflow.ledger.store import Ledger
+    from ledgerflow.steps.operator import run_ref
+
+    ti = context["ti"]
+    try:
+        (ledger or Ledger.from_airflow()).record_event(
+            run_ref(context).run_id,
+            None,
+            "saga_not_needed",
+            {"task_id": ti.task_id, "map_index": ti.map_index, "skipped": skipped},
+        )
+    except Exception:  # the event repeats what Airflow's states say: not worth failing the step
+        import logging
+
+        logging.getLogger(__name__).warning("saga_not_needed not recorded", exc_info=True)
 
 
 def has_compensations(spec: WorkflowSpec) -> bool:

@@ -73,7 +73,8 @@ class SegmentOperator(LedgerflowOperator, SkipMixin):
         from ledgerflow.errors import BreakerOpen, InvalidParams, StepSkipped
         from ledgerflow.ledger.store import Ledger
         from ledgerflow.secrets import scrub, scrub_exception
-        from ledgerflow.steps.branching import follow
+        from ledgerflow.steps.branching import branch_skips
+        from ledgerflow.steps.saga import end_forward_task
         from ledgerflow.workflow.loaded import spec_for_dag
 
         spec = spec_for_dag(self.dag_id)
@@ -142,10 +143,10 @@ class SegmentOperator(LedgerflowOperator, SkipMixin):
         output = scrub(outputs)
         last = spec.step(self.step_ids[-1])
         fallback, take = branch_of(last, result)
-        if fallback is not None:
-            ti.xcom_push(key="return_value", value=output)
-            follow(self, context, fallback=fallback, take_fallback=take)
-        return output
+        # The branch not taken, and the saga's tasks when the run can no longer fail,
+        # skipped in the one call that ends the task (steps.saga.end_forward_task).
+        skipping = branch_skips(self, context, fallback=fallback, take_fallback=take)
+        return end_forward_task(self, context, output, skipping=skipping, ledger=ledger)
 
     def _run(
         self,
