@@ -69,6 +69,30 @@ def test_new_then_run_prints_the_timeline(tmp_path: Path, cache: Path) -> None:
     ]
 
 
+def test_run_approves_an_approval_and_the_run_goes_on(tmp_path: Path, cache: Path) -> None:
+    """An approved approval lets the run go on to success (in ``dag.test()`` Airflow's
+    Required Actions entry reads back as nothing: the step must not fail on that)."""
+    ran = ledgerflow(
+        "run",
+        str(APPROVED),
+        "--param",
+        "order_id=o-78",
+        "--decide",
+        "manager_approval=approve",
+        "--workdir",
+        "work",
+        cwd=tmp_path,
+        cache=cache,
+    )
+    assert ran.returncode == 0, ran.stderr + ran.stdout
+    assert "approval manager_approval: approved by ledgerflow-run" in ran.stdout
+    ledger = tmp_path / "work" / "ledger.db"
+    assert ledger_rows(ledger, "select status from lf_runs") == [("succeeded",)]
+    assert ledger_rows(ledger, "select status from lf_steps where step_id = 'charge_payment'") == [
+        ("completed",)
+    ]
+
+
 def test_run_decides_an_approval_and_the_saga_undoes_what_ran(tmp_path: Path, cache: Path) -> None:
     """A rejected approval fails the run; the saga releases the reservation; the ledger
     records the decision by ``ledgerflow-run`` on the inputs it was shown."""

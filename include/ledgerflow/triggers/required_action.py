@@ -189,7 +189,10 @@ def read_response(ti_id: Any) -> Any:
     except Exception as exc:
         log.debug("no Required Actions entry for %s: %s", ti_id, exc)
         return None
-    return resp if resp.response_received and resp.chosen_options else None
+    # ``dag.test()``'s in-process comms answer nothing at all (no entry to read).
+    if resp is None or not resp.response_received or not resp.chosen_options:
+        return None
+    return resp
 
 
 def close_from_trigger(ti_id: Any, approval: Any) -> None:
