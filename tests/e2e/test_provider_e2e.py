@@ -205,7 +205,7 @@ def test_the_plugin_comes_from_the_entry_point_without_the_plugins_file(
     stack: AirflowStack,
 ) -> None:
     """With an empty plugins folder Airflow still loads ``ledgerflow``, from the installed
-    package's entry point, with its app, its three views and no plugin import error."""
+    package's entry point, with its app, its four views and no plugin import error."""
     assert not any((stack.home / "plugins").iterdir())
     plugins = stack.api("GET", "/api/v2/plugins", params={"limit": 100})["plugins"]
     ours = [p for p in plugins if p["name"] == "ledgerflow"]
@@ -216,6 +216,7 @@ def test_the_plugin_comes_from_the_entry_point_without_the_plugins_file(
         "ledgerflow-approvals",
         "ledgerflow-runs",
         "ledgerflow-run",
+        "ledgerflow-dashboard",
     }
     errors = stack.api("GET", "/api/v2/plugins/importErrors")
     assert errors["total_entries"] == 0, errors

@@ -6,8 +6,9 @@
   fallbacks, dead letters, breaker openings), drawn on the server as SVG (``_charts``).
 - ``GET /api/slo`` (``workflow``, ``since``, ``until``): the same indicators and
   objectives as ``ledgerflow slo --json``.
-- ``GET /api/export`` (``since``, ``until``, ``format``: ``jsonl`` or ``csv``): the event
-  log of that span, streamed, as ``ledgerflow export`` writes it.
+- ``GET /api/export`` (``since``, default the last 24 hours; ``until``; ``format``:
+  ``jsonl`` or ``csv``): the event log of that span, streamed, as ``ledgerflow export``
+  writes it.
 
 Like every route they need an Airflow login and show only the DAGs the caller may read
 (Airflow's own rule, as the runs and approvals routes apply it): a workflow with no
@@ -211,16 +212,19 @@ def ops_router(source: Callable[[], Ledger]) -> APIRouter:
     @router.get("/api/export")
     def api_export(
         caller: CallerDep,
-        since: str,
+        since: str | None = None,
         until: str | None = None,
         format: Literal["jsonl", "csv"] = "jsonl",
     ) -> StreamingResponse:
+        from datetime import timedelta
+
         from ledgerflow.ledger import audit
         from ledgerflow.ledger._engine import now
 
-        start = _time(since, "since")
+        # Optional, so a caller without credentials gets 401 before any 422; without
+        # ``since``: the last 24 hours.
         end = _time(until, "until") or now()
-        assert start is not None
+        start = _time(since, "since") or end - timedelta(days=1)
         rows = audit.export_rows(source(), since=start, until=end, dag_ids=caller.dags)
         media = "application/x-ndjson" if format == "jsonl" else "text/csv"
         name = f"ledgerflow-events-{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}.{format}"
