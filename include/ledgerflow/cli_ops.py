@@ -115,17 +115,15 @@ def _duration(value: str | None, option: str, setting: str) -> Any:
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.2f}%"
+    from ledgerflow.slo import shown_pct
+
+    return shown_pct(value, 2)
 
 
 def _secs(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value < 120:
-        return f"{value:.2f}s"
-    if value < 7200:
-        return f"{value / 60:.1f}m"
-    return f"{value / 3600:.1f}h"
+    from ledgerflow.slo import shown_secs
+
+    return shown_secs(value, 2, days=False)
 
 
 def cmd_slo(args: argparse.Namespace) -> int:

@@ -405,3 +405,21 @@ def alert_states(ledger: Ledger) -> list[dict[str, Any]]:
     with ledger.engine.connect() as conn:
         rows = conn.execute(select(t.slo_alerts).order_by(t.slo_alerts.c.workflow)).mappings()
         return [dict(r) for r in rows]
+
+
+def shown_pct(value: float | None, digits: int) -> str:
+    """A ratio as a percentage for people (``-``: no data)."""
+    return "-" if value is None else f"{value * 100:.{digits}f}%"
+
+
+def shown_secs(value: float | None, digits: int, *, days: bool) -> str:
+    """Seconds as s, m, h (and d with ``days``) for people (``-``: no data)."""
+    if value is None:
+        return "-"
+    if value < 120:
+        return f"{value:.{digits}f}s"
+    if value < 7200:
+        return f"{value / 60:.1f}m"
+    if not days or value < 172800:
+        return f"{value / 3600:.1f}h"
+    return f"{value / 86400:.1f}d"

@@ -77,19 +77,15 @@ breaker openings: <b>{{ breakers }}</b>.</p>
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.1f}%"
+    from ledgerflow.slo import shown_pct
+
+    return shown_pct(value, 1)
 
 
 def _secs(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value < 120:
-        return f"{value:.1f}s"
-    if value < 7200:
-        return f"{value / 60:.1f}m"
-    if value < 172800:
-        return f"{value / 3600:.1f}h"
-    return f"{value / 86400:.1f}d"
+    from ledgerflow.slo import shown_secs
+
+    return shown_secs(value, 1, days=True)
 
 
 def _show(objective: Any, value: float | None) -> str:
