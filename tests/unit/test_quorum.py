@@ -274,7 +274,7 @@ def test_escalation_add_keeps_the_first_approvers(ledger: Ledger) -> None:
     assert escalated is not None
     assert escalated.approvers == {"users": ["ann", "bob", "cy", "dee", "eve"], "roles": []}
     assert escalated.may_decide("bob", set()) and escalated.may_decide("eve", set())
-    event = [e for e in ledger.events(RUN) if e["kind"] == "approval_escalated"][0]
+    event = next(e for e in ledger.events(RUN) if e["kind"] == "approval_escalated")
     assert event["data"]["mode"] == "add"
 
 
