@@ -357,3 +357,35 @@ def test_a_response_in_airflow_is_one_decision_of_the_quorum(ledger: Ledger) -> 
         ("ann", "airflow"),
         ("bob", "airflow"),
     ]
+
+
+def test_a_response_found_by_the_trigger_short_of_the_quorum_reopens(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A response stored in Airflow before the task deferred is found by the trigger:
+    one decision of two is recorded and the trigger fires a ``reopen`` event (the task's
+    resume parks it again, which reopens the Airflow entry for the others)."""
+    from types import SimpleNamespace
+
+    a = ask(ledger)
+    answer = SimpleNamespace(
+        chosen_options=["Approve"],
+        params_input={"comment": "from Airflow"},
+        responded_by_user=SimpleNamespace(id="ann", name="ann"),
+    )
+    # Airflow's side (its HITL entry), outside this test.
+    monkeypatch.setattr(required_action, "read_response", lambda ti_id: answer)
+    trigger = ApprovalTrigger(a.id, ledger.conn_id, poll_interval=60, ti_id="ti-1")
+    clock = FakeClock()
+    trigger._now = clock.now
+    trigger._wait = clock.wait
+
+    async def collect() -> list[dict[str, Any]]:
+        return [event.payload async for event in trigger.run()]
+
+    events = asyncio.run(collect())
+    assert events == [{"approval_id": a.id, "status": "pending", "reopen": True}]
+    assert approvals.get(ledger, a.id).pending
+    assert [(d.by, d.comment, d.source) for d in quorum.decisions(ledger, a.id)] == [
+        ("ann", "from Airflow", "airflow")
+    ]
