@@ -379,6 +379,12 @@ class ApprovalConflict(LedgerflowError):
     code = "approval_conflict"
 
 
+class DecidedBefore(ApprovalConflict):
+    """This person already decided this approval (a quorum counts each person once)."""
+
+    code = "approval_decided_before"
+
+
 class IllegalTransition(LedgerflowError):
     """The ledger refused a status change its lifecycle does not allow."""
 

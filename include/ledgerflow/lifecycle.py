@@ -225,7 +225,9 @@ APPROVAL = _machine(
     ApprovalStatus,
     {
         None: [P.PENDING],
-        P.PENDING: [P.APPROVED, P.REJECTED, P.EXPIRED, P.ABANDONED],
+        # PENDING again: one decision of a quorum short of ``required`` (recorded in
+        # lf_approval_decisions), or an escalation to the next level.
+        P.PENDING: [P.PENDING, P.APPROVED, P.REJECTED, P.EXPIRED, P.ABANDONED],
     },
 )
 

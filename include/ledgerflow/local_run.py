@@ -60,6 +60,7 @@ def _decider(ledger: Any, decisions: dict[str, str], stop: threading.Event) -> N
                 by=DECIDED_BY,
                 comment="decided by `ledgerflow run --decide`",
                 seen_hash=approval.payload_hash,
+                settle=True,  # for the whole quorum: one local user stands for everyone
             )
 
 

@@ -127,7 +127,7 @@ def write_rows(engine: Engine, old: ModuleType) -> None:
         )
 
 
-AFTER_0008 = ("lf_auth_failures", "lf_slo_alerts")  # tables of revisions after 0008
+AFTER_0008 = ("lf_auth_failures", "lf_slo_alerts", "lf_approval_decisions")  # after 0008
 
 
 def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str) -> None:
@@ -151,9 +151,12 @@ def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str)
     assert ledger.migrate(demo=False) == schema.LATEST
     assert ledger.revisions() == {HEAD, schema.DEMO_HEAD}
     now = snapshot(engine)
-    # Revisions after 0008 only add indexes and tables (empty): every table the old
-    # code had is as it was.
+    # Revisions after 0008 only add indexes and tables (empty), and 0013 the column
+    # lf_approvals.required (appended; 1 on the old rows: they needed one decision):
+    # every table the old code had is otherwise as it was.
     assert {t: now.pop(t) for t in AFTER_0008} == {t: [] for t in AFTER_0008}
+    assert [row[-1] for row in now["lf_approvals"]] == [1] * len(before["lf_approvals"])
+    now["lf_approvals"] = [row[:-1] for row in now["lf_approvals"]]
     assert now == before  # alembic_version and lf_schema_version included
     assert drift(engine) == []
     assert ledger.run("checkout__v1/r1")["saga"] == "compensated"  # type: ignore[index]
@@ -163,6 +166,7 @@ def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str)
     assert not {t for t in tables(engine) if t.startswith("demo_")}
     assert ledger.revisions() == {HEAD}
     after = {k: v for k, v in snapshot(engine).items() if k not in AFTER_0008}
+    after["lf_approvals"] = [row[:-1] for row in after["lf_approvals"]]  # 0013's column
     assert {k: v for k, v in before.items() if not k.startswith("demo_")} == after
 
 

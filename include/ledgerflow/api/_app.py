@@ -17,8 +17,11 @@ Routes (relative to the mount point):
 
 Every other route depends on Airflow's authentication (:data:`CallerDep`): anonymous
 callers get 401. Deciding needs the approval to name the caller or one of their roles
-(403 otherwise); a decision on a decided approval, or on a payload other than the one the
-caller saw, is 409 (the ledger's conditional update, so concurrent decisions store one).
+(403 otherwise); a decision on a decided approval, on a payload other than the one the
+caller saw, or a second decision by the same person on a quorum approval, is 409 (the
+ledger's conditional update, so concurrent decisions store one). A quorum approval
+(``required`` > 1) answers ``approvals`` (how many so far) and, for one approval, every
+person's ``decisions``; it stays ``pending`` until the quorum is met or someone rejects.
 No GET changes state. Every 401 and 403 answer is counted (``ledger.audit.AuthFailures``:
 in memory, added to ``lf_auth_failures`` every few seconds) for the SLO indicators.
 """
@@ -185,7 +188,8 @@ def _decide(
         )
     except approvals.ApprovalConflict as exc:
         raise HTTPException(409, str(exc)) from None
-    _end_task_now(ledger, decided)
+    if not decided.pending:  # short of a quorum there is nothing to end
+        _end_task_now(ledger, decided)
     return decided
 
 
@@ -206,9 +210,25 @@ def _end_task_now(ledger: Ledger, approval: approvals.Approval) -> None:
         )
 
 
-def _view(approval: approvals.Approval, caller: Caller) -> dict[str, Any]:
+def _view(
+    approval: approvals.Approval,
+    caller: Caller,
+    ledger: Ledger | None = None,
+    tally: dict[int, int] | None = None,
+) -> dict[str, Any]:
+    """The approval as the API answers it; with ``ledger``: every person's decision
+    (one approval), with ``tally``: how many approvals it has (a listing)."""
+    from ledgerflow.ledger import quorum
+
     out = approval.as_dict()
     out["may_decide"] = approval.pending and _may_decide(approval, caller)
+    if ledger is not None:
+        decisions = quorum.decisions(ledger, approval.id)
+        out["decisions"] = [d.as_dict() for d in decisions]
+        out["approvals"] = sum(d.decision == "approved" for d in decisions)
+        out["may_decide"] = out["may_decide"] and all(d.by != caller.name for d in decisions)
+    elif tally is not None:
+        out["approvals"] = tally.get(approval.id, 0)
     return out
 
 
@@ -270,9 +290,13 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = PAGE_SIZE,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
-        rows, total = _page(source(), status, workflow, assignee, caller, offset, limit)
+        from ledgerflow.ledger.quorum import approvals_so_far
+
+        ledger = source()
+        rows, total = _page(ledger, status, workflow, assignee, caller, offset, limit)
+        tally = approvals_so_far(ledger, (a.id for a in rows))
         return {
-            "approvals": [_view(a, caller) for a in rows],
+            "approvals": [_view(a, caller, tally=tally) for a in rows],
             "total": total,
             "limit": limit,
             "offset": offset,
@@ -280,12 +304,14 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
 
     @api.get("/approvals/{approval_id}")
     def get_approval(approval_id: int, caller: CallerDep) -> dict[str, Any]:
-        return _view(_approval(source(), approval_id, caller), caller)
+        ledger = source()
+        return _view(_approval(ledger, approval_id, caller), caller, ledger)
 
     @api.post("/approvals/{approval_id}/decision")
     def post_decision(approval_id: int, body: DecisionBody, caller: CallerDep) -> dict[str, Any]:
-        stored = _decide(source(), approval_id, caller, body.decision, body.comment, body.seen_hash)
-        return _view(stored, caller)
+        ledger = source()
+        stored = _decide(ledger, approval_id, caller, body.decision, body.comment, body.seen_hash)
+        return _view(stored, caller, ledger)
 
     # Starting runs: POST /api/workflows/{name}/runs and the signed POST /hooks/{name}.
     from ledgerflow.api._triggers import triggers_router
@@ -348,12 +374,15 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
         offset = (page - 1) * PAGE_SIZE
         rows, total = _page(ledger, "pending", workflow, assignee, caller, offset)
         workflows = _workflows(ledger, caller)
+        from ledgerflow.ledger.quorum import approvals_so_far
+
         return _render.page(
             "pending",
             title="Pending approvals",
             root=root(request),
             caller=caller,
             approvals=rows,
+            tally=approvals_so_far(ledger, (a.id for a in rows)),
             workflows=workflows,
             workflow=workflow,
             assignee=assignee,
@@ -387,9 +416,16 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
     def approval_page(
         approval_id: int, request: Request, caller: CallerDep, msg: str | None = None
     ) -> str:
-        approval = _approval(source(), approval_id, caller)
+        from ledgerflow.ledger.quorum import decisions
+
+        ledger = source()
+        approval = _approval(ledger, approval_id, caller)
+        taken = decisions(ledger, approval_id)
         return _render.page(
             "detail",
+            decisions=taken,
+            approved=sum(d.decision == "approved" for d in taken),
+            mine=next((d for d in taken if d.by == caller.name), None),
             title=approval.subject,
             root=root(request),
             caller=caller,

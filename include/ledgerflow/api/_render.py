@@ -18,7 +18,11 @@ from markupsafe import Markup
 MESSAGES = {
     "approved": ("ok", "Approved. The workflow continues."),
     "rejected": ("ok", "Rejected. The workflow takes its reject path."),
-    "conflict": ("warn", "Not stored: this approval was already decided, or changed since."),
+    "pending": ("ok", "Recorded. The approval waits for more approvals (its quorum)."),
+    "conflict": (
+        "warn",
+        "Not stored: this approval was already decided, changed since, or you decided it before.",
+    ),
 }
 
 
@@ -161,7 +165,7 @@ _PENDING = """{% extends "layout" %}{% block content %}
 <td>{{ a.id }}</td>
 <td><a href="{{ root }}/approvals/{{ a.id }}">{{ a.subject }}</a></td>
 <td>{{ a.workflow }} v{{ a.version }}</td><td><a href="{{ root }}/runs/{{ a.run_id | urlencode }}">{{ a.airflow_run_id }}</a></td><td>{{ a.step_key }}</td>
-<td>{{ approvers(a) }}{% if a.level %} <span class="muted">(escalation level {{ a.level }})</span>{% endif %}</td>
+<td>{{ approvers(a) }}{% if a.level %} <span class="muted">(escalation level {{ a.level }})</span>{% endif %}{% if a.required > 1 %} <span class="quorum">{{ tally.get(a.id, 0) }} of {{ a.required }} approvals</span>{% endif %}</td>
 <td>{{ a.deadline | when }}</td><td>{{ a.created_at | when }}</td></tr>
 {% endfor %}</tbody></table>
 {% else %}<p class="muted">Nothing is waiting{% if workflow or assignee %} for this filter{% endif %}.</p>{% endif %}
@@ -201,6 +205,7 @@ _DETAIL = """{% extends "layout" %}{% block content %}
 <tr><th>Workflow</th><td>{{ a.workflow }} v{{ a.version }}</td></tr>
 <tr><th>Run</th><td>{{ a.dag_id }} / <a href="{{ root }}/runs/{{ a.run_id | urlencode }}">{{ a.airflow_run_id }}</a> (step {{ a.step_key }})</td></tr>
 <tr><th>Approvers</th><td>{{ approvers(a) }}{% if a.level %} (escalation level {{ a.level }}){% endif %}</td></tr>
+{% if a.required > 1 %}<tr><th>Quorum</th><td id="quorum">{{ approved }} of {{ a.required }} approvals</td></tr>{% endif %}
 <tr><th>Deadline</th><td>{{ a.deadline | when }}</td></tr>
 <tr><th>Requested</th><td>{{ a.created_at | when }}</td></tr>
 {% if a.status == "abandoned" %}
@@ -217,8 +222,15 @@ _DETAIL = """{% extends "layout" %}{% block content %}
 <h2>Payload</h2>
 <pre id="payload">{{ payload_json }}</pre>
 <p>SHA-256 <code class="hash" id="payload-hash">{{ a.payload_hash }}</code></p>
+{% if decisions and (a.required > 1 or decisions | length > 1) %}
+<h2>Decisions</h2>
+<table id="decisions"><thead><tr><th>By</th><th>Decision</th><th>When</th><th>Comment</th><th>Payload hash seen</th></tr></thead><tbody>
+{% for d in decisions %}<tr><td>{{ d.by }}</td><td class="status-{{ d.decision }}">{{ d.decision }}</td><td>{{ d.at | when }}</td><td>{{ d.comment or '' }}</td><td><code class="hash">{{ d.seen_hash[:12] }}</code></td></tr>
+{% endfor %}</tbody></table>
+{% endif %}
 {% if a.pending %}
-{% if may_decide %}
+{% if mine %}<p class="muted" id="mine">You ({{ caller.name }}) decided: {{ mine.decision }} ({{ mine.at | when }}). It waits for the other approvers.</p>
+{% elif may_decide %}
 <h2>Decision</h2>
 <form method="post" action="{{ root }}/approvals/{{ a.id }}/decide">
 <input type="hidden" name="seen_hash" value="{{ a.payload_hash }}">
@@ -287,4 +299,7 @@ def _env() -> jinja2.Environment:
 def page(name: str, **context: Any) -> str:
     code = context.pop("message_code", None)
     context.setdefault("message", MESSAGES.get(code) if code else None)
+    # A quorum's parts (``api._app`` gives them; a page without them shows none).
+    for key, empty in (("decisions", []), ("approved", 0), ("mine", None), ("tally", {})):
+        context.setdefault(key, empty)
     return _env().get_template(name).render(**context)

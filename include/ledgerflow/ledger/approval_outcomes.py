@@ -10,6 +10,7 @@ from sqlalchemy import Connection, select, update
 from ledgerflow.errors import ApprovalConflict, ApprovalNotFound
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger.approvals import Approval, _row
+from ledgerflow.ledger.quorum import decisions
 from ledgerflow.ledger.store import Ledger
 
 
@@ -79,6 +80,10 @@ def complete(ledger: Ledger, approval_id: int, via: str) -> dict[str, Any]:
         if step is not None and step["status"] == "completed":
             return dict(_checkpoint(step).output or {})
         output = approval.output()
+        # Every person's decision (a quorum's approvals, or the one decision).
+        output["decisions"] = [
+            d.as_dict(with_seen=False) for d in decisions(ledger, approval.id, conn)
+        ]
         ledger.complete_step(
             conn,
             run_id=approval.run_id,

@@ -4,7 +4,9 @@ A request is one row per (run, step): a retried or re-run task finds the same re
 A decision is a conditional update (``WHERE status = 'pending'``), so of any number of
 concurrent decisions exactly one is stored; on Postgres it sends ``NOTIFY
 ledgerflow_approvals, '<id>'`` in the same transaction, which wakes the waiting trigger
-as soon as the decision commits.
+as soon as the decision commits. A quorum approval (``required`` > 1) records each
+person's decision (``ledger.quorum``) and changes its status only when the quorum is met
+or someone rejects; a decision short of the quorum sends no NOTIFY (nothing to resume).
 
 Every change is also an event in the run's append-only log: request created,
 notification sent, escalated, decided (with the approver, the comment and the hash and
@@ -54,6 +56,7 @@ class Approval:
     comment: str | None
     seen_hash: str | None
     created_at: datetime
+    required: int = 1
 
     @property
     def pending(self) -> bool:
@@ -90,6 +93,7 @@ class Approval:
             "decided_at": self.decided_at.isoformat() if self.decided_at else None,
             "level": self.level,
             "payload_hash": self.payload_hash,
+            "required": self.required,
         }
 
     @property
@@ -146,6 +150,7 @@ def _row(row: Any) -> Approval:
         comment=row["comment"],
         seen_hash=row["seen_hash"],
         created_at=_aware(row["created_at"]),  # type: ignore[arg-type]
+        required=int(row["required"]),
     )
 
 
@@ -165,8 +170,10 @@ def request(
     deadline: datetime,
     at_deadline: Any,
     follow: dict[str, list[str] | None] | None = None,
+    required: int = 1,
 ) -> tuple[Approval, bool]:
-    """Create the request of a run's approval step once; returns (request, created)."""
+    """Create the request of a run's approval step once; returns (request, created).
+    ``required``: how many approvals end it approved (a quorum, ``ledger.quorum``)."""
     stamp = now()
     with ledger.begin() as conn:
         created = conn.execute(
@@ -190,6 +197,7 @@ def request(
                 status="pending",
                 created_at=stamp,
                 updated_at=stamp,
+                required=required,
             )
             .on_conflict_do_nothing()
         ).rowcount
@@ -212,6 +220,7 @@ def request(
                 {
                     "approval_id": approval.id,
                     "approvers": approvers,
+                    "required": required,
                     "deadline": deadline.isoformat(),
                     "payload_hash": approval.payload_hash,
                 },
@@ -343,63 +352,83 @@ def decide(
     comment: str | None = None,
     seen_hash: str | None = None,
     source: str = "ledgerflow",
+    settle: bool = False,
 ) -> Approval:
     """Store a decision if the approval is still pending; else ``ApprovalConflict``.
 
     ``decision`` is ``approved``/``rejected`` (a person) or ``expired`` (the deadline).
     ``seen_hash`` is the payload hash the approver was shown; when given it must match.
     ``source``: where it was given (``ledgerflow``, or ``airflow``'s Required Actions).
+    A person's decision is recorded once per person (``DecidedBefore`` for a second) and
+    ends the approval on a reject or when it makes the quorum; short of the quorum the
+    approval stays pending (returned as such). ``settle``: the decision ends it whatever
+    the quorum (the deadline's declared outcome, ``ledgerflow run --decide``).
     """
+    from ledgerflow.ledger import quorum
+
     if decision not in (*DECISIONS, "expired"):
         raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
     stamp = now()
     with ledger.begin() as conn:
+        # Lock the pending row first (a no-op update): concurrent decisions of a quorum
+        # take turns, so the one that makes it sees every other.
+        locked = conn.execute(
+            update(t.approvals)
+            .where(t.approvals.c.id == approval_id, t.approvals.c.status == "pending")
+            .values(updated_at=stamp)
+        ).rowcount
         current = get(ledger, approval_id, conn)
+        if not locked:
+            raise ApprovalConflict(
+                f"approval {approval_id} was already decided ({current.status} by "
+                f"{current.decided_by} at {current.decided_at})"
+            )
         if seen_hash is not None and seen_hash != current.payload_hash:
             raise ApprovalConflict(
                 f"approval {approval_id}: the payload you saw (hash {seen_hash[:12]}...) is not "
                 f"the one recorded ({current.payload_hash[:12]}...)"
             )
-        won = conn.execute(
+        outcome: str | None = decision
+        if not settle and decision != "expired":
+            seen = seen_hash or current.payload_hash
+            outcome = quorum.record(
+                conn, current, decision=decision, by=by, comment=comment, seen_hash=seen,
+                source=source, at=stamp,
+            )  # fmt: skip
+        data = {
+            "approval_id": approval_id,
+            "decision": outcome or decision,
+            "by": by,
+            "at": stamp.isoformat(),
+            "comment": comment,
+            "source": source,
+            "level": current.level,
+            "required": current.required,
+            "payload_hash": current.payload_hash,
+        }
+        if outcome is None:  # short of the quorum: recorded, still pending, nothing to wake
+            ledger._event(conn, current.run_id, current.step_key, "approval_partial", data)
+            return get(ledger, approval_id, conn)
+        conn.execute(
             update(t.approvals)
             .where(t.approvals.c.id == approval_id, t.approvals.c.status == "pending")
             .values(
-                status=decision,
+                status=outcome,
                 decided_by=by,
                 decided_at=stamp,
                 comment=comment,
                 seen_hash=seen_hash or current.payload_hash,
                 updated_at=stamp,
             )
-        ).rowcount
-        if not won:
-            raise ApprovalConflict(
-                f"approval {approval_id} was already decided ({current.status} by "
-                f"{current.decided_by} at {current.decided_at})"
-            )
-        ledger._event(
-            conn,
-            current.run_id,
-            current.step_key,
-            "approval_decided",
-            {
-                "approval_id": approval_id,
-                "decision": decision,
-                "by": by,
-                "at": stamp.isoformat(),
-                "comment": comment,
-                "source": source,
-                "level": current.level,
-                "payload_hash": current.payload_hash,
-                "payload": current.payload,
-            },
         )
+        data["payload"] = current.payload
+        ledger._event(conn, current.run_id, current.step_key, "approval_decided", data)
         if ledger.dialect == "postgresql":
             conn.execute(
                 text("SELECT pg_notify(:channel, :id)"),
                 {"channel": CHANNEL, "id": str(approval_id)},
             )
-    observability.approval_waited(current.workflow, stamp - current.created_at, decision)
+    observability.approval_waited(current.workflow, stamp - current.created_at, outcome)
     return get(ledger, approval_id)
 
 
@@ -411,7 +440,11 @@ def escalate(ledger: Ledger, approval: Approval, at: datetime) -> Approval | Non
     step = approval.at_deadline
     if not (isinstance(step, dict) and "escalate" in step):
         raise ValueError(f"approval {approval.id} has no escalation left")
+    from ledgerflow.ledger.quorum import escalated_approvers
+
     nxt = step["escalate"]
+    mode = nxt.get("mode", "replace")  # a chain stored before modes existed replaced
+    approvers = escalated_approvers(approval.approvers, nxt["approvers"], mode)
     deadline = at + timedelta(seconds=float(nxt["deadline"]))
     with ledger.begin() as conn:
         won = conn.execute(
@@ -423,7 +456,7 @@ def escalate(ledger: Ledger, approval: Approval, at: datetime) -> Approval | Non
             )
             .values(
                 level=approval.level + 1,
-                approvers=dumps(nxt["approvers"]),
+                approvers=dumps(approvers),
                 deadline=deadline,
                 at_deadline=dumps(nxt["at_deadline"]),
                 updated_at=now(),
@@ -439,7 +472,8 @@ def escalate(ledger: Ledger, approval: Approval, at: datetime) -> Approval | Non
             {
                 "approval_id": approval.id,
                 "level": approval.level + 1,
-                "approvers": nxt["approvers"],
+                "approvers": approvers,
+                "mode": mode,
                 "deadline": deadline.isoformat(),
             },
         )
@@ -456,6 +490,7 @@ def deadline_chain(at_deadline: Any) -> Any:
         "escalate": {
             "approvers": {"users": list(esc.approvers.users), "roles": list(esc.approvers.roles)},
             "deadline": esc.deadline.total_seconds(),
+            "mode": esc.mode,
             "at_deadline": deadline_chain(esc.at_deadline),
         }
     }

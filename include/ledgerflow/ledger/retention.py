@@ -35,6 +35,7 @@ RUN_TABLES = (
     t.steps,
     t.attempts,
     t.events,
+    t.approval_decisions,
     t.approvals,
     t.llm_calls,
     t.quality_results,

@@ -189,8 +189,31 @@ approvals = Table(
     Column("seen_hash", String(64)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # How many approvals end it approved (M of the approvers; 1 before quorums existed).
+    Column("required", Integer, nullable=False, server_default="1"),
     UniqueConstraint("run_id", "step_key", name="lf_approvals_step"),
     Index("lf_approvals_status", "status", "workflow"),
+)
+
+# One row per person's decision on an approval (a person decides once: unique), with
+# what that person was shown (``seen``: subject, body and payload; ``seen_hash``: the
+# payload's hash). The approval's own status changes when the quorum is met or on a
+# reject; the decisions before it stay here.
+approval_decisions = Table(
+    "lf_approval_decisions",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("approval_id", _ID, nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("level", Integer, nullable=False),
+    Column("decided_by", String(250), nullable=False),
+    Column("decision", String(20), nullable=False),
+    Column("comment", Text),
+    Column("source", String(40), nullable=False),
+    Column("seen_hash", String(64), nullable=False),
+    Column("seen", Text, nullable=False),
+    Column("decided_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("approval_id", "decided_by", name="lf_approval_decisions_once"),
 )
 
 # One row per LLM call, keyed by the step's idempotency key: the prompt, the model, every
@@ -285,8 +308,8 @@ Index("lf_llm_calls_created", llm_calls.c.created_at)
 # revisions are in ``ledger/migrations/versions``, written out; these constants let a task
 # check the ledger's version with one query and without importing Alembic.
 VERSION_TABLE = "lf_alembic_version"
-# The newest revision of the ``ledger`` branch ("0010"), as a number.
-LATEST = 10
+# The newest revision of the ``ledger`` branch ("0013"), as a number.
+LATEST = 13
 # The only revision of the ``demo`` branch: the example workflows' tables (``demo_*``).
 DEMO_HEAD = "demo01"
 # Before Alembic: one row per applied migration 1..8 (2 was the demo tables).

@@ -209,6 +209,9 @@ class Escalation(_Model):
     approvers: Approvers
     deadline: Duration
     at_deadline: DeadlineOutcome | EscalateTo = "reject"
+    mode: Literal["replace", "add"] = "replace"
+    """``replace``: only these approvers decide from now on; ``add``: they join the
+    approvers so far, who can still decide. Decisions already recorded count either way."""
 
     _parse = field_validator("deadline", mode="before")(parse_duration)
 
@@ -230,6 +233,9 @@ class ApprovalStep(_StepBase):
     payload: dict[str, Any] = {}
     """What the approver sees and decides on (templated); its hash is recorded."""
     approvers: Approvers
+    required: int = Field(default=1, ge=1)
+    """How many approvers must approve (a quorum, M of the approvers); a reject by any
+    one ends it rejected."""
     deadline: Duration = timedelta(days=3)
     at_deadline: DeadlineOutcome | EscalateTo = "reject"
     on_reject: str | None = None

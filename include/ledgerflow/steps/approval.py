@@ -129,6 +129,7 @@ def ask(
         deadline=now() + timedelta(seconds=step.deadline.total_seconds()),
         at_deadline=approvals.deadline_chain(step.at_deadline),
         follow=follow,
+        required=step.required,
     )
     faults.hit("after_effect", found.key)
     ledger.begin_attempt(
@@ -273,9 +274,13 @@ class ApprovalOperator(LedgerflowOperator, SkipMixin):
             if approval.pending:
                 return self._wait(context, ledger, approval)
             event = {"source": required_action.SOURCE, "outcome": outcome}
-        if approval is None or approval.pending:
-            # Never expected: the trigger fires only on a stored decision.
-            raise RuntimeError(f"approval of {run.run_id}/{self.step_id} is not decided: {event}")
+        if approval is None:
+            raise RuntimeError(f"no approval of {run.run_id}/{self.step_id}: {event}")
+        if approval.pending:
+            # Woken short of a decision (one decision of a quorum answered in Airflow's
+            # Required Actions): park again; listing it again reopens that entry.
+            self.log.info("approval %s still waits (%s): parked again", approval.id, event)
+            return self._wait(context, ledger, approval)
         ledger.record_event(run.run_id, self.step_id, "approval_resumed", {"event": event})
         return self._complete(context, ledger, approval)
 

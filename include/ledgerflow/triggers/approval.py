@@ -157,6 +157,7 @@ class ApprovalTrigger(BaseTrigger):
         # listed in Airflow, or a trigger serialized by an older release).
         self.ti_id = ti_id
         self._refused: Any = None  # the Airflow response already refused (recorded once)
+        self._reopen = False  # an Airflow response was one decision short of the quorum
         # Replaced by tests to drive run() with a fake clock.
         self._now: Callable[[], datetime] = _utcnow
         self._wait: Callable[[asyncio.Event, float], Awaitable[None]] = _wait_for
@@ -199,6 +200,14 @@ class ApprovalTrigger(BaseTrigger):
                 approval = await self._db(ledger, approvals.get, ledger, self.approval_id)
                 if approval.pending and self.ti_id is not None:
                     approval = await self._airflow_response(ledger, approval)
+                    if self._reopen:
+                        # One decision of a quorum, answered in Airflow while the task was
+                        # not deferred: its entry now holds that answer and refuses the
+                        # others; the task's resume re-parks it, which reopens the entry.
+                        yield TriggerEvent(
+                            {"approval_id": approval.id, "status": "pending", "reopen": True}
+                        )
+                        return
                 if not approval.pending:
                     yield await self._event(ledger, approval)
                     return
@@ -252,6 +261,7 @@ class ApprovalTrigger(BaseTrigger):
         outcome, approval = await self._db(ledger, apply, ledger, approval)
         if outcome == "refused":
             self._refused = (chosen, by)
+        self._reopen = outcome == "partial"
         return approval
 
     async def _event(self, ledger: Any, approval: Any) -> TriggerEvent:
@@ -307,6 +317,7 @@ class ApprovalTrigger(BaseTrigger):
                 decision=DEADLINE_DECISIONS[outcome],
                 by=DEADLINE_USER,
                 comment=f"no decision before the deadline; declared outcome: {outcome}",
+                settle=True,  # the declared outcome, however many approvals came before
             )
 
 

@@ -127,8 +127,11 @@ def apply_response(
     comment: str | None,
 ) -> tuple[str, Any]:
     """Apply a response given in Airflow to the ledger; returns (what happened, approval):
-    ``decided`` (this response is the decision), ``late`` (the ledger was decided first:
-    it stands), ``refused`` (not an approver now, or not a decision)."""
+    ``decided`` (this response is the decision), ``partial`` (one decision of a quorum,
+    recorded; the approval still waits), ``late`` (the ledger was decided first: it
+    stands), ``refused`` (not an approver now, not a decision, or this person decided
+    before)."""
+    from ledgerflow.errors import DecidedBefore
     from ledgerflow.ledger import approvals
 
     current = approvals.get(ledger, approval.id)
@@ -155,11 +158,15 @@ def apply_response(
             seen_hash=current.payload_hash,  # Airflow showed the ledger's payload
             source=SOURCE,
         )
+    except DecidedBefore:
+        data["reason"] = "decided before"
+        ledger.record_event(current.run_id, current.step_key, "approval_response_refused", data)
+        return "refused", current
     except approvals.ApprovalConflict:
         current = approvals.get(ledger, approval.id)
         ledger.record_event(current.run_id, current.step_key, "approval_response_ignored", data)
         return "late", current
-    return "decided", decided
+    return ("partial" if decided.pending else "decided"), decided
 
 
 def response_fields(event: Any) -> tuple[list[str], str | None, str | None]:

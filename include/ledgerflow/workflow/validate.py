@@ -77,6 +77,10 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
             _check_tool_step(spec, step, loc, upstream.get(step.id, set()), errors)
         else:
             _check_templates(spec, step, loc, upstream.get(step.id, set()), errors)
+        if isinstance(step, ApprovalStep):
+            from ledgerflow.workflow.quorum_checks import check_quorum
+
+            check_quorum(step, loc, errors.add)
         if isinstance(step, ApprovalStep) and step.for_each is not None:
             errors.add(
                 (*loc, "for_each"),
