@@ -278,9 +278,9 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     out: list[Any] = []
     for part in loc:
         if isinstance(part, str) and (
-            (part in {"tool", "approval", "llm", "quality"} and out and isinstance(out[-1], int))
+            (part in {"tool", "approval", "llm", "quality", "event"} and out and isinstance(out[-1], int))
             or part.startswith(("literal[", "function-"))
-            or part in {"KeyedIdempotency", "QualityBranch"}
+            or part in {"KeyedIdempotency", "QualityBranch", "EventBranch"}
         ):
             continue
         out.append(part)
