@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-
 _ID = r"^[a-z][a-z0-9_]{0,62}$"
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 _RESULT_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"

@@ -66,3 +66,32 @@ class EventStep(_StepBase):
         if self.deadline.total_seconds() <= 0:
             raise ValueError("deadline must be longer than zero")
         return self
+
+
+def payload_error(schema: dict[str, Any] | None, payload: Any) -> str | None:
+    """Why ``payload`` does not fit ``schema``, naming the field (None: it fits)."""
+    problem = payload_problem(schema, payload)
+    return None if problem is None else f"{problem[0]}: {problem[1]}"
+
+
+def payload_problem(schema: dict[str, Any] | None, payload: Any) -> tuple[str, str] | None:
+    """(the field, e.g. ``payload.amount``, and the message) of the first way ``payload``
+    does not fit ``schema``; None when it fits (or there is no schema)."""
+    if schema is None:
+        return None
+    from jsonschema import Draft202012Validator
+
+    errors = sorted(
+        Draft202012Validator(schema).iter_errors(payload), key=lambda e: list(e.absolute_path)
+    )
+    if not errors:
+        return None
+    first = errors[0]
+    where = "payload" + "".join(
+        f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.absolute_path
+    )
+    if first.validator == "required" and isinstance(first.instance, dict):
+        missing = [n for n in first.validator_value if n not in first.instance]
+        if missing:
+            where = f"{where}.{missing[0]}"
+    return where, first.message

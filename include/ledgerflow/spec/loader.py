@@ -278,7 +278,11 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     out: list[Any] = []
     for part in loc:
         if isinstance(part, str) and (
-            (part in {"tool", "approval", "llm", "quality", "event"} and out and isinstance(out[-1], int))
+            (
+                part in {"tool", "approval", "llm", "quality", "event"}
+                and out
+                and isinstance(out[-1], int)
+            )
             or part.startswith(("literal[", "function-"))
             or part in {"KeyedIdempotency", "QualityBranch", "EventBranch"}
         ):

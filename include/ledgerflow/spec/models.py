@@ -11,10 +11,8 @@ import re
 from datetime import timedelta
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ledgerflow.spec.events import EventStep
-from ledgerflow.spec.slo import SloSpec
 from ledgerflow.spec.base import _ID as _ID
 from ledgerflow.spec.base import _NAME as _NAME
 from ledgerflow.spec.base import _RESULT_NAME as _RESULT_NAME
@@ -25,6 +23,9 @@ from ledgerflow.spec.base import RetryPolicySpec as RetryPolicySpec
 from ledgerflow.spec.base import _Model as _Model
 from ledgerflow.spec.base import _StepBase as _StepBase
 from ledgerflow.spec.base import parse_duration as parse_duration
+from ledgerflow.spec.events import EventStep
+from ledgerflow.spec.slo import SloSpec
+
 
 class Defaults(_Model):
     retry: RetryPolicySpec = RetryPolicySpec()

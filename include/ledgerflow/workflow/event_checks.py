@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ledgerflow.spec.events import EventStep
+from ledgerflow.spec.events import EventStep, payload_error
 
 
 def event_problems(step: EventStep) -> list[tuple[tuple[Any, ...], str]]:
@@ -27,25 +27,3 @@ def event_problems(step: EventStep) -> list[tuple[tuple[Any, ...], str]]:
             if error is not None:
                 problems.append((("default",), f"does not fit the schema: {error}"))
     return problems
-
-
-def payload_error(schema: dict[str, Any] | None, payload: Any) -> str | None:
-    """Why ``payload`` does not fit ``schema``, naming the field (None: it fits)."""
-    if schema is None:
-        return None
-    from jsonschema import Draft202012Validator
-
-    errors = sorted(
-        Draft202012Validator(schema).iter_errors(payload), key=lambda e: list(e.absolute_path)
-    )
-    if not errors:
-        return None
-    first = errors[0]
-    where = "payload" + "".join(
-        f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.absolute_path
-    )
-    if first.validator == "required" and isinstance(first.instance, dict):
-        missing = [n for n in first.validator_value if n not in first.instance]
-        if missing:
-            where = f"{where}.{missing[0]}"
-    return f"{where}: {first.message}"
