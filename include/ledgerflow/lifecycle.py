@@ -1,6 +1,7 @@
 """The lifecycle of every durable record, as data: statuses and their allowed transitions.
 
-Each record kind (run, step, attempt, effect, saga, compensation, approval, dead letter)
+Each record kind (run, step, attempt, effect, saga, compensation, approval, event wait,
+event delivery, dead letter)
 has an enum of statuses and one ``Machine`` that says which status may follow which.
 The ledger writes a status only through ``Machine.check`` (or a guarded UPDATE built from
 ``Machine.sources``), so an illegal transition is refused with ``IllegalTransition``

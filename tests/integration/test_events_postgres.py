@@ -149,11 +149,15 @@ def test_a_delivery_and_a_wait_starting_together_always_meet(ledger: Ledger) -> 
         barrier = threading.Barrier(2)
         got: dict[str, Any] = {}
 
-        def wait_side(n: int = n) -> None:
+        def wait_side(
+            n: int = n, barrier: threading.Barrier = barrier, got: dict[str, Any] = got
+        ) -> None:
             barrier.wait()
             got["wait"] = open_wait(ledger, f"meet-{n}", f"meet-{n}")
 
-        def deliver_side(n: int = n) -> None:
+        def deliver_side(
+            n: int = n, barrier: threading.Barrier = barrier, got: dict[str, Any] = got
+        ) -> None:
             barrier.wait()
             got["delivery"] = deliver(ledger, f"meet-evt-{n}", f"meet-{n}")
 
