@@ -1,8 +1,8 @@
 """The lifecycle of every durable record, as data: statuses and their allowed transitions.
 
 Each record kind (run, step, attempt, effect, saga, compensation, approval, event wait,
-event delivery, dead letter)
-has an enum of statuses and one ``Machine`` that says which status may follow which.
+event delivery, dead letter) has an enum of statuses and one ``Machine`` that says which
+status may follow which.
 The ledger writes a status only through ``Machine.check`` (or a guarded UPDATE built from
 ``Machine.sources``), so an illegal transition is refused with ``IllegalTransition``
 instead of being stored. ``docs/lifecycle.md`` draws these machines; a unit test checks

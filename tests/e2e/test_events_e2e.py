@@ -76,8 +76,8 @@ def test_delivered_after_the_wait_starts_resumes_with_the_payload(
     assert stack.wait_for_run(PAY, run_id, timeout=180) == "success"
     ledger_run = f"{PAY}/{run_id}"
     outputs = ledger.outputs(ledger_run)
-    assert outputs["settled"] == {"amount": 42.5}
-    assert outputs["book"] == {"value": 42.5}
+    assert outputs["settled"]["output"] == {"amount": 42.5}
+    assert outputs["book"]["output"] == {"value": 42.5}
     assert len(kinds(ledger, ledger_run, "event_received")) == 1
     assert len(kinds(ledger, ledger_run, "event_step_completed")) == 1
 
@@ -95,7 +95,7 @@ def test_delivered_before_the_wait_starts_is_kept_and_consumed_once(
     assert resp.json()["status"] == "kept"
     first = stack.trigger(PAY, {"ref": ref})
     assert stack.wait_for_run(PAY, first, timeout=180) == "success"
-    assert ledger.outputs(f"{PAY}/{first}")["book"] == {"value": 7}
+    assert ledger.outputs(f"{PAY}/{first}")["book"]["output"] == {"value": 7}
     second = stack.trigger(PAY, {"ref": ref})
     wait = parked(stack, ledger, PAY, second, "settled")
     assert wait.waiting
@@ -179,7 +179,7 @@ def test_a_retry_run_reuses_the_received_event_without_waiting(
     retry = wait_for(lambda: [r["run_id"] for r in ledger.retries_of(original)], 60, "retry")[0]
     assert stack.wait_for_run(PAY, retry.split("/", 1)[1], timeout=180) == "success"
     assert event_waits.for_step(ledger, retry, "settled") is None  # it never waited
-    assert ledger.outputs(retry)["book"] == {"value": 9}
+    assert ledger.outputs(retry)["book"]["output"] == {"value": 9}
 
 
 def test_a_signed_webhook_delivers_and_an_unsigned_one_is_refused(
@@ -215,7 +215,7 @@ def _webhook_delivery(stack: AirflowStack, ledger: Ledger, secret: bytes) -> Non
     assert refused.status_code == 401
     assert signed.status_code == 200 and signed.json()["status"] == "delivered", signed.text
     assert stack.wait_for_run(PAY, run_id, timeout=180) == "success"
-    assert ledger.outputs(f"{PAY}/{run_id}")["book"] == {"value": 5}
+    assert ledger.outputs(f"{PAY}/{run_id}")["book"]["output"] == {"value": 5}
 
 
 def test_triggerer_killed_with_parked_event_waits_each_resumes_once(

@@ -340,3 +340,18 @@ def test_deadline_fail_fails_the_step_and_starts_the_saga(ledger: Ledger) -> Non
     run = ledger.run("wf__v1/r11")
     assert run is not None and run["saga"] == "compensating"
     assert "did not arrive before the deadline" in event_outcomes.fail(ledger, wait.id, "x")
+
+
+def test_a_withdrawn_wait_ends_its_trigger_and_records_no_outcome(ledger: Ledger) -> None:
+    """A cancelled run's wait (withdrawn): the trigger ends the task failed, and nothing
+    completes or fails the step's checkpoint (the cancel records the run's outcome)."""
+    from airflow.triggers.base import TaskFailedEvent
+
+    wait = open_wait(ledger, "r12", key="pay-12")
+    ledger.withdraw_event_waits("wf__v1/r12", "cancelled by ops")
+    event = first_event(EventTrigger(wait.id, ledger.conn_id, poll_interval=60))
+    assert isinstance(event, TaskFailedEvent)
+    checkpoint = ledger.checkpoint("wf__v1/r12", "settled")
+    assert checkpoint is None or checkpoint.status == "running"
+    withdrawn = [e for e in ledger.events("wf__v1/r12") if e["kind"] == "event_wait_withdrawn"]
+    assert len(withdrawn) == 1 and withdrawn[0]["data"]["reason"] == "cancelled by ops"
