@@ -385,6 +385,14 @@ class DecidedBefore(ApprovalConflict):
     code = "approval_decided_before"
 
 
+class EventPayloadInvalid(LedgerflowError):
+    """An event's payload does not fit the JSON Schema of the step waiting for it; the
+    message names the field (``payload.amount: 'x' is not of type 'number'``)."""
+
+    code = "event_payload_invalid"
+    field: str | None = None  # the payload's field (``payload.amount``), when known
+
+
 class IllegalTransition(LedgerflowError):
     """The ledger refused a status change its lifecycle does not allow."""
 

@@ -1,7 +1,8 @@
 """The lifecycle of every durable record, as data: statuses and their allowed transitions.
 
-Each record kind (run, step, attempt, effect, saga, compensation, approval, dead letter)
-has an enum of statuses and one ``Machine`` that says which status may follow which.
+Each record kind (run, step, attempt, effect, saga, compensation, approval, event wait,
+event delivery, dead letter) has an enum of statuses and one ``Machine`` that says which
+status may follow which.
 The ledger writes a status only through ``Machine.check`` (or a guarded UPDATE built from
 ``Machine.sources``), so an illegal transition is refused with ``IllegalTransition``
 instead of being stored. ``docs/lifecycle.md`` draws these machines; a unit test checks
@@ -72,6 +73,22 @@ class ApprovalStatus(str, Enum):
     EXPIRED = "expired"
     # The run's task can no longer resume (its run ended while the approval waited).
     ABANDONED = "abandoned"
+
+
+class EventWaitStatus(str, Enum):
+    WAITING = "waiting"
+    RECEIVED = "received"  # a delivery fit its schema: the payload is the step's output
+    EXPIRED = "expired"  # the deadline passed first: ``on_deadline`` decides
+    # Taken back while parked (a cancelled run): no delivery completes it any more.
+    WITHDRAWN = "withdrawn"
+
+
+class EventDeliveryStatus(str, Enum):
+    KEPT = "kept"  # arrived before any wait for it: kept until its time to live ends
+    CONSUMED = "consumed"  # taken by a wait (the first one, when it woke several)
+    EXPIRED = "expired"  # its time to live ended before a wait took it
+    # Kept, then found not to fit the schema of the wait that would take it.
+    REJECTED = "rejected"
 
 
 class DeadLetterStatus(str, Enum):
@@ -231,6 +248,26 @@ APPROVAL = _machine(
     },
 )
 
+W = EventWaitStatus
+EVENT_WAIT = _machine(
+    "event wait",
+    EventWaitStatus,
+    {
+        None: [W.WAITING, W.RECEIVED],  # RECEIVED at once: a kept delivery was waiting
+        W.WAITING: [W.RECEIVED, W.EXPIRED, W.WITHDRAWN],
+    },
+)
+
+V = EventDeliveryStatus
+EVENT_DELIVERY = _machine(
+    "event delivery",
+    EventDeliveryStatus,
+    {
+        None: [V.KEPT, V.CONSUMED],  # CONSUMED at once: waits were parked for it
+        V.KEPT: [V.CONSUMED, V.EXPIRED, V.REJECTED],
+    },
+)
+
 DEAD_LETTER = _machine(
     "dead letter",
     DeadLetterStatus,
@@ -247,7 +284,19 @@ DEAD_LETTER = _machine(
 )
 
 MACHINES: dict[str, Machine] = {
-    m.name: m for m in (RUN, STEP, ATTEMPT, EFFECT, SAGA, COMPENSATION, APPROVAL, DEAD_LETTER)
+    m.name: m
+    for m in (
+        RUN,
+        STEP,
+        ATTEMPT,
+        EFFECT,
+        SAGA,
+        COMPENSATION,
+        APPROVAL,
+        EVENT_WAIT,
+        EVENT_DELIVERY,
+        DEAD_LETTER,
+    )
 }
 
 # A run "has ended" for the retry rules when Airflow's DagRun ended; these are the run

@@ -123,6 +123,17 @@ OPTIONS: dict[str, Option] = {
         "a prune keeps effects younger than this, so a late retry still finds them.",
         parse_duration,
     ),
+    "event_ttl": Option(
+        "24h",
+        "How long an event delivered before any step waits for it (its name and key) is "
+        "kept in the ledger for a wait that starts later; after that it is never taken.",
+        parse_duration,
+    ),
+    "event_webhook_conn_id": Option(
+        "ledgerflow_events_webhook",
+        "The Airflow connection whose password (or extra.secret) signs deliveries to "
+        "POST /ledgerflow/hooks/events/<name> (as a workflow's webhook is signed).",
+    ),
     "orphan_after": Option(
         "1d",
         "A running run with no ledger event for this long, and no pending approval, counts "

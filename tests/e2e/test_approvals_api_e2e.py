@@ -115,10 +115,11 @@ def test_plugin_is_loaded_with_its_app_and_menu_entry(stack: AirflowStack) -> No
     )
 
 
-# Routes without an Airflow login, each on purpose: liveness, and signed webhooks (their
+# Routes without an Airflow login, each on purpose: liveness, and signed webhooks (runs and
+# events; their
 # credential is an HMAC of the body with the workflow's secret: a request without one is 401,
 # a workflow without the webhook opt-in 404; tests/e2e/test_triggers_e2e.py covers both).
-NO_LOGIN = {("GET", "/health"), ("POST", "/hooks/{name}")}
+NO_LOGIN = {("GET", "/health"), ("POST", "/hooks/{name}"), ("POST", "/hooks/events/{name}")}
 
 
 def test_every_route_but_health_answers_401_without_credentials(
@@ -144,6 +145,7 @@ def test_every_route_but_health_answers_401_without_credentials(
     bodies = {
         "/api/approvals/{approval_id}/decision": {"json": {"decision": "approve"}},
         "/approvals/{approval_id}/decide": {"data": {"decision": "approve", "csrf_token": "x"}},
+        "/api/events/{name}": {"json": {"key": "k", "id": "anon-1", "payload": {}}},
     }
     forger = httpx.Client(base_url=stack.base_url, cookies={"_token": "not-a-jwt"}, timeout=30)
     with client(stack) as anon, forger, client(stack, "viewer") as viewer:

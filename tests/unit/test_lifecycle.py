@@ -54,6 +54,8 @@ def test_final_outcomes_are_terminal() -> None:
         "attempt": {"completed", "failed", "lost"},
         "effect": {"compensated"},
         "approval": {"approved", "rejected", "expired", "abandoned"},
+        "event wait": {"received", "expired", "withdrawn"},
+        "event delivery": {"consumed", "expired", "rejected"},
         "compensation": {"completed", "not_compensable"},
         "step": {"skipped"},
         "run": set(),

@@ -239,3 +239,50 @@ def test_for_each_and_step_named_segments_are_refused(tmp_path: Path) -> None:
 def test_execution_must_be_tasks_or_fused(tmp_path: Path) -> None:
     report = _refused(tmp_path, f"  - id: a\n    {NOOP}\n", execution="fast")
     assert "fz/v1.yaml:3: execution:" in report
+
+
+def test_an_event_step_ends_a_segment_like_an_approval(tmp_path: Path) -> None:
+    """a -> b, then an event step, then c -> d: two segments around the event step's own
+    (deferrable) task; naming the event step in a segment is refused with its line."""
+    spec = _load(
+        tmp_path,
+        f"""\
+  - id: a
+    {NOOP}
+  - id: b
+    needs: [a]
+    {NOOP}
+  - id: settled
+    kind: event
+    needs: [b]
+    event: payment.settled
+    key: "{{{{ steps.b.output.value }}}}"
+  - id: c
+    needs: [settled]
+    {NOOP}
+  - id: d
+    needs: [c]
+    {NOOP}
+""",
+    )
+    assert [s.steps for s in segments(spec)] == [("a", "b"), ("c", "d")]  # type: ignore[arg-type]
+    assert task_of(spec, "settled") == "settled"  # type: ignore[arg-type]
+    dag = build_dag(spec)  # type: ignore[arg-type]
+    assert type(dag.get_task("settled")).__name__ == "EventOperator"
+    assert set(dag.get_task("fused__c__d").upstream_task_ids) == {"settled"}
+    report = _refused(
+        tmp_path / "refused",
+        f"""\
+  - id: a
+    segment: s
+    {NOOP}
+  - id: settled
+    kind: event
+    needs: [a]
+    segment: s
+    event: payment.settled
+    key: k
+""",
+    )
+    assert "steps[1].segment:" in report
+    assert "an event step parks in the triggerer" in report and "cannot be fused" in report

@@ -6,6 +6,8 @@ Routes (relative to the mount point):
   webhook, authenticated by the workflow's secret instead of a login (``_triggers.py``).
 - ``POST /api/workflows/{name}/runs``: start a run (``_triggers.py``); with ``?wait=30s``
   answer its end if it comes in time (``_wait.py``).
+- ``POST /api/events/{name}`` and the signed ``POST /hooks/events/{name}``: deliver an
+  event to the ``kind: event`` steps waiting for it (``_events.py``).
 - REST: ``GET /api/approvals`` (``limit``, default 100 and at most 1000, ``offset``;
   ``total`` counts every match), ``GET /api/approvals/{id}``,
   ``POST /api/approvals/{id}/decision``; ``POST /api/runs/{run_id}/retry``
@@ -317,6 +319,9 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
     from ledgerflow.api._triggers import triggers_router
 
     app.include_router(triggers_router(source))
+    from ledgerflow.api._events import events_router
+
+    app.include_router(events_router(source))
 
     app.include_router(api)
 

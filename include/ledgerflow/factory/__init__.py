@@ -251,7 +251,7 @@ def _kind_builder(kind: str) -> Any:
     """``build_task(spec, step, trigger_rule)`` of a step kind's module."""
     import importlib
 
-    module = {"approval": "approval", "llm": "llm", "quality": "quality"}[kind]
+    module = {"approval": "approval", "llm": "llm", "quality": "quality", "event": "event"}[kind]
     return importlib.import_module(f"ledgerflow.steps.{module}").build_task
 
 

@@ -303,6 +303,61 @@ Index("lf_effects_created", effects.c.created_at)
 Index("lf_dead_letters_created", dead_letters.c.created_at)
 Index("lf_llm_calls_created", llm_calls.c.created_at)
 
+# Event steps (``kind: event``): one wait per (run, step), and every delivery once per
+# event id. A delivery that came before its wait is kept until ``expires_at`` and taken
+# by exactly one wait (``consumed_by_*``); the lifecycles are in ``lifecycle.py``.
+event_waits = Table(
+    "lf_event_waits",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False),
+    Column("step_key", String(250), nullable=False),
+    Column("dag_id", String(250), nullable=False),
+    Column("task_id", String(250), nullable=False),
+    Column("workflow", String(100), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("key", String(500), nullable=False),
+    Column("payload_schema", Text),
+    Column("deadline", DateTime(timezone=True), nullable=False),
+    # "fail" | "continue" | {"branch": step}; "default": the output of "continue".
+    Column("on_deadline", Text, nullable=False),
+    Column("default_payload", Text),
+    # Task ids to follow ({"received": [...], "expired": [...] | null}), as approvals keep.
+    Column("follow", Text),
+    # waiting -> received | expired | withdrawn
+    Column("status", String(20), nullable=False),
+    Column("delivery_id", BigInteger().with_variant(Integer, "sqlite")),
+    Column("payload", Text),
+    Column("resolved_by", String(40)),
+    Column("resolved_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("run_id", "step_key", name="lf_event_waits_step"),
+    Index("lf_event_waits_match", "name", "key", "status"),
+    Index("lf_event_waits_run", "run_id", "status"),
+)
+
+event_deliveries = Table(
+    "lf_event_deliveries",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False),
+    Column("key", String(500), nullable=False),
+    Column("event_id", String(250), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("source", String(40), nullable=False),  # api | webhook
+    Column("received_by", String(250)),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    # kept -> consumed | expired | rejected; consumed at once when waits were parked
+    Column("status", String(20), nullable=False),
+    Column("consumed_by_run", String(250)),
+    Column("consumed_by_step", String(250)),
+    Column("consumed_at", DateTime(timezone=True)),
+    Column("detail", Text),  # why it was rejected
+    UniqueConstraint("event_id", name="lf_event_deliveries_event_id"),
+    Index("lf_event_deliveries_match", "name", "key", "status"),
+)
+
 # The schema's version lives in Alembic's table, named for us so that it never meets
 # Airflow's own ``alembic_version`` when the ledger shares Airflow's database. The
 # revisions are in ``ledger/migrations/versions``, written out; these constants let a task

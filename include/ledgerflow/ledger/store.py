@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger._effects import EffectsMixin
@@ -153,6 +153,18 @@ class Ledger(RunsMixin, StepsMixin, EffectsMixin):
     def schema_version(self) -> int:
         """The revision of the ledger's tables as a number (8 for ``0008``; 0 when none)."""
         return _number(self.revisions())
+
+    # -- event waits ----------------------------------------------------------------
+
+    def withdraw_event_waits(
+        self, run_id: str, reason: str = "", conn: Connection | None = None
+    ) -> int:
+        """Withdraw the run's parked event waits (``waiting -> withdrawn``; a cancelled
+        run): no delivery or deadline completes them any more, and each one's trigger
+        wakes and ends its task. Returns how many were withdrawn."""
+        from ledgerflow.ledger import event_waits
+
+        return event_waits.withdraw(self, run_id, reason, conn)
 
 
 # The ledgers (by URL) this process found at the code's revision: True when the demo

@@ -276,11 +276,17 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # pydantic inserts union member names ("tool", "KeyedIdempotency", "literal[...]")
     # into locations; they are not fields of the file.
     out: list[Any] = []
-    for part in loc:
+    for n, part in enumerate(loc):
         if isinstance(part, str) and (
-            (part in {"tool", "approval", "llm", "quality"} and out and isinstance(out[-1], int))
+            # The union member's tag right after a step's index; a field of the same name
+            # after it (an event step's ``event``, a tool step's ``tool``) is kept.
+            (
+                part in {"tool", "approval", "llm", "quality", "event"}
+                and n > 0
+                and isinstance(loc[n - 1], int)
+            )
             or part.startswith(("literal[", "function-"))
-            or part in {"KeyedIdempotency", "QualityBranch"}
+            or part in {"KeyedIdempotency", "QualityBranch", "EventBranch"}
         ):
             continue
         out.append(part)

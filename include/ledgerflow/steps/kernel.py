@@ -1,6 +1,6 @@
 """The step kernel: everything a step does around its own work, written once.
 
-Every kind of step (tool, LLM, quality, approval, compensation) goes through
+Every kind of step (tool, LLM, quality, approval, event, compensation) goes through
 ``run_step`` (or, for a step that parks, through ``prologue``) and supplies only its own
 part as a ``StepKind``: ``render`` its inputs, ``claim`` its effect, ``perform`` the work,
 ``commit`` what it produced, and how a reused checkpoint reads. The kernel does the rest,

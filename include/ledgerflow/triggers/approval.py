@@ -43,9 +43,10 @@ def _utcnow() -> datetime:
 
 class Listener:
     """One ``LISTEN ledgerflow_approvals`` connection shared by every approval trigger
-    of an event loop. Waiters register an approval id and get an ``asyncio.Event`` that
-    is set when that approval's NOTIFY arrives (and for everyone after a reconnect,
-    since notifications sent while disconnected are lost)."""
+    and every event-wait trigger (``triggers.event``) of an event loop. Waiters register
+    an approval id (or ``"event:<wait id>"``) and get an ``asyncio.Event`` that is set
+    when its NOTIFY arrives (and for everyone after a reconnect, since notifications
+    sent while disconnected are lost)."""
 
     # Per event loop (weakly: a loop that is gone takes its listeners with it; keying by
     # id(loop) would hand a new loop, which may reuse the id, a dead loop's listener).
@@ -55,7 +56,7 @@ class Listener:
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        self.waiters: dict[int, set[asyncio.Event]] = {}
+        self.waiters: dict[int | str, set[asyncio.Event]] = {}
         self.task: asyncio.Task[None] | None = None
         self.connections = 0  # how many times it (re)connected; tests read it
 
@@ -68,14 +69,14 @@ class Listener:
             listener = listeners[dsn] = cls(dsn)
         return listener
 
-    def register(self, approval_id: int) -> asyncio.Event:
+    def register(self, approval_id: int | str) -> asyncio.Event:
         event = asyncio.Event()
         self.waiters.setdefault(approval_id, set()).add(event)
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._listen())
         return event
 
-    def unregister(self, approval_id: int, event: asyncio.Event) -> None:
+    def unregister(self, approval_id: int | str, event: asyncio.Event) -> None:
         events = self.waiters.get(approval_id)
         if events is not None:
             events.discard(event)
@@ -85,7 +86,7 @@ class Listener:
             self.task.cancel()  # the last waiter left: close the connection
             self.task = None
 
-    def _wake(self, approval_id: int) -> None:
+    def _wake(self, approval_id: int | str) -> None:
         for event in self.waiters.get(approval_id, ()):
             event.set()
 
@@ -110,7 +111,9 @@ class Listener:
                     self._wake_all()  # re-check whatever was decided while not listening
                     async for note in conn.notifies():
                         try:
-                            self._wake(int(note.payload))
+                            payload = note.payload
+                            # An event wait's note is "event:<id>"; an approval's its id.
+                            self._wake(payload if payload.startswith("event:") else int(payload))
                         except ValueError:
                             log.warning("ignoring notification %r", note.payload)
             except asyncio.CancelledError:

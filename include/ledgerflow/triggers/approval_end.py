@@ -84,15 +84,20 @@ def end_task_now(ledger: Any, approval: Any) -> bool:
 
 
 def _skip_branch_not_taken(session: Any, ti: Any, approval: Any) -> None:
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.state import TaskInstanceState
-    from sqlalchemy import or_, update
-
     follow = approval.follow or {}
     if follow.get("rejected") is None:
         return  # no branch declared: everything downstream runs
     downstream = set(follow.get("approved") or []) | set(follow["rejected"])
-    skip = downstream - set(follow.get(approval.status) or [])
+    skip_tasks(session, ti, downstream - set(follow.get(approval.status) or []))
+
+
+def skip_tasks(session: Any, ti: Any, skip: set[str]) -> None:
+    """Mark ``skip`` (tasks of ``ti``'s run not running or done) skipped, as Airflow's
+    own "skip downstream" route does (also used by ``triggers.event``)."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.state import TaskInstanceState
+    from sqlalchemy import or_, update
+
     if not skip:
         return
     now = datetime.now(timezone.utc)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ledgerflow.errors import SpecError, SpecErrors, UnknownToolError
+from ledgerflow.spec.events import EventStep
 from ledgerflow.spec.loader import LineMap, field_name, line_for, read_spec_file
 from ledgerflow.spec.models import (
     AnyStep,
@@ -30,6 +31,7 @@ from ledgerflow.spec.templates import (
     is_template,
     iter_strings,
 )
+from ledgerflow.workflow.event_checks import event_problems
 from ledgerflow.workflow.graph import ancestors, find_cycle
 
 CRON_PRESETS = frozenset(
@@ -90,6 +92,9 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
             _check_quality(step, loc, errors)
         if isinstance(step, LlmStep):
             _check_llm(step, loc, errors)
+        if isinstance(step, EventStep):
+            for sub, message in event_problems(step):
+                errors.add((*loc, *sub), message)
         _check_branch(spec, step, loc, errors)
     if graph_ok:
         from ledgerflow.workflow.segments import plan
@@ -140,6 +145,8 @@ def template_fields(step: AnyStep) -> list[tuple[tuple[Any, ...], str, bool]]:
     elif isinstance(step, ApprovalStep):
         fields += [(("subject",), step.subject, False), (("body",), step.body, False)]
         fields += [(path, value, False) for path, value in iter_strings(step.payload, ("payload",))]
+    elif isinstance(step, EventStep):
+        fields.append((("key",), step.key, False))
     elif isinstance(step, QualityStep):
         data = step.dataset
         fields += [

@@ -1,0 +1,163 @@
+"""Benchmark: from an event delivery to the next task's start, and the same for an
+approval decision, on one real Airflow.
+
+Target: ``event_resume_ms_p50`` <= 200.
+
+One real Airflow 3 deployment (``AirflowStack``: api-server with the Ledgerflow plugin,
+scheduler, dag-processor, triggerer, LocalExecutor, Postgres metadata; the ledger on its
+own Postgres database). Two DAGs of the same shape, a wait then one task:
+
+* ``event_latency__v1``: ``settled`` (``kind: event``, key ``{{ params.ref }}``) then
+  ``next`` (``demo.noop``); the event is delivered through
+  ``POST /ledgerflow/api/events/payment.settled``;
+* ``approval_latency__v1`` (bench/approval_latency.py's workflow): ``ask``
+  (``kind: approval``) then ``next``; decided through
+  ``POST /ledgerflow/api/approvals/{id}/decision``.
+
+Each round triggers both, waits until both are parked (task ``deferred``), then sends
+the event and the decision one after the other (the order alternates). The latency is
+Airflow's own ``start_date`` of ``next`` minus the wall-clock time just before the call
+(same machine, same clock). Both take the same path: the api-server that stores the
+delivery (or the decision) ends the parked task itself, so the scheduler can start the
+next task at once.
+
+The last line is ``event_resume_ms_p50=<n> approval_resume_ms_p50=<n>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from approval_latency import (  # bench/ is on sys.path when run as a script
+    OURS as APPROVAL,
+)
+from approval_latency import (
+    WORKFLOW as APPROVAL_WORKFLOW,
+)
+from approval_latency import (
+    decide_ours,
+    ti,
+    ts,
+    wait_state,
+)
+from harness import (
+    RESULTS,
+    deployment,
+    git_revision,
+    logger,
+    new_base,
+    rounds,
+    write_results,
+    write_workflow,
+)
+
+EVENT = "event_latency__v1"
+
+WORKFLOW = """
+name: event_latency
+version: 1
+max_active_runs: 100
+params:
+  ref: {type: string, required: true}
+steps:
+  - id: settled
+    kind: event
+    event: payment.settled
+    key: "{{ params.ref }}"
+    schema: {type: object, required: [amount], properties: {amount: {type: number}}}
+    deadline: 1h
+  - id: next
+    needs: [settled]
+    tool: demo.noop
+    args: {value: "{{ steps.settled.output.amount }}"}
+    idempotency: natural
+"""
+
+log = logger("event_latency")
+
+
+def deliver(stack: Any, ref: str) -> float:
+    t0 = time.time()
+    answer = stack.api(
+        "POST",
+        "/ledgerflow/api/events/payment.settled",
+        json={"key": ref, "id": f"bench-{ref}", "payload": {"amount": 1}},
+    )
+    if answer["status"] != "delivered":
+        raise RuntimeError(f"event for {ref} was {answer['status']}, not delivered")
+    return t0
+
+
+def latency(stack: Any, dag_id: str, run_id: str, t0: float) -> float:
+    if stack.wait_for_run(dag_id, run_id, timeout=180) != "success":
+        raise RuntimeError(f"{dag_id}/{run_id} did not succeed")
+    return ts(ti(stack, dag_id, run_id, "next")["start_date"]) - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Event delivery -> next task start, and approval decision -> next "
+        "task start, on one real Airflow (medians)."
+    )
+    parser.add_argument("--rounds", type=int, default=20, help="deliveries per kind (>= 20)")
+    parser.add_argument("--json", type=Path, default=RESULTS / "event_latency.json")
+    args = parser.parse_args(argv)
+    if args.rounds < 20:
+        log(f"warning: --rounds {args.rounds}; the benchmark asks for at least 20")
+
+    base = new_base("events")
+    write_workflow(base / "dags", "event_latency", WORKFLOW)
+    write_workflow(base / "dags", "approval_latency", APPROVAL_WORKFLOW)
+    measured: dict[str, list[float]] = {"event": [], "approval": []}
+    with deployment("events", base, [EVENT, APPROVAL], log, parallelism=16) as env:
+        stack, ledger = env.stack, env.ledger
+        for label, warm, order in rounds(args.rounds, ("event", "approval"), warmup=1):
+            ref = uuid.uuid4().hex
+            a = stack.trigger(EVENT, {"ref": ref})
+            b = stack.trigger(APPROVAL)
+            wait_state(stack, EVENT, a, "settled", {"deferred"})
+            wait_state(stack, APPROVAL, b, "ask", {"deferred"})
+            time.sleep(1.0)  # let both parked tasks' processes exit
+            got: dict[str, float] = {}
+            for who in order:
+                if who == "event":
+                    got[who] = latency(stack, EVENT, a, deliver(stack, ref))
+                else:
+                    got[who] = latency(stack, APPROVAL, b, decide_ours(stack, ledger, b, "api"))
+            line = f"event {got['event']:.3f} s, approval {got['approval']:.3f} s"
+            if warm:
+                log(f"warm-up: {line}")
+                continue
+            for who, value in got.items():
+                measured[who].append(value)
+            log(f"round {label}/{args.rounds}: {line}")
+
+    event_ms = statistics.median(measured["event"]) * 1000
+    approval_ms = statistics.median(measured["approval"]) * 1000
+    report = {
+        "rounds": args.rounds,
+        "event_s": measured["event"],
+        "approval_s": measured["approval"],
+        "event_resume_ms_p50": event_ms,
+        "approval_resume_ms_p50": approval_ms,
+        "git": git_revision(),
+    }
+    write_results(args.json, report)
+    print(f"delivery/decision -> next task start, median of {args.rounds}:")
+    for who in ("event", "approval"):
+        values = measured[who]
+        print(
+            f"  {who:<9} {statistics.median(values) * 1000:8.0f} ms  "
+            f"(min {min(values) * 1000:.0f}, max {max(values) * 1000:.0f})"
+        )
+    print(f"event_resume_ms_p50={event_ms:.0f} approval_resume_ms_p50={approval_ms:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
