@@ -274,11 +274,15 @@ def parse_spec(text: str, file: str) -> tuple[WorkflowSpec, LineMap]:
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # pydantic inserts union member names ("tool", "KeyedIdempotency", "literal[...]")
-    # into locations; they are not fields of the file.
+    # into locations; they are not fields of the file. A step's kind tag follows its
+    # index directly (a field after it, such as ``tool``, is a field).
     out: list[Any] = []
+    previous: Any = None
     for part in loc:
+        tag = isinstance(previous, int) and isinstance(part, str)
+        previous = part
         if isinstance(part, str) and (
-            (part in {"tool", "approval", "llm", "quality"} and out and isinstance(out[-1], int))
+            (part in {"tool", "approval", "llm", "quality", "wait"} and tag)
             or part.startswith(("literal[", "function-"))
             or part in {"KeyedIdempotency", "QualityBranch"}
         ):

@@ -245,6 +245,24 @@ class ApprovalStep(_StepBase):
         return self.on_reject
 
 
+class WaitStep(_StepBase):
+    """A durable timer: waits ``for`` a duration, or ``until`` a moment (a template,
+    rendered when the step runs, read in the workflow's time zone), parked in the
+    triggerer (no worker slot). Exactly one of the two (``workflow.waits`` checks it)."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, str_strip_whitespace=True, populate_by_name=True
+    )
+
+    kind: Literal["wait"]
+    for_: Duration | None = Field(None, alias="for")
+    until: str | None = None
+
+    _parse_for = field_validator("for_", mode="before")(
+        lambda v: None if v is None else parse_duration(v)
+    )
+
+
 class QualityDataset(_Model):
     """What a quality step validates: exactly one of ``table``, ``query`` (through the
     Postgres/SQLite connection ``conn_id``), ``step`` (an upstream step's output) or
@@ -401,7 +419,7 @@ class TriggersSpec(_Model):
         return value
 
 
-AnyStep = ToolStep | ApprovalStep | LlmStep | QualityStep
+AnyStep = ToolStep | ApprovalStep | LlmStep | QualityStep | WaitStep
 Step = Annotated[AnyStep, Field(discriminator="kind")]
 
 

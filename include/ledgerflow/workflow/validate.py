@@ -19,6 +19,7 @@ from ledgerflow.spec.models import (
     QualityStep,
     ToolCall,
     ToolStep,
+    WaitStep,
     WorkflowSpec,
 )
 from ledgerflow.spec.templates import (
@@ -31,6 +32,7 @@ from ledgerflow.spec.templates import (
     iter_strings,
 )
 from ledgerflow.workflow.graph import ancestors, find_cycle
+from ledgerflow.workflow.waits import check_wait
 
 CRON_PRESETS = frozenset(
     {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
@@ -86,6 +88,8 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
             _check_quality(step, loc, errors)
         if isinstance(step, LlmStep):
             _check_llm(step, loc, errors)
+        if isinstance(step, WaitStep):
+            check_wait(spec, step, loc, errors)
         _check_branch(spec, step, loc, errors)
     if graph_ok:
         from ledgerflow.workflow.segments import plan
@@ -157,6 +161,8 @@ def template_fields(step: AnyStep) -> list[tuple[tuple[Any, ...], str, bool]]:
         fields += [
             (("checks", n, "expr"), c.expr, True) for n, c in enumerate(step.checks) if c.expr
         ]
+    elif isinstance(step, WaitStep) and step.until is not None:
+        fields.append((("until",), step.until, False))
     for name in ("when", "for_each"):
         expression = getattr(step, name)
         if expression is not None:
