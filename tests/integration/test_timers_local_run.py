@@ -86,3 +86,37 @@ def test_a_skipped_timer_and_the_saga_after_a_later_failure(tmp_path: Path, cach
     assert comp["cool_off"] == "not_compensable"
     assert comp["charge_payment"] == "completed"
     assert comp["reserve_inventory"] == "completed"
+
+
+FUSED = ROOT / "tests/integration/dags/workflows/timed_fused/v1.yaml"
+
+
+def test_a_timer_ends_a_fused_segment_and_the_next_starts_after_it(
+    tmp_path: Path, cache: Path
+) -> None:
+    """``execution: fused``: a -> b run in one task, the wait in its own (parked), and
+    c -> d in one task after it fired: each step completed once, each e-mail sent once,
+    and c saw the timer's output."""
+    ran = ledgerflow("run", str(FUSED), "--workdir", "work", cwd=tmp_path, cache=cache)
+    assert ran.returncode == 0, ran.stderr + ran.stdout
+    db = tmp_path / "work" / "ledger.db"
+    assert ledger_rows(db, "select status from lf_runs") == [("succeeded",)]
+    steps = dict(ledger_rows(db, "select step_id, status from lf_steps"))
+    assert steps == {s: "completed" for s in ("a", "b", "w", "c", "d")}
+    sent = ledger_rows(db, "select subject, body from demo_emails order by id")
+    assert [s for s, _ in sent] == ["a", "b", "c", "d"]
+    fired = _events(db, "timer_fired")
+    assert [k for k, _ in fired] == ["w"]
+    assert dict(sent)["c"] == fired[0][1]["fired"]
+    # The wait ended the first segment: b completed before the timer was parked, c after
+    # it fired.
+    order = [
+        (str(k), str(s))
+        for k, s in ledger_rows(
+            db,
+            "select kind, step_key from lf_events where kind in "
+            "('step_completed', 'timer_parked', 'timer_fired') order by id",
+        )
+    ]
+    assert order.index(("step_completed", "b")) < order.index(("timer_parked", "w"))
+    assert order.index(("timer_fired", "w")) < order.index(("step_completed", "c"))
