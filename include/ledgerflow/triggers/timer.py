@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # A long wait sleeps in slices, reading the clock after each: a host clock that jumps
 # (NTP, a suspended VM) moves the fire time no further than one slice.
 SLICE_S = 60.0
+PREPARE_S = 2.0
 
 
 def _utcnow() -> datetime:
@@ -71,15 +72,22 @@ class TimerTrigger(BaseTrigger):
         from ledgerflow.ledger import timers
         from ledgerflow.ledger.store import Ledger
 
-        while (left := (self.planned - self._now()).total_seconds()) > 0:
-            await self._sleep(min(left, SLICE_S))
-        fired = self._now()
+        # The ledger's connection is looked up shortly before the fire time (not when a
+        # wait of days begins: a password may change meanwhile), so it costs no lag.
+        await self._sleep_until(PREPARE_S)
         # In a thread: a connection lookup in the triggerer talks to its supervisor.
         url = await asyncio.to_thread(self.resolve_ledger_url)
         ledger = Ledger(url, conn_id=self.conn_id)
+        await self._sleep_until(0.0)
+        fired = self._now()
         output = await self._db(ledger, timers.fire, ledger, self.run_id, self.step_key, fired)
         log.info("timer %s/%s fired (lag %s ms)", self.run_id, self.step_key, output["lag_ms"])
         yield TaskSuccessEvent(xcoms={"return_value": output})
+
+    async def _sleep_until(self, before: float) -> None:
+        """Sleep until ``before`` seconds ahead of the planned time."""
+        while (left := (self.planned - self._now()).total_seconds() - before) > 0:
+            await self._sleep(min(left, SLICE_S))
 
     async def _db(self, ledger: Any, call: Callable[..., Any], *args: Any) -> Any:
         """``call(*args)`` in a thread, riding out a ledger that is briefly unreachable (a
