@@ -164,7 +164,7 @@ def build_dag(
             if step.id in fused:
                 continue
             if not isinstance(step, ToolStep):
-                # approval / llm / quality: each kind's module builds its own task.
+                # approval / llm / quality / wait: each kind's module builds its own task.
                 tasks[step.id] = _kind_builder(step.kind)(spec, step, rule)
                 continue
             policy = spec.retry_for(step)
@@ -251,7 +251,13 @@ def _kind_builder(kind: str) -> Any:
     """``build_task(spec, step, trigger_rule)`` of a step kind's module."""
     import importlib
 
-    module = {"approval": "approval", "llm": "llm", "quality": "quality", "event": "event"}[kind]
+    module = {
+        "approval": "approval",
+        "llm": "llm",
+        "quality": "quality",
+        "event": "event",
+        "wait": "wait",
+    }[kind]
     return importlib.import_module(f"ledgerflow.steps.{module}").build_task
 
 

@@ -12,9 +12,11 @@ each bounded by the window through an index (migration 10): nothing loads the hi
   it waited for people (``human_wait``: each approval's request to its decision, or to
   now while pending). ``first_step``: registration to its first attempt.
 - ``timer_lag``: how late the deadline outcome of an approval was recorded after its
-  deadline (the triggerer's timer).
+  deadline, and how late a wait step fired after its planned time (``timer_fired``
+  events recorded in the window): the triggerer's timers.
 - ``pending``: runs running now; ``orphaned``: of those, runs with no ledger event for
-  ``[ledgerflow] orphan_after`` and no pending approval (nothing is moving them on).
+  ``[ledgerflow] orphan_after``, no pending approval and no parked timer (nothing is
+  moving them on).
 - ``compensations``: runs whose saga ran (compensated or compensation_failed).
 - ``throughput``: finished runs per hour of the window.
 - ``audit_latency``: from a step's checkpoint to its ``step_completed`` event (mean and
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, bindparam, case, func, literal_column, select
 
 from ledgerflow.ledger import schema as t
+from ledgerflow.ledger._engine import loads
 
 if TYPE_CHECKING:
     from sqlalchemy import ColumnElement
@@ -275,12 +278,26 @@ def measure(
     quiet_since = current - orphan_after
     moving = select(ev.c.id).where(ev.c.run_id == r.c.run_id, ev.c.at >= quiet_since).exists()
     waiting = select(ap.c.id).where(ap.c.run_id == r.c.run_id, ap.c.status == "pending").exists()
+    st = t.steps
+    timing = (
+        select(st.c.run_id)
+        .where(
+            st.c.run_id == r.c.run_id,
+            st.c.status == "running",
+            st.c.idempotency_key.like("timer:%"),
+        )
+        .exists()
+    )
     orphans_q = scoped(
         select(r.c.workflow, func.count())
-        .where(running, r.c.updated_at < quiet_since, ~moving, ~waiting)
+        .where(running, r.c.updated_at < quiet_since, ~moving, ~waiting, ~timing)
         .group_by(r.c.workflow)
     )
-    st = t.steps
+    fired_q = scoped(
+        select(r.c.workflow, ev.c.data)
+        .select_from(ev.join(r, r.c.run_id == ev.c.run_id))
+        .where(ev.c.kind == "timer_fired", ev.c.at >= since, ev.c.at < until)
+    )
     lag = _seconds(ledger.dialect, st.c.completed_at, ev.c.at) * literal_column("1000.0")
     audit_q = scoped(
         select(r.c.workflow, func.avg(lag), func.max(lag))
@@ -325,6 +342,8 @@ def measure(
             )
         for row in conn.execute(lags_q):
             facts(row.workflow).timer_lags.append(_ms(row.lag))
+        for row in conn.execute(fired_q):
+            facts(row.workflow).timer_lags.append(_ms(loads(row.data)["lag_ms"] / 1000))
         for row in conn.execute(letters_q):
             facts(row.workflow).dead_letters.append(_when(row.created_at))
         for row in conn.execute(fallbacks_q):

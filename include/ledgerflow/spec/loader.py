@@ -274,17 +274,15 @@ def parse_spec(text: str, file: str) -> tuple[WorkflowSpec, LineMap]:
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # pydantic inserts union member names ("tool", "KeyedIdempotency", "literal[...]")
-    # into locations; they are not fields of the file.
+    # into locations; they are not fields of the file. A step's kind tag follows its
+    # index directly (a field after it, such as ``tool``, is a field).
     out: list[Any] = []
-    for n, part in enumerate(loc):
+    previous: Any = None
+    for part in loc:
+        tag = isinstance(previous, int) and isinstance(part, str)
+        previous = part
         if isinstance(part, str) and (
-            # The union member's tag right after a step's index; a field of the same name
-            # after it (an event step's ``event``, a tool step's ``tool``) is kept.
-            (
-                part in {"tool", "approval", "llm", "quality", "event"}
-                and n > 0
-                and isinstance(loc[n - 1], int)
-            )
+            (part in {"tool", "approval", "llm", "quality", "event", "wait"} and tag)
             or part.startswith(("literal[", "function-"))
             or part in {"KeyedIdempotency", "QualityBranch", "EventBranch"}
         ):

@@ -25,6 +25,7 @@ from ledgerflow.spec.base import _StepBase as _StepBase
 from ledgerflow.spec.base import parse_duration as parse_duration
 from ledgerflow.spec.events import EventStep
 from ledgerflow.spec.slo import SloSpec
+from ledgerflow.spec.waits import WaitStep as WaitStep
 
 
 class Defaults(_Model):
@@ -312,7 +313,7 @@ class TriggersSpec(_Model):
         return value
 
 
-AnyStep = ToolStep | ApprovalStep | LlmStep | QualityStep | EventStep
+AnyStep = ToolStep | ApprovalStep | LlmStep | QualityStep | EventStep | WaitStep
 Step = Annotated[AnyStep, Field(discriminator="kind")]
 
 

@@ -7,7 +7,7 @@ checkpoint, attempts, idempotency key, retry policy, dead letter and compensatio
 
 Which steps a segment may hold, and why:
 
-* **tool and LLM steps** only. An approval or an event step parks in the triggerer and a quality step
+* **tool and LLM steps** only. An approval or an event step or a wait (timer) parks in the triggerer and a quality step
   runs Great Expectations in its own task; a ``for_each`` step is one mapped task per
   item. Each of those ends a segment and runs as its own task.
 * **a chain**: each step of a segment after the first needs exactly the step before it,
@@ -60,6 +60,7 @@ def refusal(step: AnyStep) -> str | None:
             "approval": "an approval parks in the triggerer until someone decides",
             "event": "an event step parks in the triggerer until its event arrives",
             "quality": "a quality step runs its checks in a task of its own",
+            "wait": "a wait parks in the triggerer until its time",
         }.get(step.kind, f"a {step.kind} step runs in a task of its own")
         return f"{reason}, so it cannot be fused"
     if step.for_each is not None:

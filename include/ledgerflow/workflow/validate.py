@@ -20,6 +20,7 @@ from ledgerflow.spec.models import (
     QualityStep,
     ToolCall,
     ToolStep,
+    WaitStep,
     WorkflowSpec,
 )
 from ledgerflow.spec.templates import (
@@ -33,6 +34,7 @@ from ledgerflow.spec.templates import (
 )
 from ledgerflow.workflow.event_checks import event_problems
 from ledgerflow.workflow.graph import ancestors, find_cycle
+from ledgerflow.workflow.waits import check_wait
 
 CRON_PRESETS = frozenset(
     {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
@@ -95,6 +97,8 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
         if isinstance(step, EventStep):
             for sub, message in event_problems(step):
                 errors.add((*loc, *sub), message)
+        if isinstance(step, WaitStep):
+            check_wait(spec, step, loc, errors)
         _check_branch(spec, step, loc, errors)
     if graph_ok:
         from ledgerflow.workflow.segments import plan
@@ -168,6 +172,8 @@ def template_fields(step: AnyStep) -> list[tuple[tuple[Any, ...], str, bool]]:
         fields += [
             (("checks", n, "expr"), c.expr, True) for n, c in enumerate(step.checks) if c.expr
         ]
+    elif isinstance(step, WaitStep) and step.until is not None:
+        fields.append((("until",), step.until, False))
     for name in ("when", "for_each"):
         expression = getattr(step, name)
         if expression is not None:
