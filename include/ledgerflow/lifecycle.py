@@ -79,6 +79,14 @@ class DeadLetterStatus(str, Enum):
     RESOLVED = "resolved"
 
 
+class NotificationStatus(str, Enum):
+    PENDING = "pending"  # recorded with its event, not tried yet
+    SENDING = "sending"  # claimed by one sender (a claim older than a few minutes is stale)
+    SENT = "sent"
+    FAILED = "failed"  # the notifier refused or was down: tried again at ``next_at``
+    GAVE_UP = "gave_up"  # failed MAX_ATTEMPTS times: an operator reads ``last_error``
+
+
 # ``None`` stands for "no record yet".
 Transitions = Mapping[str | None, frozenset[str]]
 
@@ -127,6 +135,7 @@ def _machine(name: str, kind: type[Enum], edges: dict[str | None, Iterable[Enum]
     return Machine(name, statuses, transitions, terminal)
 
 
+N = NotificationStatus
 R, S, A, E, G, C, P, D = (
     RunStatus,
     StepStatus,
@@ -244,8 +253,31 @@ DEAD_LETTER = _machine(
     },
 )
 
+NOTIFICATION = _machine(
+    "notification",
+    NotificationStatus,
+    {
+        None: [N.PENDING],
+        N.PENDING: [N.SENDING],
+        # SENDING again: a sender that died holding its claim; another takes it over.
+        N.SENDING: [N.SENDING, N.SENT, N.FAILED],
+        N.FAILED: [N.SENDING, N.GAVE_UP],
+    },
+)
+
 MACHINES: dict[str, Machine] = {
-    m.name: m for m in (RUN, STEP, ATTEMPT, EFFECT, SAGA, COMPENSATION, APPROVAL, DEAD_LETTER)
+    m.name: m
+    for m in (
+        RUN,
+        STEP,
+        ATTEMPT,
+        EFFECT,
+        SAGA,
+        COMPENSATION,
+        APPROVAL,
+        DEAD_LETTER,
+        NOTIFICATION,
+    )
 }
 
 # A run "has ended" for the retry rules when Airflow's DagRun ended; these are the run

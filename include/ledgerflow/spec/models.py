@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ledgerflow.spec.notify import NotifyTarget, approval_targets
 from ledgerflow.spec.slo import SloSpec
 
 _ID = r"^[a-z][a-z0-9_]{0,62}$"
@@ -237,6 +238,10 @@ class ApprovalStep(_StepBase):
     skipped); without it a reject fails the run (and so compensates)."""
 
     _parse_deadline = field_validator("deadline", mode="before")(parse_duration)
+    notify: tuple[NotifyTarget, ...] | None = None
+    """Who hears of this approval (``ledgerflow.spec.notify``): replaces the workflow's
+    ``notify`` for its approval events; ``[]`` tells no one."""
+    _notify = field_validator("notify")(approval_targets)
 
     branch_field: ClassVar[str] = "on_reject"
 
@@ -437,6 +442,9 @@ class WorkflowSpec(_Model):
     """What the run answers a caller who waits for it (``POST .../runs?wait=30s``) when it
     succeeds: each entry rendered like args, from the run's checkpoints
     (``steps.<id>.output...``), ``params`` and ``run``."""
+    notify: tuple[NotifyTarget, ...] = ()
+    """Notifications (``ledgerflow.spec.notify``): approvals, dead letters and failed
+    compensations, sent through Airflow's notifiers."""
     slo: SloSpec | None = None
     """Service level objectives (``ledgerflow.spec.slo``): judged by ``ledgerflow slo``,
     the dashboard and the alerts."""
