@@ -52,7 +52,7 @@ class NotifyTarget(BaseModel):
     conn_id: str = Field(min_length=1, max_length=250, pattern=r"^[A-Za-z0-9_.-]+$")
     to: tuple[str, ...] = ()
     """E-mail addresses (``smtp`` only, at least one)."""
-    on: tuple[Event, ...] = Field(default=EVENTS, min_length=1)  # type: ignore[assignment]
+    on: tuple[Event, ...] = Field(default=EVENTS, min_length=1)  # type: ignore[arg-type]
     """The events this target is told of (every event when left out)."""
 
     @model_validator(mode="before")
@@ -85,7 +85,9 @@ class NotifyTarget(BaseModel):
         if self.kind == "smtp" and not self.to:
             raise ValueError("an smtp target needs `to`: at least one e-mail address")
         if self.kind != "smtp" and self.to:
-            raise ValueError(f"`to` is for smtp targets; a {self.kind} target sends to its connection")
+            raise ValueError(
+                f"`to` is for smtp targets; a {self.kind} target sends to its connection"
+            )
         return self
 
     @property
@@ -107,3 +109,17 @@ def approval_targets(value: tuple[NotifyTarget, ...] | None) -> tuple[NotifyTarg
                 f"{', '.join(APPROVAL_EVENTS)} (declare the others at the workflow's notify)"
             )
     return value
+
+
+def routes(spec: object) -> dict[str, object] | None:
+    """The workflow's targets as the ledger keeps them with each run
+    (``{"workflow": [...], "steps": {approval step: [...]}}``); None: it notifies no one."""
+    workflow = [t.model_dump(mode="json") for t in getattr(spec, "notify", ())]
+    steps = {
+        s.id: [t.model_dump(mode="json") for t in s.notify]
+        for s in getattr(spec, "steps", ())
+        if getattr(s, "kind", None) == "approval" and s.notify is not None
+    }
+    if not workflow and not steps:
+        return None
+    return {"workflow": workflow, "steps": steps}
