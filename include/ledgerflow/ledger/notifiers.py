@@ -119,7 +119,11 @@ def deliver(target: dict[str, Any], subject: str, text: str, link: str) -> None:
             },
         }
         SlackWebhookNotifier(
-            slack_webhook_conn_id=target["conn_id"], text=plain, blocks=[block], timeout=10
+            slack_webhook_conn_id=target["conn_id"],
+            text=plain,
+            blocks=[block],
+            timeout=10,
+            retry_handlers=[],  # the outbox retries, with its backoff, not slack_sdk's
         ).notify({})
     else:
         raise ValueError(f"unknown notifier kind {kind!r}")

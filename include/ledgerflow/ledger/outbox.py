@@ -138,13 +138,22 @@ def after_commit(ledger: Any, committed: bool) -> None:
 
 
 def send_soon(ledger: Any, ids: list[str], wait: float | None = None) -> None:
-    """Send these rows in a background thread; wait for it ``wait`` seconds at most
-    (``SEND_WAIT_S``). What it does not finish stays in the outbox for :func:`send_due`."""
+    """Send these rows in a background thread; wait for it ``wait`` seconds at most.
+
+    By default (``wait=None``) a process's main thread (a task, the CLI, ``dag.test()``)
+    waits ``SEND_WAIT_S`` at most, so that the send is done before a short-lived
+    process exits; any other thread (the api-server's routes, the triggerer's database
+    calls) returns at once: its process outlives the send, and a decision's next task
+    is not held up by a slow notifier. What the thread does not finish stays in the
+    outbox for :func:`send_due`."""
     sender = threading.Thread(
         target=_send_quietly, args=(ledger, list(ids)), name="ledgerflow-notify", daemon=True
     )
     sender.start()
-    sender.join(SEND_WAIT_S if wait is None else wait)
+    if wait is None:
+        wait = SEND_WAIT_S if threading.current_thread() is threading.main_thread() else 0.0
+    if wait > 0:
+        sender.join(wait)
 
 
 def send_pending(ledger: Any, run_id: str, step_key: str | None) -> None:
