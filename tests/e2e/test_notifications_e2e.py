@@ -72,3 +72,39 @@ def test_the_request_mail_links_to_a_page_that_opens_and_the_decision_is_mailed(
     ]
     mine = [m for m in mail.messages if f"Mailed {ref}" in str(m["Subject"])]
     assert len(mine) == 2
+
+
+def test_the_triggerer_mails_an_escalation_to_the_new_approver(
+    stack: AirflowStack, ledger: Ledger, mail: MailServer
+) -> None:
+    """Nobody decides in 3 s: the triggerer escalates the parked approval and its notice
+    goes out from the triggerer's process (the connection read there), with the page's
+    link; the new approver's approve resumes the run; the outbox holds it ``sent`` once."""
+    ref = f"e-{uuid.uuid4().hex[:8]}"
+    dag = "approval_escalate_mailed__v1"
+    run_id = stack.trigger(dag, {"ref": ref})
+    wanted = f"Approval escalated (level 1): Escalated {ref}"
+
+    def escalation_mail() -> object:
+        return next((m for m in mail.messages if m["Subject"] == wanted), None)
+
+    message = wait_for(escalation_mail, 180, "the escalation's mail")
+    approval = approvals.for_step(ledger, f"{dag}/{run_id}", "ask")
+    assert approval is not None and approval.level == 1
+    assert re.findall(r'href="([^"]+)"', html_text(message)) == [
+        f"{stack.base_url}/ledgerflow/approvals/{approval.id}"
+    ]
+    assert "manager" in html_text(message)
+    decided = httpx.post(
+        f"{stack.base_url}/ledgerflow/api/approvals/{approval.id}/decision",
+        json={"decision": "approve"},
+        headers={"Authorization": f"Bearer {stack.token('manager')}"},
+        timeout=30,
+    )
+    assert decided.status_code == 200, decided.text
+    assert stack.wait_for_run(dag, run_id, timeout=180) == "success"
+    rows = outbox.listing(ledger, run_id=f"{dag}/{run_id}")
+    assert [(r["event"], r["status"], r["attempts"]) for r in rows] == [
+        ("approval_escalated", "sent", 1)
+    ]
+    assert len([m for m in mail.messages if m["Subject"] == wanted]) == 1
