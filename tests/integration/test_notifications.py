@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from ledgerflow.ledger import approvals, outbox
 from ledgerflow.ledger.store import Ledger, now
@@ -306,6 +308,106 @@ def test_a_rolled_back_event_notifies_no_one(stack: dict[str, Any]) -> None:
     assert rows(ledger, run) == {} and len(mail.messages) == before
 
 
+def letter(ledger: Ledger, run: RunRef, conn: Any = None) -> None:
+    ledger.dead_letter(
+        workflow="notified",
+        version=1,
+        run_id=run.run_id,
+        step_key="pay",
+        attempts=1,
+        error=RuntimeError("boom"),
+        args={},
+        idempotency_key=None,
+        conn=conn,
+    )
+
+
+def slack_row(ledger: Ledger, run: RunRef) -> dict[str, Any]:
+    return rows(ledger, run)["dead_letter", "slack_webhook:lf_notify_slack"]
+
+
+def test_concurrent_senders_deliver_a_notice_once(stack: dict[str, Any]) -> None:
+    """A pending notice (its event committed outside Ledger.begin, so nobody sent it yet)
+    that eight senders try at once (the maintenance task, the CLI, a task's thread...) is
+    posted once: the guarded claim lets one sender have it."""
+    ledger, slack = stack["ledger"], stack["slack"]
+    run = start_run(stack, "race")
+    with ledger.engine.begin() as conn:
+        letter(ledger, run, conn)
+    row = slack_row(ledger, run)
+    assert row["status"] == "pending"
+    barrier = threading.Barrier(8)
+    results: list[dict[str, str]] = []
+
+    def sender() -> None:
+        barrier.wait()
+        results.append(outbox.send(ledger, [row["id"]]))
+
+    threads = [threading.Thread(target=sender) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(len(r) for r in results) == [0] * 7 + [1]
+    assert len([b for b in slack.bodies if run.run_id in b["text"]]) == 1
+    assert (slack_row(ledger, run)["status"], slack_row(ledger, run)["attempts"]) == ("sent", 1)
+
+
+def test_a_stale_claim_is_taken_over_and_a_fresh_one_is_not(stack: dict[str, Any]) -> None:
+    """A sender that died while sending leaves its row ``sending``: send_due leaves it
+    alone while the claim is fresh (its sender may still answer) and takes it over once
+    it is older than STALE_CLAIM, sending it."""
+    ledger, slack = stack["ledger"], stack["slack"]
+    run = start_run(stack, "stale")
+    with ledger.engine.begin() as conn:
+        letter(ledger, run, conn)
+    nid = slack_row(ledger, run)["id"]
+    _set(ledger, nid, status="sending", attempts=1, updated_at=now())
+    assert outbox.send_due(ledger).get(nid) is None
+    _set(ledger, nid, updated_at=now() - outbox.STALE_CLAIM - timedelta(seconds=1))
+    assert outbox.send_due(ledger)[nid] == "sent"
+    assert len([b for b in slack.bodies if run.run_id in b["text"]]) == 1
+    assert slack_row(ledger, run)["attempts"] == 2
+
+
+def test_after_the_last_attempt_it_is_given_up_with_its_error(stack: dict[str, Any]) -> None:
+    """A notice whose notifier stays down is ``gave_up`` after MAX_ATTEMPTS, with the last
+    error, and no retry picks it again; each failure pushed ``next_at`` back."""
+    ledger = stack["ledger"]
+    run = start_run(stack, "giveup")
+    ask(stack, run)
+    nid = rows(ledger, run)["approval_requested", "slack_webhook:lf_notify_down"]["id"]
+    for attempt in range(2, outbox.MAX_ATTEMPTS + 1):
+        _make_due(ledger, nid)
+        status = outbox.send_due(ledger)[nid]
+        row = rows(ledger, run)["approval_requested", "slack_webhook:lf_notify_down"]
+        assert row["attempts"] == attempt
+        if attempt < outbox.MAX_ATTEMPTS:
+            assert status == "failed" and row["next_at"] > now()
+    assert (status, row["status"]) == ("gave_up", "gave_up")
+    assert "Connection refused" in row["last_error"]
+    _make_due(ledger, nid)
+    assert outbox.send_due(ledger).get(nid) is None
+
+
+def test_an_inner_commit_does_not_send_the_outer_transactions_notices(
+    stack: dict[str, Any],
+) -> None:
+    """A notice recorded in an open transaction is not sent when another (inner)
+    transaction on the same thread commits (its row is not committed yet); it goes out
+    when its own transaction commits."""
+    ledger, slack = stack["ledger"], stack["slack"]
+    run = start_run(stack, "nested")
+    with ledger.begin() as outer:
+        letter(ledger, run, outer)
+        with ledger.begin() as inner:
+            inner.execute(select(1))
+        time.sleep(0.3)
+        assert not [b for b in slack.bodies if run.run_id in b["text"]]
+    _wait(lambda: [b for b in slack.bodies if run.run_id in b["text"]])
+    assert slack_row(ledger, run)["status"] == "sent"
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -327,3 +429,12 @@ def _make_due(ledger: Ledger, nid: str) -> None:
             .where(t.notifications.c.id == nid)
             .values(next_at=now() - timedelta(seconds=1))
         )
+
+
+def _set(ledger: Ledger, nid: str, **values: Any) -> None:
+    from sqlalchemy import update
+
+    from ledgerflow.ledger import schema as t
+
+    with ledger.engine.begin() as conn:
+        conn.execute(update(t.notifications).where(t.notifications.c.id == nid).values(**values))

@@ -37,7 +37,7 @@ class LedgerBase:
         if conn is not None:
             yield conn
             return
-        committed = False
+        committed, own = False, None
         try:
             with self.engine.begin() as own:
                 yield own
@@ -45,7 +45,8 @@ class LedgerBase:
         finally:
             # The notices this transaction recorded go out once it commits (never before:
             # a rolled-back event notifies no one).
-            outbox.after_commit(self, committed)
+            if own is not None:
+                outbox.after_commit(self, own, committed)
 
     @contextmanager
     def _read(self, conn: Connection | None) -> Iterator[Connection]:

@@ -122,19 +122,23 @@ def enqueue(
     pending = getattr(_local, "ids", None)
     if pending is None:
         pending = _local.ids = []
-    pending.extend(ids)
+    pending.extend((conn, nid) for nid in ids)
     return ids
 
 
-def after_commit(ledger: Any, committed: bool) -> None:
-    """Called by ``Ledger.begin`` when its own transaction ends: send what it recorded
-    (``committed``), or forget it (rolled back)."""
-    ids = getattr(_local, "ids", None)
-    if not ids:
+def after_commit(ledger: Any, conn: Connection, committed: bool) -> None:
+    """Called by ``Ledger.begin`` when its own transaction on ``conn`` ends: send what it
+    recorded (``committed``), or forget it (rolled back). Rows of another transaction
+    still open on this thread wait for that one's end."""
+    pending = getattr(_local, "ids", None)
+    if not pending:
         return
-    _local.ids = []
+    mine = [nid for c, nid in pending if c is conn]
+    if not mine:
+        return
+    _local.ids = [(c, nid) for c, nid in pending if c is not conn]
     if committed:
-        send_soon(ledger, ids)
+        send_soon(ledger, mine)
 
 
 def send_soon(ledger: Any, ids: list[str], wait: float | None = None) -> None:
