@@ -39,11 +39,9 @@ def cmd_notifications(args: argparse.Namespace) -> int:
     if args.retry:
         done = outbox.send_due(ledger)
         print(f"retried {len(done)}: {sum(s == 'sent' for s in done.values())} sent")
+    from ledgerflow.cli_output import default_format, print_rows
+
     rows: list[dict[str, Any]] = outbox.listing(ledger, run_id=args.run, status=args.status)
-    for r in rows:
-        error = f"  {r['last_error']}" if r["last_error"] else ""
-        print(
-            f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {r['status']:<8} {r['attempts']}x  "
-            f"{r['event']:<20} {r['target']:<30} {r['run_id']}{error}"
-        )
+    columns = ["created_at", "status", "attempts", "event", "target", "run_id", "last_error"]
+    print_rows(rows, getattr(args, "fmt", None) or default_format(), columns)
     return 1 if any(r["status"] in ("failed", "gave_up") for r in rows) else 0
