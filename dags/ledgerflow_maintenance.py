@@ -2,6 +2,8 @@
 
 - ``ledgerflow_slo_alerts`` (every 5 minutes): indicators as metrics, and an alert when a
   workflow's SLO starts burning its error budget or is breached, once per breach.
+- ``ledgerflow_notifications`` (every 2 minutes): sends again the notices that are due
+  (a notifier that was down: ``ledgerflow notifications``).
 - ``ledgerflow_prune`` (daily): removes finished runs older than ``[ledgerflow] retention``
   (90 days), keeping effect keys for ``[ledgerflow] effect_key_horizon``; never an
   unfinished run.
@@ -43,6 +45,24 @@ def ledgerflow_slo_alerts() -> None:
 
 
 @dag(
+    dag_id="ledgerflow_notifications",
+    schedule="*/2 * * * *",
+    tags=["ledgerflow", "maintenance"],
+    doc_md=__doc__,
+    dagrun_timeout=timedelta(minutes=10),
+    **COMMON,  # type: ignore[arg-type]
+)
+def ledgerflow_notifications() -> None:
+    @task
+    def send_notifications() -> dict[str, object]:
+        from ledgerflow.maintenance import send_notifications
+
+        return send_notifications()
+
+    send_notifications()
+
+
+@dag(
     dag_id="ledgerflow_prune",
     schedule="@daily",
     tags=["ledgerflow", "maintenance"],
@@ -60,4 +80,5 @@ def ledgerflow_prune() -> None:
 
 
 ledgerflow_slo_alerts()
+ledgerflow_notifications()
 ledgerflow_prune()

@@ -415,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ops_commands(sub, ledger_args, add_dags_folder_option)  # slo, export, prune
 
+    from ledgerflow.cli_notify import add_notify_commands
+
+    add_notify_commands(sub, ledger_args)  # notifications
+
     p = sub.add_parser(
         "config", help="the [ledgerflow] settings: value, where it came from, what it does"
     )

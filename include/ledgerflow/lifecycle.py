@@ -96,6 +96,14 @@ class DeadLetterStatus(str, Enum):
     RESOLVED = "resolved"
 
 
+class NotificationStatus(str, Enum):
+    PENDING = "pending"  # recorded with its event, not tried yet
+    SENDING = "sending"  # claimed by one sender (a claim older than a few minutes is stale)
+    SENT = "sent"
+    FAILED = "failed"  # the notifier refused or was down: tried again at ``next_at``
+    GAVE_UP = "gave_up"  # failed MAX_ATTEMPTS times: an operator reads ``last_error``
+
+
 # ``None`` stands for "no record yet".
 Transitions = Mapping[str | None, frozenset[str]]
 
@@ -144,6 +152,7 @@ def _machine(name: str, kind: type[Enum], edges: dict[str | None, Iterable[Enum]
     return Machine(name, statuses, transitions, terminal)
 
 
+N = NotificationStatus
 R, S, A, E, G, C, P, D = (
     RunStatus,
     StepStatus,
@@ -283,6 +292,18 @@ DEAD_LETTER = _machine(
     },
 )
 
+NOTIFICATION = _machine(
+    "notification",
+    NotificationStatus,
+    {
+        None: [N.PENDING],
+        N.PENDING: [N.SENDING],
+        # SENDING again: a sender that died holding its claim; another takes it over.
+        N.SENDING: [N.SENDING, N.SENT, N.FAILED],
+        N.FAILED: [N.SENDING, N.GAVE_UP],
+    },
+)
+
 MACHINES: dict[str, Machine] = {
     m.name: m
     for m in (
@@ -296,6 +317,7 @@ MACHINES: dict[str, Machine] = {
         EVENT_WAIT,
         EVENT_DELIVERY,
         DEAD_LETTER,
+        NOTIFICATION,
     )
 }
 

@@ -2,6 +2,8 @@
 
 - ``check_slos``: every workflow's indicators over its SLO window, sent as metrics, and
   an alert for each objective that entered ``burning`` or ``breached`` (once per breach).
+- ``send_notifications``: every notice of the outbox that is due (a notifier that was
+  down, a sender that died), sent again.
 - ``prune_ledger``: the retention prune with ``[ledgerflow] retention`` and
   ``effect_key_horizon``.
 
@@ -45,3 +47,16 @@ def prune_ledger() -> dict[str, Any]:
     )
     print("\n".join(result.lines()))
     return result.as_dict()
+
+
+def send_notifications() -> dict[str, Any]:
+    from ledgerflow.ledger import outbox
+    from ledgerflow.ledger.store import Ledger
+
+    ledger = Ledger.from_airflow()
+    ledger.migrate()
+    done = outbox.send_due(ledger)
+    for nid, status in done.items():
+        print(f"{nid}: {status}")
+    print(f"retried {len(done)} notifications, {sum(s == 'sent' for s in done.values())} sent")
+    return done

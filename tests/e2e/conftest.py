@@ -14,6 +14,7 @@ from ledgerflow.ledger.store import Ledger
 from ledgerflow.testing.airflow_stack import AirflowStack
 from ledgerflow.testing.echo_peer import EchoPeer
 from ledgerflow.testing.http_peer import IdempotentPeer
+from ledgerflow.testing.mail import MailServer
 from ledgerflow.testing.openai_peer import OpenAIPeer
 from ledgerflow.testing.postgres import fresh_database
 from ledgerflow.testing.statsd import StatsdListener
@@ -139,6 +140,13 @@ def statsd() -> Iterator[StatsdListener]:
 
 
 @pytest.fixture(scope="session")
+def mail() -> Iterator[MailServer]:
+    """A real SMTP server on loopback: the stack's ``lf_e2e_mail`` connection (notify:)."""
+    with MailServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def ledger_db() -> Iterator[str]:
     with fresh_database("lf_e2e_ledger") as url:
         yield url
@@ -159,6 +167,7 @@ def stack(
     llm_peer: OpenAIPeer,
     statsd: StatsdListener,
     echo_peer: EchoPeer,
+    mail: MailServer,
 ) -> Iterator[AirflowStack]:
     base = tmp_path_factory.mktemp("stack")
     dags = base / "dags"
@@ -178,6 +187,7 @@ def stack(
             "AIRFLOW_CONN_LEDGERFLOW_DB": ledger_db,
             "AIRFLOW_CONN_LEDGERFLOW_LLM": llm_peer.connection_uri(),
             "AIRFLOW_CONN_CANARY_HTTP": echo_peer.canary_connection(),
+            "AIRFLOW_CONN_LF_E2E_MAIL": mail.conn_uri(),
             "AIRFLOW__METRICS__STATSD_ON": "True",
             "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
             "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),

@@ -61,6 +61,7 @@ def test_final_outcomes_are_terminal() -> None:
         "run": set(),
         "saga": set(),
         "dead letter": set(),
+        "notification": {"sent", "gave_up"},
     }
     assert {name: set(m.terminal) for name, m in lifecycle.MACHINES.items()} == expected
 

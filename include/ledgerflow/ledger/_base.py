@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ledgerflow.errors import IllegalTransition
+from ledgerflow.ledger import outbox
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger._engine import dumps, now
 from ledgerflow.lifecycle import Machine
@@ -36,8 +37,16 @@ class LedgerBase:
         if conn is not None:
             yield conn
             return
-        with self.engine.begin() as own:
-            yield own
+        committed, own = False, None
+        try:
+            with self.engine.begin() as own:
+                yield own
+            committed = True
+        finally:
+            # The notices this transaction recorded go out once it commits (never before:
+            # a rolled-back event notifies no one).
+            if own is not None:
+                outbox.after_commit(self, own, committed)
 
     @contextmanager
     def _read(self, conn: Connection | None) -> Iterator[Connection]:
@@ -75,6 +84,8 @@ class LedgerBase:
     def _event(
         self, conn: Connection, run_id: str, step_key: str | None, kind: str, data: Any
     ) -> None:
+        if kind in _NOTIFYING:
+            outbox.enqueue(self, conn, run_id, step_key, kind, data)
         conn.execute(
             _INSERT_EVENT,
             {
@@ -85,6 +96,19 @@ class LedgerBase:
                 "at": now(),
             },
         )
+
+
+# The event kinds that notify (``ledger.outbox.EVENTS``), kept here so that the others
+# cost one set lookup.
+_NOTIFYING = frozenset(
+    {
+        "approval_requested",
+        "approval_escalated",
+        "approval_decided",
+        "dead_lettered",
+        "saga_compensation_failed",
+    }
+)
 
 
 def dialect_insert(dialect: str, table: Any) -> Any:

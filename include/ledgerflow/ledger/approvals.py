@@ -304,7 +304,8 @@ def _where(query: Any, status: Any, workflow: Any, run_id: Any, dag_ids: Any) ->
 
 
 def notify(ledger: Ledger, approval: Approval) -> None:
-    """Tell the approvers (the log notifier: one log line), and record that it was sent."""
+    """Tell the approvers: one log line, and the notifiers of ``notify:`` (their notices
+    are in the outbox, ``ledger.outbox``); record that it was done."""
     import logging
 
     logging.getLogger("ledgerflow.approvals").warning(
@@ -326,6 +327,11 @@ def notify(ledger: Ledger, approval: Approval) -> None:
             "level": approval.level,
         },
     )
+    # The notices its event put in the outbox went out when it committed; any still
+    # pending (that send was cut short: a crash, a killed task) go now.
+    from ledgerflow.ledger import outbox
+
+    outbox.send_pending(ledger, approval.run_id, approval.step_key)
 
 
 def notify_once(ledger: Ledger, approval: Approval) -> None:

@@ -295,6 +295,41 @@ slo_alerts = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+# Notifications (migration 14): each run's notify targets, written when the run is
+# registered, so that whoever records an event (a worker, the triggerer, the api-server)
+# knows whom to tell without the workflow file; and the outbox, one row per (event,
+# target), written in the event's transaction and sent after it commits (lifecycle
+# NOTIFICATION: pending -> sending -> sent | failed -> ... -> gave_up).
+notify_routes = Table(
+    "lf_notify_routes",
+    metadata,
+    Column("run_id", String(250), primary_key=True),
+    Column("routes", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+notifications = Table(
+    "lf_notifications",
+    metadata,
+    Column("id", String(400), primary_key=True),
+    Column("run_id", String(250), nullable=False),
+    Column("step_key", String(250)),
+    Column("event", String(40), nullable=False),
+    Column("target", String(300), nullable=False),
+    Column("spec", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("link", Text, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text),
+    Column("next_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+)
+Index("lf_notifications_due", notifications.c.status, notifications.c.next_at)
+Index("lf_notifications_run", notifications.c.run_id)
+
 # Indexes for the indicators, the dashboard, the export and the prune (migration 10).
 Index("lf_runs_created", runs.c.created_at)
 Index("lf_runs_ended", runs.c.status, runs.c.updated_at)
@@ -363,8 +398,8 @@ event_deliveries = Table(
 # revisions are in ``ledger/migrations/versions``, written out; these constants let a task
 # check the ledger's version with one query and without importing Alembic.
 VERSION_TABLE = "lf_alembic_version"
-# The newest revision of the ``ledger`` branch ("0013"), as a number.
-LATEST = 13
+# The newest revision of the ``ledger`` branch ("0014"), as a number.
+LATEST = 14
 # The only revision of the ``demo`` branch: the example workflows' tables (``demo_*``).
 DEMO_HEAD = "demo01"
 # Before Alembic: one row per applied migration 1..8 (2 was the demo tables).

@@ -59,6 +59,12 @@ def _line_map(
         for key_node, value_node in node.value:
             key = _key(key_node)
             lines[(*path, key)] = key_node.start_mark.line + 1
+            if key is True and str(key_node.value).lower() == "on":
+                # YAML 1.1 reads an unquoted ``on:`` as true; ``notify`` reads it as "on".
+                lines[(*path, "on")] = key_node.start_mark.line + 1
+                for index, item in enumerate(getattr(value_node, "value", None) or ()):
+                    if isinstance(item, yaml.Node):
+                        lines[(*path, "on", index)] = item.start_mark.line + 1
             _line_map(value_node, (*path, key), lines, seen)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):

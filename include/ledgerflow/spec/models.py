@@ -24,6 +24,7 @@ from ledgerflow.spec.base import _Model as _Model
 from ledgerflow.spec.base import _StepBase as _StepBase
 from ledgerflow.spec.base import parse_duration as parse_duration
 from ledgerflow.spec.events import EventStep
+from ledgerflow.spec.notify import NotifyTarget, approval_targets
 from ledgerflow.spec.slo import SloSpec
 from ledgerflow.spec.waits import WaitStep as WaitStep
 
@@ -149,6 +150,10 @@ class ApprovalStep(_StepBase):
     skipped); without it a reject fails the run (and so compensates)."""
 
     _parse_deadline = field_validator("deadline", mode="before")(parse_duration)
+    notify: tuple[NotifyTarget, ...] | None = None
+    """Who hears of this approval (``ledgerflow.spec.notify``): replaces the workflow's
+    ``notify`` for its approval events; ``[]`` tells no one."""
+    _notify = field_validator("notify")(approval_targets)
 
     branch_field: ClassVar[str] = "on_reject"
 
@@ -349,6 +354,9 @@ class WorkflowSpec(_Model):
     """What the run answers a caller who waits for it (``POST .../runs?wait=30s``) when it
     succeeds: each entry rendered like args, from the run's checkpoints
     (``steps.<id>.output...``), ``params`` and ``run``."""
+    notify: tuple[NotifyTarget, ...] = ()
+    """Notifications (``ledgerflow.spec.notify``): approvals, dead letters and failed
+    compensations, sent through Airflow's notifiers."""
     slo: SloSpec | None = None
     """Service level objectives (``ledgerflow.spec.slo``): judged by ``ledgerflow slo``,
     the dashboard and the alerts."""

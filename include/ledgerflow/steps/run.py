@@ -85,10 +85,17 @@ def register_run(
 
     Raises InvalidParams (non-retryable, naming each field) when the params do not fit
     the workflow's params schema, whichever way the run was triggered."""
+    from ledgerflow.spec.notify import routes
     from ledgerflow.spec.params import check_params
     from ledgerflow.workflow.loaded import spec_hash
 
     check_params(spec.name, spec.version, spec.params, params, engine_keys=True)
+    targets = routes(spec)
+    if targets is not None:  # whom the run's events notify (ledger.outbox)
+        from ledgerflow.ledger import outbox
+
+        with ledger.begin(conn) as c:
+            outbox.save_routes(ledger, run.run_id, targets, c)
     return ledger.ensure_run(
         run_id=run.run_id,
         dag_id=run.dag_id,

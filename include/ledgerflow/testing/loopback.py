@@ -36,6 +36,7 @@ class Answer:
 class LoopbackPeer:
     keep_alive = False
     base_path = ""
+    port = 0  # 0: any free port; set it to bring a peer up where a client was refused
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self._server: ThreadingHTTPServer | None = None
@@ -77,7 +78,7 @@ class LoopbackPeer:
 
             do_GET = do_POST = do_PUT = _serve
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         if self.tls is not None:
             self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
