@@ -120,7 +120,8 @@ class Lifecycle(RuleBasedStateMachine):
         self.ledger.migrate()
         with self.ledger.begin() as conn:
             for table in (
-                "lf_events", "lf_dead_letters", "lf_compensations", "lf_effects", "lf_approvals",
+                "lf_events", "lf_dead_letters", "lf_compensations", "lf_effects",
+                "lf_approval_decisions", "lf_approvals",
                 "lf_attempts", "lf_steps", "lf_runs", "demo_payments", "demo_reservations",
                 "demo_shipments", "demo_emails",
             ):  # fmt: skip
