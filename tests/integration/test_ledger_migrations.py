@@ -127,7 +127,12 @@ def write_rows(engine: Engine, old: ModuleType) -> None:
         )
 
 
-AFTER_0008 = ("lf_auth_failures", "lf_slo_alerts")  # tables of revisions after 0008
+AFTER_0008 = (  # tables of revisions after 0008
+    "lf_auth_failures",
+    "lf_slo_alerts",
+    "lf_event_waits",
+    "lf_event_deliveries",
+)
 
 
 def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str) -> None:
