@@ -96,6 +96,14 @@ def add_local_commands(sub: Any) -> None:
         help="decide approval step STEP when it asks (repeatable); a run that reaches an "
         "approval with no decision given stops there (exit 2)",
     )
+    p.add_argument(
+        "--event",
+        action="append",
+        type=parse_event,
+        metavar="STEP=JSON",
+        help="deliver this payload to event step STEP when it waits (repeatable); a run "
+        "that reaches an event step with no payload given stops there (exit 2)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (ledger, logs)")
     p.add_argument("--workdir", help="use (and keep) this folder instead of a temporary one")
     p.add_argument(
@@ -113,6 +121,19 @@ def parse_decision(text: str) -> tuple[str, str]:
     if not sep or choice not in ("approve", "reject") or not step:
         raise argparse.ArgumentTypeError(f"expected STEP=approve or STEP=reject, got {text!r}")
     return step, choice
+
+
+def parse_event(text: str) -> tuple[str, Any]:
+    """``STEP=<JSON payload>`` of ``--event``."""
+    step, sep, payload = text.partition("=")
+    if not sep or not step:
+        raise argparse.ArgumentTypeError(f"expected STEP=<JSON payload>, got {text!r}")
+    try:
+        return step, json.loads(payload)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"--event {step}: the payload is not JSON: {exc}"
+        ) from None
 
 
 def cmd_new(args: argparse.Namespace) -> int:
@@ -229,6 +250,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"ledgerflow run: --decide {unknown}: no approval step of that id", file=sys.stderr)
         return 2
+    events = dict(args.event or [])
+    unknown = sorted(set(events) - {s.id for s in spec.steps if s.kind == "event"})
+    if unknown:
+        print(f"ledgerflow run: --event {unknown}: no event step of that id", file=sys.stderr)
+        return 2
 
     work = (
         Path(args.workdir).resolve()
@@ -251,6 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "dag_file": str(staged.with_suffix(".py")),
         "params": params,
         "decisions": decisions,
+        "events": events,
         "template": str(template),
         "result": str(work / "result.json"),
     }

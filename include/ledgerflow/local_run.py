@@ -3,7 +3,7 @@
 ``ledgerflow.cli_local`` starts it with an environment that points Airflow (metadata
 database, dags folder, home) and the ledger at a throwaway folder, and one JSON argument:
 ``dag_file`` (the two-line DAG file), ``params``, ``decisions`` (approval step id ->
-``approve`` | ``reject``), ``template`` (a migrated metadata database to keep for the next
+``approve`` | ``reject``), ``events`` (event step id -> the payload to deliver), ``template`` (a migrated metadata database to keep for the next
 run) and ``result`` (where the outcome is written as JSON)."""
 
 from __future__ import annotations
@@ -37,12 +37,16 @@ def _prepare_metadata(template: Path) -> None:
     partial.replace(template)
 
 
-def _decider(ledger: Any, decisions: dict[str, str], stop: threading.Event) -> None:
-    """Decide the run's approvals as asked (``--decide STEP=approve``); an approval nobody
-    asked for ends the run: ``dag.test()`` would otherwise wait until its deadline."""
+def _decider(
+    ledger: Any, decisions: dict[str, str], stop: threading.Event, events: dict[str, Any]
+) -> None:
+    """Decide the run's approvals as asked (``--decide STEP=approve``) and deliver its
+    events (``--event STEP=JSON``); an approval or event nobody asked for ends the run:
+    ``dag.test()`` would otherwise wait until its deadline."""
     from ledgerflow.ledger import approvals
 
     while not stop.wait(0.2):
+        _deliver_events(ledger, events)
         for approval in approvals.listing(ledger, status="pending"):
             step_id = approval.step_key.split("[")[0]
             choice = decisions.get(step_id)
@@ -64,6 +68,33 @@ def _decider(ledger: Any, decisions: dict[str, str], stop: threading.Event) -> N
             )
 
 
+def _deliver_events(ledger: Any, events: dict[str, Any]) -> None:
+    from ledgerflow.errors import EventPayloadInvalid
+    from ledgerflow.ledger import event_waits
+
+    for wait in event_waits.waiting(ledger):
+        if wait.step_key not in events:
+            print(
+                f"ledgerflow run: step {wait.step_key} waits for event {wait.name} (key "
+                f"{wait.key!r}); give its payload with --event {wait.step_key}='<JSON>'",
+                file=sys.stderr,
+            )
+            os._exit(3)
+        try:
+            event_waits.deliver(
+                ledger,
+                name=wait.name,
+                key=wait.key,
+                event_id=f"{DECIDED_BY}:{wait.run_id}:{wait.step_key}",
+                payload=events[wait.step_key],
+                source="local",
+                by=DECIDED_BY,
+            )
+        except EventPayloadInvalid as exc:
+            print(f"ledgerflow run: --event {wait.step_key}: {exc}", file=sys.stderr)
+            os._exit(3)
+
+
 def main(request: dict[str, Any]) -> int:
     _prepare_metadata(Path(request["template"]))
     from ledgerflow import dag_for_spec_file
@@ -75,7 +106,9 @@ def main(request: dict[str, Any]) -> int:
     dag = dag_for_spec_file(request["dag_file"])
     stop = threading.Event()
     decider = threading.Thread(
-        target=_decider, args=(ledger, request["decisions"], stop), daemon=True
+        target=_decider,
+        args=(ledger, request["decisions"], stop, request.get("events") or {}),
+        daemon=True,
     )
     decider.start()
     # The DAG's callbacks (the run's outcome in the ledger) are called here, once the run

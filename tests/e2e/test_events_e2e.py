@@ -247,3 +247,26 @@ def test_triggerer_killed_with_parked_event_waits_each_resumes_once(
         ledger_run = f"{PAY}/{run_id}"
         assert len(kinds(ledger, ledger_run, "event_step_completed")) == 1, ledger_run
         assert [a["status"] for a in ledger.attempts(ledger_run, "book")] == ["completed"]
+
+
+def test_only_callers_who_may_create_asset_events_deliver(
+    stack: AirflowStack, ledger: Ledger
+) -> None:
+    """Authorized like Airflow's own asset-event route: a viewer and a `user`-role caller
+    get 403 and nothing is stored; an `op` caller's delivery is kept (202)."""
+    ref = uuid.uuid4().hex[:8]
+    body = {"key": f"auth-{ref}", "id": f"auth-{ref}", "payload": {"amount": 1}}
+    for user, status in (("viewer", 403), ("manager", 403), ("clerk", 202)):
+        with httpx.Client(base_url=stack.base_url, timeout=60) as client:
+            resp = client.post(
+                f"{PREFIX}/api/events/payment.settled",
+                json=body,
+                headers={"Authorization": f"Bearer {stack.token(user)}"},
+            )
+        assert resp.status_code == status, (user, resp.text)
+        with ledger.engine.connect() as conn:
+            stored = conn.execute(
+                text("SELECT received_by FROM lf_event_deliveries WHERE event_id = :e"),
+                {"e": f"auth-{ref}"},
+            ).all()
+        assert [tuple(r) for r in stored] == ([] if status == 403 else [(user,)])

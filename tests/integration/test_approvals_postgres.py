@@ -195,7 +195,9 @@ def test_triggers_carry_a_connection_id_never_credentials(
     from airflow.triggers.base import BaseTrigger
 
     import ledgerflow.triggers
+    from ledgerflow.ledger import event_waits
     from ledgerflow.steps.approval import approval_trigger
+    from ledgerflow.steps.event import event_trigger
 
     password = "s3cr@t/#:pw"
     engine_url = ledger.engine.url
@@ -215,7 +217,23 @@ def test_triggers_carry_a_connection_id_never_credentials(
     guarded = Ledger.from_airflow()  # as the approval step opens it
     assert guarded.engine.url.password == password  # trust auth: Postgres ignores it
     approval = request(guarded, "no-credentials")
-    built = {"ApprovalTrigger": approval_trigger(guarded, approval.id, NO_POLL)}
+    wait = event_waits.open_wait(
+        guarded,
+        run_id="wf__v1/no-credentials",
+        step_key="settled",
+        dag_id="wf__v1",
+        task_id="settled",
+        workflow="wf",
+        name="payment.settled",
+        key="no-credentials",
+        schema=None,
+        deadline=now() + timedelta(hours=1),
+        on_deadline="fail",
+    )
+    built = {
+        "ApprovalTrigger": approval_trigger(guarded, approval.id, NO_POLL),
+        "EventTrigger": event_trigger(guarded, wait.id, NO_POLL),
+    }
     found = {
         name
         for info in pkgutil.iter_modules(ledgerflow.triggers.__path__, "ledgerflow.triggers.")
@@ -253,3 +271,41 @@ def test_triggers_carry_a_connection_id_never_credentials(
 
     event = asyncio.run(scenario())
     assert event == {"approval_id": approval.id, "status": "approved", "decided_by": "manager"}
+    # The event trigger, rebuilt the same way, fires on its delivery over NOTIFY.
+    classpath, kwargs = built["EventTrigger"].serialize()
+    assert kwargs["conn_id"] == "ledgerflow_db"
+    module, name = classpath.rsplit(".", 1)
+    rebuilt_event = getattr(importlib.import_module(module), name)(**kwargs)
+    guarded.ensure_run(
+        run_id="wf__v1/no-credentials",
+        dag_id="wf__v1",
+        workflow="wf",
+        version=1,
+        params={},
+        trigger_kind="manual",
+    )
+
+    async def delivered() -> Any:
+        async def first() -> Any:
+            async for fired in rebuilt_event.run():
+                return fired
+            raise AssertionError("no event")
+
+        task = asyncio.create_task(first())
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if await asyncio.to_thread(listening, ledger) == 1:
+                break
+        await asyncio.to_thread(
+            event_waits.deliver,
+            guarded,
+            name="payment.settled",
+            key="no-credentials",
+            event_id="no-credentials-1",
+            payload={"ok": True},
+            source="test",
+        )
+        return await asyncio.wait_for(task, timeout=60)
+
+    fired = asyncio.run(delivered())
+    assert fired.xcoms == {"return_value": {"ok": True}}

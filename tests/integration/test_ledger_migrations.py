@@ -134,6 +134,8 @@ AFTER_0008 = (
     "lf_approval_decisions",
     "lf_notifications",
     "lf_notify_routes",
+    "lf_event_waits",
+    "lf_event_deliveries",
 )
 
 

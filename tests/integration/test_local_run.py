@@ -129,3 +129,60 @@ def test_run_stops_at_an_approval_nobody_decided(tmp_path: Path, cache: Path) ->
     assert ran.returncode == 2, ran.stderr + ran.stdout
     assert "step manager_approval waits for an approval" in ran.stderr
     assert "--decide manager_approval=approve" in ran.stderr
+
+
+EVENT_WORKFLOW = """\
+name: settle
+version: 1
+params:
+  ref: {type: string, required: true}
+steps:
+  - id: settled
+    kind: event
+    event: payment.settled
+    key: "pay-{{ params.ref }}"
+    schema: {type: object, required: [amount], properties: {amount: {type: number}}}
+    deadline: 1h
+  - id: book
+    needs: [settled]
+    tool: demo.noop
+    args: {value: "{{ steps.settled.output.amount }}"}
+    idempotency: natural
+"""
+
+
+def test_run_delivers_an_event_and_stops_at_one_nobody_gave(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--event STEP=JSON`` delivers the payload to the event step when it waits (its
+    output feeds the next step); without it the run stops there, naming the option."""
+    monkeypatch.setenv("LEDGERFLOW_DEMO_TOOLS", "1")
+    file = tmp_path / "dags" / "workflows" / "settle" / "v1.yaml"
+    file.parent.mkdir(parents=True)
+    file.write_text(EVENT_WORKFLOW)
+    ran = ledgerflow(
+        "run",
+        str(file),
+        "--param",
+        "ref=r1",
+        "--event",
+        'settled={"amount": 3}',
+        "--workdir",
+        "work",
+        cwd=tmp_path,
+        cache=cache,
+    )
+    assert ran.returncode == 0, ran.stderr + ran.stdout
+    ledger = tmp_path / "work" / "ledger.db"
+    assert ledger_rows(ledger, "select status from lf_runs") == [("succeeded",)]
+    waits = ledger_rows(ledger, "select key, status, payload from lf_event_waits")
+    assert [(k, s, json.loads(str(p))) for k, s, p in waits] == [
+        ("pay-r1", "received", {"amount": 3})
+    ]
+    book = ledger_rows(ledger, "select output from lf_steps where step_id = 'book'")
+    assert json.loads(str(book[0][0])) == {"value": 3}
+    stopped = ledgerflow(
+        "run", str(file), "--param", "ref=r2", "--workdir", "work2", cwd=tmp_path, cache=cache
+    )
+    assert stopped.returncode != 0
+    assert "--event settled=" in stopped.stderr

@@ -158,6 +158,17 @@ def for_step(ledger: Ledger, run_id: str, step_key: str) -> Wait | None:
     return None if found is None else _wait(found)
 
 
+def waiting(ledger: Ledger) -> list[Wait]:
+    """Every wait still waiting (``ledgerflow run`` delivers to them)."""
+    with ledger._read(None) as conn:
+        rows = conn.execute(
+            select(t.event_waits)
+            .where(t.event_waits.c.status == W.WAITING.value)
+            .order_by(t.event_waits.c.id)
+        )
+        return [_wait(r) for r in rows.mappings()]
+
+
 def open_wait(
     ledger: Ledger,
     *,

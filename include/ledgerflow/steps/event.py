@@ -51,6 +51,18 @@ def on_deadline(step: EventStep) -> Any:
     return step.on_deadline
 
 
+def event_trigger(ledger: Any, wait_id: int, poll_interval: float) -> Any:
+    """The trigger a parked event step waits on: it names the ledger's connection (None
+    for the embedded SQLite file), never its URL (Airflow stores the kwargs)."""
+    from ledgerflow.errors import LedgerError
+    from ledgerflow.ledger._engine import embedded_url
+    from ledgerflow.triggers.event import EventTrigger
+
+    if ledger.conn_id is None and ledger.url != embedded_url():
+        raise LedgerError("a parked event step needs the ledger of an Airflow connection")
+    return EventTrigger(wait_id, conn_id=ledger.conn_id, poll_interval=poll_interval)
+
+
 def build_task(spec: WorkflowSpec, step: EventStep, trigger_rule: str) -> BaseOperator:
     from ledgerflow.steps.saga import step_failed
 
@@ -180,17 +192,8 @@ class EventOperator(LedgerflowOperator, SkipMixin):
         return wait
 
     def _defer(self, ledger: Any, wait_id: int) -> None:
-        from ledgerflow.errors import LedgerError
-        from ledgerflow.ledger._engine import embedded_url
-        from ledgerflow.triggers.event import EventTrigger
-
-        if ledger.conn_id is None and ledger.url != embedded_url():
-            raise LedgerError("a parked event step needs the ledger of an Airflow connection")
         poll = POLL_POSTGRES_S if ledger.dialect == "postgresql" else POLL_SQLITE_S
-        self.defer(
-            trigger=EventTrigger(wait_id, conn_id=ledger.conn_id, poll_interval=poll),
-            method_name="resume",
-        )
+        self.defer(trigger=event_trigger(ledger, wait_id, poll), method_name="resume")
 
     def resume(self, context: Any, event: Any = None) -> Any:
         """Back from a trigger of an older shape (the trigger normally ends the task)."""
