@@ -68,8 +68,9 @@ class Approval:
 
     @property
     def fails_step(self) -> bool:
-        """A reject with no declared branch, or a deadline whose outcome is ``fail``."""
-        return self.status == "expired" or (
+        """A reject with no declared branch, a deadline whose outcome is ``fail``, or a
+        withdrawal (its run was cancelled: the step never completes)."""
+        return self.status in ("expired", "withdrawn") or (
             self.status == "rejected"
             and (self.follow is None or self.follow.get("rejected") is None)
         )
@@ -77,6 +78,8 @@ class Approval:
     def failure_reason(self) -> str:
         if self.status == "expired":
             return f"approval {self.id}: no decision before the deadline (at_deadline: fail)"
+        if self.status == "withdrawn":
+            return f"approval {self.id} withdrawn by {self.decided_by}: {self.comment or ''}"
         return f"approval {self.id} rejected by {self.decided_by}: {self.comment or ''}".rstrip()
 
     def output(self) -> dict[str, Any]:
@@ -373,9 +376,15 @@ def decide(
             )
         ).rowcount
         if not won:
+            latest = get(ledger, approval_id, conn)
+            if latest.status == "withdrawn":
+                raise ApprovalConflict(
+                    f"approval {approval_id} was withdrawn: its run was cancelled by "
+                    f"{latest.decided_by} at {latest.decided_at} ({latest.comment})"
+                )
             raise ApprovalConflict(
-                f"approval {approval_id} was already decided ({current.status} by "
-                f"{current.decided_by} at {current.decided_at})"
+                f"approval {approval_id} was already decided ({latest.status} by "
+                f"{latest.decided_by} at {latest.decided_at})"
             )
         ledger._event(
             conn,

@@ -45,6 +45,11 @@ runs = Table(
     # the SHA-256 of the workflow file the run started on (migration 8).
     Column("retry_from", String(100)),
     Column("spec_hash", String(64)),
+    # A cancelled run: who, when, why, and whether its saga was asked for (migration 12).
+    Column("cancelled_by", String(250)),
+    Column("cancelled_at", DateTime(timezone=True)),
+    Column("cancel_reason", Text),
+    Column("cancel_compensate", Boolean),
     Index("lf_runs_workflow", "workflow", "version"),
     Index("lf_runs_retry_of", "retry_of"),
 )
@@ -285,8 +290,8 @@ Index("lf_llm_calls_created", llm_calls.c.created_at)
 # revisions are in ``ledger/migrations/versions``, written out; these constants let a task
 # check the ledger's version with one query and without importing Alembic.
 VERSION_TABLE = "lf_alembic_version"
-# The newest revision of the ``ledger`` branch ("0010"), as a number.
-LATEST = 10
+# The newest revision of the ``ledger`` branch ("0012"), as a number.
+LATEST = 12
 # The only revision of the ``demo`` branch: the example workflows' tables (``demo_*``).
 DEMO_HEAD = "demo01"
 # Before Alembic: one row per applied migration 1..8 (2 was the demo tables).
