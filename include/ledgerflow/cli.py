@@ -394,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_retry)
 
+    from ledgerflow.cli_cancel import add_cancel_command
+
+    add_cancel_command(sub, ledger_args)
+
     p = sub.add_parser(
         "versions",
         help="workflow versions: latest, unfinished runs, retirable",

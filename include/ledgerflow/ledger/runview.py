@@ -126,6 +126,13 @@ def _run_row(row: Any) -> dict[str, Any]:
         if row["status"] == "running"
         else _seconds(row["created_at"], row["updated_at"]),
     }
+    if row["status"] == "cancelled":  # who, when, why (``ledgerflow.cancel``)
+        out.update(
+            cancelled_by=row.get("cancelled_by"),
+            cancelled_at=_iso(row.get("cancelled_at")),
+            cancel_reason=row.get("cancel_reason"),
+            cancel_compensate=bool(row.get("cancel_compensate")),
+        )
     return out
 
 
