@@ -230,3 +230,43 @@ def test_a_commit_holding_the_run_makes_the_cancel_wait(pg_url: str) -> None:
     assert result["done"].ledger.stopped == []
     assert [a["status"] for a in ledger.attempts(run.run_id, "create_shipment")] == ["completed"]
     assert ledger.run(run.run_id)["status"] == "cancelled"  # type: ignore[index]
+
+
+def test_a_registered_wait_kind_is_withdrawn_in_the_cancels_transaction(
+    sqlite_url: str,
+) -> None:
+    """A kind registered with ``register_wait_kind`` (what timers and event waits plug
+    in) is withdrawn in the cancel's own transaction: what it returns is in the
+    ``run_cancelled`` event; when it fails, nothing of the cancel is kept."""
+    from ledgerflow import cancel as cancelling
+
+    ledger = Ledger(sqlite_url)
+    ledger.migrate()
+    _, run, _ = two_steps_done(ledger, "kinds")
+    calls: list[str] = []
+
+    def broken(ledger: Ledger, conn: Any, run_id: str, *, by: str, reason: str) -> list[Any]:
+        ledger._event(conn, run_id, None, "timer_withdrawn", {"by": by})
+        raise RuntimeError("timer store down")
+
+    def timers(ledger: Ledger, conn: Any, run_id: str, *, by: str, reason: str) -> list[Any]:
+        calls.append(run_id)
+        ledger._event(conn, run_id, None, "timer_withdrawn", {"by": by})
+        return [{"kind": "wait", "id": 7, "step": "nap"}]
+
+    try:
+        cancelling.register_wait_kind("wait", broken)
+        with pytest.raises(RuntimeError, match="timer store down"):
+            cancel(ledger, run.run_id, by="alice", reason="x", airflow=False)
+        assert ledger.run(run.run_id)["status"] == "running"  # type: ignore[index]
+        assert events(ledger, run.run_id, "timer_withdrawn") == []
+        cancelling.register_wait_kind("wait", timers)
+        done = cancel(ledger, run.run_id, by="alice", reason="x", airflow=False)
+    finally:
+        cancelling._KINDS.pop("wait", None)
+    assert calls == [run.run_id]
+    assert done.ledger.withdrawn == [{"kind": "wait", "id": 7, "step": "nap"}]
+    assert events(ledger, run.run_id, "run_cancelled")[0]["data"]["withdrawn"] == [
+        {"kind": "wait", "id": 7, "step": "nap"}
+    ]
+    assert len(events(ledger, run.run_id, "timer_withdrawn")) == 1
