@@ -327,7 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="only this version of the workflow")
     p.add_argument(
         "--status",
-        choices=["running", "succeeded", "failed", "compensated", "compensation_failed"],
+        choices=[
+            "running",
+            "succeeded",
+            "failed",
+            "cancelled",
+            "compensated",
+            "compensation_failed",
+        ],
         help="the run's status, or its saga's outcome (compensated, compensation_failed)",
     )
     p.add_argument("--since", help="started since: 30m, 2h, 7d, or an ISO date/time (UTC)")

@@ -30,7 +30,14 @@ SECRET_KEY = re.compile(
     r"credential|private[-_]?key|cookie|session[-_]?id|signature",
     re.IGNORECASE,
 )
-RUN_STATUSES = ("running", "succeeded", "failed", "compensated", "compensation_failed")
+RUN_STATUSES = (
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "compensated",
+    "compensation_failed",
+)
 
 
 def redact(value: Any) -> Any:
@@ -167,7 +174,7 @@ def list_runs(
     until: datetime | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
-    """Runs, newest first. ``status`` is the run's (running, succeeded, failed) or the
+    """Runs, newest first. ``status`` is the run's (running, succeeded, failed, cancelled) or the
     saga's outcome (compensated, compensation_failed)."""
     runs = t.runs
     query = select(runs).order_by(runs.c.created_at.desc(), runs.c.run_id).limit(limit)
