@@ -21,6 +21,7 @@ from sqlalchemy import Engine, create_engine, event, inspect, text
 
 from ledgerflow.errors import LedgerError
 from ledgerflow.ledger import schema
+from ledgerflow.ledger._migrate import revisions
 from ledgerflow.ledger.store import Ledger
 
 LEGACY = Path(__file__).parent / "legacy" / "ledger_v8.py"
@@ -128,6 +129,8 @@ def write_rows(engine: Engine, old: ModuleType) -> None:
 
 
 AFTER_0008 = ("lf_auth_failures", "lf_slo_alerts")  # tables of revisions after 0008
+# Columns of lf_runs added after 0008 (0012: a run's cancel), last in each row.
+CANCEL_COLUMNS = ("cancelled_by", "cancelled_at", "cancel_reason", "cancel_compensate")
 
 
 def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str) -> None:
@@ -151,9 +154,13 @@ def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str)
     assert ledger.migrate(demo=False) == schema.LATEST
     assert ledger.revisions() == {HEAD, schema.DEMO_HEAD}
     now = snapshot(engine)
-    # Revisions after 0008 only add indexes and tables (empty): every table the old
-    # code had is as it was.
+    # Revisions after 0008 only add indexes, tables (empty) and 0012's run columns (null
+    # for every old run): every table the old code had is as it was.
     assert {t: now.pop(t) for t in AFTER_0008} == {t: [] for t in AFTER_0008}
+    assert [row[-len(CANCEL_COLUMNS) :] for row in now["lf_runs"]] == [
+        (None,) * len(CANCEL_COLUMNS)
+    ] * len(before["lf_runs"])
+    now["lf_runs"] = [row[: -len(CANCEL_COLUMNS)] for row in now["lf_runs"]]
     assert now == before  # alembic_version and lf_schema_version included
     assert drift(engine) == []
     assert ledger.run("checkout__v1/r1")["saga"] == "compensated"  # type: ignore[index]
@@ -163,6 +170,7 @@ def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str)
     assert not {t for t in tables(engine) if t.startswith("demo_")}
     assert ledger.revisions() == {HEAD}
     after = {k: v for k, v in snapshot(engine).items() if k not in AFTER_0008}
+    after["lf_runs"] = [row[: -len(CANCEL_COLUMNS)] for row in after["lf_runs"]]
     assert {k: v for k, v in before.items() if not k.startswith("demo_")} == after
 
 
@@ -224,8 +232,10 @@ def test_every_revision_goes_down_and_up_again(ledger_url: str) -> None:
     )  # fmt: skip
     reverted: list[tuple[str, bool]] = []
     ledger.migrate_to("0007", progress=lambda rev, _title, up: reverted.append((rev, up)))
-    # Every revision above 0007 is reverted, newest first.
-    assert reverted == [(f"{n:04d}", False) for n in range(schema.LATEST, 7, -1)]
+    # Every revision above 0007 is reverted, newest first (the ledger branch's numbers).
+    above = sorted((s.revision for s in revisions() if int(s.revision) > 7), reverse=True)
+    assert reverted == [(rev, False) for rev in above]
+    assert above[0] == f"{schema.LATEST:04d}" and above[-1] == "0008"
     with ledger.engine.connect() as conn:
         columns = {c["name"] for c in inspect(conn).get_columns("lf_runs")}
         assert conn.execute(text("SELECT run_id FROM lf_runs")).scalars().all() == ["w__v1/x"]
