@@ -48,13 +48,18 @@ def cancel_router(source: Callable[[], Ledger]) -> APIRouter:
     router = APIRouter()
 
     @router.post("/api/runs/{run_id:path}/cancel")
-    def cancel_run(run_id: str, body: CancelBody, user: GetUserDep) -> dict[str, Any]:
+    def cancel_run(run_id: str, user: GetUserDep, body: CancelBody | None = None) -> dict[str, Any]:
         """Cancel a running run; with ``compensate`` its saga undoes the completed steps."""
         from ledgerflow.cancel import cancel
         from ledgerflow.errors import CancelRefused
 
         ledger = source()
         _authorized(ledger, user, run_id)
+        if body is None:  # optional here so that an anonymous caller gets 401 before 422
+            raise HTTPException(
+                422,
+                [{"loc": ["body", "reason"], "msg": "a cancel needs a reason", "type": "missing"}],
+            )
         try:
             done = cancel(
                 ledger,
