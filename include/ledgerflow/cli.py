@@ -327,7 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="only this version of the workflow")
     p.add_argument(
         "--status",
-        choices=["running", "succeeded", "failed", "compensated", "compensation_failed"],
+        choices=[
+            "running",
+            "succeeded",
+            "failed",
+            "cancelled",
+            "compensated",
+            "compensation_failed",
+        ],
         help="the run's status, or its saga's outcome (compensated, compensation_failed)",
     )
     p.add_argument("--since", help="started since: 30m, 2h, 7d, or an ISO date/time (UTC)")
@@ -393,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait up to SECONDS for the new run to finish, printing steps as they end",
     )
     p.set_defaults(func=cmd_retry)
+
+    from ledgerflow.cli_cancel import add_cancel_command
+
+    add_cancel_command(sub, ledger_args)
 
     p = sub.add_parser(
         "versions",

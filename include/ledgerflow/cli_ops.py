@@ -63,7 +63,7 @@ def add_ops_commands(
     p = sub.add_parser(
         "prune",
         help="remove old finished runs' payloads and events (keeps effect keys, unfinished runs)",
-        description="Remove every run that finished (succeeded or failed, saga done) before "
+        description="Remove every run that finished (succeeded, failed or cancelled, saga done) before "
         "--older-than ago: its row, checkpoints, attempts, events, approvals, LLM calls, "
         "quality results, compensations and dead letters. Effects (idempotency keys) stay "
         "until --effect-horizon has passed. Never touched: running runs, runs with an open "

@@ -224,6 +224,12 @@ class AttemptsUsedUp(NonRetryableError):
     code = "attempts_used_up"
 
 
+class RunCancelled(NonRetryableError):
+    """A forward step of a cancelled run: it neither starts nor commits (no dead letter)."""
+
+    code = "run_cancelled"
+
+
 class NothingToUndo(LedgerflowError):
     """The step did not complete in this run (or the run did not fail): nothing to undo."""
 
@@ -360,6 +366,23 @@ class RetryRefused(LedgerflowError):
     def __init__(self, message: str, *, reason: str, run_id: str | None = None) -> None:
         self.reason = reason
         self.run_id = run_id
+        super().__init__(message)
+
+    @property
+    def http_status(self) -> int:
+        return self.HTTP_STATUS.get(self.reason, 409)
+
+
+class CancelRefused(LedgerflowError):
+    """A cancel that changes nothing: ``reason`` ``unknown_run`` (404) or ``ended`` (409:
+    the run succeeded or failed before it)."""
+
+    code = "cancel_refused"
+    HTTP_STATUS: ClassVar[dict[str, int]] = {"unknown_run": 404, "ended": 409}
+    reason: str
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        self.reason = reason
         super().__init__(message)
 
     @property

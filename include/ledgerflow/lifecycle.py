@@ -24,6 +24,8 @@ class RunStatus(str, Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    # Stopped by an operator (``ledgerflow cancel``): terminal, whatever Airflow does next.
+    CANCELLED = "cancelled"
 
 
 class StepStatus(str, Enum):
@@ -73,6 +75,8 @@ class ApprovalStatus(str, Enum):
     EXPIRED = "expired"
     # The run's task can no longer resume (its run ended while the approval waited).
     ABANDONED = "abandoned"
+    # Its run was cancelled while it waited: nobody may decide it any more.
+    WITHDRAWN = "withdrawn"
 
 
 class EventWaitStatus(str, Enum):
@@ -169,7 +173,10 @@ RUN = _machine(
     RunStatus,
     {
         None: [R.RUNNING, R.FAILED],  # FAILED: a retry run that Airflow refused to create
-        R.RUNNING: [R.RUNNING, R.SUCCEEDED, R.FAILED],
+        # CANCELLED: an operator stopped it (``ledgerflow.cancel``); no way back, not even
+        # an Airflow clear (a forward step of a cancelled run refuses to start).
+        R.RUNNING: [R.RUNNING, R.SUCCEEDED, R.FAILED, R.CANCELLED],
+        R.CANCELLED: [R.CANCELLED],
         # A task cleared in Airflow reopens a finished run.
         R.SUCCEEDED: [R.SUCCEEDED, R.RUNNING],
         R.FAILED: [R.FAILED, R.RUNNING],
@@ -253,7 +260,7 @@ APPROVAL = _machine(
         None: [P.PENDING],
         # PENDING again: one decision of a quorum short of ``required`` (recorded in
         # lf_approval_decisions), or an escalation to the next level.
-        P.PENDING: [P.PENDING, P.APPROVED, P.REJECTED, P.EXPIRED, P.ABANDONED],
+        P.PENDING: [P.PENDING, P.APPROVED, P.REJECTED, P.EXPIRED, P.ABANDONED, P.WITHDRAWN],
     },
 )
 
@@ -322,8 +329,9 @@ MACHINES: dict[str, Machine] = {
 }
 
 # A run "has ended" for the retry rules when Airflow's DagRun ended; these are the run
-# statuses a retry chain may continue from.
-RETRYABLE_RUN_STATUSES = frozenset({RunStatus.FAILED.value})
+# statuses a retry chain may continue from. A cancelled run is retried like a failed one:
+# the retry is a new decision by whoever asks for it (``docs/lifecycle.md``).
+RETRYABLE_RUN_STATUSES = frozenset({RunStatus.FAILED.value, RunStatus.CANCELLED.value})
 
 
 def mermaid(machine: Machine) -> str:

@@ -7,7 +7,7 @@ twice, as Airflow does with its legacy names: ``ledgerflow.<name>`` with tags (w
 ...) for backends that keep tags, and ``ledgerflow.<name>.<workflow>`` for plain StatsD,
 which drops tags.
 
-Counters: ``runs.started``, ``runs.succeeded``, ``runs.failed``, ``runs.compensated``,
+Counters: ``runs.started``, ``runs.succeeded``, ``runs.failed``, ``runs.cancelled``, ``runs.compensated``,
 ``runs.compensation_failed``, ``step.attempts``, ``step.retries`` (attempts after the
 first), ``dead_letters``, ``llm.fallbacks``; ``breaker.opened`` (suffixed by the breaker's
 name), ``auth.failures`` (suffixed by 401 or 403), ``slo.burning`` and ``slo.breached``
@@ -34,6 +34,7 @@ PREFIX = "ledgerflow"
 RUN_OUTCOMES = {
     "succeeded": "runs.succeeded",
     "failed": "runs.failed",
+    "cancelled": "runs.cancelled",
     "compensated": "runs.compensated",
     "compensation_failed": "runs.compensation_failed",
 }
@@ -105,7 +106,7 @@ def run_started(workflow: str, version: int, trigger_kind: str) -> None:
 
 
 def run_finished(run_id: str, outcome: str | None) -> None:
-    """``succeeded`` / ``failed`` (the DAG run), ``compensated`` / ``compensation_failed``
+    """``succeeded`` / ``failed`` / ``cancelled`` (the DAG run), ``compensated`` / ``compensation_failed``
     (the saga)."""
     metric = RUN_OUTCOMES.get(outcome or "")
     if metric is not None:

@@ -3,8 +3,9 @@
 A chain is the oldest run (through the ledger's ``retry_of``) and every run descending
 from it, of the same DAG. It has at most one live continuation: a run whose chain has a
 running or succeeded retry is not retried again, and only the newest failed run of a
-chain is. A run's status is Airflow's state when Airflow knows the run, else the
-ledger's.
+chain is (a cancelled run counts as failed here: it may be retried). A run's status
+is Airflow's state when Airflow knows the run, else the ledger's; a cancelled run is
+cancelled whatever its DagRun says.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy import Connection
 
 from ledgerflow.errors import RetryRefused
 from ledgerflow.ledger.store import Ledger
+from ledgerflow.lifecycle import RETRYABLE_RUN_STATUSES
 
 StateOf = Callable[[str, str], str | None]
 
@@ -48,7 +50,7 @@ class Standing:
     """Where a run stands in its retry chain (statuses as Airflow says, when it knows)."""
 
     run_id: str
-    status: str  # running | succeeded | failed
+    status: str  # running | succeeded | failed | cancelled
     # Another run of the chain that is live (running or queued), or a retry that
     # succeeded: the chain is continued, this run is not retried again.
     continued_by: dict[str, Any] | None = None
@@ -120,7 +122,8 @@ def standing(
     live = [r for r in others if r["status"] == "running"]
     done = [r for r in others if r["status"] == "succeeded" and r["retry_of"] is not None]
     continuing = live or done[::-1]
-    newer_failed = [r for r in chain[position + 1 :] if r["status"] == "failed"]
+    # A cancelled run is retried like a failed one (lifecycle.RETRYABLE_RUN_STATUSES).
+    newer_failed = [r for r in chain[position + 1 :] if r["status"] in RETRYABLE_RUN_STATUSES]
     return Standing(
         run_id=run_id,
         status=me["status"],
@@ -142,6 +145,8 @@ def _never_started(conn: Connection, run_ids: list[str]) -> set[str]:
 
 
 def _status(row: dict[str, Any], state_of: StateOf | None) -> str:
+    if row["status"] == "cancelled":
+        return "cancelled"  # terminal in the ledger, whatever Airflow's DagRun says
     state = state_of(row["dag_id"], str(row["run_id"]).split("/", 1)[-1]) if state_of else None
     if state is None:
         return str(row["status"])

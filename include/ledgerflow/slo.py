@@ -102,7 +102,8 @@ def judge(facts: WorkflowFacts, slo: SloSpec) -> list[Objective]:
     out = []
     for name, target in slo.objectives().items():
         if name == "success_rate":
-            finished = [r for r in facts.runs if r.outcome != "running"]
+            # A cancelled run is neither a success nor a failure (``indicators.NEITHER``).
+            finished = [r for r in facts.runs if r.outcome not in ("running", "cancelled")]
             bad = sum(1 for r in finished if r.outcome != "succeeded")
             allowed = (1 - float(target)) * len(finished)
             measured = None if not finished else (len(finished) - bad) / len(finished)

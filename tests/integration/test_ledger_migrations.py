@@ -21,6 +21,7 @@ from sqlalchemy import Engine, create_engine, event, inspect, text
 
 from ledgerflow.errors import LedgerError
 from ledgerflow.ledger import schema
+from ledgerflow.ledger._migrate import revisions
 from ledgerflow.ledger.store import Ledger
 
 LEGACY = Path(__file__).parent / "legacy" / "ledger_v8.py"
@@ -137,6 +138,8 @@ AFTER_0008 = (
     "lf_event_waits",
     "lf_event_deliveries",
 )
+# Columns of lf_runs added after 0008 (0012: a run's cancel), last in each row.
+CANCEL_COLUMNS = ("cancelled_by", "cancelled_at", "cancel_reason", "cancel_compensate")
 
 
 def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str) -> None:
@@ -166,6 +169,10 @@ def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str)
     assert {t: now.pop(t) for t in AFTER_0008} == {t: [] for t in AFTER_0008}
     assert [row[-1] for row in now["lf_approvals"]] == [1] * len(before["lf_approvals"])
     now["lf_approvals"] = [row[:-1] for row in now["lf_approvals"]]
+    assert [row[-len(CANCEL_COLUMNS) :] for row in now["lf_runs"]] == [
+        (None,) * len(CANCEL_COLUMNS)
+    ] * len(before["lf_runs"])
+    now["lf_runs"] = [row[: -len(CANCEL_COLUMNS)] for row in now["lf_runs"]]
     assert now == before  # alembic_version and lf_schema_version included
     assert drift(engine) == []
     assert ledger.run("checkout__v1/r1")["saga"] == "compensated"  # type: ignore[index]
@@ -176,6 +183,7 @@ def test_a_ledger_made_before_alembic_is_adopted_with_every_row(ledger_url: str)
     assert ledger.revisions() == {HEAD}
     after = {k: v for k, v in snapshot(engine).items() if k not in AFTER_0008}
     after["lf_approvals"] = [row[:-1] for row in after["lf_approvals"]]  # 0013's column
+    after["lf_runs"] = [row[: -len(CANCEL_COLUMNS)] for row in after["lf_runs"]]
     assert {k: v for k, v in before.items() if not k.startswith("demo_")} == after
 
 

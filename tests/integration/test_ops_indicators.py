@@ -131,7 +131,8 @@ def test_every_indicator_is_the_exact_figure_of_the_rows(ledger: Ledger) -> None
     assert shop == {
         "runs": 5,
         "outcomes": {
-            "succeeded": 2, "failed": 0, "compensated": 1, "compensation_failed": 0, "running": 2,
+            "succeeded": 2, "failed": 0, "compensated": 1, "compensation_failed": 0,
+            "cancelled": 0, "running": 2,
         },
         "success_rate": 2 / 3,
         "step_failure_rate": 4 / 11,  # attempts: 2 + 3 + 4 + 1 + 1; failed: 1 + 3
@@ -173,7 +174,8 @@ def test_the_series_put_each_fact_in_its_span(ledger: Ledger) -> None:
     data = series(window, "shop", count=24)
     first = {o: counts[0] for o, counts in data["outcomes"].items()}
     assert first == {
-        "succeeded": 2, "failed": 0, "compensated": 1, "compensation_failed": 0, "running": 1,
+        "succeeded": 2, "failed": 0, "compensated": 1, "compensation_failed": 0,
+        "cancelled": 0, "running": 1,
     }  # fmt: skip
     assert sum(sum(c) for c in data["outcomes"].values()) == 4
     assert data["retries"][0] == 3 and sum(data["retries"]) == 3
@@ -192,6 +194,29 @@ SLOS = {
         }
     )
 }
+
+
+def test_a_cancelled_run_is_its_own_outcome_neither_success_nor_failure(ledger: Ledger) -> None:
+    """A run an operator cancelled (after it compensated, even) is counted as
+    ``cancelled``: not pending, not in the success rate's runs either way, not a bad run
+    of the ``success_rate`` objective, and in the series by its start."""
+    from ledgerflow.ledger.cancels import cancel_run
+
+    fill(ledger)
+    with ledger_clock(T0 + timedelta(minutes=25)) as clock:
+        run = record_run(
+            ledger, clock, workflow="shop", run="c1", steps=[Step("a")], end=None,
+            first_step_after=1,
+        )  # fmt: skip
+        cancel_run(ledger, run.run_id, by="ops", reason="duplicate order", compensate=True)
+        ledger.finish_saga(run.run_id)
+    shop = measure(ledger, since=SINCE, until=UNTIL, now=NOW).summary()["workflows"]["shop"]
+    assert shop["runs"] == 6 and shop["outcomes"]["cancelled"] == 1
+    assert (shop["success_rate"], shop["pending"], shop["compensations"]) == (2 / 3, 2, 1)
+    rep = slo.report(ledger, slos=SLOS, since=SINCE, until=UNTIL, now=NOW)
+    assert _states(rep.objectives)["success_rate"] == ("burning", pytest.approx(1 / 1.5))
+    window = measure(ledger, since=T0, until=T0 + timedelta(hours=24), now=NOW)
+    assert series(window, "shop", count=24)["outcomes"]["cancelled"][0] == 1
 
 
 def _states(objectives: list[slo.Objective]) -> dict[str, tuple[str, Any]]:

@@ -80,6 +80,7 @@ def _samples() -> dict[str, tuple[tuple[Any, ...], dict[str, Any]]]:
         "InvalidParams": (("checkout", 2, [ParamProblem("amount", "required")]), {}),
         "TriggerRefused": (("checkout__v1 is paused",), {"status": 409}),
         "RetryRefused": (("continued by y",), {"reason": "continued", "run_id": "d/y"}),
+        "CancelRefused": (("run d/r succeeded",), {"reason": "ended"}),
         "PublishedVersionChanged": (
             (Path("dags/workflows/w/v2.yaml"), "a" * 64, "b" * 64, "w/v2.yaml"),
             {},

@@ -49,16 +49,17 @@ def test_terminal_statuses_have_no_way_out() -> None:
 
 def test_final_outcomes_are_terminal() -> None:
     """The outcomes nothing may change are terminal: a finished attempt, a compensated
-    effect, a decided approval, a completed compensation, a skipped step."""
+    effect, a decided (or withdrawn) approval, a completed compensation, a skipped step,
+    a cancelled run."""
     expected = {
         "attempt": {"completed", "failed", "lost"},
         "effect": {"compensated"},
-        "approval": {"approved", "rejected", "expired", "abandoned"},
+        "approval": {"approved", "rejected", "expired", "abandoned", "withdrawn"},
         "event wait": {"received", "expired", "withdrawn"},
         "event delivery": {"consumed", "expired", "rejected"},
         "compensation": {"completed", "not_compensable"},
         "step": {"skipped"},
-        "run": set(),
+        "run": {"cancelled"},
         "saga": set(),
         "dead letter": set(),
         "notification": {"sent", "gave_up"},

@@ -82,7 +82,8 @@ def test_sql_of_a_downgrade_and_bad_revisions(capsys: pytest.CaptureFixture[str]
         "-- Running upgrade 0008 -> 0009",
         "-- Running upgrade 0009 -> 0010",
         "-- Running upgrade 0010 -> 0011",
-        "-- Running upgrade 0011 -> 0013",
+        "-- Running upgrade 0011 -> 0012",
+        "-- Running upgrade 0012 -> 0013",
         "-- Running upgrade 0013 -> 0014",
     ]
     assert main(["migrate", "--sql", "--to", "0042", "--url", url]) == 2

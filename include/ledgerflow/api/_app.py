@@ -11,7 +11,7 @@ Routes (relative to the mount point):
 - REST: ``GET /api/approvals`` (``limit``, default 100 and at most 1000, ``offset``;
   ``total`` counts every match), ``GET /api/approvals/{id}``,
   ``POST /api/approvals/{id}/decision``; ``POST /api/runs/{run_id}/retry``
-  (``_retry.py``).
+  (``_retry.py``); ``POST /api/runs/{run_id}/cancel`` (``_cancel.py``).
 - Operating (``_ops.py``): ``GET /dashboard``, ``GET /api/slo``, ``GET /api/export``.
 - Pages: ``GET /approvals``, ``GET /approvals/decided`` (100 a page, ``?page=N``),
   ``GET /approvals/{id}``,
@@ -329,6 +329,11 @@ def create_app(ledger: Ledger | None = None) -> FastAPI:
     from ledgerflow.api._retry import retry_router
 
     app.include_router(retry_router(source))
+
+    # Cancel runs: POST /api/runs/{run_id}/cancel and the run page's Cancel button.
+    from ledgerflow.api._cancel import cancel_router
+
+    app.include_router(cancel_router(source))
 
     # Runs: the run page, the runs list and their JSON API (``_runs.py``); only reads.
     from ledgerflow.api._runs import runs_router

@@ -166,13 +166,19 @@ def may_create_runs(user: Any, dag_id: str) -> bool:
     return _may_on_runs(user, dag_id, "POST")
 
 
+def may_edit_runs(user: Any, dag_id: str) -> bool:
+    """Airflow's rule for changing a DAG's runs (``PUT``: marking a run's state, clearing
+    it) for this user: what cancelling a run needs."""
+    return _may_on_runs(user, dag_id, "PUT")
+
+
 def may_read_xcom(user: Any, dag_id: str) -> bool:
     """Airflow's rule for reading a DAG's XCom (the results its own run wait returns)."""
     return _may_on_runs(user, dag_id, "GET", "XCOM")
 
 
 def _may_on_runs(
-    user: Any, dag_id: str, method: Literal["GET", "POST"], entity: str = "RUN"
+    user: Any, dag_id: str, method: Literal["GET", "POST", "PUT"], entity: str = "RUN"
 ) -> bool:
     from fastapi import HTTPException
 
@@ -186,7 +192,7 @@ def _may_on_runs(
 
 
 def require_dag(
-    user: Any, dag_id: str, method: Literal["GET", "POST"], entity: str = "RUN"
+    user: Any, dag_id: str, method: Literal["GET", "POST", "PUT"], entity: str = "RUN"
 ) -> None:
     """Airflow's own permission dependency for one DAG (``requires_access_dag``, as its
     public API routes declare it), called with the DAG a Ledgerflow route resolved from

@@ -210,6 +210,8 @@ _DETAIL = """{% extends "layout" %}{% block content %}
 <tr><th>Requested</th><td>{{ a.created_at | when }}</td></tr>
 {% if a.status == "abandoned" %}
 <tr><th>Decided by</th><td id="decided-by">nobody: the run ended while this approval waited, so its task can no longer resume (retry the run to ask again)</td></tr>
+{% elif a.status == "withdrawn" %}
+<tr><th>Withdrawn by</th><td id="decided-by">{{ a.decided_by }}: the run was cancelled at {{ a.decided_at | when }} ({{ a.comment or '' }}); nobody can decide it any more</td></tr>
 {% elif not a.pending %}
 <tr><th>Decided by</th><td id="decided-by">{{ a.decided_by or '(deadline)' }}</td></tr>
 <tr><th>Decided at</th><td>{{ a.decided_at | when }}</td></tr>

@@ -108,6 +108,13 @@ _RUN = """{% extends "layout" %}{% block content %}
 <textarea id="retry-params" name="params" rows="3" cols="40">{{ js(retry_params(r.params)) }}</textarea></div>
 <div><button type="submit" id="retry-button">Retry</button></div>
 </form>{% endif %}
+{% if r.status == "running" %}<form method="post" action="{{ root }}/runs/{{ r.run_id | urlencode }}/cancel" id="cancel-form" class="filters">
+<input type="hidden" name="csrf_token" value="{{ cancel_csrf if cancel_csrf is defined else '' }}">
+<div><label for="cancel-reason">Cancel this run: why?</label>
+<input id="cancel-reason" name="reason" required maxlength="2000" size="40"></div>
+<div><label><input type="checkbox" id="cancel-compensate" name="compensate" value="1"> undo the completed steps (compensate)</label></div>
+<div><button type="submit" id="cancel-button">Cancel run</button></div>
+</form>{% elif r.status == "cancelled" %}<p id="cancelled" class="muted">Cancelled by <b>{{ r.cancelled_by }}</b> at {{ r.cancelled_at | at }}: {{ r.cancel_reason }}{% if r.cancel_compensate %} (completed steps undone by the saga){% endif %}.</p>{% endif %}
 
 <h2>Steps</h2>
 <table id="steps"><thead><tr><th>Step</th><th>Status</th><th>Tries</th><th>Idempotency key</th>
@@ -187,7 +194,7 @@ table.inner th,table.inner td{font-size:.82rem;padding:.25rem .45rem}
 #runs td.id{overflow-wrap:anywhere;font-size:.82rem;min-width:8rem}
 ol.chain li{margin:.2rem 0} ol.chain li.this{list-style:'▶ '}
 .status-succeeded,.status-completed,.status-compensated,.status-passed{color:var(--good);font-weight:600}
-.status-failed,.status-compensation_failed,.status-lost{color:var(--bad);font-weight:600}
+.status-failed,.status-compensation_failed,.status-lost,.status-cancelled{color:var(--bad);font-weight:600}
 .status-running,.status-retrying{color:var(--wait);font-weight:600}
 .status-skipped,.status-not_needed,.status-not_compensable,.status-reused{color:var(--label)}
 """
@@ -411,6 +418,7 @@ def runs_router(source: Callable[[], Ledger]) -> APIRouter:
             d=doc,
             retry=_standing(source(), run_id),
             csrf=form_token(server_secret(), caller.name, f"retry:{run_id}"),
+            cancel_csrf=form_token(server_secret(), caller.name, f"cancel:{run_id}"),
             message=message or _RUN_MESSAGES.get(request.query_params.get("msg", "")),
         )
         return HTMLResponse(html, status_code=status_code)
@@ -477,7 +485,12 @@ def _standing(ledger: Ledger, run_id: str) -> Any:
         return None
 
 
-_RUN_MESSAGES = {"retried": ("ok", "Started: this run retries the one it links to below.")}
+_RUN_MESSAGES = {
+    "retried": ("ok", "Started: this run retries the one it links to below."),
+    "cancelled": ("ok", "Cancelled: its tasks are stopping; its approvals are withdrawn."),
+    "cancel_refused": ("warn", "Not cancelled: the run had already ended."),
+    "cancel_needs_reason": ("warn", "Not cancelled: say why (the reason is recorded)."),
+}
 
 
 def _same_origin(request: Request) -> bool:

@@ -82,6 +82,11 @@ class RunsMixin(LedgerBase):
                 current = self._run_status(conn, run_id)
                 if current is None:
                     return  # never registered: no task of it ran
+                if current == RunStatus.CANCELLED.value:
+                    # Terminal: Airflow's end of a cancelled run (after its saga, or a
+                    # task that ended as it was cancelled) is recorded, not applied.
+                    self._event(conn, run_id, None, "airflow_run_ended", {"state": status})
+                    return
                 if current != status:  # the other end: Airflow ran it again meanwhile
                     self.reopen_run(run_id, conn=conn)
                     changed = conn.execute(
@@ -116,6 +121,21 @@ class RunsMixin(LedgerBase):
                 conn, run_id, None, "run_reopened", {"status": row.status, "saga": row.saga}
             )
         return True
+
+    def live_run(self, conn: Connection, run_id: str) -> None:
+        """Raise ``RunCancelled`` if the run was cancelled; else hold its row (``FOR
+        SHARE`` on Postgres) until ``conn`` commits, so a cancel waits for this
+        transaction (a forward step's commit) or this transaction sees the cancel."""
+        from ledgerflow.errors import RunCancelled
+
+        query = select(t.runs.c.status, t.runs.c.cancelled_by, t.runs.c.cancel_reason).where(
+            t.runs.c.run_id == run_id
+        )
+        if self.dialect == "postgresql":
+            query = query.with_for_update(read=True)
+        row = conn.execute(query).first()
+        if row is not None and row.status == RunStatus.CANCELLED.value:
+            raise RunCancelled(cancelled_message(run_id, row.cancelled_by, row.cancel_reason))
 
     def _run_status(self, conn: Connection, run_id: str) -> str | None:
         return conn.execute(  # type: ignore[no-any-return]
@@ -168,11 +188,21 @@ class RunsMixin(LedgerBase):
         A failure reported to a run whose saga has started joins it (a no-op). The saga
         of an ended one is not restarted here: only ``reopen_run`` (a cleared task) gives
         the run a new saga, so a late report cannot leave an ended saga compensating with
-        nothing left to finish it."""
+        nothing left to finish it. A run cancelled without ``--compensate`` gets no saga
+        (a task failing as it is stopped reports a failure too)."""
+        from sqlalchemy import or_
+
         with self.begin(conn) as conn:
             changed = conn.execute(
                 update(t.runs)
-                .where(t.runs.c.run_id == run_id, t.runs.c.saga.is_(None))
+                .where(
+                    t.runs.c.run_id == run_id,
+                    t.runs.c.saga.is_(None),
+                    or_(
+                        t.runs.c.status != RunStatus.CANCELLED.value,
+                        t.runs.c.cancel_compensate.is_(True),
+                    ),
+                )
                 .values(
                     saga=SagaStatus.COMPENSATING.value, failed_step=failed_step, updated_at=now()
                 )
@@ -180,8 +210,12 @@ class RunsMixin(LedgerBase):
             if changed:
                 self._event(conn, run_id, failed_step, "saga_compensating", None)
             else:
-                row = conn.execute(select(t.runs.c.saga).where(t.runs.c.run_id == run_id)).first()
-                if row is not None:  # not registered: it failed before any step ran
+                row = conn.execute(
+                    select(t.runs.c.saga, t.runs.c.status).where(t.runs.c.run_id == run_id)
+                ).first()
+                if row is not None and not (
+                    row.status == RunStatus.CANCELLED.value and row.saga is None
+                ):  # not registered: it failed before any step ran
                     SAGA.check(row.saga, SagaStatus.COMPENSATING.value, run_id)
         return bool(changed)
 
@@ -313,6 +347,10 @@ class RunsMixin(LedgerBase):
             return {r["step_key"]: dict(r) for r in rows}
 
 
+def cancelled_message(run_id: str, by: str | None, reason: str | None) -> str:
+    return f"run {run_id} was cancelled by {by or 'someone'}: {reason or '(no reason)'}"
+
+
 _ENDS = frozenset({RunStatus.SUCCEEDED.value, RunStatus.FAILED.value})
 
 
@@ -327,4 +365,4 @@ def _end_run(status: str) -> Any:
     )
 
 
-__all__ = ["RunsMixin"]
+__all__ = ["RunsMixin", "cancelled_message"]

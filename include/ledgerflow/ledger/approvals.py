@@ -71,8 +71,9 @@ class Approval:
 
     @property
     def fails_step(self) -> bool:
-        """A reject with no declared branch, or a deadline whose outcome is ``fail``."""
-        return self.status == "expired" or (
+        """A reject with no declared branch, a deadline whose outcome is ``fail``, or a
+        withdrawal (its run was cancelled: the step never completes)."""
+        return self.status in ("expired", "withdrawn") or (
             self.status == "rejected"
             and (self.follow is None or self.follow.get("rejected") is None)
         )
@@ -80,6 +81,8 @@ class Approval:
     def failure_reason(self) -> str:
         if self.status == "expired":
             return f"approval {self.id}: no decision before the deadline (at_deadline: fail)"
+        if self.status == "withdrawn":
+            return f"approval {self.id} withdrawn by {self.decided_by}: {self.comment or ''}"
         return f"approval {self.id} rejected by {self.decided_by}: {self.comment or ''}".rstrip()
 
     def output(self) -> dict[str, Any]:
@@ -385,6 +388,11 @@ def decide(
         ).rowcount
         current = get(ledger, approval_id, conn)
         if not locked:
+            if current.status == "withdrawn":
+                raise ApprovalConflict(
+                    f"approval {approval_id} was withdrawn: its run was cancelled by "
+                    f"{current.decided_by} at {current.decided_at} ({current.comment})"
+                )
             raise ApprovalConflict(
                 f"approval {approval_id} was already decided ({current.status} by "
                 f"{current.decided_by} at {current.decided_at})"

@@ -414,29 +414,40 @@ def expire(ledger: Ledger, wait_id: int, at: datetime) -> bool:
 def withdraw(ledger: Ledger, run_id: str, reason: str = "", conn: Connection | None = None) -> int:
     """Withdraw the run's parked event waits (a cancelled run): no delivery or deadline
     changes them any more, and their triggers wake and end. Returns how many."""
+    return len(withdraw_waits(ledger, run_id, reason=reason, conn=conn))
+
+
+def withdraw_waits(
+    ledger: Ledger,
+    run_id: str,
+    *,
+    by: str | None = None,
+    reason: str = "",
+    conn: Connection | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`withdraw`, returning one ``{"kind": "event", "id", "step"}`` per wait
+    withdrawn (what a cancel's registry of wait kinds expects)."""
     w = t.event_waits
     stamp = now()
+    withdrawn: list[dict[str, Any]] = []
     with ledger.begin(conn) as conn:
-        ids = list(
-            conn.execute(
-                select(w.c.id).where(w.c.run_id == run_id, w.c.status == W.WAITING.value)
-            ).scalars()
-        )
-        changed = 0
-        for wait_id in ids:
+        rows = conn.execute(
+            select(w.c.id, w.c.step_key).where(w.c.run_id == run_id, w.c.status == W.WAITING.value)
+        ).all()
+        for wait_id, step_key in rows:
             won = conn.execute(
                 update(w)
                 .where(w.c.id == wait_id, w.c.status == W.WAITING.value)
                 .values(status=W.WITHDRAWN.value, resolved_by="withdrawn", resolved_at=stamp)
             ).rowcount
             if won:
-                changed += 1
+                withdrawn.append({"kind": "event", "id": wait_id, "step": step_key})
                 ledger._event(
                     conn,
                     run_id,
                     None,
                     "event_wait_withdrawn",
-                    {"wait_id": wait_id, "reason": reason},
+                    {"wait_id": wait_id, "reason": reason, "by": by},
                 )
                 _notify(ledger, conn, wait_id)
-    return changed
+    return withdrawn

@@ -6,7 +6,7 @@ failures — those recorded in the window), per workflow. A handful of aggregate
 each bounded by the window through an index (migration 10): nothing loads the history.
 
 - ``success_rate``: succeeded / finished runs (a failed run counts as failed whatever its
-  saga did). ``step_failure_rate``: failed (or lost) attempts / attempts.
+  saga did; a cancelled run is its own outcome, ``cancelled``, and counts neither way). ``step_failure_rate``: failed (or lost) attempts / attempts.
   ``retry_rate``: attempts after a step's first / attempts.
 - ``completion``: a succeeded run's time from registration to its end, *minus* the time
   it waited for people (``human_wait``: each approval's request to its decision, or to
@@ -47,7 +47,10 @@ if TYPE_CHECKING:
 
 FINISHED = ("succeeded", "failed")
 SAGA_RAN = ("compensated", "compensation_failed")
-OUTCOMES = ("succeeded", "failed", "compensated", "compensation_failed", "running")
+# ``cancelled``: an operator stopped the run (``ledgerflow cancel``), its own outcome,
+# whatever its saga did: neither a success nor a failure of the workflow.
+OUTCOMES = ("succeeded", "failed", "compensated", "compensation_failed", "cancelled", "running")
+NEITHER = ("running", "cancelled")  # not counted by success_rate
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -107,6 +110,7 @@ class WorkflowFacts:
             by[r.outcome] += 1
         succeeded = by["succeeded"]
         finished = sum(1 for r in self.runs if r.outcome != "running")
+        judged = sum(1 for r in self.runs if r.outcome not in NEITHER)
         attempts = sum(r.attempts for r in self.runs)
         completion = [r.completion for r in self.runs if r.completion is not None]
         waited = [r.human_wait for r in self.runs if r.human_wait > 0]
@@ -114,7 +118,7 @@ class WorkflowFacts:
         return {
             "runs": len(self.runs),
             "outcomes": {o: by[o] for o in OUTCOMES},
-            "success_rate": ratio(succeeded, finished),
+            "success_rate": ratio(succeeded, judged),
             "step_failure_rate": ratio(sum(r.failed_attempts for r in self.runs), attempts),
             "retry_rate": ratio(sum(r.retries for r in self.runs), attempts),
             "attempts": attempts,

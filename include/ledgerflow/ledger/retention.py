@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ledgerflow.ledger.store import Ledger
 
 BATCH = 500
-FINISHED = ("succeeded", "failed")
+FINISHED = ("succeeded", "failed", "cancelled")
 # Per run, children first (no foreign keys, but a reader never sees orphans this way).
 RUN_TABLES = (
     t.steps,

@@ -30,7 +30,14 @@ SECRET_KEY = re.compile(
     r"credential|private[-_]?key|cookie|session[-_]?id|signature",
     re.IGNORECASE,
 )
-RUN_STATUSES = ("running", "succeeded", "failed", "compensated", "compensation_failed")
+RUN_STATUSES = (
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "compensated",
+    "compensation_failed",
+)
 
 
 def redact(value: Any) -> Any:
@@ -126,6 +133,13 @@ def _run_row(row: Any) -> dict[str, Any]:
         if row["status"] == "running"
         else _seconds(row["created_at"], row["updated_at"]),
     }
+    if row["status"] == "cancelled":  # who, when, why (``ledgerflow.cancel``)
+        out.update(
+            cancelled_by=row.get("cancelled_by"),
+            cancelled_at=_iso(row.get("cancelled_at")),
+            cancel_reason=row.get("cancel_reason"),
+            cancel_compensate=bool(row.get("cancel_compensate")),
+        )
     return out
 
 
@@ -160,7 +174,7 @@ def list_runs(
     until: datetime | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
-    """Runs, newest first. ``status`` is the run's (running, succeeded, failed) or the
+    """Runs, newest first. ``status`` is the run's (running, succeeded, failed, cancelled) or the
     saga's outcome (compensated, compensation_failed)."""
     runs = t.runs
     query = select(runs).order_by(runs.c.created_at.desc(), runs.c.run_id).limit(limit)

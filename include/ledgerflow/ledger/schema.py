@@ -45,6 +45,11 @@ runs = Table(
     # the SHA-256 of the workflow file the run started on (migration 8).
     Column("retry_from", String(100)),
     Column("spec_hash", String(64)),
+    # A cancelled run: who, when, why, and whether its saga was asked for (migration 12).
+    Column("cancelled_by", String(250)),
+    Column("cancelled_at", DateTime(timezone=True)),
+    Column("cancel_reason", Text),
+    Column("cancel_compensate", Boolean),
     Index("lf_runs_workflow", "workflow", "version"),
     Index("lf_runs_retry_of", "retry_of"),
 )

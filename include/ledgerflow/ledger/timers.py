@@ -128,3 +128,29 @@ def fire(ledger: Ledger, run_id: str, step_key: str, at: datetime | None = None)
         )
         ledger._event(conn, run_id, step_key, FIRED, output)
         return output
+
+
+WITHDRAWN = "timer_withdrawn"
+
+
+def withdraw(
+    ledger: Ledger, conn: Connection, run_id: str, *, by: str, reason: str
+) -> list[dict[str, Any]]:
+    """A cancel's part for timers (registered in ``ledgerflow.cancel``): each timer of the
+    run that parked and has not fired gets a ``timer_withdrawn`` event. Nothing else is
+    needed: its task instance becomes ``failed`` and Airflow removes its trigger; a
+    trigger that fires at that very moment finds the step ended by the cancel and no
+    later step runs (a cancelled run's forward steps neither start nor commit)."""
+    rows = conn.execute(
+        select(t.events.c.step_key, t.events.c.kind).where(
+            t.events.c.run_id == run_id,
+            t.events.c.kind.in_((PARKED, FIRED, WITHDRAWN)),
+        )
+    ).all()
+    parked = {step for step, kind in rows if kind == PARKED}
+    ended = {step for step, kind in rows if kind != PARKED}
+    withdrawn = []
+    for step in sorted(parked - ended):
+        ledger._event(conn, run_id, step, WITHDRAWN, {"by": by, "reason": reason})
+        withdrawn.append({"kind": "wait", "id": step, "step": step})
+    return withdrawn

@@ -38,6 +38,7 @@ from sqlalchemy import Connection
 from ledgerflow import faults
 from ledgerflow.errors import (
     NonRetryableError,
+    RunCancelled,
     StepSkipped,
     TemplateRenderError,
     UpstreamUndone,
@@ -233,7 +234,7 @@ def run_step(
             attempt = None
         else:
             attempt, early = _begin_attempt(
-                kind, found, ledger, spec, step, run, map_index, try_number, conn
+                kind, found, ledger, spec, step, run, map_index, try_number, conn, forward
             )
             if early is not None:
                 return early
@@ -244,8 +245,8 @@ def run_step(
     try:
         committed = _perform_and_commit(kind, attempt)
     except BaseException as error:
-        if isinstance(error, CRASHES):
-            raise
+        if isinstance(error, (*CRASHES, RunCancelled)):
+            raise  # cancelled: its attempt is ``lost`` already, no dead letter
         kind.finished(ledger, error)
         record_failure(attempt, error, final=bool(final(error)))
         raise
@@ -271,6 +272,7 @@ def _begin_attempt(
     map_index: int,
     try_number: int,
     conn: Connection,
+    forward: bool = True,
 ) -> tuple[Attempt, StepResult | None]:
     """Step 6: the breaker gate, the effect's claim and the attempt row (a render error
     is recorded as the final failure at once). Returns a finished effect's result when
@@ -292,6 +294,7 @@ def _begin_attempt(
         context=found.context,
         first=found.checkpoint is None,
         letters=found.checkpoint is not None or found.chain.retry_of is not None,
+        forward=forward,
     )
     attempt.attempt_id = ledger.begin_attempt(
         run_id=run.run_id,
@@ -346,6 +349,10 @@ def _perform_and_commit(kind: StepKind, attempt: Attempt) -> Committed:
 
 
 def _commit(kind: StepKind, attempt: Attempt, outcome: Any, conn: Connection) -> Committed:
+    if attempt.forward:
+        # First, before any row of the step is written: a cancel waits for this commit,
+        # or this commit sees the cancel and rolls back (``ledger/cancels.py``).
+        attempt.ledger.live_run(conn, attempt.run.run_id)
     committed = kind.commit(attempt, outcome, conn)
     if committed.rejection is not None:
         # The work ended, and its answer is final (invalid output, failed expectations).

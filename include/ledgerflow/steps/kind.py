@@ -66,6 +66,8 @@ class Attempt:
     # it retries): completing it looks for them.
     letters: bool = True
     prepared: Any = None  # what ``prepare`` found (a recorded answer...)
+    # A forward step commits only while its run is not cancelled (a compensation does).
+    forward: bool = True
 
 
 @dataclass(frozen=True)

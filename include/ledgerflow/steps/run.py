@@ -132,12 +132,14 @@ def join_run(
     forward: bool = True,
 ) -> Chain:
     """Register the run if it is new; reopen it if it had ended (a task cleared in
-    Airflow runs again). Returns the run's retry chain from its ledger row (``row``:
+    Airflow runs again), unless it was cancelled (``RunCancelled``). Returns the run's retry chain from its ledger row (``row``:
     as ``Ledger.run_and_steps`` read it in this transaction, ``None`` when there is
     none)."""
     if row is None:
         register_run(ledger, spec, run, params, conn)
         return Chain(run.retry_of, run.retry_from)
+    if forward and row.status == RunStatus.CANCELLED.value:
+        ledger.live_run(conn, run.run_id)  # raises RunCancelled: a cancel is for good
     if forward and row.status != RunStatus.RUNNING.value:
         ledger.reopen_run(run.run_id, conn=conn)
     return Chain(row.retry_of, row.retry_from, had_saga=row.saga is not None)

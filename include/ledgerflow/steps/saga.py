@@ -400,7 +400,10 @@ class CompensationOperator(LedgerflowOperator):
         run = run_ref(context)
         ledger = Ledger.from_airflow()
         ledger.migrate()
-        saga = (ledger.run(run.run_id) or {}).get("saga")
+        row = ledger.run(run.run_id) or {}
+        saga = row.get("saga")
+        if row.get("status") == "cancelled" and not row.get("cancel_compensate"):
+            raise AirflowSkipException("the run was cancelled without --compensate")
         if saga is None:
             failed = run_failed(context, self.forward_task_ids)
             if not failed:
