@@ -270,3 +270,66 @@ def test_a_registered_wait_kind_is_withdrawn_in_the_cancels_transaction(
         {"kind": "wait", "id": 7, "step": "nap"}
     ]
     assert len(events(ledger, run.run_id, "timer_withdrawn")) == 1
+
+
+def test_cancel_withdraws_a_parked_event_wait_and_a_later_delivery_is_only_kept(
+    ledger: Ledger,
+) -> None:
+    """A run parked on an event step: the cancel withdraws the wait (through the registry
+    of wait kinds, in its transaction); a delivery afterwards wakes nothing and is kept
+    for a later wait, never completing the cancelled run's step."""
+    from ledgerflow.ledger import event_waits
+
+    _, run, _ = two_steps_done(ledger, "event")
+    wait = event_waits.open_wait(
+        ledger,
+        run_id=run.run_id,
+        step_key="settled",
+        dag_id=run.dag_id,
+        task_id="settled",
+        workflow="checkout",
+        name="payment.settled",
+        key="pay-event",
+        schema=None,
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+        on_deadline="fail",
+    )
+    done = cancel(ledger, run.run_id, by="alice", reason="fraud", airflow=False)
+    assert {"kind": "event", "id": wait.id, "step": "settled"} in done.ledger.withdrawn
+    assert event_waits.get(ledger, wait.id).status == "withdrawn"
+    got = event_waits.deliver(
+        ledger, name="payment.settled", key="pay-event", event_id="e-1", payload={"x": 1}
+    )
+    assert (got.status, got.woke) == ("kept", [])
+    assert event_waits.get(ledger, wait.id).status == "withdrawn"
+    assert ledger.run(run.run_id)["status"] == "cancelled"  # type: ignore[index]
+
+
+def test_cancel_withdraws_a_parked_timer_and_its_firing_is_refused(ledger: Ledger) -> None:
+    """A run parked on a timer: the cancel records ``timer_withdrawn``; the trigger firing
+    at that moment is refused (``RunCancelled``) and the step never completes."""
+    from ledgerflow.errors import RunCancelled as Refused
+    from ledgerflow.ledger import timers
+
+    _, run, _ = two_steps_done(ledger, "timer")
+    with ledger.begin() as conn:
+        timers.park(
+            ledger,
+            conn,
+            run_id=run.run_id,
+            step_key="cool_off",
+            step_id="cool_off",
+            planned=datetime.now(UTC) + timedelta(seconds=1),
+            args={"for": 1},
+            try_number=1,
+            first=True,
+        )
+    done = cancel(ledger, run.run_id, by="alice", reason="changed plans", airflow=False)
+    assert {"kind": "wait", "id": "cool_off", "step": "cool_off"} in done.ledger.withdrawn
+    assert len(events(ledger, run.run_id, timers.WITHDRAWN)) == 1
+    with pytest.raises(Refused, match="withdrawn"):
+        timers.fire(ledger, run.run_id, "cool_off")
+    assert not events(ledger, run.run_id, timers.FIRED)
+    again = cancel(ledger, run.run_id, by="alice", reason="changed plans", airflow=False)
+    assert again.ledger.withdrawn == [] or all(w["kind"] != "wait" for w in again.ledger.withdrawn)
+    assert len(events(ledger, run.run_id, timers.WITHDRAWN)) == 1

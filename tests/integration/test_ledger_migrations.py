@@ -21,7 +21,6 @@ from sqlalchemy import Engine, create_engine, event, inspect, text
 
 from ledgerflow.errors import LedgerError
 from ledgerflow.ledger import schema
-from ledgerflow.ledger._migrate import revisions
 from ledgerflow.ledger.store import Ledger
 
 LEGACY = Path(__file__).parent / "legacy" / "ledger_v8.py"

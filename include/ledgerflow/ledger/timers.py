@@ -16,12 +16,14 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from ledgerflow.errors import RunCancelled
 from ledgerflow.ledger import schema as t
 from ledgerflow.ledger._engine import loads, now
 from ledgerflow.ledger.store import Ledger
 
 PARKED = "timer_parked"
 FIRED = "timer_fired"
+WITHDRAWN = "timer_withdrawn"  # the run was cancelled while the timer was parked
 
 
 def idempotency_key(run_id: str, step_key: str) -> str:
@@ -91,6 +93,15 @@ def fire(ledger: Ledger, run_id: str, step_key: str, at: datetime | None = None)
         planned = planned_at(conn, run_id, step_key)
         if planned is None:
             raise RuntimeError(f"timer {run_id}/{step_key} was never parked")
+        withdrawn = conn.execute(
+            select(t.events.c.data).where(
+                t.events.c.run_id == run_id,
+                t.events.c.step_key == step_key,
+                t.events.c.kind == WITHDRAWN,
+            )
+        ).first()
+        if withdrawn is not None:
+            raise RunCancelled(f"timer {run_id}/{step_key} was withdrawn: its run was cancelled")
         fired = at or now()
         output = {
             "planned": planned.isoformat(),
@@ -128,9 +139,6 @@ def fire(ledger: Ledger, run_id: str, step_key: str, at: datetime | None = None)
         )
         ledger._event(conn, run_id, step_key, FIRED, output)
         return output
-
-
-WITHDRAWN = "timer_withdrawn"
 
 
 def withdraw(
