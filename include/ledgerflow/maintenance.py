@@ -4,6 +4,8 @@
   an alert for each objective that entered ``burning`` or ``breached`` (once per breach).
 - ``prune_ledger``: the retention prune with ``[ledgerflow] retention`` and
   ``effect_key_horizon``.
+- ``check_orphans``: ``ledgerflow doctor`` (a report; with ``[ledgerflow] doctor_fix`` also
+  its safe repairs), and the ``orphaned_runs`` gauge.
 
 Each prints what it found or removed (the task's log) and returns it (its XCom).
 """
@@ -45,3 +47,27 @@ def prune_ledger() -> dict[str, Any]:
     )
     print("\n".join(result.lines()))
     return result.as_dict()
+
+
+def check_orphans() -> dict[str, Any]:
+    from ledgerflow import doctor, observability, settings
+    from ledgerflow.doctor_airflow import MetadataFacts
+    from ledgerflow.ledger.store import Ledger
+
+    ledger = Ledger.from_airflow()
+    ledger.migrate()
+    report = doctor.run_doctor(
+        ledger,
+        MetadataFacts(),
+        fix=bool(settings.get("doctor_fix")),
+        grace=settings.get("doctor_grace"),
+        by=doctor.who("maintenance DAG"),
+    )
+    observability.orphaned_runs(report.orphaned_runs)
+    for f in report.findings:
+        print(f"{f.cause} {f.run_id} {f.subject}: {f.why} [{f.status}]")
+        if f.manual:
+            print(f"  manual: {f.manual}")
+    for line in doctor.summary(report):
+        print(line)
+    return report.as_dict()

@@ -1,0 +1,279 @@
+"""``ledgerflow doctor`` against real orphans: each cause is created for real (a workflow
+run by Airflow's ``dag.test()`` in a child process, its ledger on Postgres, the process
+SIGKILLed mid-step the way a dead worker leaves it, then Airflow's metadata changed the
+way the scheduler or an operator changes it), listed with its cause, repaired by
+``--fix`` through the lifecycle machines, and a second ``--fix`` changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ledgerflow.ledger.store import Ledger
+
+pytestmark = pytest.mark.integration
+
+HOLD = """\
+name: {name}
+version: 1
+params:
+  order_id: {{type: string, required: true}}
+steps:
+  - id: reserve
+    tool: demo.reserve_inventory
+    args: {{order_id: "{{{{ params.order_id }}}}", sku: sku-mug}}
+    idempotency: {{key: "{{{{ params.order_id }}}}"}}
+  - id: hold
+    needs: [reserve]
+    tool: demo.sleep
+    args: {{seconds: 600}}
+    idempotency: {{key: "{{{{ params.order_id }}}}"}}
+"""
+
+# The run fails after reserving; its compensation (a slow undo) is where the process dies.
+UNDO = """\
+name: {name}
+version: 1
+params:
+  order_id: {{type: string, required: true}}
+steps:
+  - id: reserve
+    tool: demo.noop
+    args: {{value: "{{{{ params.order_id }}}}"}}
+    idempotency: {{key: "{{{{ params.order_id }}}}"}}
+    compensate:
+      tool: demo.sleep
+      args: {{seconds: 600}}
+  - id: ship
+    needs: [reserve]
+    tool: demo.fail_while
+    args: {{flag: "{flag}"}}
+    idempotency: natural
+"""
+
+APPROVE = """\
+name: {name}
+version: 1
+params:
+  order_id: {{type: string, required: true}}
+steps:
+  - id: prepare
+    tool: demo.noop
+    idempotency: natural
+  - id: sign_off
+    needs: [prepare]
+    kind: approval
+    approvers: [ops]
+    subject: "ship {{{{ params.order_id }}}}?"
+    timeout: 1h
+"""
+
+
+@dataclass
+class Stage:
+    """One workflow in its own folder: dags, Airflow's metadata (SQLite), the ledger (Postgres)."""
+
+    work: Path
+    ledger_url: str
+    env: dict[str, str]
+
+    @property
+    def metadata(self) -> Path:
+        return self.work / "airflow.db"
+
+    def airflow_sql(self, statement: str, *args: Any) -> int:
+        """What the scheduler or an operator does to Airflow's own records."""
+        with sqlite3.connect(self.metadata) as db:
+            return db.execute(statement, args).rowcount
+
+    def doctor(self, *options: str) -> tuple[int, dict[str, Any]]:
+        done = subprocess.run(
+            [sys.executable, "-m", "ledgerflow.cli", "doctor", "--url", self.ledger_url]
+            + ["--grace", "0s", "--json", *options],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode in (0, 1), done.stderr
+        return done.returncode, json.loads(done.stdout)
+
+
+@pytest.fixture
+def stage(tmp_path: Path) -> Iterator[Callable[[str, str], Stage]]:
+    from ledgerflow.testing.postgres import fresh_database
+
+    made: list[Any] = []
+
+    def make(name: str, workflow: str) -> Stage:
+        from ledgerflow.cli_local import run_env
+        from ledgerflow.cli_publish import SHIM
+
+        work = tmp_path / name
+        folder = work / "dags" / "workflows" / name
+        folder.mkdir(parents=True)
+        (folder / "v1.yaml").write_text(workflow)
+        (folder / "v1.py").write_text(SHIM)
+        ctx = fresh_database("doctor")
+        url = ctx.__enter__()
+        made.append(ctx)
+        env = run_env(work, work / "dags")
+        env["AIRFLOW_CONN_LEDGERFLOW_DB"] = url
+        env["LEDGERFLOW_DEMO_TOOLS"] = "1"
+        ledger_url = url.replace("postgresql://", "postgresql+psycopg2://", 1)
+        Ledger(ledger_url).migrate()
+        return Stage(work, ledger_url, env)
+
+    yield make
+    for ctx in made:
+        ctx.__exit__(None, None, None)
+
+
+def _template() -> Path:
+    from ledgerflow.cli_local import _airflow_version, cache_dir
+
+    return cache_dir() / f"airflow-{_airflow_version()}-metadata.db"
+
+
+def start(stage: Stage, name: str, **params: Any) -> subprocess.Popen[bytes]:
+    """``dag.test()`` of the workflow in a child process (what ``ledgerflow run`` starts)."""
+    template = _template()
+    if template.exists():
+        shutil.copyfile(template, stage.metadata)
+    request = {
+        "dag_file": str(stage.work / "dags" / "workflows" / name / "v1.py"),
+        "params": params,
+        "decisions": {},
+        "template": str(template),
+        "result": str(stage.work / "result.json"),
+    }
+    log = open(stage.work / "airflow.log", "wb")  # noqa: SIM115 - the child's, closed by it
+    return subprocess.Popen(
+        [sys.executable, "-m", "ledgerflow.local_run", json.dumps(request)],
+        env=stage.env,
+        cwd=stage.work,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_for(what: Callable[[], Any], child: subprocess.Popen[bytes], stage: Stage) -> Any:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        found = what()
+        if found:
+            return found
+        if child.poll() is not None and not what():
+            log = (stage.work / "airflow.log").read_text()[-3000:]
+            raise AssertionError(f"the run ended ({child.returncode}) first:\n{log}")
+        time.sleep(0.3)
+    raise AssertionError("timed out")
+
+
+def kill(child: subprocess.Popen[bytes]) -> None:
+    """SIGKILL, as a worker dies: no handler, no callback, nothing written after."""
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+
+
+def running_attempt(ledger: Ledger, step_key: str) -> Callable[[], Any]:
+    def look() -> Any:
+        for run in ledger.runs(limit=5):
+            for a in ledger.attempts(run["run_id"], step_key):
+                if a["status"] == "running":
+                    return run["run_id"]
+        return None
+
+    return look
+
+
+def causes(report: dict[str, Any]) -> list[tuple[str, str]]:
+    return sorted((f["cause"], f["status"]) for f in report["findings"])
+
+
+def repairs_logged(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
+    return [e["data"] for e in ledger.events(run_id) if e["kind"] == "doctor_repaired"]
+
+
+def test_a_killed_worker_after_its_dag_run_failed(stage: Callable[[str, str], Stage]) -> None:
+    """A worker SIGKILLed while its keyed step waits on the remote call leaves the run,
+    the step and the attempt running and the effect claimed; the scheduler then fails the
+    task and the DagRun (its zombie detection) without the ledger hearing of it. The
+    doctor lists the run (run_ended), the attempt (attempt_lost), the step
+    (step_stranded) and the effect (effect_unfinished, manual: never invented); --fix
+    ends the run failed, the attempt lost, the step failed, each with a doctor_repaired
+    event, leaves the effect pending; a second --fix repairs nothing."""
+    s = stage("dr_hold", HOLD.format(name="dr_hold"))
+    ledger = Ledger(s.ledger_url)
+    child = start(s, "dr_hold", order_id="o-1")
+    try:
+        run_id = wait_for(running_attempt(ledger, "hold"), child, s)
+    finally:
+        kill(child)
+    dag_id, dag_run_id = run_id.split("/", 1)
+
+    code, before = s.doctor()
+    # The killed process was on this host: the attempt is lost even while Airflow still
+    # says the task runs (the scheduler has not noticed yet).
+    assert code == 1
+    assert causes(before) == [("attempt_lost", "found")], before
+    assert "is gone" in before["findings"][0]["why"]
+
+    # The scheduler's zombie handling: the task and the run fail; the ledger never hears.
+    assert s.airflow_sql(
+        "UPDATE task_instance SET state='failed', end_date=CURRENT_TIMESTAMP "
+        "WHERE dag_id=? AND run_id=? AND task_id='hold'",
+        dag_id,
+        dag_run_id,
+    )
+    s.airflow_sql(
+        "UPDATE dag_run SET state='failed', end_date=CURRENT_TIMESTAMP WHERE dag_id=? AND run_id=?",
+        dag_id,
+        dag_run_id,
+    )
+    code, found = s.doctor()
+    assert code == 1
+    assert causes(found) == [
+        ("attempt_lost", "found"),
+        ("effect_unfinished", "found"),
+        ("run_ended", "found"),
+        ("step_stranded", "found"),
+    ]
+    assert ledger.run(run_id)["status"] == "running"  # type: ignore[index]  # no --fix: no write
+
+    code, fixed = s.doctor("--fix")
+    assert code == 1  # the effect needs a person
+    assert causes(fixed) == [
+        ("attempt_lost", "repaired"),
+        ("effect_unfinished", "manual"),
+        ("run_ended", "repaired"),
+        ("step_stranded", "repaired"),
+    ]
+    effect = next(f for f in fixed["findings"] if f["cause"] == "effect_unfinished")
+    assert f"ledgerflow retry {run_id}" in effect["manual"]
+    assert ledger.run(run_id)["status"] == "failed"  # type: ignore[index]
+    assert [a["status"] for a in ledger.attempts(run_id, "hold")] == ["lost"]
+    assert ledger.checkpoint(run_id, "hold").status == "failed"  # type: ignore[union-attr]
+    assert ledger.checkpoint(run_id, "reserve").status == "completed"  # type: ignore[union-attr]
+    assert [e["status"] for e in ledger.effects(run_id) if e["tool"] == "demo.sleep"] == ["pending"]
+    logged = repairs_logged(ledger, run_id)
+    assert sorted(e["cause"] for e in logged) == ["attempt_lost", "run_ended", "step_stranded"]
+    assert all(e["by"].startswith("ledgerflow doctor (cli") and e["why"] for e in logged)
+
+    code, again = s.doctor("--fix")
+    assert code == 1
+    assert causes(again) == [("effect_unfinished", "manual")]
+    assert len(repairs_logged(ledger, run_id)) == 3  # nothing repaired twice
