@@ -75,10 +75,14 @@ steps:
   - id: sign_off
     needs: [prepare]
     kind: approval
-    approvers: [ops]
+    approvers: {{users: [ops]}}
     subject: "ship {{{{ params.order_id }}}}?"
-    timeout: 1h
+    deadline: 1d
+    at_deadline: reject
 """
+
+
+DOCTOR = [sys.executable, "-m", "ledgerflow.cli", "doctor"]
 
 
 @dataclass
@@ -100,8 +104,7 @@ class Stage:
 
     def doctor(self, *options: str) -> tuple[int, dict[str, Any]]:
         done = subprocess.run(
-            [sys.executable, "-m", "ledgerflow.cli", "doctor", "--url", self.ledger_url]
-            + ["--grace", "0s", "--json", *options],
+            [*DOCTOR, "--url", self.ledger_url, "--grace", "0s", "--json", *options],
             env=self.env,
             capture_output=True,
             text=True,
@@ -277,3 +280,180 @@ def test_a_killed_worker_after_its_dag_run_failed(stage: Callable[[str, str], St
     assert code == 1
     assert causes(again) == [("effect_unfinished", "manual")]
     assert len(repairs_logged(ledger, run_id)) == 3  # nothing repaired twice
+
+
+def fail_dag_run(s: Stage, run_id: str) -> None:
+    """What the scheduler does to a run whose worker died: its tasks and the run fail."""
+    dag_id, dag_run_id = run_id.split("/", 1)
+    s.airflow_sql(
+        "UPDATE task_instance SET state='failed', end_date=CURRENT_TIMESTAMP "
+        "WHERE dag_id=? AND run_id=? AND state IN ('running', 'deferred', 'queued')",
+        dag_id,
+        dag_run_id,
+    )
+    s.airflow_sql(
+        "UPDATE dag_run SET state='failed', end_date=CURRENT_TIMESTAMP WHERE dag_id=? AND run_id=?",
+        dag_id,
+        dag_run_id,
+    )
+
+
+def test_a_saga_killed_while_compensating(
+    stage: Callable[[str, str], Stage], tmp_path: Path
+) -> None:
+    """The run fails after `reserve`; its compensation task is SIGKILLed while undoing,
+    then the DagRun fails: the saga stays `compensating` forever. The doctor lists it
+    (saga_stuck) with the run, the compensation's attempt and step; --fix fails the
+    compensation left running and ends the saga `compensation_failed` (never
+    `compensated`: the undo did not finish), with the run failed; a second --fix
+    changes nothing."""
+    flag = tmp_path / "broken"
+    flag.write_text("x")
+    s = stage("dr_undo", UNDO.format(name="dr_undo", flag=flag))
+    ledger = Ledger(s.ledger_url)
+    child = start(s, "dr_undo", order_id="o-2")
+    try:
+        run_id = wait_for(running_attempt(ledger, "compensate__reserve"), child, s)
+    finally:
+        kill(child)
+    assert ledger.run(run_id)["saga"] == "compensating"  # type: ignore[index]
+    assert ledger.compensations(run_id)["reserve"]["status"] == "running"
+    fail_dag_run(s, run_id)
+
+    code, found = s.doctor()
+    assert code == 1
+    kinds = causes(found)
+    assert ("saga_stuck", "found") in kinds and ("run_ended", "found") in kinds, kinds
+    assert ("attempt_lost", "found") in kinds and ("step_stranded", "found") in kinds, kinds
+
+    code, fixed = s.doctor("--fix")
+    assert all(status in ("repaired", "manual") for _, status in causes(fixed)), fixed
+    run = ledger.run(run_id)
+    assert run is not None and (run["status"], run["saga"]) == ("failed", "compensation_failed")
+    assert ledger.compensations(run_id)["reserve"]["status"] == "failed"
+    assert ledger.checkpoint(run_id, "reserve").status == "completed"  # type: ignore[union-attr]
+    assert "saga_stuck" in {e["cause"] for e in repairs_logged(ledger, run_id)}
+
+    n = len(repairs_logged(ledger, run_id))
+    code, again = s.doctor("--fix")
+    assert all(status == "manual" for _, status in causes(again)), again
+    assert len(repairs_logged(ledger, run_id)) == n
+
+
+def test_an_approval_whose_run_ended(stage: Callable[[str, str], Stage]) -> None:
+    """The run parks at an approval (its task deferred, no process: the doctor does not
+    take the missing process for a lost attempt), then its process dies and the DagRun
+    is failed by hand: the approval can never resume it. The doctor lists it
+    (approval_stranded); --fix abandons it (the approval machine's `abandoned`), and a
+    second --fix changes nothing."""
+    s = stage("dr_ask", APPROVE.format(name="dr_ask"))
+    ledger = Ledger(s.ledger_url)
+    child = start(s, "dr_ask", order_id="o-3")
+    # `ledgerflow run`'s process exits (3) by itself at an approval nobody decides.
+    child.wait(timeout=300)
+    from ledgerflow.ledger import approvals
+
+    pending = approvals.listing(ledger, status="pending")
+    assert len(pending) == 1, (s.work / "airflow.log").read_text()[-2000:]
+    run_id = pending[0].run_id
+    dag_id, dag_run_id = run_id.split("/", 1)
+    with sqlite3.connect(s.metadata) as db:
+        state = db.execute(
+            "SELECT state FROM task_instance WHERE dag_id=? AND run_id=? AND task_id='sign_off'",
+            (dag_id, dag_run_id),
+        ).fetchone()
+    code, before = s.doctor()
+    assert causes(before) == [], (state, before)  # parked, not lost
+    assert code == 0
+
+    fail_dag_run(s, run_id)
+    code, found = s.doctor()
+    assert code == 1
+    assert ("approval_stranded", "found") in causes(found), found
+    code, fixed = s.doctor("--fix")
+    assert code == 0, fixed
+    assert approvals.get(ledger, pending[0].id).status == "abandoned"
+    assert ledger.run(run_id)["status"] == "failed"  # type: ignore[index]
+    code, again = s.doctor("--fix")
+    assert (code, again["findings"]) == (0, [])
+
+
+def test_a_dag_run_deleted_and_a_try_that_moved_on(stage: Callable[[str, str], Stage]) -> None:
+    """A worker SIGKILLed mid-step, then the scheduler retries the task (its try number
+    moves on): the old attempt is lost though the DagRun runs. Then the DagRun is deleted
+    in Airflow: the ledger run is `run_missing`, repaired `failed` (never a success
+    Airflow did not see). The maintenance task reports it and sends the
+    `orphaned_runs` gauge; it repairs only with `[ledgerflow] doctor_fix`."""
+    from ledgerflow.testing.statsd import StatsdListener
+
+    s = stage("dr_gone", HOLD.format(name="dr_gone"))
+    ledger = Ledger(s.ledger_url)
+    child = start(s, "dr_gone", order_id="o-4")
+    try:
+        run_id = wait_for(running_attempt(ledger, "hold"), child, s)
+    finally:
+        kill(child)
+    dag_id, dag_run_id = run_id.split("/", 1)
+    assert s.airflow_sql(
+        "UPDATE task_instance SET try_number=try_number+1, state='queued' "
+        "WHERE dag_id=? AND run_id=? AND task_id='hold'",
+        dag_id,
+        dag_run_id,
+    )
+    code, moved = s.doctor()
+    assert causes(moved) == [("attempt_lost", "found")], moved
+    assert "moved on to try 2" in moved["findings"][0]["why"]
+
+    s.airflow_sql("DELETE FROM task_instance WHERE dag_id=? AND run_id=?", dag_id, dag_run_id)
+    assert s.airflow_sql("DELETE FROM dag_run WHERE dag_id=? AND run_id=?", dag_id, dag_run_id)
+
+    statsd = StatsdListener(keep=("airflow.ledgerflow.orphaned_runs",)).start()
+    try:
+        env = {
+            **s.env,
+            "AIRFLOW__METRICS__STATSD_ON": "True",
+            "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+            "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),
+            "AIRFLOW__LEDGERFLOW__DOCTOR_GRACE": "1s",
+        }
+        time.sleep(1.1)
+        report = maintenance(env)
+        assert report["orphaned_runs"] == 1 and report["repaired"] == 0, report
+        assert ("run_missing", "found") in causes(report)
+        assert ledger.run(run_id)["status"] == "running"  # type: ignore[index]
+        deadline = time.monotonic() + 10
+        while (
+            not statsd.gauges.get("airflow.ledgerflow.orphaned_runs")
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        assert statsd.gauges.get("airflow.ledgerflow.orphaned_runs") == [1.0]
+
+        fixed = maintenance({**env, "AIRFLOW__LEDGERFLOW__DOCTOR_FIX": "True"})
+        assert ("run_missing", "repaired") in causes(fixed), fixed
+        assert ledger.run(run_id)["status"] == "failed"  # type: ignore[index]
+        by = {e["by"] for e in repairs_logged(ledger, run_id)}
+        assert by and all("maintenance DAG" in b for b in by)
+    finally:
+        statsd.stop()
+    code, again = s.doctor("--fix")
+    assert (code, causes(again)) == (1, [("effect_unfinished", "manual")]), again
+
+
+def maintenance(env: dict[str, str]) -> dict[str, Any]:
+    """The maintenance DAG's task, in a process configured as a worker is."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json; from ledgerflow.maintenance import check_orphans; "
+            "print('REPORT ' + json.dumps(check_orphans(), default=str))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("REPORT "))
+    return json.loads(line.removeprefix("REPORT "))  # type: ignore[no-any-return]
