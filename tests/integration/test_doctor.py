@@ -38,7 +38,7 @@ steps:
   - id: hold
     needs: [reserve]
     tool: demo.sleep
-    args: {{seconds: 600}}
+    args: {{seconds: 600, first_tries: 1}}
     idempotency: {{key: "{{{{ params.order_id }}}}"}}
 """
 
@@ -281,6 +281,40 @@ def test_a_killed_worker_after_its_dag_run_failed(stage: Callable[[str, str], St
     assert causes(again) == [("effect_unfinished", "manual")]
     assert len(repairs_logged(ledger, run_id)) == 3  # nothing repaired twice
 
+    # The manual action's rule holds after the repairs: the task cleared in Airflow (its
+    # DagRun runs again, try 2), the step runs under the kernel again, re-claims the SAME
+    # key, calls once more and finishes the one effect; the doctor then finds nothing.
+    s.airflow_sql(
+        "UPDATE dag_run SET state='running', end_date=NULL WHERE dag_id=? AND run_id=?",
+        dag_id,
+        dag_run_id,
+    )
+    s.airflow_sql(
+        "UPDATE task_instance SET state='running', try_number=2, end_date=NULL "
+        "WHERE dag_id=? AND run_id=? AND task_id='hold'",
+        dag_id,
+        dag_run_id,
+    )
+    from ledgerflow.steps.protocol import RunRef, execute_step
+    from ledgerflow.workflow.validate import load_workflow
+
+    spec = load_workflow(s.work / "dags" / "workflows" / "dr_hold" / "v1.yaml")
+    result = execute_step(
+        ledger,
+        spec,
+        spec.tool_step("hold"),
+        RunRef(run_id=run_id, dag_id=dag_id),
+        params={"order_id": "o-1"},
+        try_number=2,
+        max_attempts=3,
+    )
+    assert result.output == {"slept": 0.0}
+    held = [e for e in ledger.effects() if e["tool"] == "demo.sleep"]
+    assert [(e["status"], e["idempotency_key"]) for e in held] == [("done", "dr_hold:hold:o-1")]
+    assert [a["status"] for a in ledger.attempts(run_id, "hold")] == ["lost", "completed"]
+    code, clean = s.doctor("--fix")
+    assert (code, clean["findings"]) == (0, []), clean
+
 
 def fail_dag_run(s: Stage, run_id: str) -> None:
     """What the scheduler does to a run whose worker died: its tasks and the run fail."""
@@ -462,3 +496,33 @@ def maintenance(env: dict[str, str]) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("REPORT "))
     return json.loads(line.removeprefix("REPORT "))  # type: ignore[no-any-return]
+
+
+def test_an_airflow_it_cannot_read_is_an_error_not_a_gone_run(tmp_path: Path) -> None:
+    """Pointed at an Airflow metadata database it cannot read, the doctor exits 2 and
+    changes nothing: "cannot see the DagRun" is never taken for "the DagRun is gone"."""
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = Ledger(ledger_url)
+    ledger.migrate()
+    ledger.ensure_run(
+        run_id="shop__v1/manual__1",
+        dag_id="shop__v1",
+        workflow="shop",
+        version=1,
+        params={},
+        trigger_kind="manual",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env["AIRFLOW_HOME"] = str(tmp_path / "airflow")
+    env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{tmp_path / 'empty.db'}"
+    done = subprocess.run(
+        [*DOCTOR, "--url", ledger_url, "--grace", "0", "--fix"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "cannot read Airflow's metadata database" in done.stderr
+    assert ledger.run("shop__v1/manual__1")["status"] == "running"  # type: ignore[index]
+    assert not [e for e in ledger.events("shop__v1/manual__1") if e["kind"] == "doctor_repaired"]
