@@ -54,6 +54,12 @@ def add_doctor_command(
         help="leave DagRuns that ended less than this ago, e.g. 5m, 0s "
         "(default: [ledgerflow] doctor_grace)",
     )
+    p.add_argument(
+        "--via",
+        default="cli",
+        help="what the repair events name as the doctor's caller (default: cli; the "
+        "maintenance DAG says so)",
+    )
     add_dags_folder_option(p)
     p.set_defaults(func=cmd_doctor)
 
@@ -87,7 +93,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             MetadataFacts(),
             fix=args.fix,
             grace=grace,
-            by=doctor.who("cli"),
+            by=doctor.who(args.via),
             dags_folder=args.dags_folder,
             progress=progress,
         )

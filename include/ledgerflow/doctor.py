@@ -43,21 +43,21 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from ledgerflow.doctor_airflow import DAG_RUN_ENDED, TASK_LIVE, AirflowFacts, DagRunFact, RunKey
+from ledgerflow.doctor_airflow import (
+    CHUNK,
+    DAG_RUN_ENDED,
+    TASK_LIVE,
+    AirflowFacts,
+    DagRunFact,
+    RunKey,
+)
 from ledgerflow.ledger import repairs
-from ledgerflow.ledger import schema as t
 from ledgerflow.ledger._engine import now
+from ledgerflow.ledger.open_records import RUN_OPEN, not_undone, open_records
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.lifecycle import (
-    APPROVAL,
-    ATTEMPT,
-    RUN,
-    EffectStatus,
     RunStatus,
     SagaStatus,
-    StepStatus,
 )
 
 CAUSES = {
@@ -73,16 +73,8 @@ CAUSES = {
 # The order repairs are made in: what is inside a run before the run itself.
 REPAIR_ORDER = ("attempt_lost", "step_stranded", "saga_stuck", "approval_stranded", "run_ended")
 
-# A run is open while its status can still end: every status a running run may move to,
-# other than running itself, is an end (succeeded, failed, and any end added later).
-RUN_ENDS = frozenset(RUN.transitions[RunStatus.RUNNING.value]) - {RunStatus.RUNNING.value}
-RUN_OPEN = frozenset(RUN.statuses) - RUN_ENDS
-ATTEMPT_OPEN = frozenset(ATTEMPT.statuses) - ATTEMPT.terminal
-APPROVAL_OPEN = frozenset(APPROVAL.statuses) - APPROVAL.terminal
-STEP_OPEN = frozenset({StepStatus.RUNNING.value, StepStatus.RETRYING.value})
 _STATUS_OF_DAG_RUN = {"success": RunStatus.SUCCEEDED.value, "failed": RunStatus.FAILED.value}
 _HOST = socket.gethostname()
-_IN = 500  # ids per IN (...) list
 
 
 @dataclass
@@ -145,16 +137,16 @@ def examine(
     progress: Progress | None = None,
 ) -> Report:
     """Every disagreement between the ledger's open records and Airflow (nothing written)."""
-    open_ = _open_records(ledger)
+    open_ = open_records(ledger)
     runs = open_["runs"]
     keys = {rid: _airflow_key(r["dag_id"], rid) for rid, r in runs.items()}
     known = airflow.known_dags({r["dag_id"] for r in runs.values()})
     dag_runs: dict[RunKey, DagRunFact] = {}
     ordered = sorted(keys.values())
-    for i in range(0, len(ordered), _IN):
-        dag_runs.update(airflow.dag_runs(ordered[i : i + _IN]))
+    for i in range(0, len(ordered), CHUNK):
+        dag_runs.update(airflow.dag_runs(ordered[i : i + CHUNK]))
         if progress is not None:
-            progress(min(i + _IN, len(ordered)), len(ordered))
+            progress(min(i + CHUNK, len(ordered)), len(ordered))
     with_attempts = sorted({keys[a["run_id"]] for a in open_["attempts"] if a["run_id"] in keys})
     tasks = airflow.task_instances(with_attempts) if with_attempts else {}
     current = now()
@@ -239,7 +231,7 @@ def examine(
         if not gone:
             continue
         if run["saga"] == SagaStatus.COMPENSATING.value:
-            left = _not_undone(ledger, run_id, specs.get(run["workflow"], run["version"]))
+            left = not_undone(ledger, run_id, specs.get(run["workflow"], run["version"]))
             findings.append(
                 Finding(
                     "saga_stuck",
@@ -368,130 +360,6 @@ def _end_saga_without_compensations(
         return
     ledger.start_saga(run_id, run.get("failed_step"))
     ledger.finish_saga(run_id)
-
-
-# -- reading the ledger ------------------------------------------------------------------
-
-
-def _open_records(ledger: Ledger) -> dict[str, Any]:
-    a, s = t.attempts, t.steps
-    with ledger.engine.connect() as conn:
-        attempts = [
-            dict(r)
-            for r in conn.execute(
-                select(
-                    a.c.id,
-                    a.c.run_id,
-                    a.c.step_key,
-                    a.c.try_number,
-                    a.c.pid,
-                    a.c.hostname,
-                    a.c.started_at,
-                    s.c.step_id,
-                    s.c.map_index,
-                    s.c.idempotency_key,
-                )
-                .select_from(
-                    a.outerjoin(s, (s.c.run_id == a.c.run_id) & (s.c.step_key == a.c.step_key))
-                )
-                .where(a.c.status.in_(sorted(ATTEMPT_OPEN)))
-                .order_by(a.c.id)
-            ).mappings()
-        ]
-        steps = [
-            dict(r)
-            for r in conn.execute(
-                select(s.c.run_id, s.c.step_key, s.c.status)
-                .where(s.c.status.in_(sorted(STEP_OPEN)))
-                .order_by(s.c.run_id, s.c.step_key)
-            ).mappings()
-        ]
-        effects = [
-            dict(r)
-            for r in conn.execute(
-                select(
-                    t.effects.c.idempotency_key,
-                    t.effects.c.tool,
-                    t.effects.c.run_id,
-                    t.effects.c.step_key,
-                )
-                .where(t.effects.c.status == EffectStatus.PENDING.value)
-                .order_by(t.effects.c.id)
-            ).mappings()
-        ]
-        approvals = [
-            dict(r)
-            for r in conn.execute(
-                select(
-                    t.approvals.c.id,
-                    t.approvals.c.run_id,
-                    t.approvals.c.step_key,
-                    t.approvals.c.workflow,
-                )
-                .where(t.approvals.c.status.in_(sorted(APPROVAL_OPEN)))
-                .order_by(t.approvals.c.id)
-            ).mappings()
-        ]
-        wanted = {r["run_id"] for rows in (attempts, steps, effects, approvals) for r in rows}
-        cols = (
-            t.runs.c.run_id,
-            t.runs.c.dag_id,
-            t.runs.c.workflow,
-            t.runs.c.version,
-            t.runs.c.status,
-            t.runs.c.saga,
-            t.runs.c.updated_at,
-        )
-        runs = {
-            r["run_id"]: dict(r)
-            for r in conn.execute(
-                select(*cols).where(
-                    t.runs.c.status.in_(sorted(RUN_OPEN))
-                    | (t.runs.c.saga == SagaStatus.COMPENSATING.value)
-                )
-            ).mappings()
-        }
-        rest = sorted(wanted - set(runs))
-        for i in range(0, len(rest), _IN):
-            for r in conn.execute(
-                select(*cols).where(t.runs.c.run_id.in_(rest[i : i + _IN]))
-            ).mappings():
-                runs[r["run_id"]] = dict(r)
-    return {
-        "runs": runs,
-        "attempts": attempts,
-        "steps": steps,
-        "effects": effects,
-        "approvals": approvals,
-    }
-
-
-def _not_undone(ledger: Ledger, run_id: str, spec: Any) -> list[str]:
-    """Completed steps of the run that may need undoing and have no compensation record:
-    those that declare ``compensate`` (every completed one when the spec is unknown)."""
-    from ledgerflow.spec.models import ToolStep
-
-    with ledger.engine.connect() as conn:
-        done = conn.execute(
-            select(t.steps.c.step_key, t.steps.c.step_id).where(
-                t.steps.c.run_id == run_id, t.steps.c.status == StepStatus.COMPLETED.value
-            )
-        ).all()
-        recorded = set(
-            conn.execute(
-                select(t.compensations.c.step_key).where(t.compensations.c.run_id == run_id)
-            ).scalars()
-        )
-    undoable = None
-    if spec is not None:
-        undoable = {
-            s.id for s in spec.steps if isinstance(s, ToolStep) and s.compensate is not None
-        }
-    return sorted(
-        key
-        for key, step_id in done
-        if key not in recorded and (undoable is None or step_id in undoable)
-    )
 
 
 def _attempt_gone(
