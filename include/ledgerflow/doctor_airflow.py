@@ -3,7 +3,10 @@ Airflow's own models and session (the metadata database ``AIRFLOW_HOME`` configu
 in bulk (one query per DAG and chunk of runs).
 
 ``AirflowFacts`` is the one interface the doctor uses; ``MetadataFacts`` reads it from
-Airflow's metadata database. An Airflow that cannot be reached raises
+Airflow's metadata database (the CLI); ``TaskSdkFacts`` through the Task SDK's execution
+API, inside an Airflow task, where Airflow 3 blocks the ORM (the maintenance DAG). The
+execution API tells neither a DagRun's end date nor a task's try number: there, the grace
+counts from the ledger's last write and a moved-on try is not detected. An Airflow that cannot be reached raises
 ``AirflowUnreachable``: the doctor must never take "cannot see it" for "it is gone".
 """
 
@@ -141,3 +144,73 @@ class MetadataFacts:
                 TaskFact(task_id, int(map_index), _text(state), int(tries or 0), end)
             )
         return found
+
+
+class TaskSdkFacts:
+    """Inside an Airflow task: DagRun and task states through the Task SDK (the
+    supervisor asks the execution API), one DagRun at a time."""
+
+    def _sdk(self) -> Any:
+        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+        return RuntimeTaskInstance
+
+    def known_dags(self, dag_ids: Iterable[str]) -> set[str]:
+        """The DAGs Airflow has (a 404 from the execution API: it has not)."""
+        known: set[str] = set()
+        for dag_id in sorted(set(dag_ids)):
+            try:
+                self._sdk().get_dag(dag_id)
+            except Exception as exc:
+                detail = getattr(getattr(exc, "error", None), "detail", None)
+                if isinstance(detail, dict) and detail.get("status_code") == 404:
+                    continue
+                raise AirflowUnreachable(f"cannot ask Airflow's execution API: {exc}") from exc
+            known.add(dag_id)
+        return known
+
+    def dag_runs(self, keys: Iterable[RunKey]) -> dict[RunKey, DagRunFact]:
+        sdk = self._sdk()
+        found: dict[RunKey, DagRunFact] = {}
+        try:
+            for dag_id, run_ids in _by_dag(keys).items():
+                for run_id in run_ids:
+                    if sdk.get_dr_count(dag_id=dag_id, run_ids=[run_id]):
+                        state = _text(sdk.get_dagrun_state(dag_id=dag_id, run_id=run_id))
+                        found[(dag_id, run_id)] = DagRunFact(state or "", None)
+        except Exception as exc:
+            raise AirflowUnreachable(f"cannot ask Airflow's execution API: {exc}") from exc
+        return found
+
+    def task_instances(self, keys: Iterable[RunKey]) -> dict[RunKey, list[TaskFact]]:
+        import re
+
+        sdk = self._sdk()
+        found: dict[RunKey, list[TaskFact]] = {}
+        try:
+            for dag_id, run_ids in _by_dag(keys).items():
+                for i in range(0, len(run_ids), CHUNK):
+                    states = sdk.get_task_states(dag_id=dag_id, run_ids=run_ids[i : i + CHUNK])
+                    for run_id, by_task in states.items():
+                        facts = found.setdefault((dag_id, run_id), [])
+                        for key, state in by_task.items():
+                            # A mapped task's key is "<task_id>_<map_index>"; a task id may
+                            # end so itself: both readings are kept.
+                            facts.append(TaskFact(key, -1, _text(state), 0, None))
+                            mapped = re.fullmatch(r"(.+)_(\d+)", key)
+                            if mapped:
+                                facts.append(
+                                    TaskFact(mapped[1], int(mapped[2]), _text(state), 0, None)
+                                )
+        except Exception as exc:
+            raise AirflowUnreachable(f"cannot ask Airflow's execution API: {exc}") from exc
+        return found
+
+
+def in_task() -> bool:
+    """Whether this process is an Airflow task's (the Task SDK's supervisor is attached)."""
+    try:
+        from airflow.sdk.execution_time import task_runner
+    except Exception:
+        return False
+    return getattr(task_runner, "SUPERVISOR_COMMS", None) is not None

@@ -50,39 +50,26 @@ def prune_ledger() -> dict[str, Any]:
 
 
 def check_orphans() -> dict[str, Any]:
-    """``ledgerflow doctor`` (``--fix`` with ``[ledgerflow] doctor_fix``) and the gauge.
+    """``ledgerflow doctor`` (its repairs with ``[ledgerflow] doctor_fix``) and the gauge.
+    In a task Airflow's ORM is blocked: Airflow is asked through the Task SDK."""
+    from ledgerflow import doctor, observability, settings
+    from ledgerflow.doctor_airflow import MetadataFacts, TaskSdkFacts, in_task
+    from ledgerflow.ledger.store import Ledger
 
-    The doctor reads Airflow's metadata database, which Airflow 3 forbids inside a task
-    process (``block_orm_access``): it runs as a child process, the ``ledgerflow doctor``
-    command with the worker's own Airflow configuration, as an operator would run it."""
-    import json
-    import subprocess
-    import sys
-
-    from ledgerflow import observability, settings
-
-    command = [
-        sys.executable,
-        "-m",
-        "ledgerflow.cli",
-        "doctor",
-        "--json",
-        "--via",
-        "maintenance DAG",
-    ]
-    if settings.get("doctor_fix"):
-        command.append("--fix")
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode not in (0, 1):
-        raise RuntimeError(f"ledgerflow doctor failed ({done.returncode}): {done.stderr[-2000:]}")
-    report: dict[str, Any] = json.loads(done.stdout)
-    observability.orphaned_runs(int(report["orphaned_runs"]))
-    for f in report["findings"]:
-        print(f"{f['cause']} {f['run_id']} {f['subject']}: {f['why']} [{f['status']}]")
-        if f["manual"]:
-            print(f"  manual: {f['manual']}")
-    print(
-        f"orphaned runs: {report['orphaned_runs']}; repaired: {report['repaired']}; "
-        f"left for a person: {report['needs_person']}"
+    ledger = Ledger.from_airflow()
+    ledger.migrate()
+    report = doctor.run_doctor(
+        ledger,
+        TaskSdkFacts() if in_task() else MetadataFacts(),
+        fix=bool(settings.get("doctor_fix")),
+        grace=settings.get("doctor_grace"),
+        by=doctor.who("maintenance DAG"),
     )
-    return report
+    observability.orphaned_runs(report.orphaned_runs)
+    for f in report.findings:
+        print(f"{f.cause} {f.run_id} {f.subject}: {f.why} [{f.status}]")
+        if f.manual:
+            print(f"  manual: {f.manual}")
+    for line in doctor.summary(report):
+        print(line)
+    return report.as_dict()
