@@ -7,6 +7,9 @@
 - ``ledgerflow_prune`` (daily): removes finished runs older than ``[ledgerflow] retention``
   (90 days), keeping effect keys for ``[ledgerflow] effect_key_horizon``; never an
   unfinished run.
+- ``ledgerflow_doctor`` (every 15 minutes): ``ledgerflow doctor``, a report of the runs,
+  attempts, sagas, effects and approvals the ledger and Airflow disagree about, and the
+  ``orphaned_runs`` gauge; it repairs what is safe only with ``[ledgerflow] doctor_fix``.
 
 Cheap to parse: the work is imported inside the tasks.
 """
@@ -79,6 +82,25 @@ def ledgerflow_prune() -> None:
     prune_ledger()
 
 
+@dag(
+    dag_id="ledgerflow_doctor",
+    schedule="*/15 * * * *",
+    tags=["ledgerflow", "maintenance"],
+    doc_md=__doc__,
+    dagrun_timeout=timedelta(minutes=10),
+    **COMMON,  # type: ignore[arg-type]
+)
+def ledgerflow_doctor() -> None:
+    @task
+    def check_orphans() -> dict[str, object]:
+        from ledgerflow.maintenance import check_orphans
+
+        return check_orphans()
+
+    check_orphans()
+
+
 ledgerflow_slo_alerts()
 ledgerflow_notifications()
 ledgerflow_prune()
+ledgerflow_doctor()

@@ -430,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_notify_commands(sub, ledger_args)  # notifications
 
+    from ledgerflow.cli_doctor import add_doctor_command
+
+    add_doctor_command(sub, ledger_args, add_dags_folder_option)
+
     p = sub.add_parser(
         "config", help="the [ledgerflow] settings: value, where it came from, what it does"
     )

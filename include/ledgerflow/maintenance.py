@@ -6,6 +6,8 @@
   down, a sender that died), sent again.
 - ``prune_ledger``: the retention prune with ``[ledgerflow] retention`` and
   ``effect_key_horizon``.
+- ``check_orphans``: ``ledgerflow doctor`` (a report; with ``[ledgerflow] doctor_fix`` also
+  its safe repairs), and the ``orphaned_runs`` gauge.
 
 Each prints what it found or removed (the task's log) and returns it (its XCom).
 """
@@ -60,3 +62,29 @@ def send_notifications() -> dict[str, Any]:
         print(f"{nid}: {status}")
     print(f"retried {len(done)} notifications, {sum(s == 'sent' for s in done.values())} sent")
     return done
+
+
+def check_orphans() -> dict[str, Any]:
+    """``ledgerflow doctor`` (its repairs with ``[ledgerflow] doctor_fix``) and the gauge.
+    In a task Airflow's ORM is blocked: Airflow is asked through the Task SDK."""
+    from ledgerflow import doctor, observability, settings
+    from ledgerflow.doctor_airflow import MetadataFacts, TaskSdkFacts, in_task
+    from ledgerflow.ledger.store import Ledger
+
+    ledger = Ledger.from_airflow()
+    ledger.migrate()
+    report = doctor.run_doctor(
+        ledger,
+        TaskSdkFacts() if in_task() else MetadataFacts(),
+        fix=bool(settings.get("doctor_fix")),
+        grace=settings.get("doctor_grace"),
+        by=doctor.who("maintenance DAG"),
+    )
+    observability.orphaned_runs(report.orphaned_runs)
+    for f in report.findings:
+        print(f"{f.cause} {f.run_id} {f.subject}: {f.why} [{f.status}]")
+        if f.manual:
+            print(f"  manual: {f.manual}")
+    for line in doctor.summary(report):
+        print(line)
+    return report.as_dict()

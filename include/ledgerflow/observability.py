@@ -12,7 +12,8 @@ Counters: ``runs.started``, ``runs.succeeded``, ``runs.failed``, ``runs.cancelle
 first), ``dead_letters``, ``llm.fallbacks``; ``breaker.opened`` (suffixed by the breaker's
 name), ``auth.failures`` (suffixed by 401 or 403), ``slo.burning`` and ``slo.breached``
 (an objective's alert, once per breach). Timer: ``approval.wait`` (request to decision,
-milliseconds). Gauges: ``slo.<indicator>`` (``ledgerflow.slo``, from the maintenance DAG).
+milliseconds). Gauges: ``slo.<indicator>`` (``ledgerflow.slo``, from the maintenance DAG),
+``orphaned_runs`` (from the doctor's maintenance DAG).
 
 Traces: one span per step attempt (``ledgerflow.step <step>``, attributes
 ``ledgerflow.run_id``, ``ledgerflow.workflow``, ``ledgerflow.step``,
@@ -137,6 +138,12 @@ def auth_failure(status: int) -> None:
 def indicator(name: str, workflow: str, value: float) -> None:
     """An SLO indicator's current value (``ledgerflow.slo.<name>``, a gauge)."""
     _emit("gauge", f"slo.{name}", workflow, {"workflow": workflow}, value)
+
+
+def orphaned_runs(value: int) -> None:
+    """Runs the ledger and Airflow disagree about (``ledgerflow doctor``), a gauge:
+    ``ledgerflow.orphaned_runs`` (``.all`` for plain StatsD)."""
+    _emit("gauge", "orphaned_runs", "all", {}, value)
 
 
 def slo_alert(workflow: str, objective: str, state: str) -> None:

@@ -140,6 +140,18 @@ OPTIONS: dict[str, Option] = {
         "as orphaned in the SLO indicators.",
         parse_duration,
     ),
+    "doctor_fix": Option(
+        "False",
+        "The maintenance DAG's doctor (ledgerflow_doctor) also repairs what is safe to "
+        "repair (`ledgerflow doctor --fix`); off: it reports only.",
+        _bool,
+    ),
+    "doctor_grace": Option(
+        "5m",
+        "`ledgerflow doctor` leaves a DagRun that ended less than this ago alone: its "
+        "callback may still be writing the run's end to the ledger.",
+        parse_duration,
+    ),
     "preload_llm": Option(
         "auto",
         "Import what an LLM step needs (pydantic-ai, common.ai's hook, the OpenAI client: "

@@ -24,8 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
 WORKFLOW_FILES = sorted(DAGS.glob("workflows/*/v*.yaml"))
 REPO_DAG_IDS = {"checkout__v1", "nightly_report__v1"}
-# dags/ledgerflow_maintenance.py: not workflows (SLO alerts, notifications, the retention prune).
-MAINTENANCE_DAG_IDS = {"ledgerflow_slo_alerts", "ledgerflow_notifications", "ledgerflow_prune"}
+# dags/ledgerflow_maintenance.py: not workflows (SLO alerts, notifications, the retention
+# prune, the doctor).
+MAINTENANCE_DAG_IDS = {
+    "ledgerflow_slo_alerts",
+    "ledgerflow_notifications",
+    "ledgerflow_prune",
+    "ledgerflow_doctor",
+}
 
 
 def dagbag(folder: Path) -> Any:

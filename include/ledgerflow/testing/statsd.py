@@ -1,7 +1,7 @@
 """A tiny StatsD server for tests: a real UDP socket on 127.0.0.1 that keeps what it hears.
 
 Airflow's StatsD client sends one datagram per metric (``name:value|type``, several lines
-when pipelined); this server sums counters and keeps every timing, for the metric names
+when pipelined); this server sums counters and keeps every timing and gauge value, for the metric names
 that start with one of ``keep`` (everything else Airflow sends is counted, not kept).
 """
 
@@ -18,6 +18,7 @@ class StatsdListener:
         self.keep = keep
         self.counters: Counter[str] = Counter()
         self.timings: dict[str, list[float]] = {}
+        self.gauges: dict[str, list[float]] = {}  # every value set, in order
         self.ignored = 0
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
@@ -74,6 +75,8 @@ class StatsdListener:
                 self.counters[name] += int(number)
             elif kind == "ms":
                 self.timings.setdefault(name, []).append(number)
+            elif kind == "g":
+                self.gauges.setdefault(name, []).append(number)
 
     def snapshot(self, prefix: str = "") -> dict[str, Any]:
         """``{"counters": {...}, "timings": {...}}`` of the names starting with ``prefix``."""
