@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from ledgerflow.errors import LedgerflowError
+from ledgerflow.errors import AirflowUnreachable
 
 CHUNK = 500
 
@@ -36,10 +36,6 @@ TASK_LIVE = frozenset(
         "up_for_reschedule",
     }
 )
-
-
-class AirflowUnreachable(LedgerflowError):
-    """Airflow's metadata database could not be read."""
 
 
 @dataclass(frozen=True)

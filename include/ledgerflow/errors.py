@@ -466,6 +466,13 @@ class BlockedByFlag(NonRetryableError):
 # --- tests -------------------------------------------------------------------------------
 
 
+class AirflowUnreachable(LedgerflowError):
+    """``ledgerflow doctor``: Airflow's metadata database (or, in a task, its execution
+    API) could not be read; nothing is taken for gone and nothing is repaired."""
+
+    code = "airflow_unreachable"
+
+
 class StackError(LedgerflowError, RuntimeError):
     """``ledgerflow.testing``: the Airflow stack could not start, died, or answered an API
     call with an error."""
