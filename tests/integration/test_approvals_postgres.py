@@ -198,6 +198,7 @@ def test_triggers_carry_a_connection_id_never_credentials(
     from ledgerflow.ledger import event_waits
     from ledgerflow.steps.approval import approval_trigger
     from ledgerflow.steps.event import event_trigger
+    from ledgerflow.steps.wait import WaitOperator
 
     password = "s3cr@t/#:pw"
     engine_url = ledger.engine.url
@@ -233,6 +234,9 @@ def test_triggers_carry_a_connection_id_never_credentials(
     built = {
         "ApprovalTrigger": approval_trigger(guarded, approval.id, NO_POLL),
         "EventTrigger": event_trigger(guarded, wait.id, NO_POLL),
+        "TimerTrigger": WaitOperator._trigger(
+            guarded, "wf__v1/no-credentials", "nap", now() + timedelta(hours=1)
+        ),
     }
     found = {
         name
