@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ledgerflow.spec.limits import Placement
 from ledgerflow.spec.slo import SloSpec
 
 _ID = r"^[a-z][a-z0-9_]{0,62}$"
@@ -152,7 +153,7 @@ class ToolCall(_Model):
     retry: RetryPolicySpec | None = None
 
 
-class _StepBase(_Model):
+class _StepBase(_Model, Placement):  # + queue, concurrency, rate (spec.limits)
     id: str = Field(pattern=_ID)
     description: str | None = None
     needs: tuple[str, ...] = ()
