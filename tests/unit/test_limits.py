@@ -289,3 +289,19 @@ def test_a_tool_declares_sane_limits() -> None:
         tool("test.bad_concurrency", concurrency=0)
     with pytest.raises(LedgerflowError, match="is not a rate"):
         tool("test.bad_rate", rate="fast")
+
+
+def test_ledgerflow_pools_lists_the_pools_of_valid_files_and_fails_on_invalid_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ledgerflow.cli import main
+
+    _write(tmp_path, f"  - id: a\n    concurrency: 3\n    {NOOP}\n")
+    assert main(["pools", "--dry-run", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines() == ["would set pool ledgerflow.step.lim.a: 3 slots"]
+    bad = tmp_path / "bad" / "v1.yaml"
+    bad.parent.mkdir()
+    bad.write_text("name: bad\nversion: 1\nsteps:\n  - id: a\n    tool: demo.noop\n    queue: ''\n")
+    assert main(["pools", "--dry-run", str(tmp_path)]) == 1
+    assert "bad/v1.yaml:6: steps[0].queue" in capsys.readouterr().err
