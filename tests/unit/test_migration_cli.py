@@ -81,6 +81,7 @@ def test_sql_of_a_downgrade_and_bad_revisions(capsys: pytest.CaptureFixture[str]
         "-- Running upgrade 0007 -> 0008",
         "-- Running upgrade 0008 -> 0009",
         "-- Running upgrade 0009 -> 0010",
+        "-- Running upgrade 0010 -> 0016",
     ]
     assert main(["migrate", "--sql", "--to", "0042", "--url", url]) == 2
     err = capsys.readouterr().err
