@@ -24,13 +24,11 @@ COPY --chown=airflow:root include/ include/
 RUN pip install --no-cache-dir --no-deps . \
     && ledgerflow --help > /dev/null
 
-# CeleryExecutor (compose profile `celery`) needs apache-airflow-providers-celery, which the lock
-# does not pin. The official (non-slim) image ships it; this makes sure it is there and importable, installing
-# it if missing without moving any version the lock pins (-c lock.txt).
+# CeleryExecutor (compose profile `celery`) needs apache-airflow-providers-celery: the lock pins
+# it, so the install above brought it; the Celery image checks that the executor imports.
 ARG AIRFLOW_EXECUTOR=LocalExecutor
 RUN if [ "${AIRFLOW_EXECUTOR}" = "CeleryExecutor" ]; then \
-        pip install --no-cache-dir -c requirements/lock.txt apache-airflow-providers-celery \
-        && python -c "import airflow.providers.celery.executors.celery_executor"; \
+        python -c "import airflow.providers.celery.executors.celery_executor"; \
     fi
 
 WORKDIR /opt/airflow

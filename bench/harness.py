@@ -143,12 +143,14 @@ def deployment(
     parallelism: int | None = None,
     extra_env: dict[str, str] | None = None,
     remove_base: bool = True,
+    stack_options: dict[str, Any] | None = None,
 ) -> Iterator[Deployment]:
     """Start Airflow on ``base/dags`` (the Ledgerflow plugin loaded unless ``plugins`` is
     another folder) with the ledger on a fresh database ``lf_bench_<name>_...``, wait until
     ``dag_ids`` are parsed without import errors, and yield it. On the way out: stop the
     processes, drop the ledger database and remove ``base``, unless ``keep`` was set
-    (then print where it runs and how to stop it)."""
+    (then print where it runs and how to stop it). ``stack_options``: more arguments of
+    ``AirflowStack`` (e.g. ``executor="celery", celery_workers=2``)."""
     from ledgerflow.ledger.store import Ledger
     from ledgerflow.testing.airflow_stack import COMPONENTS, AirflowStack
     from ledgerflow.testing.postgres import create_database, drop_database
@@ -156,6 +158,7 @@ def deployment(
     ledger_url = create_database(f"lf_bench_{name}")
     ledger = Ledger(ledger_url.replace("postgresql://", "postgresql+psycopg2://", 1))
     options: dict[str, Any] = {"parallelism": parallelism} if parallelism else {}
+    options.update(stack_options or {})
     stack = AirflowStack(
         dags_folder=base / "dags",
         home=base / "home",
@@ -180,7 +183,7 @@ def deployment(
                 f"AIRFLOW_HOME {stack.home}, metadata {stack.db_url}, ledger {ledger_url}; "
                 "each component leads its own process group, stop them with "
                 "`kill -- -<pid>`: "
-                + ", ".join(f"{c} {stack.pid(c)}" for c in COMPONENTS)
+                + ", ".join(f"{c} {stack.pid(c)}" for c in (stack.components or COMPONENTS))
                 + "; then drop both databases)"
             )
         else:

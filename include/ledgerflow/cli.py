@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_sync)
 
+    from ledgerflow.cli_pools import add_parser as add_pools
+
+    add_pools(sub)
+
     def ledger_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--conn-id",

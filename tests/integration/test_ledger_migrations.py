@@ -136,6 +136,7 @@ AFTER_0008 = (
     "lf_notify_routes",
     "lf_event_waits",
     "lf_event_deliveries",
+    "lf_rate_buckets",
 )
 # Columns of lf_runs added after 0008 (0012: a run's cancel), last in each row.
 CANCEL_COLUMNS = ("cancelled_by", "cancelled_at", "cancel_reason", "cancel_compensate")

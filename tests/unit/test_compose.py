@@ -41,9 +41,11 @@ JOB_TYPES = {
 }
 CELERY_PROFILE = "celery"
 WORKER = "worker"
+# The Celery workers, as the tests' Celery stack runs them: name -> the queues it serves.
+WORKERS = {WORKER: "default,payments", "worker-2": "default"}
 INIT = "airflow-init"
 POSTGRES = "postgres"
-REDIS = "redis"
+RABBITMQ = "rabbitmq"
 COMMON_ANCHOR = "x-airflow-common"
 
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}")
@@ -332,6 +334,11 @@ def airflow_options() -> set[tuple[str, str]]:
     fallback = configparser.ConfigParser(interpolation=None)
     fallback.read(templates / "provider_config_fallback_defaults.cfg")
     options |= {(s, k) for s in fallback.sections() for k in fallback.options(s)}
+    # The options of the Celery provider, which the lock pins (its provider.yaml's config).
+    from airflow.providers.celery.get_provider_info import get_provider_info
+
+    for section, body in get_provider_info()["config"].items():
+        options |= {(section, key) for key in body.get("options") or {}}
     return options
 
 
@@ -399,7 +406,7 @@ def test_airflow_services_share_one_env_block(
     `x-airflow-common` environment unchanged, so all components agree on databases, executor,
     auth secrets and folders; and it builds/uses the same image."""
     common = compose[COMMON_ANCHOR]
-    for name in (*COMPONENTS, INIT, WORKER):
+    for name in (*COMPONENTS, INIT, *WORKERS):
         svc = services[name]
         env = _env(svc)
         drift = {k: (v, env.get(k)) for k, v in shared_env.items() if env.get(k) != v}
@@ -488,7 +495,7 @@ def test_init_service_migrates_both_databases_and_gates_the_rest(
 
     assert str(init.get("restart", "no")) == "no", "airflow-init is a one-shot service"
     assert _depends_on(init).get(POSTGRES) == "service_healthy"
-    for name in (*COMPONENTS, WORKER):
+    for name in (*COMPONENTS, *WORKERS):
         deps = _depends_on(services[name])
         assert deps.get(INIT) == "service_completed_successfully", f"{name}: {deps}"
         assert deps.get(POSTGRES) == "service_healthy", f"{name}: {deps}"
@@ -502,7 +509,7 @@ def test_dags_and_plugins_folders_match_the_mounts_and_the_image(
     every bind-mount source exists in the repository."""
     dags_folder = _default(shared_env["AIRFLOW__CORE__DAGS_FOLDER"])
     plugins_folder = _default(shared_env["AIRFLOW__CORE__PLUGINS_FOLDER"])
-    for name in (*COMPONENTS, WORKER):
+    for name in (*COMPONENTS, *WORKERS):
         source = _volume_targets(services[name]).get(dags_folder)
         assert source is not None, f"{name} does not mount anything at {dags_folder}"
         assert (ROOT / source).resolve() == ROOT / "dags", (
@@ -630,33 +637,30 @@ def test_api_server_port_matches_the_readme(services: dict[str, dict[str, Any]])
                 )
 
 
-def test_celery_profile_adds_redis_and_a_worker(
+def test_celery_profile_adds_rabbitmq_and_the_workers_of_the_tests(
     compose: dict[str, Any],
     services: dict[str, dict[str, Any]],
     shared_env: dict[str, str],
     airflow_cli: dict[str, Any],
 ) -> None:
-    """The `celery` profile holds redis and a worker running `airflow celery worker` (checked
-    against the CLI when the Celery provider is installed, else the Dockerfile must add it for
-    CeleryExecutor); the executor is `${AIRFLOW_EXECUTOR:-LocalExecutor}`, the same variable the
-    image build arg uses; the broker URL points at redis; and no service outside the profile
-    depends on one inside it (plain `docker compose up` would refuse to start)."""
-    for name in (REDIS, WORKER):
+    """The `celery` profile holds rabbitmq (the broker, as on the test machines) and the
+    workers the tests' Celery stack runs (`ledgerflow.testing.celery_stack`): one serving the
+    default and payments queues, one the default queue, each `airflow celery worker -q ...`
+    (checked against the installed CLI: the lock pins the Celery provider); the executor is
+    `${AIRFLOW_EXECUTOR:-LocalExecutor}`, the same variable the image build arg uses; the
+    result backend is the metadata database; and no service outside the profile depends on
+    one inside it (plain `docker compose up` would refuse to start)."""
+    for name in (RABBITMQ, *WORKERS):
         assert name in services, f"service {name!r} missing"
         assert services[name].get("profiles") == [CELERY_PROFILE], f"{name} not in the profile"
-    assert str(services[REDIS]["image"]).startswith("redis:")
+    assert str(services[RABBITMQ]["image"]).startswith("rabbitmq:")
 
-    argv = _argv(services[WORKER].get("command"))
-    assert argv == ["airflow", "celery", "worker"], argv
-    if "celery" in airflow_cli["tree"]:
+    assert "celery" in airflow_cli["tree"], "the Celery provider is not installed (it is locked)"
+    for name, queues in WORKERS.items():
+        argv = _argv(services[name].get("command"))
+        assert argv == ["airflow", "celery", "worker", "-q", queues], argv
         _check_airflow_command(argv, airflow_cli["tree"])
-    else:  # the provider is not installed here: the image must install it for CeleryExecutor
-        assert any(
-            "apache-airflow-providers-celery" in rest and "CeleryExecutor" in rest
-            for instr, rest in _dockerfile()
-            if instr == "RUN"
-        ), "the worker needs apache-airflow-providers-celery, which nothing installs"
-    assert _depends_on(services[WORKER]).get(REDIS) == "service_healthy"
+        assert _depends_on(services[name]).get(RABBITMQ) == "service_healthy"
 
     executor = shared_env["AIRFLOW__CORE__EXECUTOR"]
     assert executor == "${AIRFLOW_EXECUTOR:-LocalExecutor}", executor
@@ -669,7 +673,16 @@ def test_celery_profile_adds_redis_and_a_worker(
     ), "docker-compose.yml no longer documents how to start the celery profile"
 
     broker = urlsplit(_default(shared_env["AIRFLOW__CELERY__BROKER_URL"]))
-    assert (broker.scheme, broker.hostname, broker.port or 6379) == ("redis", REDIS, 6379)
+    assert (broker.scheme, broker.hostname, broker.port) == ("amqp", RABBITMQ, 5672)
+    user = services[RABBITMQ]["environment"]
+    assert (broker.username, broker.password) == (
+        user["RABBITMQ_DEFAULT_USER"],
+        user["RABBITMQ_DEFAULT_PASS"],
+    ), "the broker URL's user is not the one rabbitmq creates (guest only works on localhost)"
+    backend = _default(shared_env["AIRFLOW__CELERY__RESULT_BACKEND"])
+    metadata = _default(shared_env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    assert urlsplit(backend.removeprefix("db+")).netloc == urlsplit(metadata).netloc, backend
+    assert urlsplit(backend).path == urlsplit(metadata).path, backend
 
     for name, svc in services.items():
         if svc.get("profiles"):

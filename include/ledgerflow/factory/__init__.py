@@ -166,6 +166,8 @@ def build_dag(
             if not isinstance(step, ToolStep):
                 # approval / llm / quality / wait: each kind's module builds its own task.
                 tasks[step.id] = _kind_builder(step.kind)(spec, step, rule)
+                for task in _flat(tasks[step.id]):
+                    _place(task, **_placement(spec, step))
                 continue
             policy = spec.retry_for(step)
             tool = get_tool(step.tool)
@@ -177,6 +179,7 @@ def build_dag(
                 "execution_timeout": spec.timeout_for(step),
                 "doc_md": step.description,
                 "on_failure_callback": step_failed,
+                **_placement(spec, step),
             }
             if step.for_each is None:
                 tasks[step.id] = StepOperator(
@@ -208,7 +211,7 @@ def _add_segments(spec: WorkflowSpec, tasks: dict[str, Any]) -> set[str]:
     from datetime import timedelta
 
     from ledgerflow.steps.segment import SegmentOperator, segment_failed
-    from ledgerflow.workflow.segments import segments
+    from ledgerflow.workflow.segments import queue_and_pool, segments
 
     placed: set[str] = set()
     for segment in segments(spec):
@@ -228,11 +231,37 @@ def _add_segments(spec: WorkflowSpec, tasks: dict[str, Any]) -> set[str]:
             doc_md=f"Fused segment: these steps run in this one task, in order, each with "
             f"its own checkpoint.\n\n{rows}",
             on_failure_callback=segment_failed,
+            **_placed(*queue_and_pool(spec, segment.steps)),
         )
         for step in steps:
             tasks[step.id] = task
             placed.add(step.id)
     return placed
+
+
+def _placed(queue: str | None, pool: str | None) -> dict[str, str]:
+    """The operator arguments of a task's queue and pool (``spec.limits``): only those
+    set, so that Airflow's defaults stay the defaults."""
+    return {k: v for k, v in (("queue", queue), ("pool", pool)) if v is not None}
+
+
+def _placement(spec: WorkflowSpec, step: Any) -> dict[str, str]:
+    from ledgerflow.workflow.limits import placement
+
+    return _placed(*placement(spec, step))
+
+
+def _flat(item: Any) -> list[Any]:
+    return list(item) if isinstance(item, tuple) else [item]
+
+
+def _place(task: Any, **placed: str) -> None:
+    """Set the queue and pool of a task a step kind's module built (a mapped one too)."""
+    for name, value in placed.items():
+        if hasattr(task, "partial_kwargs"):
+            task.partial_kwargs[name] = value
+        else:
+            setattr(task, name, value)
 
 
 def _asset_schedule(spec: WorkflowSpec, tz: Any) -> Any:
@@ -271,6 +300,7 @@ def _add_compensations(spec: WorkflowSpec, tasks: dict[str, Any]) -> None:
         compensation_task_id,
     )
     from ledgerflow.tools.registry import get_tool
+    from ledgerflow.workflow.limits import pool_for_tool
 
     order = [spec.step(i) for i in reversed(topological_order(spec))]
     undoable = [s for s in order if isinstance(s, ToolStep) and s.compensate is not None]
@@ -296,6 +326,7 @@ def _add_compensations(spec: WorkflowSpec, tasks: dict[str, Any]) -> None:
             retry_policy=StepRetryPolicy(policy, get_tool(undo.tool).non_retryable),
             execution_timeout=spec.timeout_for(step),
             doc_md=f"Undoes `{step.id}` with `{undo.tool}` if the run fails after it completed.",
+            **_placed(step.queue, pool_for_tool(undo.tool)),
         ).as_teardown()
         if previous is None:
             forward >> task

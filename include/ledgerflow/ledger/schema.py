@@ -12,6 +12,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -334,6 +335,14 @@ notifications = Table(
 )
 Index("lf_notifications_due", notifications.c.status, notifications.c.next_at)
 Index("lf_notifications_run", notifications.c.run_id)
+# Rate limits (migration 16): each limited tool or step's token bucket, as the time its
+# next call may start ("theoretical arrival time", epoch seconds); ``ledger.rates``.
+rate_buckets = Table(
+    "lf_rate_buckets",
+    metadata,
+    Column("name", String(300), primary_key=True),
+    Column("tat", Float, nullable=False),
+)
 
 # Indexes for the indicators, the dashboard, the export and the prune (migration 10).
 Index("lf_runs_created", runs.c.created_at)
@@ -403,8 +412,8 @@ event_deliveries = Table(
 # revisions are in ``ledger/migrations/versions``, written out; these constants let a task
 # check the ledger's version with one query and without importing Alembic.
 VERSION_TABLE = "lf_alembic_version"
-# The newest revision of the ``ledger`` branch ("0014"), as a number.
-LATEST = 14
+# The newest revision of the ``ledger`` branch ("0016"), as a number.
+LATEST = 16
 # The only revision of the ``demo`` branch: the example workflows' tables (``demo_*``).
 DEMO_HEAD = "demo01"
 # Before Alembic: one row per applied migration 1..8 (2 was the demo tables).

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ledgerflow.spec.limits import Placement
+
 _ID = r"^[a-z][a-z0-9_]{0,62}$"
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 _RESULT_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
@@ -93,7 +95,7 @@ class BreakerSpec(_Model):
     _parse = field_validator("cooldown", mode="before")(parse_duration)
 
 
-class _StepBase(_Model):
+class _StepBase(_Model, Placement):  # + queue, concurrency, rate (spec.limits)
     id: str = Field(pattern=_ID)
     description: str | None = None
     needs: tuple[str, ...] = ()

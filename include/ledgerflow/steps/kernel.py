@@ -18,7 +18,8 @@ the same way for every kind:
    rendered inputs match (``ledger.chains``);
 6. the breaker gate (tools with a breaker), the effect's claim, and the attempt record,
    in the same transaction as 1-5;
-7. the work, at the named fault points ``before_effect``/``after_effect``, then one
+7. the step's turn from its rate limits' token buckets (``ledger.rates``; it waits for
+   its slot), then the work, at the named fault points ``before_effect``/``after_effect``, then one
    transaction that commits what the kind produced with the checkpoint
    (``before_commit``/``after_commit``); a transactional tool performs its effect inside
    that transaction;
@@ -243,6 +244,7 @@ def run_step(
     if found.error is not None:
         raise found.error
     try:
+        _take_turns(attempt)
         committed = _perform_and_commit(kind, attempt)
     except BaseException as error:
         if isinstance(error, (*CRASHES, RunCancelled)):
@@ -326,6 +328,18 @@ def _begin_attempt(
     else:
         attempt.prepared = kind.prepare(attempt, conn)
     return attempt, None
+
+
+def _take_turns(attempt: Attempt) -> None:
+    """Wait for the step's slot in the token bucket of each rate limit it meets (a tool's
+    ``rate``, the step's own), shared by every worker through the ledger."""
+    from ledgerflow.workflow.limits import rates_of
+
+    buckets = rates_of(attempt.spec, attempt.step)
+    if buckets:
+        from ledgerflow.ledger.rates import wait_turns
+
+        wait_turns(attempt.ledger, buckets)
 
 
 def _perform_and_commit(kind: StepKind, attempt: Attempt) -> Committed:

@@ -1,7 +1,8 @@
 """Run a real Airflow 3 deployment as local subprocesses, for end-to-end tests and benchmarks.
 
 ``AirflowStack`` starts ``api-server``, ``scheduler``, ``dag-processor`` and ``triggerer``
-(LocalExecutor, Postgres metadata DB), waits until ``/api/v2/monitor/health`` says every
+(LocalExecutor, Postgres metadata DB; or ``executor="celery"`` with ``celery_workers`` Celery
+workers, see :mod:`ledgerflow.testing.celery_stack`), waits until ``/api/v2/monitor/health`` says every
 component is healthy, and offers a small REST client to drive DAG runs. Every component runs in
 its own session/process group; ``stop()`` (and ``kill()``) reach the whole process tree, so no
 orphans survive, even when ``start()`` fails halfway.
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ledgerflow.errors import StackError
+from ledgerflow.testing import celery_stack
 from ledgerflow.testing._stack_client import ADMIN_PASSWORD, ADMIN_USER, StackClient
 
 __all__ = ["ADMIN_PASSWORD", "ADMIN_USER", "COMPONENTS", "AirflowStack", "StackError"]
@@ -116,6 +118,10 @@ class AirflowStack(StackClient):
         users: dict[str, str] | None = None,
         setup: list[list[str]] | None = None,
         base_path: str = "",
+        executor: str = "local",
+        celery_workers: int = 2,
+        worker_queues: dict[str, list[str]] | None = None,
+        worker_concurrency: int = 4,
     ) -> None:
         """``users``: more SimpleAuthManager users beyond ``admin``, name -> role
         (viewer, user, op, admin; ``role:team1|team2`` in a multi-team deployment); each
@@ -126,7 +132,22 @@ class AirflowStack(StackClient):
         ``base_path`` (e.g. ``/airflow``): serve Airflow under that sub-path, as behind an
         ingress: ``[api] base_url`` is ``http://127.0.0.1:PORT/airflow`` and a
         :class:`~ledgerflow.testing.subpath_proxy.SubpathProxy` on ``port`` passes only that
-        sub-path on to the api-server (on ``api_port``)."""
+        sub-path on to the api-server (on ``api_port``).
+
+        ``executor="celery"``: CeleryExecutor on RabbitMQ, with ``celery_workers`` workers
+        (components ``worker1``, ``worker2``, ...) of ``worker_concurrency`` slots each;
+        ``worker_queues`` maps a worker's name to the queues it serves (default: the
+        ``default`` queue)."""
+        if executor not in ("local", "celery"):
+            raise ValueError(f"executor must be 'local' or 'celery', not {executor!r}")
+        self.executor = executor
+        self.workers = celery_stack.worker_names(celery_workers) if executor == "celery" else ()
+        unknown = set(worker_queues or {}) - set(self.workers)
+        if unknown:
+            raise ValueError(f"worker_queues names no such worker: {sorted(unknown)}")
+        self.worker_queues = dict(worker_queues or {})
+        self.worker_concurrency = worker_concurrency
+        self.vhost: str | None = None
         self.dags_folder = Path(dags_folder).resolve()
         self.home = Path(home).resolve()
         self.db_url = db_url
@@ -143,12 +164,18 @@ class AirflowStack(StackClient):
         self._created_db: str | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._trees: dict[str, dict[int, int]] = {}
+        self._log_offsets: dict[str, int] = {}
         self._token: str | None = None
         self._user_tokens: dict[str, str] = {}
         self._client: Any = None  # httpx.Client, created lazily
         self._atexit_registered = False
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Every component this stack runs: Airflow's four, then the Celery workers."""
+        return COMPONENTS + self.workers
 
     @property
     def base_url(self) -> str:
@@ -181,11 +208,15 @@ class AirflowStack(StackClient):
                 from ledgerflow.testing.subpath_proxy import SubpathProxy
 
                 self._proxy = SubpathProxy(self.base_path, self.api_port, port=self.port).start()
+            if self.executor == "celery" and self.vhost is None:
+                self.vhost = celery_stack.create_vhost()
             self.env = self._build_env()
             self._migrate(timeout=max(30.0, timeout - (time.monotonic() - t0)))
-            for name in COMPONENTS:
+            for name in self.components:
                 self.start_component(name)
-            self.wait_healthy(timeout=max(10.0, timeout - (time.monotonic() - t0)))
+            self.wait_healthy(
+                timeout=max(10.0, timeout - (time.monotonic() - t0)), components=self.components
+            )
         except BaseException:
             self.stop()
             raise
@@ -217,6 +248,10 @@ class AirflowStack(StackClient):
         if self._proxy is not None:
             self._proxy.stop()
             self._proxy = None
+        if self.vhost is not None:
+            with contextlib.suppress(StackError):
+                celery_stack.delete_vhost(self.vhost)
+            self.vhost = None
         if self._created_db is not None:
             self._drop_database(self._created_db)
             self._created_db = None
@@ -227,19 +262,30 @@ class AirflowStack(StackClient):
 
     def start_component(self, name: str) -> None:
         """Start one component (it must not be running)."""
-        if name not in COMPONENTS:
-            raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
+        if name not in self.components:
+            raise ValueError(f"unknown component {name!r}; expected one of {self.components}")
         if self.is_alive(name):
             raise StackError(f"{name} is already running")
         args = [name] if name != "api-server" else [name, "--port", str(self.api_port)]
+        env = self.env
         if name == "api-server":
             args += ["--host", "127.0.0.1"]
+        elif name in self.workers:
+            args = celery_stack.worker_args(
+                name, self.worker_queues.get(name), self.worker_concurrency
+            )
+            env = {
+                **self.env,
+                celery_stack.WORKER_HOSTNAME_ENV: name,
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "ledgerflow.testing.celery_stack.hostname",
+            }
         with open(self.log_path(name), "ab") as log:
             log.write(f"\n===== airflow-stack: starting {name} at {time.ctime()} =====\n".encode())
             log.flush()
+            self._log_offsets[name] = log.tell()
             proc = subprocess.Popen(
                 [*self._airflow_cmd(), *args],
-                env=self.env,
+                env=env,
                 cwd=self.home,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -334,6 +380,14 @@ class AirflowStack(StackClient):
             return {"api-server": f"not-up({type(exc).__name__})"}
         status: dict[str, str] = {}
         for name in wanted:
+            if name in self.workers:
+                try:
+                    log = self.log_path(name).read_bytes()
+                except OSError:
+                    log = b""
+                ready = celery_stack.worker_ready(log, self._log_offsets.get(name, 0))
+                status[name] = "healthy" if ready else "starting"
+                continue
             if name == "api-server":
                 ok = health.get("metadatabase", {}).get("status") == "healthy"
                 status[name] = "healthy" if ok else "db-unhealthy"
@@ -405,6 +459,15 @@ class AirflowStack(StackClient):
                 "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
             }
         )
+        if self.executor == "celery":
+            assert self.vhost is not None
+            env.update(
+                celery_stack.celery_env(
+                    celery_stack.broker_url(self.vhost),
+                    self.db_url.replace("postgresql+psycopg2://", "postgresql://", 1),
+                    self.worker_concurrency,
+                )
+            )
         env.update(self.extra_env)
         return env
 

@@ -60,3 +60,44 @@ class RecordingPeer(LoopbackPeer):
     def answer(self, method: str, path: str, headers: Any, body: bytes) -> Answer:
         self.requests.append((method, path, {k.lower(): v for k, v in headers.items()}))
         return Answer.json(200, {"ok": True})
+
+
+class CountingPeer(LoopbackPeer):
+    """A slow idempotent API that measures its callers: each request is answered after
+    ``delays[path]`` seconds (default ``delay``); while it waits it counts as in flight.
+    Per path it keeps the most requests in flight at once (``max_in_flight``) and each
+    request's arrival time (``arrivals``); per ``Idempotency-Key`` one effect, recorded
+    with the request's JSON body (``effects``: key -> (path, body)), a repeated key
+    answered with the first effect as real APIs do."""
+
+    def __init__(self, delay: float = 0.0, delays: dict[str, float] | None = None) -> None:
+        super().__init__()
+        self.delay = delay
+        self.delays = dict(delays or {})
+        self.in_flight: Counter[str] = Counter()
+        self.max_in_flight: Counter[str] = Counter()
+        self.arrivals: dict[str, list[float]] = {}
+        self.effects: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def effects_at(self, path: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [body for p, body in self.effects.values() if p == path]
+
+    def answer(self, method: str, path: str, headers: Any, body: bytes) -> Answer:
+        import time
+
+        key = headers.get("Idempotency-Key", "")
+        with self._lock:
+            self.in_flight[path] += 1
+            self.max_in_flight[path] = max(self.max_in_flight[path], self.in_flight[path])
+            self.arrivals.setdefault(path, []).append(time.time())
+        try:
+            time.sleep(self.delays.get(path, self.delay))
+        finally:
+            with self._lock:
+                self.in_flight[path] -= 1
+        with self._lock:
+            payload = json.loads(body or b"{}")
+            effect = self.effects.setdefault(key or f"unkeyed-{len(self.effects)}", (path, payload))
+            return Answer.json(200, {"effect": len(self.effects), **effect[1]})

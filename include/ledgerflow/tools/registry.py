@@ -61,6 +61,10 @@ class Tool:
     params: tuple[str, ...] = field(default=())
     required: tuple[str, ...] = field(default=())
     accepts_any: bool = False
+    concurrency: int | None = None
+    """At most this many calls in flight across all workers (an Airflow pool, ``spec.limits``)."""
+    rate: str | None = None
+    """At most this many calls per unit of time across all workers (``"10/s"``)."""
 
     def is_transactional(self, args: dict[str, Any]) -> bool:
         return self.transactional(args) if callable(self.transactional) else self.transactional
@@ -203,13 +207,28 @@ def tool(
     compensate: str | None = None,
     non_retryable: tuple[type[BaseException], ...] = (),
     breaker: BreakerSpec | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(ctx, **args)`` as the tool ``name``.
+
+    ``concurrency``: at most that many calls in flight across all workers; ``rate``
+    (``"10/s"``, ``"600/m"``): at most that many calls per unit of time (``spec.limits``).
 
     The argument schema is taken from the function's signature and type hints (after
     the first parameter, the ``ToolContext``); unknown or missing arguments are
     rejected when the workflow is validated, wrong types when the step runs.
     """
+
+    if concurrency is not None and not 1 <= concurrency <= 10_000:
+        raise LedgerflowError(f"tool {name!r}: concurrency must be 1..10000, not {concurrency}")
+    if rate is not None:
+        from ledgerflow.spec.limits import parse_rate
+
+        try:
+            parse_rate(rate)
+        except ValueError as exc:
+            raise LedgerflowError(f"tool {name!r}: {exc}") from None
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         params = list(inspect.signature(fn).parameters.values())
@@ -229,6 +248,8 @@ def tool(
                 params=tuple(p.name for p in named),
                 required=tuple(p.name for p in named if p.default is p.empty),
                 accepts_any=any(p.kind == p.VAR_KEYWORD for p in params[1:]),
+                concurrency=concurrency,
+                rate=rate,
             )
         )
         return fn

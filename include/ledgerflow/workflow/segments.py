@@ -23,6 +23,10 @@ task ends skipped, so the skip carries on downstream as it would without fusing.
 
 ``execution: fused`` fuses every such chain of a workflow (each at least two steps);
 ``segment: <name>`` on steps fuses just those, and says why when it cannot.
+
+A segment's task runs on one queue and in at most one pool (``workflow.limits``): its
+steps must name the same ``queue``, and at most one concurrency limit among them (the
+segment takes that pool). ``execution: fused`` ends a chain where either changes.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from itertools import pairwise
 from typing import Any
 
 from ledgerflow.spec.models import AnyStep, LlmStep, ToolStep, WorkflowSpec
+from ledgerflow.workflow.limits import placement
 
 FUSABLE = (ToolStep, LlmStep)
 AUTO_PREFIX = "fused__"
@@ -127,6 +132,11 @@ def plan(spec: WorkflowSpec) -> tuple[list[Segment], list[tuple[tuple[Any, ...],
         bad = False
         for a, b in pairwise(members):
             why = _link_problem(spec, dependants, a, b)
+            mixed = _placement_problem(spec, members, b)
+            if why is None and mixed is not None:
+                problems.append((("steps", position[b], mixed[0]), f"segment {name!r}: {mixed[1]}"))
+                bad = True
+                break
             if why is not None:
                 problems.append(
                     (("steps", position[b], "segment"), f"segment {name!r} must be a chain: {why}")
@@ -152,6 +162,7 @@ def plan(spec: WorkflowSpec) -> tuple[list[Segment], list[tuple[tuple[Any, ...],
                 if (
                     nxt.segment is not None
                     or refusal(nxt) is not None
+                    or placement(spec, nxt) != placement(spec, spec.step(chain[-1]))
                     or _link_problem(spec, dependants, chain[-1], nxt.id) is not None
                 ):
                     break
@@ -171,6 +182,40 @@ def plan(spec: WorkflowSpec) -> tuple[list[Segment], list[tuple[tuple[Any, ...],
                 segments.append(Segment(task_id=task_id, steps=tuple(chain)))
     segments.sort(key=lambda s: order.index(s.steps[0]))
     return segments, problems
+
+
+def _placement_problem(spec: WorkflowSpec, members: list[str], b: str) -> tuple[str, str] | None:
+    """Why ``b`` cannot join the steps before it in ``members`` (field, message): another
+    queue, or a second concurrency limit (None: it can)."""
+    before = members[: members.index(b)]
+    step_b = spec.step(b)
+    queue_b, pool_b = placement(spec, step_b)
+    for a in before:
+        queue_a, pool_a = placement(spec, spec.step(a))
+        if queue_a != queue_b:
+            shown = [f"{q!r}" if q else "the default queue" for q in (queue_a, queue_b)]
+            return "queue", (
+                f"mixes queues: step {a!r} runs on {shown[0]} and step {b!r} on {shown[1]}; "
+                "a segment is one task on one queue"
+            )
+        if pool_a is not None and pool_b is not None and pool_a != pool_b:
+            return "concurrency", (
+                f"holds two concurrency limits (pools {pool_a} of step {a!r} and {pool_b} of "
+                f"step {b!r}); a segment's task has one pool: put one of them in its own task"
+            )
+    return None
+
+
+def queue_and_pool(spec: WorkflowSpec, steps: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """The queue and the pool of a segment's task (its steps agree on the queue and hold
+    at most one pool, as ``plan`` checked)."""
+    queue: str | None = None
+    pool: str | None = None
+    for step_id in steps:
+        step_queue, step_pool = placement(spec, spec.step(step_id))
+        queue = queue or step_queue
+        pool = pool or step_pool
+    return queue, pool
 
 
 _PLANS: dict[int, tuple[WorkflowSpec, list[Segment]]] = {}

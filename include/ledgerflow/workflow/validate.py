@@ -101,9 +101,10 @@ def validate_spec(spec: WorkflowSpec, lines: LineMap, file: str) -> None:
             check_wait(spec, step, loc, errors)
         _check_branch(spec, step, loc, errors)
     if graph_ok:
+        from ledgerflow.workflow.limits import problems
         from ledgerflow.workflow.segments import plan
 
-        for where, message in plan(spec)[1]:
+        for where, message in [*problems(spec), *plan(spec)[1]]:
             errors.add(where, message)
     _check_result(spec, errors)
     del index
