@@ -27,7 +27,9 @@ from ledgerflow.testing.airflow_stack import AirflowStack
 from ledgerflow.testing.http_peer import CountingPeer
 from ledgerflow.testing.postgres import fresh_database
 
-pytestmark = pytest.mark.e2e
+# Not in the default run (pyproject addopts: -m "not celery"): one Celery stack and its
+# worker-kill test take 5-12 minutes here; `./scripts/test.sh -m celery` runs them.
+pytestmark = [pytest.mark.e2e, pytest.mark.celery]
 
 # Payment steps run on the `payments` queue, which only worker1 serves; `pay` and
 # `receipt` are one fused task there, `prepare` runs on the default queue (either worker).
