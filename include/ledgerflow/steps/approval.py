@@ -86,7 +86,7 @@ def ask(
     from ledgerflow import faults
     from ledgerflow.ledger import approvals
     from ledgerflow.ledger.store import now
-    from ledgerflow.steps.kernel import Attempt, record_failure
+    from ledgerflow.steps.kernel import parked_step_unrendered
 
     kind = ApprovalKind(step)
     with ledger.begin() as conn:
@@ -96,22 +96,7 @@ def ask(
     if found.skipped:
         return Asked(skipped=True)
     if found.error is not None or found.rendered is None:
-        error = found.error or RuntimeError("approval step rendered nothing")
-        attempt = Attempt(
-            ledger, spec, step, run, found.key, -1, try_number, Rendered({}), {}, True
-        )
-        attempt.attempt_id = ledger.begin_attempt(
-            run_id=run.run_id,
-            step_key=step.id,
-            step_id=step.id,
-            map_index=-1,
-            try_number=try_number,
-            args={},
-            idempotency_key=None,
-            first=found.checkpoint is None,
-        )
-        record_failure(attempt, error, final=True)
-        raise error
+        raise parked_step_unrendered(ledger, spec, step, run, found, try_number)
     shown = found.rendered.extra
     faults.hit("before_effect", found.key)
     approval, _ = approvals.request(

@@ -143,25 +143,10 @@ class EventOperator(LedgerflowOperator, SkipMixin):
         from ledgerflow import faults
         from ledgerflow.ledger import event_waits
         from ledgerflow.ledger.store import now
-        from ledgerflow.steps.kernel import Attempt, record_failure
+        from ledgerflow.steps.kernel import parked_step_unrendered
 
         if found.error is not None or found.rendered is None:
-            error = found.error or RuntimeError("event step rendered nothing")
-            attempt = Attempt(
-                ledger, spec, step, run, found.key, -1, try_number, Rendered({}), {}, True
-            )
-            attempt.attempt_id = ledger.begin_attempt(
-                run_id=run.run_id,
-                step_key=step.id,
-                step_id=step.id,
-                map_index=-1,
-                try_number=try_number,
-                args={},
-                idempotency_key=None,
-                first=found.checkpoint is None,
-            )
-            record_failure(attempt, error, final=True)
-            raise error
+            raise parked_step_unrendered(ledger, spec, step, run, found, try_number)
         faults.hit("before_effect", found.key)
         wait = event_waits.open_wait(
             ledger,

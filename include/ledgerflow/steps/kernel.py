@@ -85,6 +85,7 @@ __all__ = [
     "UpstreamUndone",
     "join_run",
     "jsonable",
+    "parked_step_unrendered",
     "prologue",
     "record_failure",
     "register_run",
@@ -417,3 +418,33 @@ def record_failure(
                 idempotency_key=attempt.rendered.idempotency_key,
                 conn=conn,
             )
+
+
+def parked_step_unrendered(
+    ledger: Ledger,
+    spec: WorkflowSpec,
+    step: Any,
+    run: RunRef,
+    found: Prologue,
+    try_number: int,
+    *,
+    conn: Connection | None = None,
+) -> BaseException:
+    """A step that parks (approval, event, wait) whose arguments did not render: its
+    attempt and final failure (with the dead letter) are recorded, as for any step, and
+    the error is returned for the caller to raise."""
+    error = found.error or RuntimeError(f"{step.kind} step {step.id!r} rendered nothing")
+    attempt = Attempt(ledger, spec, step, run, found.key, -1, try_number, Rendered({}), {}, True)
+    attempt.attempt_id = ledger.begin_attempt(
+        run_id=run.run_id,
+        step_key=found.key,
+        step_id=step.id,
+        map_index=-1,
+        try_number=try_number,
+        args={},
+        idempotency_key=None,
+        first=found.checkpoint is None,
+        conn=conn,
+    )
+    record_failure(attempt, error, final=True, conn=conn)
+    return error

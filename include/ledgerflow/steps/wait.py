@@ -89,7 +89,7 @@ def park(
     failure, with a dead letter, and is raised."""
     from ledgerflow.ledger import timers
     from ledgerflow.ledger.store import now
-    from ledgerflow.steps.kernel import Attempt, prologue, record_failure
+    from ledgerflow.steps.kernel import parked_step_unrendered, prologue
 
     kind = WaitKind(spec, step)
     with ledger.begin() as conn:
@@ -111,22 +111,7 @@ def park(
                 first=found.checkpoint is None,
             )
             return Parked(found.key, planned=planned)
-        error = found.error or RuntimeError("wait step rendered nothing")
-        attempt = Attempt(
-            ledger, spec, step, run, found.key, -1, try_number, Rendered({}), {}, True
-        )
-        attempt.attempt_id = ledger.begin_attempt(
-            run_id=run.run_id,
-            step_key=found.key,
-            step_id=step.id,
-            map_index=-1,
-            try_number=try_number,
-            args={},
-            idempotency_key=None,
-            first=found.checkpoint is None,
-            conn=conn,
-        )
-        record_failure(attempt, error, final=True, conn=conn)
+        error = parked_step_unrendered(ledger, spec, step, run, found, try_number, conn=conn)
     raise error
 
 
