@@ -13,7 +13,7 @@ from ledgerflow.cli import SHIM
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.testing.airflow_stack import AirflowStack
 from ledgerflow.testing.echo_peer import EchoPeer
-from ledgerflow.testing.http_peer import IdempotentPeer
+from ledgerflow.testing.http_peer import IdempotentPeer, SlackPeer
 from ledgerflow.testing.mail import MailServer
 from ledgerflow.testing.openai_peer import OpenAIPeer
 from ledgerflow.testing.postgres import fresh_database
@@ -140,6 +140,13 @@ def statsd() -> Iterator[StatsdListener]:
 
 
 @pytest.fixture(scope="session")
+def slack() -> Iterator[SlackPeer]:
+    """A Slack incoming webhook on loopback: the stack's ``lf_e2e_slack`` connection."""
+    with SlackPeer() as peer:
+        yield peer
+
+
+@pytest.fixture(scope="session")
 def mail() -> Iterator[MailServer]:
     """A real SMTP server on loopback: the stack's ``lf_e2e_mail`` connection (notify:)."""
     with MailServer() as server:
@@ -168,6 +175,7 @@ def stack(
     statsd: StatsdListener,
     echo_peer: EchoPeer,
     mail: MailServer,
+    slack: SlackPeer,
 ) -> Iterator[AirflowStack]:
     base = tmp_path_factory.mktemp("stack")
     dags = base / "dags"
@@ -188,6 +196,7 @@ def stack(
             "AIRFLOW_CONN_LEDGERFLOW_LLM": llm_peer.connection_uri(),
             "AIRFLOW_CONN_CANARY_HTTP": echo_peer.canary_connection(),
             "AIRFLOW_CONN_LF_E2E_MAIL": mail.conn_uri(),
+            "AIRFLOW_CONN_LF_E2E_SLACK": slack.connection(),
             "AIRFLOW__METRICS__STATSD_ON": "True",
             "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
             "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),

@@ -1,6 +1,7 @@
 """Notifications on real Airflow processes: the approval request is mailed by the task
 (SmtpNotifier, a real SMTP server on loopback), with a link that works, and the decision
-by the api-server; the outbox records both sent, once."""
+by the api-server; the outbox records both sent, once. Another approval's request is
+posted to a Slack incoming webhook on loopback (SlackWebhookNotifier), its link working."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ledgerflow.ledger import approvals, outbox
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.testing import wait_for
 from ledgerflow.testing.airflow_stack import AirflowStack
+from ledgerflow.testing.http_peer import SlackPeer
 from ledgerflow.testing.mail import MailServer, html_text
 
 pytestmark = pytest.mark.e2e
@@ -108,3 +110,32 @@ def test_the_triggerer_mails_an_escalation_to_the_new_approver(
         ("approval_escalated", "sent", 1)
     ]
     assert len([m for m in mail.messages if m["Subject"] == wanted]) == 1
+
+
+def test_the_request_is_posted_to_the_slack_webhook_with_a_link_that_opens(
+    stack: AirflowStack, ledger: Ledger, slack: SlackPeer
+) -> None:
+    """The parked approval's task posts the Slack webhook JSON (its step's notify target):
+    the text names the request, its section block links the approval page, which answers
+    200 to the approver logged in; the outbox row is ``sent`` once."""
+    ref = f"h-{uuid.uuid4().hex[:8]}"
+    dag = "approval_webhooked__v1"
+    run_id = stack.trigger(dag, {"ref": ref})
+    ledger_run = f"{dag}/{run_id}"
+
+    def posted() -> object:
+        return next((b for b in slack.bodies if f"Hooked {ref}" in str(b.get("text"))), None)
+
+    body = wait_for(posted, 180, "the approval request's webhook post")
+    approval = approvals.for_step(ledger, ledger_run, "ask")
+    assert approval is not None and approval.pending
+    link = f"{stack.base_url}/ledgerflow/approvals/{approval.id}"
+    assert body["blocks"][0]["type"] == "section"  # type: ignore[index]
+    assert f"<{link}|Open>" in body["blocks"][0]["text"]["text"]  # type: ignore[index]
+    page = httpx.get(link, cookies={"_token": stack.token("manager")}, timeout=30)
+    assert page.status_code == 200 and f"Hooked {ref}" in page.text
+    rows = outbox.listing(ledger, run_id=ledger_run)
+    assert [(r["event"], r["status"], r["attempts"]) for r in rows] == [
+        ("approval_requested", "sent", 1)
+    ]
+    assert len([b for b in slack.bodies if f"Hooked {ref}" in str(b.get("text"))]) == 1

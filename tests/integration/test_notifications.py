@@ -23,8 +23,7 @@ from sqlalchemy import select
 from ledgerflow.ledger import approvals, outbox
 from ledgerflow.ledger.store import Ledger, now
 from ledgerflow.steps.run import RunRef, register_run
-from ledgerflow.testing.http_peer import RecordingPeer
-from ledgerflow.testing.loopback import Answer
+from ledgerflow.testing.http_peer import SlackPeer
 from ledgerflow.testing.mail import MailServer, html_text
 from ledgerflow.testing.postgres import fresh_database
 from ledgerflow.workflow.validate import load_workflow
@@ -61,19 +60,6 @@ steps:
         conn_id: lf_notify_down
         on: [approval_requested]
 """
-
-
-class SlackPeer(RecordingPeer):
-    """A Slack incoming webhook on loopback: keeps each JSON body."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bodies: list[dict[str, Any]] = []
-
-    def answer(self, method: str, path: str, headers: Any, body: bytes) -> Answer:
-        self.bodies.append(json.loads(body))
-        super().answer(method, path, headers, body)
-        return Answer(200, b"ok", "text/plain")
 
 
 def closed_port() -> int:

@@ -62,6 +62,25 @@ class RecordingPeer(LoopbackPeer):
         return Answer.json(200, {"ok": True})
 
 
+class SlackPeer(RecordingPeer):
+    """A Slack incoming webhook on loopback (the peer of a ``slackwebhook`` connection,
+    ``{"conn_type": "slackwebhook", "password": peer.url + "/hook/T0/B0"}``): keeps each
+    JSON body in ``bodies`` and answers ``ok`` as Slack does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[dict[str, Any]] = []
+
+    def answer(self, method: str, path: str, headers: Any, body: bytes) -> Answer:
+        self.bodies.append(json.loads(body))
+        super().answer(method, path, headers, body)
+        return Answer(200, b"ok", "text/plain")
+
+    def connection(self) -> str:
+        """The Airflow connection (JSON) that sends to this peer."""
+        return json.dumps({"conn_type": "slackwebhook", "password": f"{self.url}/hook/T0/B0"})
+
+
 class CountingPeer(LoopbackPeer):
     """A slow idempotent API that measures its callers: each request is answered after
     ``delays[path]`` seconds (default ``delay``); while it waits it counts as in flight.
