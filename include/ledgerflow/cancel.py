@@ -107,6 +107,8 @@ def cancel(
     reason = reason.strip()
     if not reason:
         raise ValueError("a cancel needs a reason (--reason)")
+    if airflow and ledger.run(run_id) is None:
+        _register_from_airflow(ledger, run_id)
     record = cancel_run(
         ledger,
         run_id,
@@ -121,6 +123,42 @@ def cancel(
         return Cancelled(record)
     changed, state = stop_in_airflow(ledger, record)
     return Cancelled(record, changed, state)
+
+
+def _register_from_airflow(ledger: Ledger, run_id: str) -> None:
+    """A DagRun none of whose tasks has started yet (queued, or its first task waiting for
+    a slot) is not in the ledger: it is registered from Airflow's DagRun (its workflow and
+    version from the DAG id, its params from the conf), so that it can be cancelled and
+    its first task, if it ever starts, finds the run cancelled. Nothing is registered for
+    an unknown or ended DagRun (the cancel then answers 404 as before)."""
+    import re
+
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+    from sqlalchemy import select
+
+    dag_id, _, dag_run_id = run_id.partition("/")
+    named = re.fullmatch(r"(?P<workflow>[a-z][a-z0-9_-]*)__v(?P<version>[0-9]+)", dag_id)
+    if not dag_run_id or named is None:
+        return
+    with create_session() as session:
+        found = session.execute(
+            select(DagRun.state, DagRun.conf, DagRun.run_type).where(
+                DagRun.dag_id == dag_id, DagRun.run_id == dag_run_id
+            )
+        ).first()
+    if found is None or found.state not in (DagRunState.QUEUED, DagRunState.RUNNING):
+        return
+    kind = str(getattr(found.run_type, "value", found.run_type) or "manual")
+    ledger.ensure_run(
+        run_id=run_id,
+        dag_id=dag_id,
+        workflow=named["workflow"],
+        version=int(named["version"]),
+        params=dict(found.conf or {}),
+        trigger_kind=kind,
+    )
 
 
 def _finish_saga_without_tasks(ledger: Ledger, record: RunCancel) -> None:

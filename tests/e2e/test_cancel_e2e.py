@@ -262,3 +262,34 @@ def test_the_cancel_button_on_the_run_page(
     assert stack.wait_for_run(SLOW, run_id, timeout=180) == "failed"
     wait_for(lambda: (ledger.run(run) or {}).get("saga") == "compensated", 60, "saga ended")
     context.close()
+
+
+def test_cancel_a_run_that_has_not_started_a_task_yet(stack: AirflowStack, ledger: Ledger) -> None:
+    """A DagRun queued behind its paused DAG has no task started, so it is not in the
+    ledger yet: the cancel registers it from Airflow (workflow, version, params) and
+    cancels it; its tasks are skipped, the DagRun ends `failed`, and after the DAG is
+    unpaused nothing of it runs (no attempt in the ledger)."""
+    order = f"cq-{uuid.uuid4().hex[:8]}"
+    stack.api("PATCH", f"/api/v2/dags/{SLOW}", json={"is_paused": True})
+    try:
+        run_id = stack.trigger(SLOW, {"order_id": order})
+        run = f"{SLOW}/{run_id}"
+        assert ledger.run(run) is None
+        done = cancel_api(stack, run, reason="ordered by mistake")
+        assert done.status_code == 200, done.text
+        assert done.json()["status"] == "cancelled"
+    finally:
+        stack.unpause(SLOW)
+    assert stack.wait_for_run(SLOW, run_id, timeout=120) == "failed"
+    row = ledger.run(run) or {}
+    assert (row["status"], row["cancelled_by"], row["workflow"], row["version"]) == (
+        "cancelled",
+        "admin",
+        "cancel_slow",
+        1,
+    )
+    assert row["params"]["order_id"] == order
+    assert all(
+        state in ("skipped", "upstream_failed") for state in states(stack, SLOW, run_id).values()
+    )
+    assert ledger.attempts(run) == []
