@@ -108,7 +108,7 @@ def cancel(
     if not reason:
         raise ValueError("a cancel needs a reason (--reason)")
     if airflow and ledger.run(run_id) is None:
-        _register_from_airflow(ledger, run_id)
+        register_unstarted(ledger, run_id)
     record = cancel_run(
         ledger,
         run_id,
@@ -125,7 +125,7 @@ def cancel(
     return Cancelled(record, changed, state)
 
 
-def _register_from_airflow(ledger: Ledger, run_id: str) -> None:
+def register_unstarted(ledger: Ledger, run_id: str) -> None:
     """A DagRun none of whose tasks has started yet (queued, or its first task waiting for
     a slot) is not in the ledger: it is registered from Airflow's DagRun (its workflow and
     version from the DAG id, its params from the conf), so that it can be cancelled and
@@ -348,6 +348,7 @@ __all__ = [
     "CloseInAirflow",
     "WaitKind",
     "cancel",
+    "register_unstarted",
     "register_wait_kind",
     "stop_in_airflow",
     "wait_kinds",

@@ -110,10 +110,11 @@ def test_sigkill_inside_a_fused_segment_resumes_at_the_step_without_a_checkpoint
     made again; every run succeeds and every order holds exactly one payment."""
     rng = random.Random(SEED + 100 + batch)
     orders = {f"fused-{batch}-{i}": rng.uniform(0.0, 0.9) for i in range(FUSED_PER_BATCH)}
-    # A 2 s payment: the kill lands inside it even when polling 25 runs lags on a busy
-    # machine (the moment is counted from the attempt's own start in the ledger).
+    # A 4 s payment: the kill lands inside it even when polling 25 runs lags on a busy
+    # machine (the moment is counted from the attempt's own start in the ledger; with 2 s
+    # one kill of 25 came after the charge had completed, at the suite's load).
     runs = {
-        order: stack.trigger(FUSED, {"order_id": order, "charge_delay_s": 2.0}) for order in orders
+        order: stack.trigger(FUSED, {"order_id": order, "charge_delay_s": 4.0}) for order in orders
     }
     killed = 0
     pending = dict(runs)

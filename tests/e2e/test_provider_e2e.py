@@ -87,6 +87,16 @@ MATRIX: dict[tuple[str, str], tuple[str, str, str, str]] = {
     # route); the page's form first shows the run, so one who may not read it gets 404.
     ("POST", "/api/runs/{run_id:path}/retry"): ("401", "403", "403", "409"),
     ("POST", "/runs/{run_id:path}/retry"): ("401", "404", "403", "409"),
+    # Cancel: who may not read the run gets 404, who may read but not change it 403; the
+    # API without a body (the reason) is 422 once authorized, the form without a reason
+    # goes back to the run page (303): nothing is cancelled here.
+    ("POST", "/api/runs/{run_id:path}/cancel"): ("401", "404", "403", "422"),
+    ("POST", "/runs/{run_id:path}/cancel"): ("401", "404", "403", "303"),
+    # Events: delivering needs Airflow's asset POST (op and above); with no step waiting
+    # the delivery is kept (202). The webhook's credential is its signature, checked with
+    # the secret of [ledgerflow] event_webhook_conn_id: none here, so 503 to everyone.
+    ("POST", "/api/events/{name}"): ("401", "202", "403", "403"),
+    ("POST", "/hooks/events/{name}"): ("503", "503", "503", "503"),
     # Operating: the team's workflow (its run's indicators, its events) or not.
     ("GET", "/api/slo"): ("401", "200-", "200+", "200+"),
     ("GET", "/api/export"): ("401", "200-", "200+", "200+"),
@@ -446,6 +456,11 @@ def ask(
     elif path == "/runs/{run_id:path}/retry":
         token = form_token(server_secret(stack), role, f"retry:{run_id}")
         kw["data"] = {"csrf_token": token}
+    elif path == "/runs/{run_id:path}/cancel":
+        token = form_token(server_secret(stack), role, f"cancel:{run_id}")
+        kw["data"] = {"csrf_token": token}
+    elif path == "/api/events/{name}":
+        kw["json"] = {"key": "matrix", "id": f"matrix-{role}", "payload": {}}
     elif path in ("/api/export", "/api/slo"):
         kw["params"] = {"since": "1d"}
     with httpx.Client(base_url=stack.base_url, headers=headers, timeout=60) as client:

@@ -35,8 +35,16 @@ class CancelBody(BaseModel):
 
 
 def _authorized(ledger: Ledger, user: Any, run_id: str) -> dict[str, Any]:
-    """The run's row when the caller may change its DagRun (404 / 403 otherwise)."""
+    """The run's row when the caller may change its DagRun (404 / 403 otherwise). A
+    DagRun none of whose tasks has started is not in the ledger yet: for a caller who may
+    change that DAG's runs it is registered from Airflow first (``register_unstarted``)."""
     row = ledger.run(run_id)
+    dag_id = run_id.partition("/")[0]
+    if row is None and may_read_runs(user, dag_id) and may_edit_runs(user, dag_id):
+        from ledgerflow.cancel import register_unstarted
+
+        register_unstarted(ledger, run_id)
+        row = ledger.run(run_id)
     if row is None or not may_read_runs(user, row["dag_id"]):
         raise HTTPException(404, f"no run {run_id!r} in the ledger")
     if not may_edit_runs(user, row["dag_id"]):
