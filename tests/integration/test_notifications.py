@@ -397,7 +397,7 @@ def test_an_inner_commit_does_not_send_the_outer_transactions_notices(
 # ---------------------------------------------------------------- helpers
 
 
-def _wait(check: Any, timeout: float = 10.0) -> None:
+def _wait(check: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, "timed out"
