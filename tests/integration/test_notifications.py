@@ -390,18 +390,35 @@ def test_an_inner_commit_does_not_send_the_outer_transactions_notices(
             inner.execute(select(1))
         time.sleep(0.3)
         assert not [b for b in slack.bodies if run.run_id in b["text"]]
-    _wait(lambda: [b for b in slack.bodies if run.run_id in b["text"]])
+    _wait(
+        lambda: [b for b in slack.bodies if run.run_id in b["text"]],
+        explain=lambda: f"at {now()} the rows were {rows(ledger, run)}",
+    )
     assert slack_row(ledger, run)["status"] == "sent"
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def _wait(check: Any, timeout: float = 30.0) -> None:
+def _wait(check: Any, timeout: float = 30.0, explain: Any = None) -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, "timed out"
+        if time.monotonic() >= deadline:
+            facts = explain() if explain is not None else ""
+            raise AssertionError(f"timed out; {facts}\nthe threads were:\n{_stacks()}")
         time.sleep(0.05)
+
+
+def _stacks() -> str:
+    """Where every thread of this process is (a sender that never sent shows where it waits)."""
+    import sys
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(
+        f"--- {names.get(ident, ident)}\n{''.join(traceback.format_stack(frame))}"
+        for ident, frame in sys._current_frames().items()
+    )
 
 
 def _make_due(ledger: Ledger, nid: str) -> None:
