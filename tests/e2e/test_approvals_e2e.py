@@ -172,40 +172,6 @@ def test_escalation_then_fail_at_the_last_deadline(stack: AirflowStack, ledger: 
     assert states(stack, "approval_escalate__v1", run_id)["after"] == "upstream_failed"
 
 
-def test_triggerer_killed_with_20_parked_then_every_run_resumes_once(
-    stack: AirflowStack, ledger: Ledger
-) -> None:
-    """20 runs park; the triggerer is SIGKILLed and started again; all 20 are approved:
-    every run succeeds, each approval step completed exactly once and the next step ran
-    once. All parked approvals share one listening connection."""
-    runs = [
-        stack.trigger("onboarding__v1", {"customer_id": f"bulk-{uuid.uuid4().hex[:8]}"})
-        for _ in range(20)
-    ]
-    parked_ones = [
-        parked(stack, ledger, "onboarding__v1", run_id, "manager_approval") for run_id in runs
-    ]
-    wait_for(lambda: listeners(ledger) == 1, 60, "one LISTEN connection")
-    stack.kill("triggerer")
-    stack.restart("triggerer")
-    wait_for(lambda: listeners(ledger) == 1, 120, "one LISTEN connection after the restart")
-    for approval in parked_ones:
-        decide(stack, approval.id, "approve", "bulk")
-    for run_id in runs:
-        assert stack.wait_for_run("onboarding__v1", run_id, timeout=300) == "success"
-    # The api-server and the woken triggers end the same tasks at once: that must not
-    # break the triggerer (it once died on a duplicate XCom row).
-    assert stack.is_alive("triggerer"), stack.log_tail("triggerer")
-    for run_id in runs:
-        ledger_run = f"onboarding__v1/{run_id}"
-        assert len(events(ledger, ledger_run, "approval_decided")) == 1
-        completed = events(ledger, ledger_run, "approval_completed")
-        assert len(completed) == 1, ledger_run
-        assert [a["status"] for a in ledger.attempts(ledger_run, "activate_account")] == [
-            "completed"
-        ]
-
-
 def listeners(ledger: Ledger) -> int:
     """Connections that LISTEN for approval decisions (any database of this server)."""
     with ledger.engine.connect() as conn:

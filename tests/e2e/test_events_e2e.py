@@ -1,7 +1,8 @@
 """Event steps on real Airflow processes with Postgres: delivered after and before the
 wait starts, a duplicate, a payload that does not fit (422 naming the field), the
 deadline's outcomes (a branch; a failure the saga compensates), a retry run that reuses
-the received event, the signed webhook, and a SIGKILLed triggerer with parked waits."""
+the received event and the signed webhook (a SIGKILLed triggerer with parked waits is in
+test_triggerer_kill_e2e.py, with approvals and timers parked beside them)."""
 
 from __future__ import annotations
 
@@ -216,37 +217,6 @@ def _webhook_delivery(stack: AirflowStack, ledger: Ledger, secret: bytes) -> Non
     assert signed.status_code == 200 and signed.json()["status"] == "delivered", signed.text
     assert stack.wait_for_run(PAY, run_id, timeout=180) == "success"
     assert ledger.outputs(f"{PAY}/{run_id}")["book"]["output"] == {"value": 5}
-
-
-def test_triggerer_killed_with_parked_event_waits_each_resumes_once(
-    stack: AirflowStack, ledger: Ledger
-) -> None:
-    """Ten runs park on their events; the triggerer is SIGKILLed; the events are written
-    to the ledger while it is down (no api-server to end the tasks); after the restart
-    every run succeeds, each event step completed exactly once and `book` ran once."""
-    refs = [uuid.uuid4().hex[:8] for _ in range(10)]
-    runs = [stack.trigger(PAY, {"ref": ref}) for ref in refs]
-    for run_id in runs:
-        parked(stack, ledger, PAY, run_id, "settled")
-    stack.kill("triggerer")
-    for ref in refs:
-        done = event_waits.deliver(
-            ledger,
-            name="payment.settled",
-            key=f"pay-{ref}",
-            event_id=f"kill-{ref}",
-            payload={"amount": 1},
-            source="test",
-        )
-        assert done.status == "delivered"
-    stack.restart("triggerer")
-    for run_id in runs:
-        assert stack.wait_for_run(PAY, run_id, timeout=300) == "success"
-    assert stack.is_alive("triggerer"), stack.log_tail("triggerer")
-    for run_id in runs:
-        ledger_run = f"{PAY}/{run_id}"
-        assert len(kinds(ledger, ledger_run, "event_step_completed")) == 1, ledger_run
-        assert [a["status"] for a in ledger.attempts(ledger_run, "book")] == ["completed"]
 
 
 def test_only_callers_who_may_create_asset_events_deliver(

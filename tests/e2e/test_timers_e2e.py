@@ -1,6 +1,6 @@
 """Wait steps (durable timers) on real Airflow processes with Postgres: a timer parks in
-the triggerer and fires, a retry run does not wait again, and a triggerer killed with
-timers parked loses none and fires none twice."""
+the triggerer and fires, and a retry run does not wait again (a triggerer killed with
+timers parked is in test_triggerer_kill_e2e.py, with approvals and event waits)."""
 
 from __future__ import annotations
 
@@ -87,33 +87,3 @@ def test_a_retry_run_reuses_the_completed_timers_and_does_not_wait_again(
     assert ledger.outputs(retry)["at"] == ledger.outputs(original)["at"]
     assert attempts(ledger, retry, "pause") == [] and attempts(ledger, retry, "at") == []
     assert attempts(ledger, retry, "after") == ["completed"]
-
-
-def test_triggerer_killed_with_parked_timers_each_fires_once(
-    stack: AirflowStack, ledger: Ledger
-) -> None:
-    """Eight runs park their ``until`` timer; the triggerer is SIGKILLed and started again
-    before the fire time: every timer fires exactly once (one completion, one attempt),
-    every run succeeds and the step after each timer runs once."""
-    at = (datetime.now(timezone.utc) + timedelta(seconds=75)).strftime("%Y-%m-%dT%H:%M:%S+00:00")
-    runs = [
-        f"{DAG}/{stack.trigger(DAG, {'ref': f'tk-{n}-{uuid.uuid4().hex[:6]}', 'at': at})}"
-        for n in range(8)
-    ]
-    for run in runs:
-        wait_for(lambda run=run: states(stack, run).get("at") == "deferred", 240, f"{run} parked")
-    assert all(events(ledger, run, "timer_fired", "at") == [] for run in runs), "fired too early"
-    stack.kill("triggerer")
-    stack.restart("triggerer")
-    for run in runs:
-        assert finished(stack, ledger, run) == "success", run
-    assert stack.is_alive("triggerer"), stack.log_tail("triggerer")
-    for run in runs:
-        assert len(events(ledger, run, "timer_parked", "at")) == 1, run
-        fired = events(ledger, run, "timer_fired", "at")
-        assert len(fired) == 1, run
-        assert datetime.fromisoformat(fired[0]["data"]["fired"]) >= datetime.fromisoformat(
-            fired[0]["data"]["planned"]
-        )
-        assert attempts(ledger, run, "at") == ["completed"], run
-        assert attempts(ledger, run, "after") == ["completed"], run
