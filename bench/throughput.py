@@ -189,13 +189,24 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{kind}: runs {lo}..{hi - 1}")
                 results[kind].append(measure(env.stack, dag_id, orders, args.timeout))
                 log(f"{kind}: {results[kind][-1]}")
-            with env.ledger.engine.connect() as conn:
-                ledger_states = Counter(
-                    row.status
-                    for row in conn.execute(
-                        text("SELECT status FROM lf_runs WHERE dag_id='tp__v1'")
+
+            # The ledger writes a run's end from Airflow's end-of-run callback (the
+            # dag-processor runs it) a few seconds after the DagRun ends: wait for the
+            # last ones before counting, 120 s at most.
+            def ledger_counts() -> Counter[str]:
+                with env.ledger.engine.connect() as conn:
+                    return Counter(
+                        row.status
+                        for row in conn.execute(
+                            text("SELECT status FROM lf_runs WHERE dag_id='tp__v1'")
+                        )
                     )
-                )
+
+            settle = time.monotonic() + 120
+            ledger_states = ledger_counts()
+            while ledger_states.get("running") and time.monotonic() < settle:
+                time.sleep(1)
+                ledger_states = ledger_counts()
         effects: Counter[tuple[str, str]] = Counter()
         for path, body in peer.effects.values():
             if path.startswith("/ours/"):
