@@ -122,6 +122,7 @@ class AirflowStack(StackClient):
         celery_workers: int = 2,
         worker_queues: dict[str, list[str]] | None = None,
         worker_concurrency: int = 4,
+        broker_url: str | None = None,
     ) -> None:
         """``users``: more SimpleAuthManager users beyond ``admin``, name -> role
         (viewer, user, op, admin; ``role:team1|team2`` in a multi-team deployment); each
@@ -137,7 +138,9 @@ class AirflowStack(StackClient):
         ``executor="celery"``: CeleryExecutor on RabbitMQ, with ``celery_workers`` workers
         (components ``worker1``, ``worker2``, ...) of ``worker_concurrency`` slots each;
         ``worker_queues`` maps a worker's name to the queues it serves (default: the
-        ``default`` queue)."""
+        ``default`` queue). ``broker_url``: the broker to use instead of a virtual host of
+        its own on the machine's RabbitMQ (e.g. a
+        :class:`~ledgerflow.testing.private_services.PrivateRabbitMQ` a test restarts)."""
         if executor not in ("local", "celery"):
             raise ValueError(f"executor must be 'local' or 'celery', not {executor!r}")
         self.executor = executor
@@ -148,6 +151,7 @@ class AirflowStack(StackClient):
         self.worker_queues = dict(worker_queues or {})
         self.worker_concurrency = worker_concurrency
         self.vhost: str | None = None
+        self.broker_url = broker_url
         self.dags_folder = Path(dags_folder).resolve()
         self.home = Path(home).resolve()
         self.db_url = db_url
@@ -208,7 +212,7 @@ class AirflowStack(StackClient):
                 from ledgerflow.testing.subpath_proxy import SubpathProxy
 
                 self._proxy = SubpathProxy(self.base_path, self.api_port, port=self.port).start()
-            if self.executor == "celery" and self.vhost is None:
+            if self.executor == "celery" and self.vhost is None and self.broker_url is None:
                 self.vhost = celery_stack.create_vhost()
             self.env = self._build_env()
             self._migrate(timeout=max(30.0, timeout - (time.monotonic() - t0)))
@@ -460,10 +464,13 @@ class AirflowStack(StackClient):
             }
         )
         if self.executor == "celery":
-            assert self.vhost is not None
+            broker = self.broker_url
+            if broker is None:
+                assert self.vhost is not None
+                broker = celery_stack.broker_url(self.vhost)
             env.update(
                 celery_stack.celery_env(
-                    celery_stack.broker_url(self.vhost),
+                    broker,
                     self.db_url.replace("postgresql+psycopg2://", "postgresql://", 1),
                     self.worker_concurrency,
                 )
