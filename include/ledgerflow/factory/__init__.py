@@ -340,19 +340,28 @@ def _finish_run(context: Any) -> None:
     """DAG-level callback: the run's final state in the ledger. A failed run of a
     workflow with nothing to undo ends its saga (``nothing_to_compensate``) if a failure
     callback did not; approvals still pending can no longer resume (``abandoned``)."""
+    from ledgerflow.ledger.outage import ride_out
     from ledgerflow.ledger.store import Ledger
-    from ledgerflow.steps.saga import has_compensations
-    from ledgerflow.workflow.loaded import spec_for_dag
 
     dag_run = context["dag_run"]
     state = str(getattr(dag_run.state, "value", dag_run.state))
-    status = "succeeded" if state == "success" else "failed"
     run_id = f"{dag_run.dag_id}/{dag_run.run_id}"
     ledger = Ledger.from_airflow()
+    # The callback's one chance to write the run's end: a ledger down for a moment (a
+    # Postgres restart) is waited for, or the ledger's run would stay `running`.
+    ride_out(ledger, lambda: _record_run_end(ledger, dag_run.dag_id, run_id, state), run_id)
+
+
+def _record_run_end(ledger: Any, dag_id: str, run_id: str, state: str) -> None:
+    """The run's end in the ledger (each write idempotent: it may be written again)."""
+    from ledgerflow.steps.saga import has_compensations
+    from ledgerflow.workflow.loaded import spec_for_dag
+
+    status = "succeeded" if state == "success" else "failed"
     ledger.finish_run(run_id, status)
     if status == "failed":
         run = ledger.run(run_id) or {}
-        spec = spec_for_dag(dag_run.dag_id)
+        spec = spec_for_dag(dag_id)
         if not has_compensations(spec) and run.get("saga") in (None, "compensating"):
             ledger.start_saga(run_id, run.get("failed_step"))
             ledger.finish_saga(run_id)

@@ -26,6 +26,8 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from ledgerflow.ledger.outage import RECONNECT_FIRST_S, RECONNECT_MAX_S, lost_connection
+
 log = logging.getLogger(__name__)
 
 DEADLINE_DECISIONS = {"approve": "approved", "reject": "rejected", "fail": "expired"}
@@ -322,19 +324,6 @@ class ApprovalTrigger(BaseTrigger):
                 comment=f"no decision before the deadline; declared outcome: {outcome}",
                 settle=True,  # the declared outcome, however many approvals came before
             )
-
-
-RECONNECT_FIRST_S = 0.5
-RECONNECT_MAX_S = 10.0
-
-
-def lost_connection(exc: BaseException) -> bool:
-    """An error that says the database went away (not that a statement was wrong)."""
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-
-    return isinstance(exc, OperationalError | InterfaceError) or (
-        isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-    )
 
 
 async def _wait_for(event: asyncio.Event, seconds: float) -> None:

@@ -25,15 +25,8 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from ledgerflow.triggers.approval import (
-    API_FIRST_S,
-    RECONNECT_FIRST_S,
-    RECONNECT_MAX_S,
-    Listener,
-    _utcnow,
-    _wait_for,
-    lost_connection,
-)
+from ledgerflow.ledger.outage import RECONNECT_FIRST_S, RECONNECT_MAX_S, lost_connection
+from ledgerflow.triggers.approval import API_FIRST_S, Listener, _utcnow, _wait_for
 
 log = logging.getLogger(__name__)
 

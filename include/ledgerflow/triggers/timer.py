@@ -92,7 +92,7 @@ class TimerTrigger(BaseTrigger):
     async def _db(self, ledger: Any, call: Callable[..., Any], *args: Any) -> Any:
         """``call(*args)`` in a thread, riding out a ledger that is briefly unreachable (a
         Postgres restart): the timer fires late rather than failing its task."""
-        from ledgerflow.triggers.approval import RECONNECT_FIRST_S, RECONNECT_MAX_S, lost_connection
+        from ledgerflow.ledger.outage import RECONNECT_FIRST_S, RECONNECT_MAX_S, lost_connection
 
         delay = RECONNECT_FIRST_S
         while True:
