@@ -123,8 +123,11 @@ class PrivatePostgres:
         assert self.base is not None
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} "
-            f"-c max_connections={self.max_connections} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off"
+            # fsync=off: a restart here stops the server process, never the machine, so
+            # what was written reaches the disk through the OS. Commits stay synchronous:
+            # with synchronous_commit=off an immediate stop loses the last acknowledged
+            # transactions (a checkpoint the ledger was told is durable).
+            f"-c max_connections={self.max_connections} -c fsync=off"
         )
         _run(
             _as(
