@@ -144,18 +144,23 @@ def deployment(
     extra_env: dict[str, str] | None = None,
     remove_base: bool = True,
     stack_options: dict[str, Any] | None = None,
+    ledger_url: str | None = None,
 ) -> Iterator[Deployment]:
     """Start Airflow on ``base/dags`` (the Ledgerflow plugin loaded unless ``plugins`` is
     another folder) with the ledger on a fresh database ``lf_bench_<name>_...``, wait until
     ``dag_ids`` are parsed without import errors, and yield it. On the way out: stop the
     processes, drop the ledger database and remove ``base``, unless ``keep`` was set
     (then print where it runs and how to stop it). ``stack_options``: more arguments of
-    ``AirflowStack`` (e.g. ``executor="celery", celery_workers=2``)."""
+    ``AirflowStack`` (e.g. ``executor="celery", celery_workers=2``). ``ledger_url``: a
+    ledger database of the caller's own (e.g. on a private Postgres it restarts), left
+    as it is on the way out."""
     from ledgerflow.ledger.store import Ledger
     from ledgerflow.testing.airflow_stack import COMPONENTS, AirflowStack
     from ledgerflow.testing.postgres import create_database, drop_database
 
-    ledger_url = create_database(f"lf_bench_{name}")
+    own_ledger = ledger_url is None
+    if ledger_url is None:
+        ledger_url = create_database(f"lf_bench_{name}")
     ledger = Ledger(ledger_url.replace("postgresql://", "postgresql+psycopg2://", 1))
     options: dict[str, Any] = {"parallelism": parallelism} if parallelism else {}
     options.update(stack_options or {})
@@ -190,6 +195,7 @@ def deployment(
             log("stopping the stack")
             stack.stop()
             ledger.engine.dispose()
-            drop_database(ledger_url)
+            if own_ledger:
+                drop_database(ledger_url)
             if remove_base:
                 shutil.rmtree(base, ignore_errors=True)
