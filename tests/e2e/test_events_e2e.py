@@ -223,7 +223,8 @@ def test_only_callers_who_may_create_asset_events_deliver(
     stack: AirflowStack, ledger: Ledger
 ) -> None:
     """Authorized like Airflow's own asset-event route: a viewer and a `user`-role caller
-    get 403 and nothing is stored; an `op` caller's delivery is kept (202)."""
+    get 403 and nothing is stored; an `op` caller's delivery is kept (202), with the DAGs
+    that caller may trigger."""
     ref = uuid.uuid4().hex[:8]
     body = {"key": f"auth-{ref}", "id": f"auth-{ref}", "payload": {"amount": 1}}
     for user, status in (("viewer", 403), ("manager", 403), ("clerk", 202)):
@@ -240,3 +241,11 @@ def test_only_callers_who_may_create_asset_events_deliver(
                 {"e": f"auth-{ref}"},
             ).all()
         assert [tuple(r) for r in stored] == ([] if status == 403 else [(user,)])
+    # Kept (no wait yet) with the DAGs its sender may trigger: a later wait of one of them
+    # takes it, a wait of any other does not.
+    with ledger.engine.connect() as conn:
+        reach = conn.execute(
+            text("SELECT allowed_dags FROM lf_event_deliveries WHERE event_id = :e"),
+            {"e": f"auth-{ref}"},
+        ).scalar_one()
+    assert PAY in json.loads(reach), reach

@@ -191,3 +191,48 @@ def test_concurrent_redeliveries_count_once(ledger: Ledger) -> None:
     assert event_waits.get(ledger, wait.id).status == "received"
     kinds = [e["kind"] for e in ledger.events("wf__v1/dup")]
     assert kinds.count("event_received") == 1
+
+
+def test_a_kept_event_is_taken_only_by_a_wait_its_sender_may_wake(ledger: Ledger) -> None:
+    """An event sent before its wait started keeps its sender's reach (the DAGs it may
+    trigger): a wait of a DAG outside it does not take it (the event stays kept, the run
+    records why); a wait its sender may wake does. Before, any later wait took it, so a
+    sender with rights on one team's DAG could feed a run of another team's."""
+    reach_other = event_waits.deliver(
+        ledger,
+        name="payment.settled",
+        key="reach-1",
+        event_id="reach-other",
+        payload={"id": "forged"},
+        source="api",
+        by="other-team",
+        reach=lambda: ["other__v1"],
+    )
+    assert reach_other.status == "kept"
+    wait = open_wait(ledger, "reach-a", "reach-1")
+    assert wait.waiting, "taken from a sender who may not trigger wf__v1"
+    skipped = [
+        e for e in ledger.events("wf__v1/reach-a") if e["kind"] == "event_delivery_not_taken"
+    ]
+    assert [(e["data"]["event_id"], e["data"]["sender"]) for e in skipped] == [
+        ("reach-other", "other-team")
+    ]
+    with ledger.engine.connect() as conn:
+        status = conn.execute(
+            text("SELECT status FROM lf_event_deliveries WHERE event_id = 'reach-other'")
+        ).scalar_one()
+    assert status == "kept"
+
+    allowed = event_waits.deliver(
+        ledger,
+        name="payment.settled",
+        key="reach-2",
+        event_id="reach-mine",
+        payload={"id": "real"},
+        source="api",
+        by="payments",
+        reach=lambda: ["wf__v1", "other__v1"],
+    )
+    assert allowed.status == "kept"
+    taken = open_wait(ledger, "reach-b", "reach-2")
+    assert not taken.waiting and taken.output() == {"id": "real"}

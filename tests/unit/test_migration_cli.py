@@ -86,6 +86,7 @@ def test_sql_of_a_downgrade_and_bad_revisions(capsys: pytest.CaptureFixture[str]
         "-- Running upgrade 0012 -> 0013",
         "-- Running upgrade 0013 -> 0014",
         "-- Running upgrade 0014 -> 0016",
+        "-- Running upgrade 0016 -> 0017",
     ]
     assert main(["migrate", "--sql", "--to", "0042", "--url", url]) == 2
     err = capsys.readouterr().err

@@ -6,7 +6,9 @@ Body: ``{"key": "<correlation key>", "id": "<event id>", "payload": {...}}``.
 ``/api/events/{name}`` is authenticated by Airflow like every route of the app, and
 authorized like Airflow's own route that creates asset events (asset ``POST``; 403
 otherwise) and, for each run it wakes, like triggering that run's DAG (``POST`` on its
-runs; 403, nothing stored, when the caller may not). ``/hooks/events/{name}`` has no
+runs; 403, nothing stored, when the caller may not). An event kept for a later wait keeps
+the DAGs its sender may trigger: a wait of any other DAG does not take it (it stays kept
+for one the sender may wake). ``/hooks/events/{name}`` has no
 Airflow login: each request is signed like a workflow's webhook (``ledgerflow.webhooks``)
 with the secret of the connection ``[ledgerflow] event_webhook_conn_id``.
 
@@ -93,7 +95,14 @@ def _deliver(
                 403, f"{user.get_name()} may not trigger {wait.dag_id}, whose run waits for it"
             )
 
-    return _store(source(), name, body, "api", str(user.get_name()), authorize)
+    def reach() -> list[str]:
+        """The DAGs whose runs this sender may wake (a kept event keeps them)."""
+        from airflow.api_fastapi.app import get_auth_manager
+
+        readable = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
+        return [dag_id for dag_id in readable if may_create_runs(user, dag_id)]
+
+    return _store(source(), name, body, "api", str(user.get_name()), authorize, reach)
 
 
 def _hook(
@@ -116,7 +125,7 @@ def _hook(
         body = EventBody.model_validate(json.loads(raw))
     except (ValueError, ValidationError) as exc:
         raise HTTPException(422, f"the body must be {{key, id, payload}}: {exc}") from None
-    return _store(source(), name, body, "webhook", "webhook", None)
+    return _store(source(), name, body, "webhook", "webhook", None, None)
 
 
 def _store(
@@ -126,6 +135,7 @@ def _store(
     source: str,
     by: str,
     authorize: Callable[[Any], None] | None,
+    reach: Callable[[], list[str]] | None,
 ) -> JSONResponse:
     from ledgerflow.ledger import event_waits
 
@@ -139,6 +149,7 @@ def _store(
             source=source,
             by=by,
             authorize=authorize,
+            reach=reach,
         )
     except EventPayloadInvalid as exc:
         field = exc.field or "payload"

@@ -242,6 +242,20 @@ def _take_kept(ledger: Ledger, conn: Connection, wait: Wait, stamp: datetime) ->
         expires = _aware(row["expires_at"])
         assert expires is not None
         payload = loads(row["payload"])
+        if row["allowed_dags"] is not None and wait.dag_id not in loads(row["allowed_dags"]):
+            # Its sender may not wake this DAG's runs: it stays kept for a wait it may wake.
+            ledger._event(
+                conn,
+                wait.run_id,
+                wait.step_key,
+                "event_delivery_not_taken",
+                {
+                    "event_id": row["event_id"],
+                    "sender": row["received_by"],
+                    "why": f"its sender may not trigger {wait.dag_id}",
+                },
+            )
+            continue
         problem = None if expires > stamp else "expired"
         if problem is None:
             problem = payload_error(wait.schema, payload)
@@ -321,12 +335,15 @@ def deliver(
     by: str | None = None,
     ttl: timedelta | None = None,
     authorize: Callable[[Wait], None] | None = None,
+    reach: Callable[[], list[str]] | None = None,
 ) -> Delivered:
     """Store one delivery once per ``event_id``: wake the waits parked for it, or keep it.
 
     Raises ``EventPayloadInvalid`` (nothing stored) when the payload does not fit the
     schema of a wait parked for it, and whatever ``authorize(wait)`` raises for a wait
-    the caller may not wake (nothing stored either)."""
+    the caller may not wake (nothing stored either). ``reach()``: the DAGs whose runs
+    the sender may wake, asked only when the delivery is kept (no wait yet) and stored
+    with it: a later wait of another DAG does not take it (None: any DAG)."""
     from ledgerflow.spec.events import payload_problem
 
     if ttl is None:
@@ -361,6 +378,7 @@ def deliver(
                 error.field = problem[0]
                 raise error
         first = parked[0] if parked else None
+        allowed = None if first is not None or reach is None else sorted(reach())
         inserted = conn.execute(
             ledger._insert(d)
             .values(
@@ -376,6 +394,7 @@ def deliver(
                 consumed_by_run=first.run_id if first else None,
                 consumed_by_step=first.step_key if first else None,
                 consumed_at=stamp if first else None,
+                allowed_dags=None if allowed is None else dumps(allowed),
             )
             .on_conflict_do_nothing()
         ).rowcount

@@ -403,6 +403,9 @@ event_deliveries = Table(
     Column("consumed_by_step", String(250)),
     Column("consumed_at", DateTime(timezone=True)),
     Column("detail", Text),  # why it was rejected
+    # A kept delivery's sender's reach: the DAGs (JSON list) whose runs it may wake; NULL
+    # for any (the signed webhook, an in-process delivery).
+    Column("allowed_dags", Text),
     UniqueConstraint("event_id", name="lf_event_deliveries_event_id"),
     Index("lf_event_deliveries_match", "name", "key", "status"),
 )
@@ -413,7 +416,7 @@ event_deliveries = Table(
 # check the ledger's version with one query and without importing Alembic.
 VERSION_TABLE = "lf_alembic_version"
 # The newest revision of the ``ledger`` branch ("0016"), as a number.
-LATEST = 16
+LATEST = 17
 # The only revision of the ``demo`` branch: the example workflows' tables (``demo_*``).
 DEMO_HEAD = "demo01"
 # Before Alembic: one row per applied migration 1..8 (2 was the demo tables).
