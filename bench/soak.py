@@ -12,7 +12,7 @@ The workflow: ``charge`` (a keyed POST, 0.3 s at the API) and ``ship`` (a row of
 ``demo_shipments`` written with its checkpoint, in the ledger's database), fused into one
 task. A feeder keeps at most ``--in-flight`` runs queued or running; every
 ``--kill-every`` seconds (+-50 %) one worker, chosen at random, is SIGKILLed and started
-again; when half the runs have been triggered, the ledger's Postgres stops (immediate
+again; when half the runs have ended, the ledger's Postgres stops (immediate
 mode: every connection cut), stays down ``--pg-down`` seconds and starts again.
 
 Counts, per order: ``terminal`` (its DagRun ended), ``duplicates`` (charges at the API or
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 room = args.in_flight - (len(run_ids) - ended)
                 for order in orders[len(run_ids) : len(run_ids) + max(0, room)]:
                     run_ids[order] = stack.trigger(DAG, {"order_id": order})
-                if not restarted and len(run_ids) >= args.runs // 2:
+                if not restarted and ended >= args.runs // 2:
                     log(f"restarting the ledger's Postgres ({args.pg_down:g} s down)")
                     pg.restart(down_for=args.pg_down)
                     restarted = True
