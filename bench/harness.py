@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -123,6 +124,22 @@ class Deployment:
     @property
     def dags(self) -> Path:
         return self.base / "dags"
+
+
+def settled_statuses(ledger: Any, dag_id: str, timeout: float = 120.0) -> Counter[str]:
+    """The ledger's run statuses of ``dag_id``, once none is ``running`` (``timeout`` at
+    most): a run's end reaches the ledger from Airflow's end-of-run callback, which the
+    dag-processor runs a few seconds after the DagRun ends."""
+    from sqlalchemy import text
+
+    query = text("SELECT status FROM lf_runs WHERE dag_id = :d")
+    deadline = time.monotonic() + timeout
+    while True:
+        with ledger.engine.connect() as conn:
+            statuses = Counter(row.status for row in conn.execute(query, {"d": dag_id}))
+        if not statuses.get("running") or time.monotonic() > deadline:
+            return statuses
+        time.sleep(1)
 
 
 def new_base(name: str) -> Path:

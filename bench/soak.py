@@ -42,6 +42,7 @@ from harness import (
     git_revision,
     logger,
     new_base,
+    settled_statuses,
     write_results,
     write_workflow,
 )
@@ -177,24 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             states = Counter(
                 {s: _count(stack, s) for s in ("success", "failed", "running", "queued")}
             )
-            # A run's end reaches the ledger from Airflow's end-of-run callback a few
-            # seconds after the DagRun ends: wait for the last ones, 120 s at most.
-            settle = time.monotonic() + 120
-            while True:
-                with env.ledger.engine.connect() as conn:
-                    ledger_states = Counter(
-                        row.status
-                        for row in conn.execute(
-                            text("SELECT status FROM lf_runs WHERE dag_id = :d"), {"d": DAG}
-                        )
-                    )
-                    shipments = Counter(
-                        row.order_id
-                        for row in conn.execute(text("SELECT order_id FROM demo_shipments"))
-                    )
-                if not ledger_states.get("running") or time.monotonic() > settle:
-                    break
-                time.sleep(1)
+            ledger_states = settled_statuses(env.ledger, DAG)
+            with env.ledger.engine.connect() as conn:
+                shipments = Counter(
+                    row.order_id
+                    for row in conn.execute(text("SELECT order_id FROM demo_shipments"))
+                )
         charges = Counter(
             body["order"] for path, body in peer.effects.values() if path == "/charge"
         )

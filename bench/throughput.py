@@ -37,6 +37,7 @@ from harness import (
     git_revision,
     logger,
     new_base,
+    settled_statuses,
     write_results,
     write_workflow,
 )
@@ -152,8 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the stack running")
     args = parser.parse_args(argv)
 
-    from sqlalchemy import text
-
     from ledgerflow.testing.http_peer import CountingPeer
 
     report: dict[str, Any] = {"git": git_revision(), "runs": args.runs, "workers": args.workers}
@@ -190,23 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[kind].append(measure(env.stack, dag_id, orders, args.timeout))
                 log(f"{kind}: {results[kind][-1]}")
 
-            # The ledger writes a run's end from Airflow's end-of-run callback (the
-            # dag-processor runs it) a few seconds after the DagRun ends: wait for the
-            # last ones before counting, 120 s at most.
-            def ledger_counts() -> Counter[str]:
-                with env.ledger.engine.connect() as conn:
-                    return Counter(
-                        row.status
-                        for row in conn.execute(
-                            text("SELECT status FROM lf_runs WHERE dag_id='tp__v1'")
-                        )
-                    )
-
-            settle = time.monotonic() + 120
-            ledger_states = ledger_counts()
-            while ledger_states.get("running") and time.monotonic() < settle:
-                time.sleep(1)
-                ledger_states = ledger_counts()
+            ledger_states = settled_statuses(env.ledger, "tp__v1")
         effects: Counter[tuple[str, str]] = Counter()
         for path, body in peer.effects.values():
             if path.startswith("/ours/"):

@@ -210,26 +210,6 @@ def _trigger_all(stack: AirflowStack, dag_id: str, orders: list[str]) -> list[st
     return [stack.trigger(dag_id, {"order_id": order}) for order in orders]
 
 
-def _wait_all(stack: AirflowStack, dag_id: str, run_ids: list[str], timeout: float) -> list[str]:
-    """Each run's end state; an api-server too busy to answer a poll in time (this machine
-    is shared) is asked again, until ``timeout``."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    states = []
-    for rid in run_ids:
-        while True:
-            try:
-                left = max(5.0, deadline - time.monotonic())
-                states.append(stack.wait_for_run(dag_id, rid, timeout=left))
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-    return states
-
-
 def _hosts(stack: AirflowStack, dag_id: str, run_ids: list[str]) -> dict[str, set[str]]:
     """task_id -> the hostnames (worker names) its task instances ran on."""
     hosts: dict[str, set[str]] = {}
@@ -245,7 +225,7 @@ def test_payment_steps_run_only_on_the_workers_of_their_queue(
 ) -> None:
     orders = [f"pay-{i}" for i in range(6)]
     run_ids = _trigger_all(celery, "cel_pay__v1", orders)
-    assert _wait_all(celery, "cel_pay__v1", run_ids, timeout=300) == ["success"] * len(orders)
+    assert celery.wait_for_runs("cel_pay__v1", run_ids, timeout=300) == ["success"] * len(orders)
     hosts = _hosts(celery, "cel_pay__v1", run_ids)
     # The fused payment segment (pay + receipt) ran on worker1 alone, the one worker that
     # serves `payments`; the queue is the task's own.
@@ -266,7 +246,7 @@ def test_concurrency_limit_holds_across_two_workers(
 ) -> None:
     orders = [f"{workflow}-{i}" for i in range(8)]
     run_ids = _trigger_all(celery, f"{workflow}__v1", orders)
-    states = _wait_all(celery, f"{workflow}__v1", run_ids, timeout=400)
+    states = celery.wait_for_runs(f"{workflow}__v1", run_ids, timeout=400)
     assert states == ["success"] * len(orders)
     assert sorted(e["order"] for e in peer.effects_at(path)) == sorted(orders)
     # The peer counted the calls in flight: never more than the limit, though the two
@@ -279,7 +259,7 @@ def test_concurrency_limit_holds_across_two_workers(
 def test_rate_limit_holds_across_two_workers(celery: AirflowStack, peer: CountingPeer) -> None:
     orders = [f"rated-{i}" for i in range(12)]
     run_ids = _trigger_all(celery, "cel_rated__v1", orders)
-    assert _wait_all(celery, "cel_rated__v1", run_ids, timeout=400) == ["success"] * len(orders)
+    assert celery.wait_for_runs("cel_rated__v1", run_ids, timeout=400) == ["success"] * len(orders)
     arrivals = sorted(peer.arrivals["/rated"])
     assert len(arrivals) == len(orders)
     hosts = _hosts(celery, "cel_rated__v1", run_ids)["tick"]
@@ -338,7 +318,7 @@ def test_sigkill_a_worker_in_the_middle_of_keyed_steps_20_times(
     assert sum(kills.values()) == 20
     celery.wait_healthy(timeout=300, components=celery.workers)
 
-    ended = _wait_all(celery, dag_id, list(runs.values()), timeout=600)
+    ended = celery.wait_for_runs(dag_id, list(runs.values()), timeout=600)
     states = dict(zip(runs, ended, strict=True))
     # Every run ended; none was lost (each has its effects) and none was done twice.
     assert set(states.values()) == {"success"}, states

@@ -167,23 +167,6 @@ def _count_runs(stack: AirflowStack, dag_id: str, state: str) -> int:
     return int(page["total_entries"])
 
 
-def _wait_all(stack: AirflowStack, dag_id: str, run_ids: list[str], timeout: float) -> list[str]:
-    """Each run's end state; an api-server too busy (or down a moment) is asked again."""
-    deadline = time.monotonic() + timeout
-    states = []
-    for rid in run_ids:
-        while True:
-            try:
-                left = max(5.0, deadline - time.monotonic())
-                states.append(stack.wait_for_run(dag_id, rid, timeout=left))
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-    return states
-
-
 def _ledger_statuses(ledger: Ledger, dag_id: str) -> Counter[str]:
     with ledger.engine.connect() as conn:
         query = text("SELECT status FROM lf_runs WHERE dag_id = :d")
@@ -288,8 +271,8 @@ def test_kill_9_the_scheduler_the_triggerer_and_the_api_server_in_turn(
     decide(len(approved))
     assert sorted(decided) == sorted(approved)
 
-    assert _wait_all(stack, APPROVED_DAG, list(approved_runs.values()), 600) == ["success"] * 12
-    assert _wait_all(stack, ORDER_DAG, list(order_runs.values()), 600) == ["success"] * 12
+    assert stack.wait_for_runs(APPROVED_DAG, list(approved_runs.values()), 600) == ["success"] * 12
+    assert stack.wait_for_runs(ORDER_DAG, list(order_runs.values()), 600) == ["success"] * 12
     for order, run_id in approved_runs.items():
         events = [e["kind"] for e in ledger.events(f"{APPROVED_DAG}/{run_id}")]
         assert events.count("approval_decided") == 1, (order, events)
@@ -321,7 +304,7 @@ def test_the_broker_restarted_with_runs_in_flight(
     in_flight = _count_runs(stack, ORDER_DAG, "running")
     broker.restart(down_for=5)
     assert in_flight >= 10, in_flight
-    assert _wait_all(stack, ORDER_DAG, list(runs.values()), 900) == ["success"] * len(orders)
+    assert stack.wait_for_runs(ORDER_DAG, list(runs.values()), 900) == ["success"] * len(orders)
     _once_each(peer, "/charge", orders)
     shipments = _shipments(ledger, "mq-")
     assert set(shipments) == set(orders) and max(shipments.values()) == 1, shipments
@@ -350,7 +333,7 @@ def test_the_ledgers_postgres_restarted_with_200_runs_in_flight(
     # fail once, as in any long-lived process); the workers' task processes are new.
     ledger.engine.dispose()
     assert in_flight >= 200, in_flight
-    ended = _wait_all(stack, ORDER_DAG, list(runs.values()), 1500)
+    ended = stack.wait_for_runs(ORDER_DAG, list(runs.values()), 1500)
     assert Counter(ended) == Counter({"success": len(orders)}), Counter(ended)
     _once_each(peer, "/charge", orders)
     shipments = _shipments(ledger, "pg-")

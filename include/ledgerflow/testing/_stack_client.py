@@ -128,6 +128,25 @@ class StackClient:
                 raise TimeoutError(f"{dag_id}/{run_id} still {state} after {timeout:.0f}s: {tis}")
             time.sleep(0.5)
 
+    def wait_for_runs(self, dag_id: str, run_ids: list[str], timeout: float) -> list[str]:
+        """Each run's end state, in order. An api-server too busy to answer a poll in time,
+        or down a moment (a test that kills it), is asked again, until ``timeout``."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        states = []
+        for rid in run_ids:
+            while True:
+                try:
+                    left = max(5.0, deadline - time.monotonic())
+                    states.append(self.wait_for_run(dag_id, rid, timeout=left))
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+        return states
+
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         """All task instances of a run (full API dicts: task_id, map_index, state, try_number,
         start_date, end_date, ...)."""
