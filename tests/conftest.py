@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,36 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 # The shipped and test workflows use the demo's tools: on the allow-list for every test
 # and for every process a test starts (Airflow stacks, CLI children).
 os.environ.setdefault("LEDGERFLOW_DEMO_TOOLS", "1")
+
+# Airflow 3.3's two secrets maskers (the Task SDK's and core's), each a process-wide object.
+_MASKERS = ("airflow.sdk._shared.secrets_masker", "airflow._shared.secrets_masker")
+
+
+@pytest.fixture(autouse=True)
+def masker() -> Iterator[None]:
+    """Airflow's secrets maskers are put back as they were after every test.
+
+    They are process-wide, and the ledger scrubs every value it stores with them: a
+    secret one test registers (a connection's password, the token of a header) would
+    otherwise be masked in whatever a later test of the same worker stores (a run id, a
+    notice's text). A masker first loaded during the test is emptied afterwards. Nothing
+    is imported here: a test that never loads Airflow pays nothing."""
+    before = {}
+    for name in _MASKERS:
+        module = sys.modules.get(name)
+        if module is not None:
+            mask = module._secrets_masker()
+            before[name] = (set(mask.patterns), mask.replacer)
+    yield
+    for name in _MASKERS:
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        mask = module._secrets_masker()
+        if name in before:
+            mask.patterns, mask.replacer = before[name]
+        else:
+            mask.reset_masker()
 
 
 @pytest.fixture

@@ -47,15 +47,6 @@ def maskers() -> list[Any]:
     return [sdk(), core()]
 
 
-@pytest.fixture
-def masker() -> Iterator[None]:
-    """Airflow's (process-wide) maskers, put back as they were afterwards."""
-    saved = [(m, set(m.patterns), m.replacer) for m in maskers()]
-    yield
-    for mask, patterns, replacer in saved:
-        mask.patterns, mask.replacer = patterns, replacer
-
-
 @pytest.fixture(params=["headers", "top-level"])
 def echo(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[EchoPeer]:
     """The connection's headers as ``extra.headers``, or as top-level extras (HttpHook's
