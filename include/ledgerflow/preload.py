@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -94,10 +95,18 @@ LLM_MODULES = (
 # Airflow commands whose process forks task processes.
 _TASK_RUNNERS = ("scheduler", "worker")
 
+PRELOADED_IN: int | None = None
+"""The process that first called :func:`preload` (its pid, or None: never called). In a
+task process, a pid other than its own says the step code was inherited from the
+component that forked it, as intended; its own pid says the task imported it itself."""
+
 
 def preload(llm: bool | None = None) -> None:
     """Import ``TASK_MODULES`` (~15 ms in a process that has Airflow loaded already), and
     ``LLM_MODULES`` when ``llm`` is true; ``None`` decides by ``[ledgerflow] preload_llm``."""
+    global PRELOADED_IN
+    if PRELOADED_IN is None:
+        PRELOADED_IN = os.getpid()
     for name in TASK_MODULES:
         importlib.import_module(name)
     if llm is None:

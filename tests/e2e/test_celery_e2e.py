@@ -134,7 +134,20 @@ steps:
     idempotency: {{key: "confirm-{{{{ params.order_id }}}}"}}
 """
 
+# One step that reports where it ran (its process, and the process that preloaded the
+# step code).
+WHERE = """
+name: cel_where
+version: 1
+params:
+  order_id: {{type: string, required: true}}
+steps:
+  - id: where
+    tool: demo.task_process
+"""
+
 WORKFLOWS = {
+    "cel_where": WHERE,
     "cel_pay": PAY,
     "cel_limited": LIMITED,
     "cel_limited_fused": LIMITED_FUSED,
@@ -234,6 +247,21 @@ def test_payment_steps_run_only_on_the_workers_of_their_queue(
     tis = celery.task_instances("cel_pay__v1", run_ids[0])
     assert {t["task_id"]: t["queue"] for t in tis} == {"prepare": "default", "payment": "payments"}
     assert sorted(e["order"] for e in peer.effects_at("/pay")) == sorted(orders)
+
+
+def test_task_processes_inherit_the_plugin_and_step_code_from_their_worker(
+    celery: AirflowStack, ledger: Ledger
+) -> None:
+    """A Celery task process finds the Ledgerflow plugin and the step code already loaded,
+    preloaded by the worker that forked it (``AIRFLOW__CORE__LAZY_LOAD_PLUGINS=False`` on
+    the workers). With Airflow's lazy default, every task process loaded the plugin itself
+    after its fork, 2-3 s of CPU per task (the LLM modules included)."""
+    run_ids = _trigger_all(celery, "cel_where__v1", [f"where-{i}" for i in range(4)])
+    assert celery.wait_for_runs("cel_where__v1", run_ids, timeout=300) == ["success"] * 4
+    facts = [ledger.outputs(f"cel_where__v1/{rid}")["where"]["output"] for rid in run_ids]
+    for fact in facts:
+        assert fact["preloaded_in"] is not None, facts
+        assert fact["preloaded_in"] != fact["pid"], facts
 
 
 @pytest.mark.parametrize(

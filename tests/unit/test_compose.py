@@ -691,6 +691,23 @@ def test_celery_profile_adds_rabbitmq_and_the_workers_of_the_tests(
             assert not services[dep].get("profiles"), f"{name} depends on profiled {dep}"
 
 
+def test_celery_workers_load_the_plugins_once_for_their_task_processes(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Each Celery worker carries the worker settings of the tests' Celery stack
+    (`celery_stack.WORKER_ENV`: plugins loaded eagerly, so the task processes it forks
+    inherit the plugin and the step code), and its healthcheck's `celery inspect ping`,
+    which runs every interval in the same environment, turns the eager load off again."""
+    from ledgerflow.testing.celery_stack import WORKER_ENV
+
+    for name in WORKERS:
+        env = services[name]["environment"]
+        for key, value in WORKER_ENV.items():
+            assert env.get(key) == value, f"{name}: {key}={env.get(key)!r}, not {value!r}"
+        probe = " ".join(services[name]["healthcheck"]["test"][1:])
+        assert probe.startswith("AIRFLOW__CORE__LAZY_LOAD_PLUGINS=True celery "), probe
+
+
 def test_components_agree_on_auth_and_the_execution_api(
     services: dict[str, dict[str, Any]], shared_env: dict[str, str]
 ) -> None:

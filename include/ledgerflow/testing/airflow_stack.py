@@ -280,6 +280,7 @@ class AirflowStack(StackClient):
             )
             env = {
                 **self.env,
+                **celery_stack.WORKER_ENV,
                 celery_stack.WORKER_HOSTNAME_ENV: name,
                 "AIRFLOW__CORE__HOSTNAME_CALLABLE": "ledgerflow.testing.celery_stack.hostname",
             }

@@ -31,6 +31,14 @@ WORKER_HOSTNAME_ENV = "LEDGERFLOW_WORKER_HOSTNAME"
 READY = re.compile(rb"\S+@\S+ ready\.")
 DEFAULT_QUEUE = "default"  # Airflow's [operators] default_queue
 
+# What a Celery worker needs beyond the stack's settings. Airflow loads plugins lazily; a
+# Celery worker never needs them itself, so each task process loaded them after its fork:
+# the Ledgerflow plugin, its app and its preload (the LLM modules included), 2-3 s of CPU
+# per task. Loaded in the worker's main process, they are inherited by its pool and by
+# every task process forked from it (see ledgerflow.preload). docker-compose.yml's workers
+# set the same.
+WORKER_ENV = {"AIRFLOW__CORE__LAZY_LOAD_PLUGINS": "False"}
+
 
 def hostname() -> str:
     """``[core] hostname_callable`` of a stack's workers: the worker's name (its

@@ -12,6 +12,7 @@ task is retried or killed.
 
 from __future__ import annotations
 
+import os
 import time
 from decimal import Decimal
 from typing import Any
@@ -205,6 +206,16 @@ def store_report(
 def noop(ctx: ToolContext, value: Any = None) -> dict[str, Any]:
     """Return its input; used by benchmarks to measure the engine, not the tool."""
     return {"value": value}
+
+
+@tool("demo.task_process", behaviour="read_only")
+def task_process(ctx: ToolContext) -> dict[str, Any]:
+    """Where the step runs: its process, and the process that preloaded the step code
+    (``ledgerflow.preload.PRELOADED_IN``), which is an ancestor when the component that
+    forked the task had loaded the plugin, as it should."""
+    from ledgerflow import preload
+
+    return {"pid": os.getpid(), "preloaded_in": preload.PRELOADED_IN}
 
 
 @tool("demo.sleep", behaviour="natural")
