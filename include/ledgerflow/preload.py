@@ -60,6 +60,7 @@ TASK_MODULES = (
     "ledgerflow.ledger.breakers",
     "ledgerflow.tools.registry",
     "ledgerflow.tools.builtin",
+    "ledgerflow.tools._http_conn",
     "ledgerflow.tools.context",
     "ledgerflow.faults",
     "ledgerflow.versions",
@@ -116,6 +117,12 @@ def preload(llm: bool | None = None) -> None:
             # An optional client that is not installed: nothing to save.
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
+    if forks_tasks():
+        # The HTTP steps' default SSL context (~20 ms of CPU to load the CA bundle): made
+        # once here, inherited by every task process. A value, not a connection.
+        from ledgerflow.tools._http_conn import default_tls
+
+        default_tls()
 
 
 def preload_llm(argv: list[str] | None = None) -> bool:
@@ -126,6 +133,12 @@ def preload_llm(argv: list[str] | None = None) -> bool:
     choice = settings.get("preload_llm")
     if choice != "auto":
         return bool(choice)
+    return forks_tasks(argv)
+
+
+def forks_tasks(argv: list[str] | None = None) -> bool:
+    """Whether this process is an Airflow command that forks task processes (the
+    scheduler, whose LocalExecutor workers fork them, or a Celery or Edge worker)."""
     args = sys.argv[1:3] if argv is None else argv[1:3]
     program = Path(sys.argv[0] if argv is None else argv[0]).name
     return program in ("airflow", "__main__.py") and any(a in _TASK_RUNNERS for a in args)

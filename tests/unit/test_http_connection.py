@@ -175,15 +175,32 @@ def test_verify_false_cert_and_ca_bundle_against_https(
     assert [path for _, path, _ in peer.requests] == ["/off", "/ca", "/text"]
 
 
+def test_the_default_verification_is_shared_and_follows_ssl_cert_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a connection, a step verifies the peer with one SSL context per process
+    (made once: ~20 ms each time httpx makes one), which trusts ``SSL_CERT_FILE`` as httpx
+    does and is made anew when that variable changes."""
+    from ledgerflow.tools._http_conn import default_tls
+
+    server_cert, server_key = self_signed(tmp_path, "server")
+    with RecordingPeer(tls=server_context(server_cert, server_key)) as peer:
+        monkeypatch.setenv("SSL_CERT_FILE", str(server_cert))
+        assert default_tls() is default_tls()
+        assert call(url=f"{peer.url}/trusted")["status"] == 200
+        monkeypatch.delenv("SSL_CERT_FILE")
+        with pytest.raises(ToolError, match="CERTIFICATE_VERIFY_FAILED"):
+            call(url=f"{peer.url}/untrusted")
+    assert [path for _, path, _ in peer.requests] == ["/trusted"]
+
+
 @pytest.fixture
-def masker() -> Iterator[Any]:
-    """Airflow's process-wide masker of the Task SDK, put back as it was afterwards."""
+def masker(masker: None) -> Any:
+    """Airflow's process-wide masker of the Task SDK (the suite's ``masker`` puts both
+    maskers back as they were after each test)."""
     from airflow.sdk._shared.secrets_masker import _secrets_masker
 
-    mask = _secrets_masker()
-    saved = set(mask.patterns), mask.replacer
-    yield mask
-    mask.patterns, mask.replacer = saved
+    return _secrets_masker()
 
 
 def test_proxies_are_honoured(

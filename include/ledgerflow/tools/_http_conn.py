@@ -25,6 +25,7 @@ No heavy import here: the DAG factory imports the tool registry.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -260,11 +261,32 @@ def client_options(conn: HttpConnection, timeout: float | None) -> dict[str, Any
 DEFAULT_TIMEOUT_S = 30.0
 
 
+def default_tls(trust_env: bool = True) -> Any:
+    """httpx's default SSL context (``verify=True``: certifi's CAs, or ``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR`` when ``trust_env``), made once per process and shared by every client.
+
+    httpx makes a new one for each client, ~20 ms of CPU loading the CA bundle: most of
+    an HTTP step's own cost. ``ledgerflow.preload`` makes it in the components that fork
+    task processes, so a task inherits it."""
+    if not trust_env:
+        return _default_context(False, None, None)
+    return _default_context(True, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.cache
+def _default_context(trust_env: bool, cert_file: str | None, cert_dir: str | None) -> Any:
+    # The environment's CA locations are part of the key: a changed one makes a new context.
+    import httpx
+
+    return httpx.create_ssl_context(verify=True, trust_env=trust_env)
+
+
 def _tls(conn: HttpConnection) -> Any:
-    """``verify`` for httpx: True, or an SSL context for what requests takes as
-    ``verify=False``, ``verify=<CA file or directory>`` and ``cert``."""
+    """``verify`` for httpx: the shared default context (:func:`default_tls`), or an SSL
+    context for what requests takes as ``verify=False``, ``verify=<CA file or
+    directory>`` and ``cert``."""
     if conn.verify is True and conn.cert is None:
-        return True
+        return default_tls(conn.trust_env)
     import ssl
 
     if conn.verify is False:

@@ -35,9 +35,17 @@ def http(
 
     import httpx
 
-    from ledgerflow.tools._http_conn import DEFAULT_TIMEOUT_S, client_options, read_connection
+    from ledgerflow.tools._http_conn import (
+        DEFAULT_TIMEOUT_S,
+        client_options,
+        default_tls,
+        read_connection,
+    )
 
-    options: dict[str, Any] = {"timeout": timeout if timeout is not None else DEFAULT_TIMEOUT_S}
+    options: dict[str, Any] = {
+        "timeout": timeout if timeout is not None else DEFAULT_TIMEOUT_S,
+        "verify": default_tls(),
+    }
     send_headers = httpx.Headers()
     check = True
     if conn_id:
