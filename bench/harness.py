@@ -132,11 +132,19 @@ def settled_statuses(ledger: Any, dag_id: str, timeout: float = 120.0) -> Counte
     dag-processor runs a few seconds after the DagRun ends."""
     from sqlalchemy import text
 
+    from ledgerflow.ledger.outage import ride_out
+
     query = text("SELECT status FROM lf_runs WHERE dag_id = :d")
+
+    def read() -> Counter[str]:
+        with ledger.engine.connect() as conn:
+            return Counter(row.status for row in conn.execute(query, {"d": dag_id}))
+
     deadline = time.monotonic() + timeout
     while True:
-        with ledger.engine.connect() as conn:
-            statuses = Counter(row.status for row in conn.execute(query, {"d": dag_id}))
+        # The soak restarts the ledger's Postgres: a pooled connection from before it is
+        # dead, and ride_out drops the pool and asks again.
+        statuses = ride_out(ledger, read, "reading the ledger's run statuses")
         if not statuses.get("running") or time.monotonic() > deadline:
             return statuses
         time.sleep(1)
