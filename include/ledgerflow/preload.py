@@ -23,7 +23,13 @@ process on this machine, and most of what an LLM task cost beyond its model
 that fork task processes (the scheduler, whose LocalExecutor workers fork the tasks, and
 Celery or Edge workers), ~1.5 s and ~40 MB once per component; the DAG processor, the
 API server and the triggerer never run an LLM step and skip them
-(``[ledgerflow] preload_llm``: ``auto``, ``true`` or ``false``).
+(``[ledgerflow] preload_llm``: ``auto``, ``true`` or ``false``). Those components also make
+the HTTP steps' default SSL context there (``tools._http_conn.default_tls``, ~20 ms).
+
+A Celery worker does not load plugins by itself (Airflow loads them lazily), so its task
+processes would each load the plugin, and this preload, after their fork: Celery workers
+run with ``AIRFLOW__CORE__LAZY_LOAD_PLUGINS=False`` (docker-compose.yml, the tests' stack),
+and ``PRELOADED_IN`` lets a step see where its code came from (``demo.task_process``).
 """
 
 from __future__ import annotations
