@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ledgerflow.secrets import MASKER_MODULES
+
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 
@@ -16,9 +18,6 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 # The shipped and test workflows use the demo's tools: on the allow-list for every test
 # and for every process a test starts (Airflow stacks, CLI children).
 os.environ.setdefault("LEDGERFLOW_DEMO_TOOLS", "1")
-
-# Airflow 3.3's two secrets maskers (the Task SDK's and core's), each a process-wide object.
-_MASKERS = ("airflow.sdk._shared.secrets_masker", "airflow._shared.secrets_masker")
 
 
 @pytest.fixture(autouse=True)
@@ -31,13 +30,13 @@ def masker() -> Iterator[None]:
     notice's text). A masker first loaded during the test is emptied afterwards. Nothing
     is imported here: a test that never loads Airflow pays nothing."""
     before = {}
-    for name in _MASKERS:
+    for name in MASKER_MODULES:
         module = sys.modules.get(name)
         if module is not None:
             mask = module._secrets_masker()
             before[name] = (set(mask.patterns), mask.replacer)
     yield
-    for name in _MASKERS:
+    for name in MASKER_MODULES:
         module = sys.modules.get(name)
         if module is None:
             continue

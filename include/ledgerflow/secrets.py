@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 # Airflow 3.3 keeps two maskers: the Task SDK's (tasks, triggerer) and core's (servers).
-_MASKERS = ("airflow.sdk._shared.secrets_masker", "airflow._shared.secrets_masker")
+MASKER_MODULES = ("airflow.sdk._shared.secrets_masker", "airflow._shared.secrets_masker")
 
 # Header values that are never credentials; any other header value from a connection is.
 PUBLIC_HEADERS = frozenset(
@@ -55,7 +55,7 @@ PUBLIC_HEADERS = frozenset(
 def _active() -> list[Any]:
     """The loaded maskers that have at least one secret registered."""
     active = []
-    for name in _MASKERS:
+    for name in MASKER_MODULES:
         module = sys.modules.get(name)
         if module is not None and module._secrets_masker().replacer is not None:
             active.append(module)
