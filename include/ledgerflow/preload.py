@@ -129,6 +129,10 @@ def preload(llm: bool | None = None) -> None:
         from ledgerflow.tools._http_conn import default_tls
 
         default_tls()
+        from ledgerflow import settings, supervisor_exit
+
+        if settings.get("supervisor_exit_wait"):
+            supervisor_exit.apply()
 
 
 def preload_llm(argv: list[str] | None = None) -> bool:

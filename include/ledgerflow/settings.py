@@ -161,6 +161,15 @@ OPTIONS: dict[str, Option] = {
         "false: in none.",
         _auto_bool,
     ),
+    "supervisor_exit_wait": Option(
+        "true",
+        "In the components that supervise task processes (the scheduler's LocalExecutor "
+        "workers, Celery and Edge workers), make Airflow's task supervisor wait on a task "
+        "process that has closed its sockets, instead of sleeping [workers] "
+        "min_heartbeat_interval (5 s) before it notices the exit and frees the slot "
+        "(ledgerflow.supervisor_exit).",
+        _bool,
+    ),
 }
 
 
