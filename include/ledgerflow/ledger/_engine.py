@@ -183,6 +183,20 @@ _ENGINES: dict[str, Engine] = {}
 _ENGINE_LOCK = threading.Lock()
 
 
+def _forget_parent_connections() -> None:
+    """In a forked child: the pooled connections belong to the parent, which may still use
+    them (the scheduler writes run ends while its LocalExecutor forks workers). The child
+    drops them unclosed and opens its own (SQLAlchemy's rule for fork). The lock is new too:
+    another thread of the parent may have held it at the fork."""
+    global _ENGINE_LOCK
+    _ENGINE_LOCK = threading.Lock()
+    for engine in _ENGINES.values():
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_parent_connections)
+
+
 def _engine(url: str) -> Engine:
     with _ENGINE_LOCK:
         engine = _ENGINES.get(url)
