@@ -98,6 +98,7 @@ def _deliver_events(ledger: Any, events: dict[str, Any]) -> None:
 def main(request: dict[str, Any]) -> int:
     _prepare_metadata(Path(request["template"]))
     from ledgerflow import dag_for_spec_file
+    from ledgerflow.factory import _finish_run
     from ledgerflow.ledger.runview import run_document
     from ledgerflow.ledger.store import Ledger
 
@@ -111,22 +112,21 @@ def main(request: dict[str, Any]) -> int:
         daemon=True,
     )
     decider.start()
-    # The DAG's callbacks (the run's outcome in the ledger) are called here, once the run
-    # has ended: inside dag.test() Airflow 3.3.2 builds their context by validating the
-    # params again without the run's conf, which fails for a required param without a
-    # default ("No value passed and Param has no default value") and ends dag.test().
-    callbacks = {"success": dag.on_success_callback, "failed": dag.on_failure_callback}
-    dag.on_success_callback = dag.on_failure_callback = None
-    dag.has_on_success_callback = dag.has_on_failure_callback = False
+    # The run's outcome in the ledger is written here, once the run has ended, as the
+    # deployment's failure callback and scheduler listener would (factory._finish_run):
+    # inside dag.test() Airflow 3.3.2 builds a callback's context by validating the params
+    # again without the run's conf, which fails for a required param without a default
+    # ("No value passed and Param has no default value") and ends dag.test().
+    dag.on_failure_callback = None
+    dag.has_on_failure_callback = False
     started = time.monotonic()
     try:
         dag_run = dag.test(run_conf=request["params"] or None)
     finally:
         stop.set()
     state = str(getattr(dag_run.state, "value", dag_run.state))
-    callback = callbacks.get(state)
-    for fn in callback if isinstance(callback, list) else [callback] if callback else []:
-        fn({"dag": dag, "dag_run": dag_run, "run_id": dag_run.run_id, "reason": state})
+    if state in ("success", "failed"):
+        _finish_run({"dag": dag, "dag_run": dag_run, "run_id": dag_run.run_id, "reason": state})
     run_id = f"{dag.dag_id}/{dag_run.run_id}"
     result = {
         "dag_id": dag.dag_id,

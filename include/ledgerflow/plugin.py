@@ -20,6 +20,7 @@ from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
+from ledgerflow import run_listener
 from ledgerflow.api import create_app
 from ledgerflow.links import base_path
 from ledgerflow.preload import preload
@@ -87,6 +88,8 @@ class LedgerflowPlugin(AirflowPlugin):
     name = NAME
     fastapi_apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "Ledgerflow"}]
     external_views = external_views()
+    # A successful run's end in the ledger, written by the scheduler as it marks the run.
+    listeners = [run_listener]
 
 
 @cache

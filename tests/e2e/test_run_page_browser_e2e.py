@@ -38,7 +38,7 @@ W = "dashboard_probe"  # tests/e2e/workflows/dashboard_probe.yaml: its slo:, nev
 
 
 def ledger_finished(ledger: Ledger, run_id: str, timeout: float = 120.0) -> dict[str, Any]:
-    """The run's ledger row once the DAG callback recorded its end and the saga its outcome."""
+    """The run's ledger row once the scheduler or the DAG callback recorded its end and the saga its outcome."""
     deadline = time.monotonic() + timeout
     while True:
         row = ledger.run(run_id)

@@ -93,7 +93,7 @@ def test_a_successful_run_skips_its_saga_without_starting_a_task(
     assert event["data"]["task_id"] == "send_confirmation"
     assert sorted(event["data"]["skipped"]) == sorted(teardowns)
     assert ledger.compensations(ledger_run) == {}
-    # The DAG's success callback (in the dag-processor) still records the outcome.
+    # The scheduler's listener (ledgerflow.run_listener) still records the outcome.
     wait_for(lambda: (ledger.run(ledger_run) or {}).get("status") == "succeeded", 60, "status")
     assert (ledger.run(ledger_run) or {}).get("saga") is None
 

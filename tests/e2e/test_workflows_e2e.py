@@ -105,7 +105,7 @@ def test_rest_triggered_checkout_succeeds_with_its_effects(
         "reserved"
     ]
     assert after - before == 2
-    # The DAG's success callback runs in the dag-processor: the run's outcome lands shortly after.
+    # The scheduler's listener writes the outcome on its own thread: it lands shortly after.
     wait_for(lambda: (ledger.run(ledger_run) or {}).get("status") == "succeeded", 60, "run status")
     # The step output is also in XCom, for the UI and for templating.
     xcom = stack.api(

@@ -57,7 +57,7 @@ def run_steps(
     retry_from: str | None = None,
 ) -> tuple[str, dict[str, str]]:
     """Run the six steps in order like the DAG does, stopping at the first failure; the
-    run's final status goes to the ledger as the DAG callback would write it."""
+    run's final status goes to the ledger as the deployment would write it."""
     run = RunRef(
         run_id=f"retry_six__v1/{name}",
         dag_id="retry_six__v1",

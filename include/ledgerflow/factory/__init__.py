@@ -34,6 +34,7 @@ __all__ = [
     "build_dag",
     "dag_for_spec_file",
     "display_path",
+    "record_run_end",
     "spec_for_dag",
     "spec_hash",
     "topological_order",
@@ -153,7 +154,8 @@ def build_dag(
         params={name: _param(p) for name, p in spec.params.items()},
         default_args={"owner": spec.owner},
         max_active_runs=spec.max_active_runs,
-        on_success_callback=_finish_run,
+        # A success is written by the scheduler as it marks the run (ledgerflow.run_listener):
+        # a success callback would cost every run a parse in a dag-processor child.
         on_failure_callback=_finish_run,
     )
     tasks: dict[str, Any] = {}
@@ -337,9 +339,10 @@ def _add_compensations(spec: WorkflowSpec, tasks: dict[str, Any]) -> None:
 
 
 def _finish_run(context: Any) -> None:
-    """DAG-level callback: the run's final state in the ledger. A failed run of a
-    workflow with nothing to undo ends its saga (``nothing_to_compensate``) if a failure
-    callback did not; approvals still pending can no longer resume (``abandoned``)."""
+    """DAG-level failure callback (and ``ledgerflow run``'s end of either kind): the run's
+    final state in the ledger. A failed run of a workflow with nothing to undo ends its
+    saga (``nothing_to_compensate``) if a failure callback did not; approvals still
+    pending can no longer resume (``abandoned``)."""
     from ledgerflow.ledger.outage import ride_out
     from ledgerflow.ledger.store import Ledger
 
@@ -349,10 +352,10 @@ def _finish_run(context: Any) -> None:
     ledger = Ledger.from_airflow()
     # The callback's one chance to write the run's end: a ledger down for a moment (a
     # Postgres restart) is waited for, or the ledger's run would stay `running`.
-    ride_out(ledger, lambda: _record_run_end(ledger, dag_run.dag_id, run_id, state), run_id)
+    ride_out(ledger, lambda: record_run_end(ledger, dag_run.dag_id, run_id, state), run_id)
 
 
-def _record_run_end(ledger: Any, dag_id: str, run_id: str, state: str) -> None:
+def record_run_end(ledger: Any, dag_id: str, run_id: str, state: str) -> None:
     """The run's end in the ledger (each write idempotent: it may be written again)."""
     from ledgerflow.steps.saga import has_compensations
     from ledgerflow.workflow.loaded import spec_for_dag

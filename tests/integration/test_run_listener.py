@@ -1,0 +1,99 @@
+"""A successful run's end is written by the scheduler's listener, not a DAG callback.
+
+A DAG success callback cost every successful run a process forked by the dag-processor
+(a DAG-file parse and a ledger connection): ~15 % of the runs per minute on Celery
+(``bench/throughput.py``). Airflow's listener manager, with the Ledgerflow plugin loaded
+as in every component, calls ``run_listener.on_dag_run_success`` as the scheduler marks
+a run successful; the write happens on a thread of its own, so the scheduler never waits
+for the ledger, and it rides out a ledger outage as the callback did.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from airflow.listeners.listener import get_listener_manager
+from airflow.models.dagrun import DagRun
+from airflow.sdk import DAG
+from tests.integration.test_approval_db_outage import outage
+from tests.integration.test_run_end_outage import _register
+
+from ledgerflow import run_listener
+from ledgerflow.factory import _finish_run, build_dag
+from ledgerflow.ledger.store import Ledger
+from ledgerflow.spec.loader import parse_spec
+from ledgerflow.testing.postgres import _admin_execute, fresh_database
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def ledger(monkeypatch: pytest.MonkeyPatch) -> Iterator[Ledger]:
+    """The ledger behind the default connection ``ledgerflow_db`` (the listener's)."""
+    with fresh_database("lf_run_listener") as url:
+        monkeypatch.setenv("AIRFLOW_CONN_LEDGERFLOW_DB", url)
+        ledger = Ledger.from_airflow()
+        ledger.migrate()
+        yield ledger
+        assert run_listener.drain(30)
+        _admin_execute(f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" WITH ALLOW_CONNECTIONS true')
+        ledger.engine.dispose()
+
+
+def _succeeded(dag: DAG, run_id: str) -> None:
+    """What the scheduler does as it marks a run successful (``DagRun.update_state``)."""
+    dag_run = DagRun(dag_id=dag.dag_id, run_id=run_id, run_type="manual", state="success")
+    dag_run.dag = dag
+    assert get_listener_manager().has_listeners
+    dag_run.notify_dagrun_state_changed(msg="success")
+
+
+def test_a_successful_run_is_recorded_by_the_listener_of_the_loaded_plugin(
+    ledger: Ledger,
+) -> None:
+    _register(ledger, "wf__v1/ok")
+    _succeeded(DAG("wf__v1", tags=["ledgerflow", "workflow:wf"]), "ok")
+    assert run_listener.drain(30)
+    run = ledger.run("wf__v1/ok")
+    assert run is not None and run["status"] == "succeeded"
+    kinds = [e["kind"] for e in ledger.events("wf__v1/ok")]
+    assert kinds.count("run_succeeded") == 1
+
+
+def test_runs_of_other_dags_are_left_alone(ledger: Ledger) -> None:
+    """A DAG without the ``ledgerflow`` tag is not a workflow, whatever its id."""
+    _register(ledger, "plain__v1/r1")
+    _succeeded(DAG("plain__v1", tags=["team"]), "r1")
+    assert run_listener.drain(30)
+    run = ledger.run("plain__v1/r1")
+    assert run is not None and run["status"] == "running"
+
+
+def test_the_scheduler_does_not_wait_for_a_ledger_that_is_down(ledger: Ledger) -> None:
+    """The ledger refuses every connection for 3 s: the hook returns while it is still
+    down, and the run is `succeeded` once it is back."""
+    _register(ledger, "wf__v1/outage")
+    ledger.run("wf__v1/outage")  # a pooled connection that the outage will cut
+    down = threading.Thread(target=outage, args=(ledger, 3.0))
+    down.start()
+    time.sleep(0.5)  # the database is refusing connections now
+    _succeeded(DAG("wf__v1", tags=["ledgerflow"]), "outage")
+    assert down.is_alive(), "the hook waited for the ledger"
+    down.join()
+    assert run_listener.drain(60)
+    run = ledger.run("wf__v1/outage")
+    assert run is not None and run["status"] == "succeeded"
+
+
+def test_a_workflow_dag_has_a_failure_callback_and_no_success_callback() -> None:
+    """A success costs no DAG callback (the listener writes it); a failure keeps one."""
+    spec, _ = parse_spec(
+        "name: wf\nversion: 1\nsteps:\n  - id: a\n    tool: demo.noop\n", "v1.yaml"
+    )
+    dag = build_dag(spec)
+    assert not dag.has_on_success_callback
+    assert dag.on_failure_callback is _finish_run
+    assert run_listener.TAG in dag.tags
