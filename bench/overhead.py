@@ -81,7 +81,7 @@ RUN_TIMEOUT_S = 240.0
 SETTLE_S = 1.0  # pause between runs: the previous task processes have exited
 # The dag-processor re-parses every file every 5 s in AirflowStack (tuned for tests); on
 # 2 cores that lands at random inside runs of either kind and only adds noise. The first
-# parse, DAG callbacks and the task runner's own parse are not affected by this setting.
+# parse, failure callbacks and the task runner's own parse are not affected by this setting.
 REPARSE_INTERVAL_S = 600
 # A LocalExecutor worker runs one task at a time, and the Airflow 3.3 supervisor often keeps
 # it ~5 s after a short task has ended (apparently its 5 s min_heartbeat_interval). With
@@ -258,8 +258,8 @@ def diff(a: float | None, b: float | None) -> float | None:
 
 
 def wait_callback(ledger: Any, ledger_run: str, timeout: float = 60.0) -> datetime | None:
-    """The DAG's success callback (in the dag-processor) marks the ledger run; wait for it so
-    it does not run inside the next measured run. Returns when it landed."""
+    """The scheduler's listener (``ledgerflow.run_listener``) marks the ledger run; wait for
+    it so it does not run inside the next measured run. Returns when it landed."""
     from sqlalchemy import text
 
     deadline = time.monotonic() + timeout
@@ -271,7 +271,7 @@ def wait_callback(ledger: Any, ledger_run: str, timeout: float = 60.0) -> dateti
         if row is not None and row.status != "running":
             return row.updated_at  # type: ignore[no-any-return]
         time.sleep(0.2)
-    log(f"warning: the ledger run {ledger_run} was not finished by the DAG callback in {timeout}s")
+    log(f"warning: the ledger run {ledger_run} was not finished in {timeout}s")
     return None
 
 
@@ -980,7 +980,7 @@ def summarise(
     callbacks = [r["callback_lag_s"] for r in runs["ledgerflow"]]
     load = extra["load"]
     print(
-        f"not in the DagRun: the DAG success callback (dag-processor) finishes the ledger run "
+        f"not in the DagRun: the scheduler's listener finishes the ledger run "
         f"{ms(med(callbacks), 0)} ms after end_date; load average {load['start']:.1f} -> "
         f"{load['end']:.1f} on {os.cpu_count()} CPUs"
     )

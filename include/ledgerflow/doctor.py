@@ -7,8 +7,9 @@ doctor reads every ledger record that is still open (a run ``running``, an attem
 TaskInstances (``doctor_airflow``), and lists each record that nothing will ever move
 on, with its cause:
 
-- ``run_ended`` / ``run_missing``: a ledger run still open whose DagRun ended (the DAG's
-  callback never recorded it) or no longer exists. Fix: the run ends as Airflow says
+- ``run_ended`` / ``run_missing``: a ledger run still open whose DagRun ended (its end
+  never reached the ledger: the scheduler's listener or the DAG's failure callback could
+  not write it) or no longer exists. Fix: the run ends as Airflow says
   (``failed`` when Airflow no longer knows it: never a success it did not see).
 - ``attempt_lost``: an attempt still running with no live task: its DagRun ended, its
   TaskInstance is not running/queued/deferred, its try number moved on, or its process
