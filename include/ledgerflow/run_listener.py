@@ -8,14 +8,15 @@ connect to the ledger and run the callback. On Celery (``bench/throughput.py --r
 5-step runs, 2 cores) ours ran at 69-74 runs per minute with it, beside 85-87 for the
 hand-written DAG (ratio 0.83), and at 74-86 without it, beside 79-80 (0.996).
 
-The scheduler's loop must never wait for the ledger: the listener only queues the run,
-and one thread per process writes it (``factory.record_run_end``, the callback's own
-code), riding out a ledger that is down for a while (``ledger.outage.ride_out``, as the
-callback did). A write that thread has not made when the scheduler stops (killed a
-moment after the run succeeded, or a ledger down for longer than ``RIDE_OUT_S``) leaves
-the ledger's run ``running``: ``ledgerflow doctor`` lists it (``run_ended``) and
-``--fix``, or the maintenance DAG with ``[ledgerflow] doctor_fix``, ends it as Airflow
-says.
+The write is made before the scheduler commits the run's new state, so a scheduler killed
+right after it loses nothing (the next one marks the run again; a second write is a
+no-op). It runs on a thread of its own and the listener waits for it ``SYNC_WAIT_S`` at
+most: a ledger that is down or slow never holds the scheduler's loop for longer, and the
+thread rides out the outage (``ledger.outage.ride_out``, as the callback did) while the
+listener stops waiting for it. A write still not made when the scheduler stops (killed
+during a ledger outage, or an outage longer than ``RIDE_OUT_S``) leaves the ledger's run
+``running``: ``ledgerflow doctor`` lists it (``run_ended``) and ``--fix``, or the
+maintenance DAG with ``[ledgerflow] doctor_fix``, ends it as Airflow says.
 
 A failed run keeps the DAG's ``on_failure_callback``: its saga's bookkeeping needs the
 workflow's spec, which only a parse of the DAG file gives.
@@ -36,9 +37,12 @@ log = logging.getLogger(__name__)
 TAG = "ledgerflow"  # every Ledgerflow DAG carries it (factory.build_dag)
 _DAG_ID = re.compile(r".+__v\d+")  # <workflow>__v<N>, when the DAG's tags are not at hand
 
-_pending: queue.Queue[tuple[str, str]] = queue.Queue()
+SYNC_WAIT_S = 2.0  # how long the listener waits for the write (then the thread goes on alone)
+
+_pending: queue.Queue[tuple[str, str, threading.Event]] = queue.Queue()
 _writer: threading.Thread | None = None
 _lock = threading.Lock()
+_behind = threading.Event()  # set while the writer rides out a ledger outage
 
 
 def is_ledgerflow(dag_run: Any) -> bool:
@@ -52,21 +56,27 @@ def is_ledgerflow(dag_run: Any) -> bool:
 
 @hookimpl
 def on_dag_run_success(dag_run: Any, msg: str) -> None:
-    """Airflow marked ``dag_run`` successful: queue its end for the ledger."""
+    """Airflow is marking ``dag_run`` successful: its end in the ledger."""
     if is_ledgerflow(dag_run):
-        record_later(str(dag_run.dag_id), str(dag_run.run_id))
+        record(str(dag_run.dag_id), str(dag_run.run_id))
 
 
-def record_later(dag_id: str, run_id: str) -> None:
-    """Queue a successful run's end; this process's writer thread records it."""
+def record(dag_id: str, run_id: str, wait: float | None = None) -> bool:
+    """Write a successful run's end on this process's writer thread, waiting ``wait``
+    seconds at most (``SYNC_WAIT_S``; not at all while the writer rides out an outage).
+    True when it was written within that time."""
     global _writer
-    _pending.put((dag_id, run_id))
+    written = threading.Event()
+    _pending.put((dag_id, run_id, written))
     with _lock:
         if _writer is None or not _writer.is_alive():
             _writer = threading.Thread(
                 target=_write_forever, name="ledgerflow-run-end", daemon=True
             )
             _writer.start()
+    if _behind.is_set():
+        return False
+    return written.wait(SYNC_WAIT_S if wait is None else wait) and not _behind.is_set()
 
 
 def drain(timeout: float) -> bool:
@@ -83,9 +93,9 @@ def drain(timeout: float) -> bool:
 
 def _write_forever() -> None:
     while True:
-        dag_id, run_id = _pending.get()
+        dag_id, run_id, written = _pending.get()
         try:
-            _write(dag_id, run_id)
+            _write(dag_id, run_id, written)
         except Exception:
             log.exception(
                 "the ledger did not record that run %s/%s succeeded "
@@ -94,14 +104,27 @@ def _write_forever() -> None:
                 run_id,
             )
         finally:
+            _behind.clear()
+            written.set()
             _pending.task_done()
 
 
-def _write(dag_id: str, run_id: str) -> None:
+def _write(dag_id: str, run_id: str, written: threading.Event) -> None:
     from ledgerflow.factory import record_run_end
-    from ledgerflow.ledger.outage import ride_out
+    from ledgerflow.ledger.outage import lost_connection, ride_out
     from ledgerflow.ledger.store import Ledger
 
     ledger = Ledger.from_airflow()
     key = f"{dag_id}/{run_id}"
-    ride_out(ledger, lambda: record_run_end(ledger, dag_id, key, "success"), key)
+
+    def once() -> None:
+        record_run_end(ledger, dag_id, key, "success")
+
+    try:
+        once()
+    except Exception as exc:
+        if not lost_connection(exc):
+            raise
+        _behind.set()  # the listener stops waiting; this thread waits for the ledger
+        written.set()
+        ride_out(ledger, once, key)
