@@ -36,14 +36,13 @@ def apply() -> bool:
     """Make the supervisor wait on an exiting process rather than on an empty selector.
     Idempotent; False when Airflow's supervisor is not the one this was written for."""
     try:
-        import attrs
         from airflow.sdk.execution_time.supervisor import WatchedSubprocess
     except ImportError:
         return False
     original = WatchedSubprocess._service_subprocess
     if getattr(original, "ledgerflow_exit_wait", False):
         return True
-    fields = attrs.fields_dict(WatchedSubprocess)
+    fields = {a.name for a in getattr(WatchedSubprocess, "__attrs_attrs__", ())}
     if not all(hasattr(WatchedSubprocess, p) for p in _PARTS) or not all(
         f in fields for f in _FIELDS
     ):
