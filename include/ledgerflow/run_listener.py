@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 from typing import Any
 
@@ -35,7 +34,6 @@ from airflow.listeners import hookimpl
 log = logging.getLogger(__name__)
 
 TAG = "ledgerflow"  # every Ledgerflow DAG carries it (factory.build_dag)
-_DAG_ID = re.compile(r".+__v\d+")  # <workflow>__v<N>, when the DAG's tags are not at hand
 
 SYNC_WAIT_S = 2.0  # how long the listener waits for the write (then the thread goes on alone)
 
@@ -46,12 +44,15 @@ _behind = threading.Event()  # set while the writer rides out a ledger outage
 
 
 def is_ledgerflow(dag_run: Any) -> bool:
-    """Whether ``dag_run`` is a run of a Ledgerflow DAG (its tag, else its DAG id's shape)."""
+    """Whether ``dag_run`` is a run of a Ledgerflow DAG (its tag, else its DAG id's shape:
+    ``<workflow>__v<N>``)."""
     dag = getattr(dag_run, "dag", None)
     tags = getattr(dag, "tags", None) if dag is not None else None
     if tags is not None:
         return TAG in tags
-    return bool(_DAG_ID.fullmatch(str(dag_run.dag_id)))
+    from ledgerflow.observability import workflow_of
+
+    return workflow_of(str(dag_run.dag_id)) != str(dag_run.dag_id)
 
 
 @hookimpl
@@ -61,10 +62,9 @@ def on_dag_run_success(dag_run: Any, msg: str) -> None:
         record(str(dag_run.dag_id), str(dag_run.run_id))
 
 
-def record(dag_id: str, run_id: str, wait: float | None = None) -> bool:
-    """Write a successful run's end on this process's writer thread, waiting ``wait``
-    seconds at most (``SYNC_WAIT_S``; not at all while the writer rides out an outage).
-    True when it was written within that time."""
+def record(dag_id: str, run_id: str) -> None:
+    """Write a successful run's end on this process's writer thread, waiting for it
+    ``SYNC_WAIT_S`` at most (not at all while the writer rides out an outage)."""
     global _writer
     written = threading.Event()
     _pending.put((dag_id, run_id, written))
@@ -74,9 +74,8 @@ def record(dag_id: str, run_id: str, wait: float | None = None) -> bool:
                 target=_write_forever, name="ledgerflow-run-end", daemon=True
             )
             _writer.start()
-    if _behind.is_set():
-        return False
-    return written.wait(SYNC_WAIT_S if wait is None else wait) and not _behind.is_set()
+    if not _behind.is_set():
+        written.wait(SYNC_WAIT_S)
 
 
 def drain(timeout: float) -> bool:
@@ -111,20 +110,15 @@ def _write_forever() -> None:
 
 def _write(dag_id: str, run_id: str, written: threading.Event) -> None:
     from ledgerflow.factory import record_run_end
-    from ledgerflow.ledger.outage import lost_connection, ride_out
+    from ledgerflow.ledger.outage import ride_out
     from ledgerflow.ledger.store import Ledger
+
+    def stop_waiting() -> None:  # the listener stops waiting; this thread waits for the ledger
+        _behind.set()
+        written.set()
 
     ledger = Ledger.from_airflow()
     key = f"{dag_id}/{run_id}"
-
-    def once() -> None:
-        record_run_end(ledger, dag_id, key, "success")
-
-    try:
-        once()
-    except Exception as exc:
-        if not lost_connection(exc):
-            raise
-        _behind.set()  # the listener stops waiting; this thread waits for the ledger
-        written.set()
-        ride_out(ledger, once, key)
+    ride_out(
+        ledger, lambda: record_run_end(ledger, dag_id, key, "success"), key, on_lost=stop_waiting
+    )

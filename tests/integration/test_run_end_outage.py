@@ -106,3 +106,25 @@ def test_ride_out_gives_up_after_its_limit_and_passes_other_errors_on(ledger: Le
     with pytest.raises(ValueError):
         ride_out(ledger, wrong, "test", sleep=naps.append)
     assert len(naps) == 2
+
+
+def test_ride_out_says_once_that_the_ledger_is_away(ledger: Ledger) -> None:
+    """``on_lost`` is called at the first lost connection only (the run-end listener's
+    cue to stop holding the scheduler), never when the first call succeeds."""
+    lost = OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+    outcomes = iter([lost, lost, None])
+    told: list[int] = []
+
+    def twice_lost() -> str:
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+        return "done"
+
+    assert (
+        ride_out(ledger, twice_lost, "test", sleep=lambda _: None, on_lost=lambda: told.append(1))
+        == "done"
+    )
+    assert told == [1]
+    assert ride_out(ledger, lambda: "at once", "test", on_lost=lambda: told.append(1)) == "at once"
+    assert told == [1]

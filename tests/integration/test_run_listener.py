@@ -20,6 +20,7 @@ import pytest
 from airflow.listeners.listener import get_listener_manager
 from airflow.models.dagrun import DagRun
 from airflow.sdk import DAG
+from tests.integration import test_run_end_outage
 from tests.integration.test_approval_db_outage import outage
 from tests.integration.test_run_end_outage import _register
 
@@ -27,22 +28,19 @@ from ledgerflow import run_listener
 from ledgerflow.factory import _finish_run, build_dag
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.spec.loader import parse_spec
-from ledgerflow.testing.postgres import _admin_execute, fresh_database
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def ledger(monkeypatch: pytest.MonkeyPatch) -> Iterator[Ledger]:
-    """The ledger behind the default connection ``ledgerflow_db`` (the listener's)."""
-    with fresh_database("lf_run_listener") as url:
-        monkeypatch.setenv("AIRFLOW_CONN_LEDGERFLOW_DB", url)
-        ledger = Ledger.from_airflow()
-        ledger.migrate()
-        yield ledger
-        assert run_listener.drain(30)
-        _admin_execute(f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" WITH ALLOW_CONNECTIONS true')
-        ledger.engine.dispose()
+# The ledger behind ``ledgerflow_db`` (the connection the listener writes through).
+ledger = test_run_end_outage.ledger
+
+
+@pytest.fixture(autouse=True)
+def _drained(ledger: Ledger) -> Iterator[None]:
+    """Every queued end is written before the ledger goes away."""
+    yield
+    assert run_listener.drain(30)
 
 
 def _succeeded(dag: DAG, run_id: str) -> None:

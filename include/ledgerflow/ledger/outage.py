@@ -39,18 +39,25 @@ def ride_out(
     what: str,
     limit_s: float = RIDE_OUT_S,
     sleep: Callable[[float], None] = time.sleep,
+    on_lost: Callable[[], None] | None = None,
 ) -> T:
     """``call()``, again after each lost connection (the pool's dead connections dropped
     first), with a backoff from ``RECONNECT_FIRST_S`` to ``RECONNECT_MAX_S``, for
     ``limit_s`` seconds at most; then the last error is raised. ``call`` must be
-    idempotent: a lost connection may hide a commit that happened."""
+    idempotent: a lost connection may hide a commit that happened. ``on_lost()`` is
+    called once, at the first lost connection (someone waiting may stop waiting)."""
     deadline = time.monotonic() + limit_s
     delay = RECONNECT_FIRST_S
     while True:
         try:
             return call()
         except Exception as exc:
-            if not lost_connection(exc) or time.monotonic() >= deadline:
+            if not lost_connection(exc):
+                raise
+            if on_lost is not None:
+                on_lost()
+                on_lost = None
+            if time.monotonic() >= deadline:
                 raise
             log.warning(
                 "%s: the ledger is unreachable (%s); retrying in %.1f s",
