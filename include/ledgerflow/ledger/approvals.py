@@ -362,6 +362,8 @@ def decide(
     seen_hash: str | None = None,
     source: str = "ledgerflow",
     settle: bool = False,
+    responded_at: str | None = None,
+    conn: Connection | None = None,
 ) -> Approval:
     """Store a decision if the approval is still pending; else ``ApprovalConflict``.
 
@@ -372,13 +374,16 @@ def decide(
     ends the approval on a reject or when it makes the quorum; short of the quorum the
     approval stays pending (returned as such). ``settle``: the decision ends it whatever
     the quorum (the deadline's declared outcome, ``ledgerflow run --decide``).
+    ``responded_at``: when Airflow stored the response this decision applies, kept in
+    the event (``ledger.responses``). ``conn``: inside a transaction the caller holds.
     """
     from ledgerflow.ledger import quorum
 
     if decision not in (*DECISIONS, "expired"):
         raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
     stamp = now()
-    with ledger.begin() as conn:
+    outer = conn
+    with ledger.begin(outer) as conn:
         # Lock the pending row first (a no-op update): concurrent decisions of a quorum
         # take turns, so the one that makes it sees every other.
         locked = conn.execute(
@@ -420,6 +425,8 @@ def decide(
             "required": current.required,
             "payload_hash": current.payload_hash,
         }
+        if responded_at is not None:
+            data["responded_at"] = responded_at
         if outcome is None:  # short of the quorum: recorded, still pending, nothing to wake
             ledger._event(conn, current.run_id, current.step_key, "approval_partial", data)
             return get(ledger, approval_id, conn)
@@ -443,7 +450,7 @@ def decide(
                 {"channel": CHANNEL, "id": str(approval_id)},
             )
     observability.approval_waited(current.workflow, stamp - current.created_at, outcome)
-    return get(ledger, approval_id)
+    return get(ledger, approval_id, outer)
 
 
 def escalate(ledger: Ledger, approval: Approval, at: datetime) -> Approval | None:

@@ -253,7 +253,12 @@ class ApprovalOperator(LedgerflowOperator, SkipMixin):
             # decides (the first decision there stands); a refused one waits again.
             chosen, by, comment = required_action.response_fields(event)
             outcome, approval = required_action.apply_response(
-                ledger, approval, chosen=chosen, responder=by, comment=comment
+                ledger,
+                approval,
+                chosen=chosen,
+                responder=by,
+                comment=comment,
+                responded_at=required_action.responded_at(event),
             )
             self.log.info("response from Airflow by %s (%s): %s", by, chosen, outcome)
             if approval.pending:

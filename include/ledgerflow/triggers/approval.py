@@ -262,7 +262,13 @@ class ApprovalTrigger(BaseTrigger):
         chosen, by, comment = ra.response_fields(resp)
         if (chosen, by) == self._refused:
             return approval
-        apply = functools.partial(ra.apply_response, chosen=chosen, responder=by, comment=comment)
+        apply = functools.partial(
+            ra.apply_response,
+            chosen=chosen,
+            responder=by,
+            comment=comment,
+            responded_at=ra.responded_at(resp),
+        )
         outcome, approval = await self._db(ledger, apply, ledger, approval)
         if outcome == "refused":
             self._refused = (chosen, by)

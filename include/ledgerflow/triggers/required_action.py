@@ -125,28 +125,64 @@ def apply_response(
     chosen: list[str],
     responder: str | None,
     comment: str | None,
+    responded_at: Any = None,
 ) -> tuple[str, Any]:
     """Apply a response given in Airflow to the ledger; returns (what happened, approval):
     ``decided`` (this response is the decision), ``partial`` (one decision of a quorum,
     recorded; the approval still waits), ``late`` (the ledger was decided first: it
     stands), ``refused`` (not an approver now, not a decision, or this person decided
-    before)."""
+    before).
+
+    ``responded_at`` (when Airflow stored the response) makes it applied once: the
+    resumed task and the trigger's look may both bring the same response, and the second
+    gets the first's outcome without recording anything (``ledger.responses``)."""
+    from ledgerflow.ledger import approvals, responses
+
+    at = responses.stamp(responded_at)
+    if at is None:
+        return _apply(ledger, approval, chosen, responder, comment, None, None)
+    with responses.turn(ledger, approval.id) as conn:
+        current = approvals.get(ledger, approval.id, conn)
+        seen = responses.applied(conn, current.run_id, current.step_key, current.id, responder, at)
+        if seen is not None:
+            log.info(
+                "approval %s: %s's response of %s was applied: %s", approval.id, responder, at, seen
+            )
+            return seen, current
+        return _apply(ledger, approval, chosen, responder, comment, at, conn)
+
+
+def _apply(
+    ledger: Any,
+    approval: Any,
+    chosen: list[str],
+    responder: str | None,
+    comment: str | None,
+    at: str | None,
+    conn: Any,
+) -> tuple[str, Any]:
     from ledgerflow.errors import DecidedBefore
     from ledgerflow.ledger import approvals
 
-    current = approvals.get(ledger, approval.id)
+    current = approvals.get(ledger, approval.id, conn)
     option = chosen[0] if len(chosen) == 1 else None
     decision = DECISION_OF_OPTION.get(option or "")
     data = {"approval_id": approval.id, "source": SOURCE, "by": responder, "chosen": chosen}
+    if at is not None:
+        data["responded_at"] = at
+
+    def record(kind: str) -> None:
+        ledger.record_event(current.run_id, current.step_key, kind, data, conn=conn)
+
     if not current.pending:
-        ledger.record_event(current.run_id, current.step_key, "approval_response_ignored", data)
+        record("approval_response_ignored")
         return "late", current
     if (
         responder is None
         or decision is None
         or not current.may_decide(responder, roles_of(responder))
     ):
-        ledger.record_event(current.run_id, current.step_key, "approval_response_refused", data)
+        record("approval_response_refused")
         return "refused", current
     try:
         decided = approvals.decide(
@@ -157,14 +193,16 @@ def apply_response(
             comment=comment or None,
             seen_hash=current.payload_hash,  # Airflow showed the ledger's payload
             source=SOURCE,
+            responded_at=at,
+            conn=conn,
         )
     except DecidedBefore:
         data["reason"] = "decided before"
-        ledger.record_event(current.run_id, current.step_key, "approval_response_refused", data)
+        record("approval_response_refused")
         return "refused", current
     except approvals.ApprovalConflict:
-        current = approvals.get(ledger, approval.id)
-        ledger.record_event(current.run_id, current.step_key, "approval_response_ignored", data)
+        current = approvals.get(ledger, approval.id, conn)
+        record("approval_response_ignored")
         return "late", current
     return ("partial" if decided.pending else "decided"), decided
 
@@ -172,15 +210,20 @@ def apply_response(
 def response_fields(event: Any) -> tuple[list[str], str | None, str | None]:
     """(chosen options, responder name, comment) of Airflow's response, from its resume
     event (a dict) or the Task SDK's ``HITLDetailResponse``."""
-
-    def field(obj: Any, key: str) -> Any:
-        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
-
-    user = field(event, "responded_by_user")
-    params = field(event, "params_input") or {}
+    user = _field(event, "responded_by_user")
+    params = _field(event, "params_input") or {}
     comment = params.get("comment") if isinstance(params, dict) else None
-    name = field(user, "name") if user is not None else None
-    return list(field(event, "chosen_options") or []), name, comment
+    name = _field(user, "name") if user is not None else None
+    return list(_field(event, "chosen_options") or []), name, comment
+
+
+def responded_at(event: Any) -> Any:
+    """When Airflow stored the response (its identity with the responder), either shape."""
+    return _field(event, "responded_at")
+
+
+def _field(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
 
 
 def is_response(event: Any) -> bool:
