@@ -27,7 +27,7 @@ import pytest
 
 from ledgerflow.ledger.store import Ledger
 from ledgerflow.testing.airflow_stack import AirflowStack, StackError
-from ledgerflow.testing.browser import TIMEOUT_MS, keep, log_in
+from ledgerflow.testing.browser import TIMEOUT_MS, keep, log_in, submit_in_frame
 
 pytestmark = pytest.mark.e2e
 
@@ -100,7 +100,7 @@ def test_run_page_of_a_compensated_run_with_its_retry(
     frame.get_by_role("heading", name="Runs").wait_for()
     frame.locator("select#workflow").select_option("checkout")
     frame.locator("select#status").select_option("compensated")
-    frame.get_by_role("button", name="Filter").click()
+    submit_in_frame(page, "Runs", "Filter", "**status=compensated**")
     # The run's own row (its retry's row links back to it in the "Retry of" column).
     frame.locator("#runs tbody td:first-child").get_by_role(
         "link", name=airflow_run, exact=True
@@ -170,13 +170,7 @@ def runs_list_at_1280_px_in_the_users_time_zone(
         page.goto(f"{stack.base_url}/plugin/ledgerflow-runs")
         frame = page.frame_locator("iframe[title=Runs]")
         frame.locator("select#workflow").select_option("checkout")
-        frame.get_by_role("button", name="Filter").click()
-        # The filter form reloads the frame: wait for that load to end, or a later
-        # evaluate may run in the document being replaced ("execution context destroyed").
-        content = page.locator("iframe[title=Runs]").element_handle().content_frame()
-        assert content is not None
-        content.wait_for_url("**workflow=checkout**")
-        content.wait_for_load_state("load")
+        submit_in_frame(page, "Runs", "Filter", "**workflow=checkout**")
         # The run's own row (its retry's row links to it too, under "Retry of").
         own = frame.locator("td:first-child").get_by_role(
             "link", name=run_id.split("/", 1)[1], exact=True
@@ -247,7 +241,7 @@ def test_dashboard_charts_the_ledger_in_light_and_dark(
         page.wait_for_url("**/plugin/ledgerflow-dashboard**")
         frame = page.frame_locator("iframe[title='Ledgerflow dashboard']")
         frame.locator("select#workflow").select_option(W)
-        frame.get_by_role("button", name="Show").click()
+        submit_in_frame(page, "Ledgerflow dashboard", "Show", f"**workflow={W}**")
         section = frame.locator(f"#wf-{W}")
         section.locator("svg.chart").first.wait_for()
         states = {

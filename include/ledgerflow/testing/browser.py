@@ -55,6 +55,22 @@ def log_in(page: Any, stack: Any, user: str) -> None:
     page.get_by_role("button", name="Browse").wait_for(timeout=TIMEOUT_MS)
 
 
+def submit_in_frame(page: Any, title: str, button: str, url: str) -> Any:
+    """Click ``button`` of a form in the plugin's frame titled ``title`` and wait until the
+    frame has loaded the page the form asked for (its URL matches the glob ``url``).
+    A locator used sooner may act on the page being replaced: click a link that the
+    form's navigation then overrides, or read from a document that goes away ("execution
+    context was destroyed"). Returns the frame's locator."""
+    selector = f"iframe[title='{title}']"
+    content = page.locator(selector).element_handle().content_frame()
+    assert content is not None, f"no frame titled {title!r}"
+    frame = page.frame_locator(selector)
+    frame.get_by_role("button", name=button).click()
+    content.wait_for_url(url)
+    content.wait_for_load_state("load")
+    return frame
+
+
 def keep(*shots: Path, folder: Path) -> None:
     """Copy screenshots to ``folder`` (scripts/test.sh's test-output/) when it exists, so
     they outlive pytest's tmp path; print where they are."""
