@@ -12,41 +12,19 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from tests.unit.test_quorum import RUN, ask
 
 from ledgerflow.ledger import approvals
-from ledgerflow.ledger.store import Ledger, now
+from ledgerflow.ledger.store import Ledger
 from ledgerflow.triggers import required_action as ra
 
 pytestmark = pytest.mark.integration
-
-RUN = "wf__v1/run-1"
-
 
 @pytest.fixture
 def ledger(ledger_url: str) -> Ledger:
     ledger = Ledger(ledger_url)
     ledger.migrate()
     return ledger
-
-
-def ask(ledger: Ledger, users: list[str], required: int = 1) -> approvals.Approval:
-    approval, _ = approvals.request(
-        ledger,
-        run_id=RUN,
-        step_key="ask",
-        dag_id="wf__v1",
-        task_id="ask",
-        workflow="wf",
-        version=1,
-        subject="Pay 12?",
-        body="",
-        payload={"amount": 12},
-        approvers={"users": users, "roles": []},
-        deadline=now() + timedelta(hours=1),
-        at_deadline="reject",
-        required=required,
-    )
-    return approval
 
 
 def resume_event(by: str, option: str, at: datetime) -> dict[str, Any]:
@@ -107,7 +85,7 @@ def kinds(ledger: Ledger) -> list[str]:
 def test_a_refused_response_brought_twice_is_recorded_once(ledger: Ledger) -> None:
     """The former approver's response (after an escalation) is refused once, whoever
     brings it; a new response of theirs, stored later, is a new refusal."""
-    approval = ask(ledger, ["clerk"])
+    approval = ask(ledger, required=1, users=("clerk",))
     at = datetime.now(timezone.utc)
     first = bring(ledger, approval, resume_event("manager", "Approve", at))
     second = bring(ledger, approval, sdk_response("manager", "Approve", at))
@@ -131,7 +109,7 @@ def test_a_deciding_response_brought_twice_is_one_decision_and_nothing_ignored(
     """The trigger applies the approver's response first (the decision); the resumed task
     then brings the same response and gets the same outcome, not a "late" one recorded
     as ignored."""
-    approval = ask(ledger, ["clerk"])
+    approval = ask(ledger, required=1, users=("clerk",))
     at = datetime.now(timezone.utc)
     outcome, decided = bring(ledger, approval, sdk_response("clerk", "Approve", at))
     assert outcome == "decided" and decided.status == "approved"
@@ -148,7 +126,7 @@ def test_one_decision_of_a_quorum_brought_twice_is_not_refused_as_decided_before
 ) -> None:
     """One person's decision of a two-person quorum: both bringers see ``partial``; no
     "decided before" refusal is recorded for the same response."""
-    approval = ask(ledger, ["clerk", "boss"], required=2)
+    approval = ask(ledger, required=2, users=("clerk", "boss"))
     at = datetime.now(timezone.utc)
     assert bring(ledger, approval, resume_event("clerk", "Approve", at))[0] == "partial"
     outcome, current = bring(ledger, approval, sdk_response("clerk", "Approve", at))
@@ -163,21 +141,7 @@ def test_the_same_response_brought_at_the_same_moment_is_applied_once(
     (fresh approvals): each time exactly one event, and both see the same outcome."""
     for n in range(8):
         run = f"wf__v1/race-{n}"
-        approval, _ = approvals.request(
-            ledger,
-            run_id=run,
-            step_key="ask",
-            dag_id="wf__v1",
-            task_id="ask",
-            workflow="wf",
-            version=1,
-            subject="Pay?",
-            body="",
-            payload={"n": n},
-            approvers={"users": ["clerk"], "roles": []},
-            deadline=now() + timedelta(hours=1),
-            at_deadline="reject",
-        )
+        approval = ask(ledger, required=1, users=("clerk",), run=run)
         by = "manager" if n % 2 else "clerk"  # refused, then decided, in turn
         at = datetime.now(timezone.utc)
         responses = [resume_event(by, "Approve", at), sdk_response(by, "Approve", at)]

@@ -152,10 +152,11 @@ def ask(
     users: tuple[str, ...] = ("ann", "bob", "cy"),
     deadline: timedelta = timedelta(hours=1),
     at_deadline: Any = "reject",
+    run: str = RUN,
 ) -> approvals.Approval:
     approval, created = approvals.request(
         ledger,
-        run_id=RUN,
+        run_id=run,
         step_key="ask",
         dag_id="wf__v1",
         task_id="ask",
