@@ -20,6 +20,7 @@ from ledgerflow.triggers import required_action as ra
 
 pytestmark = pytest.mark.integration
 
+
 @pytest.fixture
 def ledger(ledger_url: str) -> Ledger:
     ledger = Ledger(ledger_url)
