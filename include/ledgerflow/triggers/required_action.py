@@ -140,7 +140,8 @@ def apply_response(
 
     at = responses.stamp(responded_at)
     if at is None:
-        return _apply(ledger, approval, chosen, responder, comment, None, None)
+        current = approvals.get(ledger, approval.id)
+        return _apply(ledger, current, chosen, responder, comment, None, None)
     with responses.turn(ledger, approval.id) as conn:
         current = approvals.get(ledger, approval.id, conn)
         seen = responses.applied(conn, current.run_id, current.step_key, current.id, responder, at)
@@ -149,45 +150,47 @@ def apply_response(
                 "approval %s: %s's response of %s was applied: %s", approval.id, responder, at, seen
             )
             return seen, current
-        return _apply(ledger, approval, chosen, responder, comment, at, conn)
+        return _apply(ledger, current, chosen, responder, comment, at, conn)
 
 
 def _apply(
     ledger: Any,
-    approval: Any,
+    current: Any,
     chosen: list[str],
     responder: str | None,
     comment: str | None,
     at: str | None,
     conn: Any,
 ) -> tuple[str, Any]:
+    """``apply_response`` for a response not applied before (``current``: the approval as
+    it is now, read in ``conn``, the caller's transaction, when given)."""
     from ledgerflow.errors import DecidedBefore
     from ledgerflow.ledger import approvals
+    from ledgerflow.ledger.responses import KIND_OF_OUTCOME
 
-    current = approvals.get(ledger, approval.id, conn)
     option = chosen[0] if len(chosen) == 1 else None
     decision = DECISION_OF_OPTION.get(option or "")
-    data = {"approval_id": approval.id, "source": SOURCE, "by": responder, "chosen": chosen}
+    data = {"approval_id": current.id, "source": SOURCE, "by": responder, "chosen": chosen}
     if at is not None:
         data["responded_at"] = at
 
-    def record(kind: str) -> None:
-        ledger.record_event(current.run_id, current.step_key, kind, data, conn=conn)
+    def recorded(outcome: str, approval: Any) -> tuple[str, Any]:
+        kind = KIND_OF_OUTCOME[outcome]
+        ledger.record_event(approval.run_id, approval.step_key, kind, data, conn=conn)
+        return outcome, approval
 
     if not current.pending:
-        record("approval_response_ignored")
-        return "late", current
+        return recorded("late", current)
     if (
         responder is None
         or decision is None
         or not current.may_decide(responder, roles_of(responder))
     ):
-        record("approval_response_refused")
-        return "refused", current
+        return recorded("refused", current)
     try:
         decided = approvals.decide(
             ledger,
-            approval.id,
+            current.id,
             decision=decision,
             by=responder,
             comment=comment or None,
@@ -198,12 +201,9 @@ def _apply(
         )
     except DecidedBefore:
         data["reason"] = "decided before"
-        record("approval_response_refused")
-        return "refused", current
+        return recorded("refused", current)
     except approvals.ApprovalConflict:
-        current = approvals.get(ledger, approval.id, conn)
-        record("approval_response_ignored")
-        return "late", current
+        return recorded("late", approvals.get(ledger, current.id, conn))
     return ("partial" if decided.pending else "decided"), decided
 
 
