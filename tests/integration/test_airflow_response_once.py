@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from tests.integration import test_ledger_lifecycle
 from tests.unit.test_quorum import RUN, ask
 
 from ledgerflow.ledger import approvals
@@ -21,11 +22,7 @@ from ledgerflow.triggers import required_action as ra
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def ledger(ledger_url: str) -> Ledger:
-    ledger = Ledger(ledger_url)
-    ledger.migrate()
-    return ledger
+ledger = test_ledger_lifecycle.ledger  # a migrated ledger, on SQLite and on Postgres
 
 
 def resume_event(by: str, option: str, at: datetime) -> dict[str, Any]:
