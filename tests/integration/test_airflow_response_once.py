@@ -47,19 +47,6 @@ def sdk_response(by: str, option: str, at: datetime) -> SimpleNamespace:
     )
 
 
-def bring(ledger: Ledger, approval: approvals.Approval, response: Any) -> tuple[str, Any]:
-    """Apply ``response`` as the task's ``resume`` and the trigger's look do."""
-    chosen, by, comment = ra.response_fields(response)
-    return ra.apply_response(
-        ledger,
-        approval,
-        chosen=chosen,
-        responder=by,
-        comment=comment,
-        responded_at=ra.responded_at(response),
-    )
-
-
 def race(
     start: threading.Barrier,
     ledger: Ledger,
@@ -71,7 +58,7 @@ def race(
     """One bringer of ``response``, released together with the other by ``start``."""
     try:
         start.wait(10)
-        outcomes.append(bring(ledger, approval, response)[0])
+        outcomes.append(ra.apply(ledger, approval, response)[0])
     except BaseException as exc:  # reported by the test
         errors.append(exc)
 
@@ -85,14 +72,14 @@ def test_a_refused_response_brought_twice_is_recorded_once(ledger: Ledger) -> No
     brings it; a new response of theirs, stored later, is a new refusal."""
     approval = ask(ledger, required=1, users=("clerk",))
     at = datetime.now(timezone.utc)
-    first = bring(ledger, approval, resume_event("manager", "Approve", at))
-    second = bring(ledger, approval, sdk_response("manager", "Approve", at))
+    first = ra.apply(ledger, approval, resume_event("manager", "Approve", at))
+    second = ra.apply(ledger, approval, sdk_response("manager", "Approve", at))
     assert first[0] == second[0] == "refused"
     assert first[1].pending and second[1].pending
     assert kinds(ledger) == ["approval_response_refused"]
 
     later = at + timedelta(seconds=5)
-    assert bring(ledger, approval, sdk_response("manager", "Approve", later))[0] == "refused"
+    assert ra.apply(ledger, approval, sdk_response("manager", "Approve", later))[0] == "refused"
     assert kinds(ledger) == ["approval_response_refused"] * 2
     refused = [e["data"] for e in ledger.events(RUN) if e["kind"] == "approval_response_refused"]
     assert [r["responded_at"] for r in refused] == [
@@ -109,13 +96,13 @@ def test_a_deciding_response_brought_twice_is_one_decision_and_nothing_ignored(
     as ignored."""
     approval = ask(ledger, required=1, users=("clerk",))
     at = datetime.now(timezone.utc)
-    outcome, decided = bring(ledger, approval, sdk_response("clerk", "Approve", at))
+    outcome, decided = ra.apply(ledger, approval, sdk_response("clerk", "Approve", at))
     assert outcome == "decided" and decided.status == "approved"
-    again, current = bring(ledger, approval, resume_event("clerk", "Approve", at))
+    again, current = ra.apply(ledger, approval, resume_event("clerk", "Approve", at))
     assert again == "decided" and current.status == "approved"
     assert kinds(ledger) == ["approval_decided"]
     # Another person's response after the decision is still late, and recorded.
-    assert bring(ledger, approval, resume_event("boss", "Reject", at))[0] == "late"
+    assert ra.apply(ledger, approval, resume_event("boss", "Reject", at))[0] == "late"
     assert kinds(ledger) == ["approval_decided", "approval_response_ignored"]
 
 
@@ -126,8 +113,8 @@ def test_one_decision_of_a_quorum_brought_twice_is_not_refused_as_decided_before
     "decided before" refusal is recorded for the same response."""
     approval = ask(ledger, required=2, users=("clerk", "boss"))
     at = datetime.now(timezone.utc)
-    assert bring(ledger, approval, resume_event("clerk", "Approve", at))[0] == "partial"
-    outcome, current = bring(ledger, approval, sdk_response("clerk", "Approve", at))
+    assert ra.apply(ledger, approval, resume_event("clerk", "Approve", at))[0] == "partial"
+    outcome, current = ra.apply(ledger, approval, sdk_response("clerk", "Approve", at))
     assert outcome == "partial" and current.pending
     assert kinds(ledger) == ["approval_partial"]
 

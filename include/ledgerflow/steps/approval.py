@@ -251,16 +251,7 @@ class ApprovalOperator(LedgerflowOperator, SkipMixin):
         if approval is not None and required_action.is_response(event):
             # Airflow's Required Actions resumed the task with a response: the ledger
             # decides (the first decision there stands); a refused one waits again.
-            chosen, by, comment = required_action.response_fields(event)
-            outcome, approval = required_action.apply_response(
-                ledger,
-                approval,
-                chosen=chosen,
-                responder=by,
-                comment=comment,
-                responded_at=required_action.responded_at(event),
-            )
-            self.log.info("response from Airflow by %s (%s): %s", by, chosen, outcome)
+            outcome, approval = required_action.apply(ledger, approval, event)
             if approval.pending:
                 return self._wait(context, ledger, approval)
             event = {"source": required_action.SOURCE, "outcome": outcome}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import weakref
@@ -259,17 +258,10 @@ class ApprovalTrigger(BaseTrigger):
         resp = await sync_to_async(ra.read_response)(self.ti_id)
         if resp is None or resp.responded_by_user is None:  # none, or our own close
             return approval
-        chosen, by, comment = ra.response_fields(resp)
+        chosen, by, _ = ra.response_fields(resp)
         if (chosen, by) == self._refused:
             return approval
-        apply = functools.partial(
-            ra.apply_response,
-            chosen=chosen,
-            responder=by,
-            comment=comment,
-            responded_at=ra.responded_at(resp),
-        )
-        outcome, approval = await self._db(ledger, apply, ledger, approval)
+        outcome, approval = await self._db(ledger, ra.apply, ledger, approval, resp)
         if outcome == "refused":
             self._refused = (chosen, by)
         self._reopen = outcome == "partial"

@@ -118,6 +118,22 @@ def open_in_airflow(ti_id: Any, approval: Any) -> bool:
         return False
 
 
+def apply(ledger: Any, approval: Any, response: Any) -> tuple[str, Any]:
+    """Apply Airflow's ``response`` (the resume event, or the Task SDK's response the
+    trigger read) to the ledger: :func:`apply_response` with its fields and identity."""
+    chosen, by, comment = response_fields(response)
+    outcome, current = apply_response(
+        ledger,
+        approval,
+        chosen=chosen,
+        responder=by,
+        comment=comment,
+        responded_at=responded_at(response),
+    )
+    log.info("approval %s: response from Airflow by %s (%s): %s", approval.id, by, chosen, outcome)
+    return outcome, current
+
+
 def apply_response(
     ledger: Any,
     approval: Any,
