@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, func, select, text, update
@@ -306,52 +306,6 @@ def _where(query: Any, status: Any, workflow: Any, run_id: Any, dag_ids: Any) ->
     return query if dag_ids is None else query.where(c.dag_id.in_(sorted(dag_ids)))
 
 
-def notify(ledger: Ledger, approval: Approval) -> None:
-    """Tell the approvers: one log line, and the notifiers of ``notify:`` (their notices
-    are in the outbox, ``ledger.outbox``); record that it was done."""
-    import logging
-
-    logging.getLogger("ledgerflow.approvals").warning(
-        "approval %s needs a decision from %s before %s: %s (/ledgerflow/approvals/%s)",
-        approval.id,
-        approval.approvers,
-        approval.deadline.isoformat(),
-        approval.subject,
-        approval.id,
-    )
-    ledger.record_event(
-        approval.run_id,
-        approval.step_key,
-        "approval_notified",
-        {
-            "approval_id": approval.id,
-            "channel": "log",
-            "to": approval.approvers,
-            "level": approval.level,
-        },
-    )
-    # The notices its event put in the outbox went out when it committed; any still
-    # pending (that send was cut short: a crash, a killed task) go now.
-    from ledgerflow.ledger import outbox
-
-    outbox.send_pending(ledger, approval.run_id, approval.step_key)
-
-
-def notify_once(ledger: Ledger, approval: Approval) -> None:
-    """Send the request's notice unless it was recorded as sent (at this escalation
-    level): a task that crashed after writing the request sends it on its next try, a
-    cleared or resumed one does not send it again."""
-    sent = [
-        e["data"] or {}
-        for e in ledger.events(approval.run_id)
-        if e["kind"] == "approval_notified" and e["step_key"] == approval.step_key
-    ]
-    if not any(
-        d.get("approval_id") == approval.id and d.get("level") == approval.level for d in sent
-    ):
-        notify(ledger, approval)
-
-
 def decide(
     ledger: Ledger,
     approval_id: int,
@@ -453,79 +407,26 @@ def decide(
     return get(ledger, approval_id, outer)
 
 
-def escalate(ledger: Ledger, approval: Approval, at: datetime) -> Approval | None:
-    """Move a pending approval to its next escalation level (once, whoever asks first).
-
-    Returns the escalated approval, or None when it is no longer pending at that level.
-    """
-    step = approval.at_deadline
-    if not (isinstance(step, dict) and "escalate" in step):
-        raise ValueError(f"approval {approval.id} has no escalation left")
-    from ledgerflow.ledger.quorum import escalated_approvers
-
-    nxt = step["escalate"]
-    mode = nxt.get("mode", "replace")  # a chain stored before modes existed replaced
-    approvers = escalated_approvers(approval.approvers, nxt["approvers"], mode)
-    deadline = at + timedelta(seconds=float(nxt["deadline"]))
-    with ledger.begin() as conn:
-        won = conn.execute(
-            update(t.approvals)
-            .where(
-                t.approvals.c.id == approval.id,
-                t.approvals.c.status == "pending",
-                t.approvals.c.level == approval.level,
-            )
-            .values(
-                level=approval.level + 1,
-                approvers=dumps(approvers),
-                deadline=deadline,
-                at_deadline=dumps(nxt["at_deadline"]),
-                updated_at=now(),
-            )
-        ).rowcount
-        if not won:
-            return None
-        ledger._event(
-            conn,
-            approval.run_id,
-            approval.step_key,
-            "approval_escalated",
-            {
-                "approval_id": approval.id,
-                "level": approval.level + 1,
-                "approvers": approvers,
-                "mode": mode,
-                "deadline": deadline.isoformat(),
-            },
-        )
-    return get(ledger, approval.id)
-
-
-def deadline_chain(at_deadline: Any) -> Any:
-    """The spec's ``at_deadline`` as stored JSON: an outcome, or {escalate: {...}} with
-    the deadline in seconds."""
-    if isinstance(at_deadline, str):
-        return at_deadline
-    esc = at_deadline.escalate
-    return {
-        "escalate": {
-            "approvers": {"users": list(esc.approvers.users), "roles": list(esc.approvers.roles)},
-            "deadline": esc.deadline.total_seconds(),
-            "mode": esc.mode,
-            "at_deadline": deadline_chain(esc.at_deadline),
-        }
-    }
-
-
-# What a decision does to its step lives in approval_outcomes; reached from here too.
-_OUTCOMES = ("abandon_for_run", "complete", "fail")
+# Reached from here too, and living in modules of their own: what a decision does to
+# its step (approval_outcomes), the notices to the approvers (approval_notices), the
+# deadline's escalation chain (escalation).
+_ELSEWHERE = {
+    "abandon_for_run": "approval_outcomes",
+    "complete": "approval_outcomes",
+    "fail": "approval_outcomes",
+    "notify": "approval_notices",
+    "notify_once": "approval_notices",
+    "escalate": "escalation",
+    "deadline_chain": "escalation",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _OUTCOMES:
-        from ledgerflow.ledger import approval_outcomes
+    if name in _ELSEWHERE:
+        import importlib
 
-        return getattr(approval_outcomes, name)
+        module = importlib.import_module(f"ledgerflow.ledger.{_ELSEWHERE[name]}")
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -534,13 +435,10 @@ __all__ = [
     "Approval",
     "ApprovalConflict",
     "ApprovalNotFound",
-    "deadline_chain",
     "decide",
-    "escalate",
     "for_step",
     "get",
     "listing",
-    "notify",
     "payload_hash",
     "request",
     "statuses",

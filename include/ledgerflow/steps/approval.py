@@ -84,7 +84,7 @@ def ask(
     Every point may crash (the named fault points): the next try finds the same request
     and sends the notice if it was not sent (at least once, never lost)."""
     from ledgerflow import faults
-    from ledgerflow.ledger import approvals
+    from ledgerflow.ledger import approval_notices, approvals, escalation
     from ledgerflow.ledger.store import now
     from ledgerflow.steps.kernel import parked_step_unrendered
 
@@ -112,7 +112,7 @@ def ask(
         payload=shown["payload"],
         approvers={"users": list(step.approvers.users), "roles": list(step.approvers.roles)},
         deadline=now() + timedelta(seconds=step.deadline.total_seconds()),
-        at_deadline=approvals.deadline_chain(step.at_deadline),
+        at_deadline=escalation.deadline_chain(step.at_deadline),
         follow=follow,
         required=step.required,
     )
@@ -128,7 +128,7 @@ def ask(
         first=found.checkpoint is None,
     )
     faults.hit("before_commit", found.key)
-    approvals.notify_once(ledger, approval)
+    approval_notices.notify_once(ledger, approval)
     faults.hit("after_commit", found.key)
     return Asked(approval=approval)
 

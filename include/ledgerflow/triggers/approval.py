@@ -298,11 +298,11 @@ class ApprovalTrigger(BaseTrigger):
 
     @staticmethod
     def _at_deadline(ledger: Any, approval: Any, now: datetime) -> None:
-        from ledgerflow.ledger import approvals
+        from ledgerflow.ledger import approval_notices, approvals, escalation
 
         outcome = approval.at_deadline
         if isinstance(outcome, dict):
-            escalated = approvals.escalate(ledger, approval, now)
+            escalated = escalation.escalate(ledger, approval, now)
             if escalated is not None:
                 log.info(
                     "approval %s escalated to %s until %s",
@@ -310,7 +310,7 @@ class ApprovalTrigger(BaseTrigger):
                     escalated.approvers,
                     escalated.deadline,
                 )
-                approvals.notify(ledger, escalated)
+                approval_notices.notify(ledger, escalated)
             return
         # A person (or another copy of this trigger) may have decided first: that stands.
         with contextlib.suppress(approvals.ApprovalConflict):
